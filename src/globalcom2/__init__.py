@@ -1,0 +1,15 @@
+"""GlobalCom²: training-free, thumbnail-guided visual-token compression for high-resolution VLMs (AAAI 2026).
+
+import globalcom2
+gc = globalcom2.apply(model, processor, ratio=0.25)
+out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"))
+gc.plans; gc.remove()
+"""
+
+from .adapters.base import GlobalComHandle
+from .apply import apply
+from .config import GlobalComConfig
+from .core.plan import Plan
+
+__version__ = "0.1.0"
+__all__ = ["GlobalComConfig", "GlobalComHandle", "Plan", "apply", "__version__"]

@@ -1,0 +1,69 @@
+"""The `Plan` record: which visual tokens of one image survive compression (paper Eq. 6).
+
+Masks are the canonical record; visualisation, tests and the emission order are derived from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Plan:
+    """Kept-token record of one image.
+
+    Attributes:
+        grid: ``(rows, cols)`` of local crops (``(0, 0)`` for an image that produced a single tile).
+        thumbnail_mask: Bool ``(g, g)``; True = kept thumbnail token.
+        crops_mask: Bool ``(rows*g, cols*g)`` over the **padded** crop grid in image layout; padded cells are False.
+        crop_ratios: ``(rows*cols,)`` retention ratio r_j per crop, row-major (paper Eq. 4).
+        num_tokens: image tokens handed to the LLM, newline tokens included.
+        num_tokens_full: the same count without compression.
+        valid_box: ``(top, bottom, left, right)`` of the unpadded area inside the padded crop grid.
+        crop_keep_counts: ``(rows*cols,)`` tokens kept per crop.
+        crop_valid_counts: ``(rows*cols,)`` valid (unpadded) tokens N_j per crop.
+        mode: ``"budget"`` or ``"reference"``.
+        thumbnail_order: indices (into the flattened g*g thumbnail) in the order they are emitted.
+    """
+
+    grid: tuple[int, int]
+    thumbnail_mask: torch.Tensor
+    crops_mask: torch.Tensor
+    crop_ratios: torch.Tensor
+    num_tokens: int
+    num_tokens_full: int
+    valid_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    crop_keep_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    crop_valid_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    mode: str = "budget"
+    thumbnail_order: torch.Tensor | None = None
+
+    @property
+    def patches_per_side(self) -> int:
+        return int(self.thumbnail_mask.shape[0])
+
+    @property
+    def num_crops(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def keep_ratio(self) -> float:
+        """Share of the uncompressed image tokens that reach the LLM."""
+        return self.num_tokens / max(self.num_tokens_full, 1)
+
+    def summary(self) -> dict:
+        """JSON-friendly summary (counts and per-crop ratios)."""
+        return {
+            "grid": list(self.grid),
+            "mode": self.mode,
+            "num_tokens": self.num_tokens,
+            "num_tokens_full": self.num_tokens_full,
+            "keep_ratio": round(self.keep_ratio, 4),
+            "thumbnail_kept": int(self.thumbnail_mask.sum()),
+            "crops_kept": int(self.crops_mask.sum()),
+            "crop_ratios": [round(float(r), 4) for r in self.crop_ratios],
+            "crop_keep_counts": [int(c) for c in self.crop_keep_counts],
+            "crop_valid_counts": [int(c) for c in self.crop_valid_counts],
+        }

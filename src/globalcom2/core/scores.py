@@ -1,0 +1,72 @@
+"""Token importance scores: [CLS]-row attention (paper Eq. 1-2) and the [CLS]-free score of Eq. 7.
+
+Computed from the *input* of the vision tower's last layer, under any attention implementation: we apply that
+layer's pre-norm and its query/key projections ourselves, for the [CLS] query only. Cost O(T*N*D); no (N+1)^2 map
+is ever materialised and the model never needs ``output_attentions=True`` (which forces eager attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SCORE_KINDS = ("logits", "softmax")
+
+
+def cls_attention_scores(
+    hidden: torch.Tensor,
+    *,
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    q_proj: Callable[[torch.Tensor], torch.Tensor],
+    k_proj: Callable[[torch.Tensor], torch.Tensor],
+    num_heads: int,
+    kind: str = "logits",
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Head-mean [CLS]-row attention of one transformer layer over the patch tokens.
+
+    Args:
+        hidden: ``(T, P + N, D)`` input of the layer (P prefix tokens, [CLS] first, then N patches).
+        norm, q_proj, k_proj: the layer's pre-attention norm and query/key projections.
+        num_heads: attention heads of the layer.
+        kind: ``"logits"`` = (q_cls . k_i) / sqrt(d_head) before softmax (official code);
+            ``"softmax"`` = attention probability (paper Eq. 1), softmax over all keys incl. prefix tokens.
+        num_prefix_tokens: leading non-patch tokens ([CLS] and registers); dropped from the returned keys.
+
+    Returns:
+        ``(T, N)`` float32 scores, one row per tile.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {kind!r}")
+    x = norm(hidden)
+    q = q_proj(x[:, :1]).float()  # (T, 1, D): the [CLS] query only
+    k = k_proj(x).float()  # (T, P + N, D)
+    t, s, d = k.shape
+    dh = d // num_heads
+    q = q.view(t, 1, num_heads, dh).transpose(1, 2)  # (T, H, 1, dh)
+    k = k.view(t, s, num_heads, dh).transpose(1, 2)  # (T, H, S, dh)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2) * dh**-0.5  # (T, H, S)
+    if kind == "softmax":
+        logits = logits.softmax(dim=-1)
+    return logits.mean(dim=1)[:, num_prefix_tokens:]
+
+
+def cosine_scores(features: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Informativeness without [CLS] (paper Eq. 7): s_i = -cos(x_i, g), g the mean of the tile's tokens.
+
+    Args:
+        features: ``(T, N, D)`` token features per tile.
+        valid: optional Bool ``(T, N)``; the mean g is taken over valid tokens only.
+
+    Returns:
+        ``(T, N)`` float32 scores (higher = more distinctive).
+    """
+    x = features.float()
+    if valid is None:
+        g = x.mean(dim=1, keepdim=True)
+    else:
+        w = valid.to(x.dtype).unsqueeze(-1)
+        g = (x * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return -F.cosine_similarity(x, g, dim=-1)
