@@ -42,9 +42,12 @@ def describe_tower(tower: nn.Module) -> TowerInfo:
         )  # fmt: skip
     if cls_name == "Dinov2Model":
         layer = tower.encoder.layer[-1]
-        att = layer.attention.attention
+        att = layer.attention
+        q, k = (
+            (att.q_proj, att.k_proj) if hasattr(att, "q_proj") else (att.attention.query, att.attention.key)
+        )
         return TowerInfo(
-            "dinov2", layer, layer.norm1, att.query, att.key, int(cfg.num_attention_heads),
+            "dinov2", layer, layer.norm1, q, k, int(cfg.num_attention_heads),
             1 + int(getattr(cfg, "num_register_tokens", 0) or 0), True,
         )  # fmt: skip
     if cls_name in ("SiglipVisionModel", "SiglipVisionTransformer"):

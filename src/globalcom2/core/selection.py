@@ -17,6 +17,12 @@ def _l2_normalise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    # float64 keeps distinct float32 scores distinct after normalisation, so top-k does not hinge on rounding
+    # (MPS has no float64).
+    return x.float() if x.device.type == "mps" else x.double()
+
+
 def holistic_scores(
     local: torch.Tensor, global_: torch.Tensor, valid: torch.Tensor, *, scoring: str, alpha: float
 ) -> torch.Tensor:
@@ -30,14 +36,14 @@ def holistic_scores(
         alpha: weight of the global score.
 
     Returns:
-        ``(n, g*g)`` float32; ``-inf`` on padded tokens.
+        ``(n, g*g)`` float64 (float32 on MPS); ``-inf`` on padded tokens.
     """
     if scoring == "holistic":
-        s = alpha * _l2_normalise(global_.float(), valid) + (1 - alpha) * _l2_normalise(local.float(), valid)
+        s = alpha * _l2_normalise(_wide(global_), valid) + (1 - alpha) * _l2_normalise(_wide(local), valid)
     elif scoring == "local":
-        s = _l2_normalise(local.float(), valid)
+        s = _l2_normalise(_wide(local), valid)
     elif scoring == "global":
-        s = _l2_normalise(global_.float(), valid)
+        s = _l2_normalise(_wide(global_), valid)
     else:
         raise ValueError(f"`scoring` must be one of {SCORINGS}, got {scoring!r}")
     return s.masked_fill(~valid, float("-inf"))

@@ -212,7 +212,8 @@ def load_standin_vision_tower(image_size: int = 336, dtype: torch.dtype = torch.
     Args:
         image_size: tile size in pixels, a multiple of 14; sets ``config.image_size`` (so consumers derive the
             ``image_size // 14`` grid: 24x24 at 336 px, 27x27 at 378 px) and the grid the 518 px position
-            table is resized to.
+            table is resized to. Feed tiles of this size: other sizes run but drift from the trained model
+            (see the module docstring).
         dtype: parameter dtype.
 
     Returns:

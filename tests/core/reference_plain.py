@@ -1,0 +1,152 @@
+"""An independent, plainly written re-implementation of DESIGN.md §3 (the official GlobalCom² behaviour).
+
+Written with Python loops and numpy only (no globalcom2 imports, no torch interpolation), to check the
+vectorised library code against. Slow on purpose; never used by the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def unpad_box(h: int, w: int, ch: int, cw: int) -> tuple[int, int, int, int]:
+    if w / h > cw / ch:
+        new_h = int(round(h * (cw / w), 7))
+        p = (ch - new_h) // 2
+        return p, ch - p, 0, cw
+    new_w = int(round(w * (ch / h), 7))
+    p = (cw - new_w) // 2
+    return 0, ch, p, cw - p
+
+
+def bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """align_corners=False bilinear resize, written out in float32 (source index clamped at 0 like PyTorch)."""
+    f = np.float32
+    in_h, in_w = src.shape
+    src = src.astype(np.float32)
+    scale_h, scale_w = f(in_h) / f(out_h), f(in_w) / f(out_w)
+    out = np.zeros((out_h, out_w), dtype=np.float32)
+    for y in range(out_h):
+        sy = max(f(np.float64(scale_h) * (y + 0.5) - 0.5), f(0.0))  # one rounding, like a fused multiply-add
+        y0 = int(sy)
+        y1 = min(y0 + 1, in_h - 1)
+        ly = f(sy - f(y0))
+        for x in range(out_w):
+            sx = max(f(np.float64(scale_w) * (x + 0.5) - 0.5), f(0.0))
+            x0 = int(sx)
+            x1 = min(x0 + 1, in_w - 1)
+            lx = f(sx - f(x0))
+            top = (f(1) - lx) * src[y0, x0] + lx * src[y0, x1]
+            bot = (f(1) - lx) * src[y1, x0] + lx * src[y1, x1]
+            out[y, x] = (f(1) - ly) * top + ly * bot
+    return out
+
+
+def torch_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def stable_top(scores: list[float], k: int) -> list[int]:
+    """Indices of the k largest scores; ties go to the lower index."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return order[:k]
+
+
+def plain_reference(
+    thumb, crops, grid, size, ratio, allocation="softmax-sum", scoring="holistic", alpha=0.5, tau=10.0
+):
+    """DESIGN.md §3 steps 2-8. thumb: (g*g,), crops: (n, g*g) float32 arrays; size = (H, W).
+
+    Returns (thumb_mask (g, g), crops_mask (rows*g, cols*g), r (n,), thumb_order, counts).
+    """
+    rows, cols = grid
+    n = rows * cols
+    gg = len(thumb)
+    g = int(round(math.sqrt(gg)))
+    thumb = np.asarray(thumb, dtype=np.float32)
+    # 2. thumbnail
+    k0 = int(gg * ratio)
+    thumb_order = stable_top(list(thumb), k0)
+    thumb_mask = np.zeros(gg, dtype=bool)
+    thumb_mask[thumb_order] = True
+    # 3. crop richness over thumbnail regions
+    ph, pw = max(g // rows, 1), max(g // cols, 1)
+    region_cells = [[] for _ in range(n)]
+    for i in range(g):
+        for j in range(g):
+            region_cells[min(i // ph, rows - 1) * cols + min(j // pw, cols - 1)].append(thumb[i * g + j])
+    # 4. allocation
+    if allocation == "uniform":
+        r = np.full(n, ratio, dtype=np.float32)
+    else:
+        if allocation == "softmax-sum":
+            s = np.array([np.float32(sum(np.float64(v) for v in c)) for c in region_cells], dtype=np.float32)
+            e = np.exp((s - s.max()) / np.float32(tau)).astype(np.float32)
+            sigma = e / (e.sum() + np.float32(1e-8))
+        elif allocation == "softmax-max":
+            s = np.array([max(c) for c in region_cells], dtype=np.float32)
+            e = np.exp((s - s.max()) / np.float32(tau)).astype(np.float32)
+            sigma = e / (e.sum() + np.float32(1e-8))
+        elif allocation == "topk-count":
+            counts = np.zeros(n, dtype=np.float32)
+            for idx in thumb_order:
+                i, j = divmod(idx, g)
+                counts[min(i // ph, rows - 1) * cols + min(j // pw, cols - 1)] += 1
+            sigma = counts / max(counts.sum(), 1.0)
+        else:
+            raise ValueError(allocation)
+        r = np.minimum(np.float32(ratio) * (1 + sigma - sigma.mean()), 1.0).astype(np.float32)
+    # 5. unpadding
+    ch, cw = rows * g, cols * g
+    top, bottom, left, right = unpad_box(size[0], size[1], ch, cw)
+    # 6. global sub-maps: resize to the valid box, cut crop by crop with accumulated offsets
+    # The resize uses the same primitive as the official code (torch bilinear): top-k over the sub-maps is decided
+    # by exact ties, and a written-out bilinear differs from torch's fused kernel by an ulp (tested separately).
+    resized = (
+        torch_bilinear(thumb.reshape(g, g), bottom - top, right - left)
+        if bottom > top and right > left
+        else None
+    )
+    crops_mask = np.zeros((ch, cw), dtype=bool)
+    counts_out = []
+    row_off = 0
+    for cr in range(rows):
+        col_off = 0
+        block_h = max(0, min(bottom, (cr + 1) * g) - max(top, cr * g))
+        for cc in range(cols):
+            j = cr * cols + cc
+            r0, r1 = max(top, cr * g), min(bottom, (cr + 1) * g)
+            c0, c1 = max(left, cc * g), min(right, (cc + 1) * g)
+            h_j, w_j = max(r1 - r0, 0), max(c1 - c0, 0)
+            positions = [(y, x) for y in range(r0, r1) for x in range(c0, c1)]  # raster order in the grid
+            local = np.array(
+                [crops[j][(y - cr * g) * g + (x - cc * g)] for y, x in positions], dtype=np.float32
+            )
+            if resized is not None and positions:
+                glob = resized[row_off : row_off + h_j, col_off : col_off + w_j].reshape(-1)
+            else:
+                glob = np.zeros(0, dtype=np.float32)
+            col_off += w_j
+
+            def l2(v):
+                v = v.astype(np.float64)
+                return v / max(float(np.sqrt((v**2).sum())), 1e-12)
+
+            if scoring == "holistic":
+                score = alpha * l2(glob) + (1 - alpha) * l2(local)
+            elif scoring == "local":
+                score = l2(local)
+            else:
+                score = l2(glob)
+            k = int(len(positions) * float(r[j]))
+            counts_out.append(k)
+            for v in stable_top(list(score), k):
+                crops_mask[positions[v]] = True
+        row_off += block_h
+    return thumb_mask.reshape(g, g), crops_mask, r, thumb_order, counts_out
