@@ -150,3 +150,63 @@ def plain_reference(
                 crops_mask[positions[v]] = True
         row_off += block_h
     return thumb_mask.reshape(g, g), crops_mask, r, thumb_order, counts_out
+
+
+def plain_sequence(thumb_order, crops_mask, grid, box, g, mode):
+    """Feature rows (into cat(features.flatten(0, 1), newline)) in the order the LLM sees them, built plainly.
+
+    reference: kept tokens of crop j written at slot v (= index in the crop's valid list), newline after every
+    padded row. budget: kept tokens in raster order, newline after every valid row.
+    """
+    rows, cols = grid
+    gg = g * g
+    newline = (1 + rows * cols) * gg
+    top, bottom, left, right = box
+    seq = [int(i) for i in thumb_order]
+    if mode == "budget":
+        for y in range(top, bottom):
+            for x in range(left, right):
+                if crops_mask[y][x]:
+                    j = (y // g) * cols + x // g
+                    seq.append((1 + j) * gg + (y % g) * g + x % g)
+            seq.append(newline)
+        return seq
+    slot = [[-1] * (cols * g) for _ in range(rows * g)]
+    for cr in range(rows):
+        for cc in range(cols):
+            j = cr * cols + cc
+            positions = [
+                (y, x)
+                for y in range(max(top, cr * g), min(bottom, (cr + 1) * g))
+                for x in range(max(left, cc * g), min(right, (cc + 1) * g))
+            ]
+            for v, (y, x) in enumerate(positions):
+                if crops_mask[y][x]:
+                    slot[cr * g + v // g][cc * g + v % g] = (1 + j) * gg + (y - cr * g) * g + (x - cc * g)
+    for row in slot:
+        seq += [s for s in row if s >= 0]
+        seq.append(newline)
+    return seq
+
+
+def plain_cls_logits(hidden, layer_norm, q_proj, k_proj, num_heads, softmax=False):
+    """Head-mean [CLS]-row attention of one CLIP layer, one head at a time (no shared code with the library)."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.nn.functional.layer_norm(
+            hidden.double(),
+            hidden.shape[-1:],
+            layer_norm.weight.double(),
+            layer_norm.bias.double(),
+            layer_norm.eps,
+        )
+        q = x[:, 0] @ q_proj.weight.double().T + q_proj.bias.double()
+        k = x @ k_proj.weight.double().T + k_proj.bias.double()
+        dh = q.shape[-1] // num_heads
+        heads = []
+        for h in range(num_heads):
+            qh, kh = q[:, h * dh : (h + 1) * dh], k[:, :, h * dh : (h + 1) * dh]
+            logits = torch.einsum("td,tsd->ts", qh, kh) / math.sqrt(dh)
+            heads.append(logits.softmax(-1) if softmax else logits)
+        return (sum(heads) / num_heads)[:, 1:].float()
