@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adapters import adapter_for
 from .adapters.base import GlobalComHandle, existing_handle
 from .config import GlobalComConfig
-
-
-def _adapter_for(model: Any):
-    from .adapters import llava_next
-
-    if llava_next.is_supported_model(model):
-        return llava_next.LlavaNextAdapter
-    raise TypeError(
-        f"unsupported model class {type(model).__name__}; GlobalCom² supports "
-        "LlavaNextForConditionalGeneration (LLaVA-NeXT / LLaVA-1.6)"
-    )
 
 
 def apply(
@@ -38,7 +28,7 @@ def apply(
         Every check runs before anything is patched, so a failed call leaves model and processor untouched.
     """
     cfg = GlobalComConfig.from_kwargs(config, **options)
-    adapter_cls = _adapter_for(model)
+    adapter_cls = adapter_for(model)
     for obj, what in ((model, "model"), (processor, "processor")):
         if obj is not None and existing_handle(obj) is not None:
             raise ValueError(

@@ -35,11 +35,6 @@ def _hf():
     return LlavaNextForConditionalGeneration, LlavaNextProcessor, select_best_resolution, modeling_llava_next
 
 
-def is_supported_model(model: Any) -> bool:
-    cls, *_ = _hf()
-    return type(model) is cls or type(model).__name__ == "LlavaNextForConditionalGeneration"
-
-
 def image_grid(image_size: tuple[int, int], pinpoints: list, tile: int) -> tuple[int, int]:
     """Crop grid (rows, cols) that LLaVA-NeXT's anyres picks for an image of ``(height, width)``."""
     *_, select_best_resolution, _ = _hf()
@@ -51,6 +46,12 @@ class LlavaNextAdapter:
     """Everything GlobalCom² needs to know about LLaVA-NeXT; instantiated by :func:`globalcom2.apply`."""
 
     family = "llava_next"
+    model_class_name = "LlavaNextForConditionalGeneration"
+
+    @classmethod
+    def is_supported(cls, model: Any) -> bool:
+        # Exact class: subclasses for other families (e.g. OneVision variants) pack features differently.
+        return type(model).__name__ == cls.model_class_name and type(model) is _hf()[0]
 
     def __init__(self, model: Any, processor: Any, config: GlobalComConfig) -> None:
         self.model = model
@@ -308,3 +309,6 @@ def shrink_placeholders(
                 res[b, : row.numel()] = row
         out[key] = res
     return out
+
+
+ADAPTER = LlavaNextAdapter

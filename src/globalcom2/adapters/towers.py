@@ -7,8 +7,7 @@ then computed from that layer's *input* (:func:`globalcom2.core.scores.cls_atten
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import nn
+from typing import Any
 
 
 @dataclass
@@ -16,23 +15,23 @@ class TowerInfo:
     """The pieces of a vision tower that scoring needs."""
 
     name: str
-    last_layer: nn.Module | None
-    norm: nn.Module | None
-    q_proj: nn.Module | None
-    k_proj: nn.Module | None
+    last_layer: Any  # nn.Module, or None for towers without [CLS]
+    norm: Any
+    q_proj: Any
+    k_proj: Any
     num_heads: int
     num_prefix_tokens: int  # [CLS] + register tokens before the patches
     has_cls: bool
 
 
-def describe_tower(tower: nn.Module) -> TowerInfo:
+def describe_tower(tower: Any) -> TowerInfo:
     """Find the scoring pieces of a CLIP, DINOv2 or SigLIP vision tower.
 
     Raises:
         TypeError: for a tower we do not know, naming the supported ones.
     """
     cls_name = type(tower).__name__
-    cfg = getattr(tower, "config", None)
+    cfg: Any = getattr(tower, "config", None)
     if cls_name in ("CLIPVisionModel", "CLIPVisionTransformer", "CLIPVisionModelWithProjection"):
         vm = getattr(tower, "vision_model", tower)
         layer = vm.encoder.layers[-1]

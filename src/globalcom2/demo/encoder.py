@@ -243,7 +243,7 @@ def load_standin_vision_tower(image_size: int = 336, dtype: torch.dtype = torch.
         )
     model.load_state_dict(state, strict=True, assign=True)
     model.set_attn_implementation("sdpa")
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    return model.to(dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]
 
 
 def standin_image_processor(

@@ -99,7 +99,7 @@ def build_tiny_llava_next(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     pinpoints = [[tile_size * a, tile_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-    config = LlavaNextConfig(
+    config = LlavaNextConfig(  # type: ignore[call-arg]
         vision_config=vision_config, text_config=text_config, image_grid_pinpoints=pinpoints,
         image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
         tie_word_embeddings=False,

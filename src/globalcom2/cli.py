@@ -1,0 +1,261 @@
+"""`globalcom2` command line: demo, ask, visualize (and the subcommands other modules register).
+
+Errors print one line (``globalcom2: error: ...``) and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import IMPORTANCES, MODES
+from .core.allocation import ALLOCATIONS
+from .core.scores import SCORE_KINDS
+from .core.selection import SCORINGS
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    return tuple(_ratio(t) for t in text.split(",") if t.strip())
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """The GlobalCom² options shared by every subcommand that compresses."""
+    p.add_argument("--mode", choices=MODES, default="budget")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="softmax-sum")
+    p.add_argument("--scoring", choices=SCORINGS, default="holistic")
+    p.add_argument("--score", choices=SCORE_KINDS, default="logits")
+    p.add_argument("--importance", choices=IMPORTANCES, default="auto")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=10.0)
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("mode", "allocation", "scoring", "score", "importance", "alpha", "tau")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_image(path: str):
+    """Open an image file fully (so truncated files fail here, with the file's name), as RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.startswith("photo:"):
+        from .demo.photos import load_photo
+
+        try:
+            return load_photo(path.split(":", 1)[1])
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"image file not found: {path}")
+    try:
+        with Image.open(file) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CLIError(f"cannot read image {path}: {err}") from None
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "cpu"):
+    """A LLaVA-NeXT checkpoint by path or hub id, or ``standin`` for the offline DINOv2 demo model."""
+    if name == "standin":
+        import tempfile
+
+        from .demo.run import build_demo_model
+
+        return build_demo_model(Path(tempfile.mkdtemp(prefix="globalcom2_standin_")))
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    torch_dtype = {
+        "auto": "auto",
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
+    try:
+        model = LlavaNextForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+        model = model.to(device).eval()  # type: ignore[arg-type]
+        processor = AutoProcessor.from_pretrained(name)
+    except OSError as err:
+        raise CLIError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    return model, processor
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="LLaVA-NeXT checkpoint path or hub id, or 'standin'")
+    p.add_argument("--image", required=True, help="image file, or photo:NAME for a shipped photo")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default="cpu")
+
+
+# -- subcommands ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.photos import PHOTOS
+    from .demo.run import run_demo
+
+    photos = tuple(p.strip() for p in args.photos.split(",") if p.strip())
+    unknown = [p for p in photos if p not in PHOTOS]
+    if unknown:
+        raise CLIError(f"unknown photo(s) {unknown}; available: {', '.join(PHOTOS)}")
+    log = (lambda *_: None) if args.json else print
+    summary = run_demo(args.out, photos=photos, ratios=args.ratios, repeats=args.repeats,
+                       progress=not args.no_progress, log=log)  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import torch
+
+    import globalcom2
+
+    from .workflows import default_prompt
+
+    image = load_image(args.image)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    prompt = default_prompt(processor, args.question)
+    full = processor(images=[image], text=[prompt], return_tensors="pt")
+    num_full = int((full["input_ids"] == model.config.image_token_id).sum())
+    with globalcom2.apply(model, processor, ratio=args.ratio, **method_options(args)) as handle:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        plan = handle.plans[0]
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    result = {
+        "answer": answer,
+        "image_tokens_full": num_full,
+        "image_tokens": plan.num_tokens,
+        **plan.summary(),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(answer)
+        print(f"[image tokens: {plan.num_tokens} of {num_full} ({plan.num_tokens / num_full:.1%}), "
+              f"ratio R={args.ratio}, mode={args.mode}]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .viz.overlay import render_grid
+    from .workflows import plan_for_image, render_plan
+
+    image = load_image(args.image)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    ratios = args.ratios or (args.ratio,)
+    panels, plans = [], []
+    for ratio in ratios:
+        plan = plan_for_image(model, processor, image, ratio=ratio, **method_options(args))
+        title = f"{Path(args.image).name} ({image.width}x{image.height}), R = {ratio:.0%}, {args.mode}"
+        panels.append((f"R = {ratio:.0%}", render_plan(image, plan, model, title)))
+        plans.append({"ratio": ratio, **plan.summary()})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(panels) == 1:
+        panels[0][1].save(out, format="PNG")
+    else:
+        render_grid(panels, out, ncols=1)
+    if args.json:
+        print(json.dumps({"out": str(out), "plans": plans}, indent=2))
+    else:
+        for p in plans:
+            print(
+                f"R={p['ratio']:.0%}: {p['num_tokens']}/{p['num_tokens_full']} image tokens, r_j = {p['crop_ratios']}"
+            )
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="globalcom2", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "demo", help="offline demo: real photos, real DINOv2 stand-in encoder, tiny LLaVA-NeXT"
+    )
+    p.add_argument("--out", default="globalcom2_demo_out")
+    p.add_argument("--photos", default="astronaut,coffee,chelsea,rocket,china,grace_hopper")
+    p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ask", help="answer a question about an image with a compressed LLaVA-NeXT checkpoint")
+    _add_model_args(p)
+    p.add_argument("--ratio", type=_ratio, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("question")
+    add_method_options(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("visualize", help="Figure-7-style overlay of the kept tokens")
+    _add_model_args(p)
+    p.add_argument("--ratio", type=_ratio, default=0.25)
+    p.add_argument("--ratios", type=_ratios, default=None, help="several ratios, e.g. 0.5,0.25,0.1")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    add_method_options(p)
+    p.set_defaults(func=cmd_visualize)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list:
+    """Subcommands living beside their feature (bench, eval, ...): each module exposes ``register(subparsers)``."""
+    import importlib
+
+    found = []
+    for module in ("globalcom2.bench.cli", "globalcom2.evaluation.cli"):
+        try:
+            found.append(importlib.import_module(module).register)
+        except ModuleNotFoundError as err:
+            if not (err.name and module.startswith(err.name)):
+                raise
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("globalcom2: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        if args.debug:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"globalcom2: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
