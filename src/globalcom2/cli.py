@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="globalcom2_demo_out")
     p.add_argument("--photos", default="astronaut,coffee,chelsea,rocket,china,grace_hopper")
     p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds (interleaved across settings)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
     p.set_defaults(func=cmd_demo)

@@ -57,62 +57,80 @@ def build_demo_model(workdir: Path, *, llm_hidden: int = 512, llm_layers: int = 
     return load_tiny(path)
 
 
-def _median_ms(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+def _elapsed_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 @torch.inference_mode()
 def end_to_end(model, processor, image, ratios, *, repeats: int = 3, max_new_tokens: int = 8) -> list[dict]:
     """Vision time, LLM prefill time and token counts for one image: uncompressed, then at every ratio.
 
-    All settings run in one process on the same input, so their ratios are comparable on a noisy machine.
-    Vision = tower + GlobalCom² selection (``get_image_features``); prefill = one LLM forward over the prompt
-    with the image features in place (no vision work).
+    Settings are measured in interleaved rounds (every round times each setting once), so drift on a shared
+    machine hits all of them alike; medians over the rounds are reported. Vision = tower + GlobalCom² selection
+    (``get_image_features``); prefill = one LLM forward over the prompt with the image features in place.
     """
     prompt = default_prompt(processor, "What is shown in this image?")
-    rows = []
+    settings: list[dict] = []
     for ratio in (None, *ratios):
         handle = apply(model, processor, ratio=ratio) if ratio is not None else None
         try:
             inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-
-            def vision(inputs=inputs):
-                return model.model.get_image_features(
-                    inputs["pixel_values"], inputs["image_sizes"]
-                ).pooler_output
-
-            features = torch.cat(vision())
+            features = torch.cat(
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+            )
             ids = inputs["input_ids"]
-            embeds = model.get_input_embeddings()(ids)
             mask = (ids == model.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-
-            def prefill(embeds=embeds, attn=inputs["attention_mask"]):
-                return model(inputs_embeds=embeds, attention_mask=attn, logits_to_keep=1)
-
-            vision_ms = _median_ms(vision, repeats)
-            prefill_ms = _median_ms(prefill, repeats)
+            embeds = model.get_input_embeddings()(ids).masked_scatter(mask, features)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            rows.append({
+        finally:
+            if handle is not None:
+                handle.remove()
+        settings.append({
+            "ratio": ratio, "inputs": inputs, "embeds": embeds, "vision_ms": [], "prefill_ms": [],
+            "row": {
                 "ratio": 1.0 if ratio is None else ratio,
                 "compressed": ratio is not None,
                 "image_tokens": int(mask.sum()),
                 "prompt_tokens": int(ids.shape[1]),
-                "vision_ms_median": statistics.median(vision_ms),
-                "prefill_ms_median": statistics.median(prefill_ms),
-                "prefill_ms_min": min(prefill_ms),
-                "prefill_ms_max": max(prefill_ms),
                 "generated_tokens": int(out.shape[1] - ids.shape[1]),
-            })  # fmt: skip
-        finally:
-            if handle is not None:
-                handle.remove()
+            },
+        })  # fmt: skip
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for st in settings:
+            handle = apply(model, processor, ratio=st["ratio"]) if st["ratio"] is not None else None
+            try:
+                inp = st["inputs"]
+                st["vision_ms"].append(
+                    _elapsed_ms(
+                        lambda inp=inp: model.model.get_image_features(
+                            inp["pixel_values"], inp["image_sizes"]
+                        )
+                    )
+                )
+                st["prefill_ms"].append(
+                    _elapsed_ms(
+                        lambda st=st: model(
+                            inputs_embeds=st["embeds"],
+                            attention_mask=st["inputs"]["attention_mask"],
+                            logits_to_keep=1,
+                        )
+                    )
+                )
+            finally:
+                if handle is not None:
+                    handle.remove()
+    rows = []
+    for st in settings:
+        vision, prefill = st["vision_ms"][1:], st["prefill_ms"][1:]
+        rows.append({
+            **st["row"],
+            "vision_ms_median": statistics.median(vision),
+            "prefill_ms_median": statistics.median(prefill),
+            "prefill_ms_min": min(prefill),
+            "prefill_ms_max": max(prefill),
+        })  # fmt: skip
     base = rows[0]["prefill_ms_median"]
     for row in rows:
         row["prefill_speedup"] = base / row["prefill_ms_median"]
@@ -124,7 +142,7 @@ def run_demo(
     *,
     photos: tuple[str, ...] = DEFAULT_PHOTOS,
     ratios: tuple[float, ...] = (0.5, 0.25, 0.1),
-    repeats: int = 3,
+    repeats: int = 5,
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
