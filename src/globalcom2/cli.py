@@ -51,9 +51,44 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB, without the silent damage of a bare ``convert("RGB")``.
+
+    - 16-bit images (``I;16*``) are scaled from 0-65535 to 0-255 (``convert`` would clip every value above 255 to
+      white); 32-bit integer images (``I``) likewise when their values exceed 255 (by 0-65535 when they fit, else
+      by their own min-max); float images (``F``) from 0-1 when they fit, else by their own min-max;
+    - transparency (RGBA, LA, palette with a transparent index) is composited onto white, as HF's processors do;
+    - CMYK, YCbCr, palette, grayscale and bilevel images go through PIL's own conversion.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            lo, hi = 0.0, 65535.0
+        elif image.mode == "I" and lo >= 0 and hi <= 255:
+            lo, hi = 0.0, 255.0
+        elif image.mode == "F" and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        scaled = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str):
-    """Open an image file fully (so truncated files fail here, with the file's name), as RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file fully (so truncated files fail here, with the file's name), as 8-bit RGB.
+
+    EXIF orientation is applied; see :func:`to_rgb` for the mode conversion. Every failure is a one-line
+    :class:`CLIError` naming the file.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if path.startswith("photo:"):
         from .demo.photos import load_photo
@@ -63,14 +98,24 @@ def load_image(path: str):
         except ValueError as err:
             raise CLIError(str(err)) from None
     file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"cannot read image {path}: it is a directory")
     if not file.is_file():
         raise CLIError(f"image file not found: {path}")
+    if file.stat().st_size == 0:
+        raise CLIError(f"cannot read image {path}: the file is empty")
     try:
-        with Image.open(file) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CLIError(f"cannot read image {path}: {err}") from None
+        with warnings.catch_warnings():
+            # Pillow's size guard: above ~89 Mpx a warning, above ~179 Mpx an error (handled below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as im:
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as err:
+        raise CLIError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"cannot read image {path}: {reason}") from None
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "cpu"):
@@ -249,12 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("globalcom2: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as err:
         if args.debug:
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"globalcom2: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not a usage error: still one line, the traceback behind --debug
+        if args.debug:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"globalcom2: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

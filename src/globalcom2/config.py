@@ -19,12 +19,13 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
-def _check_number(name: str, value: object) -> float:
+def _check_number(name: str, value: object, allowed: str) -> float:
+    """``value`` as a float; ``allowed`` (e.g. ``"in (0, 1]"``) is quoted in the one-line error message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"`{name}` must be a real number {allowed}, got {type(value).__name__} {value!r}")
     value = float(value)
     if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
+        raise ValueError(f"`{name}` must be finite and {allowed}, got {value}")
     return value
 
 
@@ -55,13 +56,13 @@ class GlobalComConfig:
     importance: str = "auto"
 
     def __post_init__(self) -> None:
-        ratio = _check_number("ratio", self.ratio)
+        ratio = _check_number("ratio", self.ratio, "in (0, 1]")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"`ratio` must be in (0, 1], got {self.ratio!r}")
-        alpha = _check_number("alpha", self.alpha)
+        alpha = _check_number("alpha", self.alpha, "in [0, 1]")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha!r}")
-        tau = _check_number("tau", self.tau)
+        tau = _check_number("tau", self.tau, "> 0")
         if not tau > 0.0:
             raise ValueError(f"`tau` must be > 0, got {self.tau!r}")
         _check_choice("mode", self.mode, MODES)
@@ -76,6 +77,15 @@ class GlobalComConfig:
     @classmethod
     def from_kwargs(cls, config: GlobalComConfig | None = None, **kwargs: object) -> GlobalComConfig:
         """Build from an optional base config plus keyword overrides; unknown keywords are an error."""
+        if config is not None and not isinstance(config, GlobalComConfig):
+            hint = (
+                " (pass the ratio by name: apply(model, processor, ratio=...))"
+                if isinstance(config, numbers.Real)
+                else ""
+            )
+            raise TypeError(
+                f"`config` must be a GlobalComConfig or None, got {type(config).__name__} {config!r}{hint}"
+            )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -6,10 +6,17 @@ What is patched (all recorded on the handle, undone by `remove()`):
   layer's input under any attention implementation (SDPA/Flash stay on; no ``output_attentions``); for
   ``importance="cosine"`` a pre-hook on the projector computes Eq. 7 on the selected feature layer instead;
 - ``LlavaNextModel.pack_image_features`` (instance attribute) selects and orders the kept tokens (Eq. 2-6);
+- ``LlavaNextModel.get_placeholder_mask`` (instance attribute) first checks that the prompts hold exactly the
+  placeholders the plans need, image by image, and says how to fix it when they do not (HF's own check compares
+  totals only, with a terse message, and can be switched off by an environment variable);
 - budget mode: ``LlavaNextProcessor._get_number_of_features`` (instance attribute) returns the compressed count,
   so prompts carry exactly as many ``<image>`` placeholders as features are produced;
-- reference mode: ``generate`` and ``forward`` shrink each image's placeholder run to the plan's count, because
+- reference mode: ``generate`` and ``forward`` resize each image's placeholder run to the plan's count, because
   the official per-crop counts depend on the scores and cannot be known by the processor.
+
+The scoring hooks keep only the scores of the latest vision-tower call (``handle._pending_scores`` holds at most one
+tensor), so a tower run outside a full forward (or an interrupted forward) can neither grow memory nor leak stale
+scores into the next plan. Not thread-safe: one patched model serves one forward at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 
 from ..config import GlobalComConfig
 from ..core.budget import budget_num_tokens, full_num_tokens
+from ..core.plan import Plan
 from ..core.planner import plan_image, plan_single_tile
 from ..core.scores import cls_attention_scores, cosine_scores
 from .base import GlobalComHandle
@@ -104,6 +112,23 @@ class LlavaNextAdapter:
                 raise ValueError(
                     f"processor/model mismatch: patch_size {self.processor.patch_size} vs {self.patch_size}"
                 )
+            crop = _height_width(getattr(ip, "crop_size", None))
+            if crop is not None and crop != (self.tile, self.tile):
+                raise ValueError(
+                    f"processor/model mismatch: the image processor cuts {crop[0]}x{crop[1]} px tiles, "
+                    f"the vision tower takes {self.tile}x{self.tile}"
+                )
+            token_id = getattr(self.processor, "image_token_id", None)
+            if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
+                raise ValueError(
+                    f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
+                )
+            p_strategy = getattr(self.processor, "vision_feature_select_strategy", None)
+            if p_strategy is not None and p_strategy != strategy:
+                raise ValueError(
+                    f"processor/model mismatch: vision_feature_select_strategy {p_strategy!r} vs {strategy!r} "
+                    "(the processor's placeholder count would be off by one per image)"
+                )
 
     # -- installation ------------------------------------------------------------------------------------------
     def install(self, handle: GlobalComHandle) -> None:
@@ -117,6 +142,11 @@ class LlavaNextAdapter:
             )
         handle.add_hook(hook)
         handle.patch(self.inner, "pack_image_features", functools.partial(self._pack, handle))
+        handle.patch(
+            self.inner,
+            "get_placeholder_mask",
+            functools.partial(self._placeholder_mask, handle, self.inner.get_placeholder_mask),
+        )
         if self.config.mode == "budget":
             original = self.processor._get_number_of_features
             handle.patch(
@@ -134,7 +164,8 @@ class LlavaNextAdapter:
     def _cls_hook(self, handle: GlobalComHandle, module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         t = self.tower
-        handle._pending_scores.append(
+        # Replace, not append: only the latest tower call is packed next (no growth, no stale scores).
+        handle._pending_scores[:] = [
             cls_attention_scores(
                 hidden,
                 norm=t.norm,
@@ -144,11 +175,11 @@ class LlavaNextAdapter:
                 kind=self.config.score,
                 num_prefix_tokens=t.num_prefix_tokens,
             )  # fmt: skip
-        )
+        ]
 
     @torch.no_grad()
     def _cosine_hook(self, handle: GlobalComHandle, module, args) -> None:
-        handle._pending_scores.append(cosine_scores(args[0]))
+        handle._pending_scores[:] = [cosine_scores(args[0])]
 
     # -- counts ------------------------------------------------------------------------------------------------
     def _num_features(self, original, orig_height: int, orig_width: int, height: int, width: int) -> int:
@@ -158,13 +189,28 @@ class LlavaNextAdapter:
         hf = original(orig_height, orig_width, height, width)
         return (
             hf - full_num_tokens(orig_height, orig_width, rows, cols, g)
-            + budget_num_tokens(orig_height, orig_width, rows, cols, g, self.config.ratio)
+            + self.count_tokens(orig_height, orig_width, rows, cols, g)
         )  # fmt: skip
+
+    def count_tokens(self, height: int, width: int, rows: int, cols: int, g: int) -> int:
+        """Budget-mode image tokens of one image (the count baselines in :mod:`globalcom2.methods` override)."""
+        return budget_num_tokens(height, width, rows, cols, g, self.config.ratio)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Image tokens the LLM receives for one image of ``height x width`` in budget mode."""
         rows, cols = image_grid((height, width), self.pinpoints, self.tile)
-        return budget_num_tokens(height, width, rows, cols, self.g, self.config.ratio)
+        return self.count_tokens(height, width, rows, cols, self.g)
+
+    def plan_tiles(self, tile_scores: torch.Tensor, image_size: tuple[int, int]) -> tuple[Plan, torch.Tensor]:
+        """Plan and emission index of one image from its ``(1 + n, g*g)`` tile scores (the step baselines override)."""
+        if tile_scores.shape[0] == 1:
+            return plan_single_tile(self.g, device=tile_scores.device)
+        cfg = self.config
+        return plan_image(
+            tile_scores[0], tile_scores[1:], grid=image_grid(image_size, self.pinpoints, self.tile),
+            image_size=image_size, ratio=cfg.ratio, mode=cfg.mode, allocation=cfg.allocation,
+            scoring=cfg.scoring, alpha=cfg.alpha, tau=cfg.tau,
+        )  # fmt: skip
 
     # -- selection and packing (replaces LlavaNextModel.pack_image_features) -----------------------------------
     def _pack(
@@ -178,7 +224,6 @@ class LlavaNextAdapter:
             )
         scores = torch.cat(handle._pending_scores, dim=0)
         handle._pending_scores.clear()
-        cfg = self.config
         sizes = (
             image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
         )
@@ -188,14 +233,7 @@ class LlavaNextAdapter:
             num_tiles = feats.shape[0]
             tile_scores = scores[offset : offset + num_tiles].to(feats.device)
             offset += num_tiles
-            if num_tiles == 1:
-                plan, index = plan_single_tile(self.g, device=feats.device)
-            else:
-                grid = image_grid((int(h), int(w)), self.pinpoints, self.tile)
-                plan, index = plan_image(
-                    tile_scores[0], tile_scores[1:], grid=grid, image_size=(int(h), int(w)), ratio=cfg.ratio,
-                    mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha, tau=cfg.tau,
-                )  # fmt: skip
+            plan, index = self.plan_tiles(tile_scores, (int(h), int(w)))
             flat = feats.flatten(0, 1)
             if image_newline is not None:
                 flat = torch.cat([flat, image_newline[None].to(flat)], dim=0)
@@ -209,7 +247,21 @@ class LlavaNextAdapter:
         handle.plans = plans
         return packed, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
 
-    # -- reference mode: shrink placeholder runs to the plan's counts ------------------------------------------
+    # -- placeholder check (wraps LlavaNextModel.get_placeholder_mask) -----------------------------------------
+    def _placeholder_mask(self, handle: GlobalComHandle, original, input_ids, inputs_embeds=None,
+                          image_features=None):  # fmt: skip
+        if image_features is not None:
+            image_token_id = self.model.config.image_token_id
+            if input_ids is not None:
+                is_img = input_ids == image_token_id
+            else:  # same rule as HF: a position holds an image token if its embedding is that token's
+                table = self.inner.get_input_embeddings()
+                token = table(torch.tensor(image_token_id, device=inputs_embeds.device))
+                is_img = (inputs_embeds == token).all(-1)
+            check_placeholders(is_img, int(image_features.shape[0]), handle.plans, self.config)
+        return original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+
+    # -- reference mode: resize placeholder runs to the plan's counts ------------------------------------------
     def _shrinking_call(self, handle: GlobalComHandle, original, name: str, *args, **kwargs):
         pixel_values = kwargs.get("pixel_values")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -250,6 +302,69 @@ class LlavaNextAdapter:
         return out
 
 
+def _height_width(size: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of an image processor's ``crop_size`` (dict or SizeDict), None if it has none."""
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    h, w = (get("height"), get("width")) if size is not None else (None, None)
+    return (int(h), int(w)) if h is not None and w is not None else None
+
+
+def check_placeholders(
+    is_img: torch.Tensor, num_features: int, plans: list[Plan], config: GlobalComConfig
+) -> None:
+    """Raise a clear ValueError unless the prompts hold exactly one placeholder per image feature, image by image.
+
+    Args:
+        is_img: Bool ``(batch, seq)``: positions holding the image token.
+        num_features: rows of the concatenated image features about to be scattered into those positions.
+        plans: the plans of the pack that produced the features (their ``num_tokens`` are the per-image counts);
+            if they do not add up to ``num_features`` (features from elsewhere) only the total is checked.
+        config: for the message.
+
+    HF fills placeholders in row-major order, so every image's features must land on one run of placeholders of
+    its own length (adjacent images may share a run). A mismatch raises instead of scattering wrong tokens.
+    """
+    counts = [p.num_tokens for p in plans]
+    per_image = sum(counts) == num_features
+    n = int(is_img.sum())
+    where = f"GlobalCom² (mode={config.mode!r}, ratio={config.ratio})"
+    if n != num_features:
+        full = sum(p.num_tokens_full for p in plans) if per_image else -1
+        if n == full and config.mode == "budget":
+            hint = (
+                "they carry the uncompressed count, i.e. they were made by the processor before "
+                "globalcom2.apply() (or by another processor object): call the processor again after apply(), "
+                "and again after remove()"
+            )
+        elif n == full:
+            hint = (
+                "they carry the uncompressed count: in reference mode call the model's own forward/generate, "
+                "which resize each image's placeholder run (not the inner LlavaNextModel)"
+            )
+        else:
+            hint = (
+                "build the inputs with the processor patched by this apply() (call it again after apply() and "
+                "after remove()), with one <image> in the text per image"
+            )
+        raise ValueError(
+            f"{where}: the prompts hold {n} image tokens but the images give {num_features} features; {hint}"
+        )
+    if not per_image or not counts:
+        return
+    # Cumulative image-token count at the end of every placeholder run must fall on an image boundary.
+    nxt = torch.zeros_like(is_img)
+    nxt[..., :-1] = is_img[..., 1:]
+    ends = (is_img & ~nxt).reshape(-1)
+    end_counts = is_img.reshape(-1).long().cumsum(0)[ends]
+    bounds = torch.tensor(counts, device=end_counts.device).cumsum(0)
+    if not bool(torch.isin(end_counts, bounds).all()):
+        runs = torch.diff(end_counts, prepend=end_counts.new_zeros(1)).tolist()
+        raise ValueError(
+            f"{where}: the placeholder runs in the prompts (lengths {runs}) do not line up with the images' "
+            f"token counts {counts}; make the text and the pixel values in one processor call"
+        )
+
+
 def _pad_id(model, processor) -> int:
     tok = getattr(processor, "tokenizer", None)
     for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
@@ -268,20 +383,23 @@ def shrink_placeholders(
     pad_token_id: int,
     extra: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Cut every image's run of placeholders from its full count to its new count, then re-pad the batch.
+    """Resize every image's run of placeholders from its full count to its new count, then re-pad the batch.
 
-    Images are matched to placeholder runs in row-major order (as HF's ``masked_scatter`` does). Padding keeps the
-    side the batch used (left if any row starts with attention_mask == 0).
+    Usually the run shrinks; it grows when the reference count exceeds HF's (reference mode writes a newline after
+    every padded row, HF only after unpadded ones: with R near 1 and a padded crop grid the official sequence is
+    longer). Images are matched to placeholder runs in row-major order (as HF's ``masked_scatter`` does). Padding
+    keeps the side the batch used (left if any row starts with attention_mask == 0).
 
     Returns:
-        ``input_ids`` and the shrunk tensors of ``extra`` (attention_mask, labels, ...).
+        ``input_ids`` and the resized tensors of ``extra`` (attention_mask, labels, ...).
     """
     is_img = input_ids == image_token_id
     total_full = sum(full_counts)
     if int(is_img.sum()) != total_full:
         raise ValueError(
-            f"Image features and image tokens do not match: the prompts hold {int(is_img.sum())} image tokens, "
-            f"the images need {total_full} (was the processor patched with a different mode?)"
+            f"GlobalCom² (mode='reference'): the prompts hold {int(is_img.sum())} image tokens but these images "
+            f"need {total_full} (their uncompressed count); in reference mode build the inputs with the plain "
+            "processor (not one patched by a budget-mode apply()), with one <image> in the text per image"
         )
     device = input_ids.device
     full = torch.tensor(full_counts, device=device)
@@ -289,20 +407,22 @@ def shrink_placeholders(
     image_of = torch.repeat_interleave(torch.arange(len(full_counts), device=device), full)
     starts = torch.cumsum(full, 0) - full
     within = torch.arange(total_full, device=device) - starts[image_of]
-    drop_flat = within >= new[image_of]
-    drop = torch.zeros_like(is_img)
-    drop[is_img] = drop_flat
-    keep = ~drop
+    # Copies of every token: 1, 0 for placeholders cut off, and the last placeholder of a run that grows repeats.
+    reps_flat = (within < new[image_of]).long()
+    grow = (new - full).clamp_min(0)[image_of]
+    reps_flat = reps_flat + torch.where(within == full[image_of] - 1, grow, torch.zeros_like(grow))
+    reps = torch.ones_like(input_ids, dtype=torch.long)
+    reps[is_img] = reps_flat
     attn = extra.get("attention_mask")
     left_pad = attn is not None and bool((attn[:, 0] == 0).any())
-    lengths = keep.sum(1)
+    lengths = reps.sum(1)
     width = int(lengths.max())
     out: dict[str, torch.Tensor] = {}
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
     for key, tensor in {"input_ids": input_ids, **extra}.items():
         res = torch.full((tensor.shape[0], width), fills.get(key, 0), dtype=tensor.dtype, device=device)
         for b in range(tensor.shape[0]):  # one slice per sample, not per token
-            row = tensor[b][keep[b]]
+            row = tensor[b].repeat_interleave(reps[b])
             if left_pad:
                 res[b, width - row.numel() :] = row
             else:

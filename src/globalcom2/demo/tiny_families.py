@@ -1,0 +1,352 @@
+"""Tiny, randomly initialised LLaVA-OneVision and InternVL checkpoints built offline, and their stand-in variants.
+
+Same recipe as :mod:`globalcom2.demo.tiny_model` (real transformers classes, random weights, a BPE tokenizer trained
+on the fly, ``save_pretrained`` then ``from_pretrained``), for the two other families GlobalCom² supports:
+
+* **LLaVA-OneVision** (``LlavaOnevisionForConditionalGeneration``): a random SigLIP tower (no [CLS]; vision feature
+  strategy ``"full"``), OneVision's ``anyres_max_9`` pinpoints (every a x b grid up to 6 x 6 tiles) and a tiny Qwen2.
+  With ``vision="dinov2"`` the tower is the real DINOv2 ViT-S/14 stand-in at 378 px, whose 27 x 27 grid is the grid
+  of OneVision's SigLIP-384/14 (it has a [CLS] token, so the strategy is ``"default"`` and the processor counts 730
+  tokens per tile, exactly as HF expects for a [CLS] tower).
+* **InternVL** (``InternVLForConditionalGeneration``): a random InternViT (``InternVLVisionModel``, [CLS] first,
+  optional q/k RMS norms), dynamic tiles with the thumbnail last, 2 x 2 pixel-shuffle merging, a tiny Qwen2. With
+  ``vision="dinov2"`` the InternViT *class* carries the DINOv2 stand-in's weights at 448 px (the two are the same
+  pre-norm ViT with LayerScale; the mapping is checked against ``Dinov2Model`` in the tests), i.e. InternVL's real
+  448 px / 32 x 32 patch / 16 x 16 merged-token geometry.
+
+Processors without torchvision: in transformers 5.19-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor`` take
+a ``video_processor`` argument and ``ProcessorMixin.__init__`` checks its class against ``VideoProcessorMixin``,
+which transformers only exports when torchvision imports; the check fails even for ``None`` (and ``save_pretrained``
+fails on a ``None`` sub-processor). :func:`processor_without_video` lifts that one check for ``video_processor=None``
+while a processor is built; we save the tokenizer, the image processor and ``processor_config.json`` ourselves and
+:func:`load_processor` rebuilds the processor the same way when ``AutoProcessor`` cannot. Image inputs are
+unaffected; video inputs need torchvision anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .tiny_model import _CORPUS
+
+FAMILIES = ("llava_next", "llava_onevision", "internvl")
+
+_ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
+_INTERNVL_SPECIALS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@contextlib.contextmanager
+def processor_without_video() -> Iterator[None]:
+    """Let ``ProcessorMixin`` accept ``video_processor=None`` while a processor is built (see module docstring)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.__dict__["check_argument_for_proper_class"]
+
+    def check(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return original(self, argument_name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
+
+
+def build_family_tokenizer(specials: dict[str, str], vocab_size: int = 320):
+    """Byte-level BPE trained on a few sentences with the family's special tokens as named extra specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=base + list(specials.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens=dict(specials), padding_side="left",
+    )  # fmt: skip
+
+
+def _qwen2(tokenizer, hidden: int, layers: int, heads: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=16384,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def _save_processor(processor: Any, out_dir: Path, kwargs: dict[str, Any]) -> None:
+    """Save a processor whose ``video_processor`` is None (``save_pretrained`` cannot; see module docstring)."""
+    processor.tokenizer.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+    config = {"processor_class": type(processor).__name__, **kwargs}
+    (out_dir / "processor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def onevision_pinpoints(tile: int, max_side: int = 6) -> list[list[int]]:
+    """OneVision's anyres_max_9 candidate canvases: every a x b grid of tiles with 1 <= a, b <= ``max_side``."""
+    return [[tile * a, tile * b] for a in range(1, max_side + 1) for b in range(1, max_side + 1)]
+
+
+def build_tiny_llava_onevision(
+    out_dir: str | Path,
+    *,
+    vision: str = "siglip",
+    tile_size: int = 40,
+    patch_size: int = 8,
+    max_side: int = 6,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+    vision_tower: Any = None,
+) -> Path:
+    """Write a tiny random LLaVA-OneVision checkpoint + processor to ``out_dir`` and return the path.
+
+    Args:
+        vision: ``"siglip"`` (random 2-layer SigLIP, tile ``tile_size``, patch ``patch_size``; no [CLS], strategy
+            ``"full"``) or ``"dinov2"`` (the DINOv2 stand-in at ``tile_size`` px, e.g. 378 for 27 x 27; strategy
+            ``"default"`` drops its [CLS]).
+        tile_size, patch_size: tile side in pixels and ViT patch size (SigLIP only; DINOv2 uses 14).
+        max_side: pinpoints are every a x b grid with a, b <= ``max_side`` (6 in released checkpoints).
+        text_hidden, text_layers, text_heads: tiny Qwen2 LLM.
+        vision_tower: an already built DINOv2 tower to reuse.
+    """
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        SiglipVisionConfig,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = build_family_tokenizer(_ONEVISION_SPECIALS)
+    mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # SigLIP's normalisation
+    if vision == "siglip":
+        vision_config: Any = SiglipVisionConfig(
+            image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, vision_use_head=False,
+        )  # fmt: skip
+        strategy, prefix = "full", 0
+    elif vision == "dinov2":
+        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD, load_standin_vision_tower
+
+        vision_tower = vision_tower if vision_tower is not None else load_standin_vision_tower(tile_size)
+        vision_config = vision_tower.config
+        patch_size = int(vision_config.patch_size)
+        mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+        strategy, prefix = "default", 1
+    else:
+        raise ValueError(f"`vision` must be 'siglip' or 'dinov2', got {vision!r}")
+    g = tile_size // patch_size
+    pinpoints = onevision_pinpoints(tile_size, max_side)
+    config = LlavaOnevisionConfig(  # type: ignore[call-arg]
+        vision_config=vision_config, text_config=_qwen2(tokenizer, text_hidden, text_layers, text_heads),
+        image_grid_pinpoints=pinpoints, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy=strategy, vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    if vision_tower is not None:
+        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, image_grid_pinpoints=pinpoints,
+        image_mean=mean, image_std=std,
+    )  # fmt: skip
+    kwargs = {
+        "num_image_tokens": g * g + prefix,
+        "vision_feature_select_strategy": strategy,
+        "vision_aspect_ratio": "anyres_max_9",
+    }
+    with processor_without_video():
+        processor = LlavaOnevisionProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs
+        )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    _save_processor(processor, out_dir, kwargs)
+    return out_dir
+
+
+def standin_internvl_vision_model(image_size: int = 448, dinov2: Any = None):
+    """The DINOv2 ViT-S/14 stand-in's weights in a stock ``InternVLVisionModel`` (InternViT class) at ``image_size``.
+
+    DINOv2 and InternViT are the same pre-norm ViT with LayerScale ([CLS] first, learned absolute positions,
+    qkv bias, exact GELU, LayerNorm eps 1e-6), so every tensor maps one to one; ``use_mean_pooling=False`` keeps
+    DINOv2's final LayerNorm on ``last_hidden_state``. At ``image_size`` the position table needs no resampling.
+    """
+    import torch
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    from .encoder import load_standin_vision_tower
+
+    src = dinov2 if dinov2 is not None else load_standin_vision_tower(image_size)
+    dc = src.config
+    config = InternVLVisionConfig(
+        hidden_size=dc.hidden_size, num_hidden_layers=dc.num_hidden_layers,
+        num_attention_heads=dc.num_attention_heads, intermediate_size=int(dc.hidden_size * dc.mlp_ratio),
+        attention_bias=True, use_qk_norm=False, hidden_act="gelu", norm_type="layer_norm",
+        layer_norm_eps=dc.layer_norm_eps, image_size=image_size, patch_size=dc.patch_size,
+        use_mask_token=False, use_absolute_position_embeddings=True, use_mean_pooling=False,
+    )  # fmt: skip
+    s = src.state_dict()
+    state = {
+        "embeddings.cls_token": s["embeddings.cls_token"],
+        "embeddings.position_embeddings": s["embeddings.position_embeddings"],
+        "embeddings.patch_embeddings.projection.weight": s["embeddings.patch_embeddings.projection.weight"],
+        "embeddings.patch_embeddings.projection.bias": s["embeddings.patch_embeddings.projection.bias"],
+        "layernorm.weight": s["layernorm.weight"],
+        "layernorm.bias": s["layernorm.bias"],
+    }
+    names = {
+        "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.q_proj": "attention.q_proj",
+        "attention.k_proj": "attention.k_proj", "attention.v_proj": "attention.v_proj",
+        "attention.projection_layer": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    }  # fmt: skip
+    for i in range(dc.num_hidden_layers):
+        for new, old in names.items():
+            for p in ("weight", "bias"):
+                state[f"encoder.layer.{i}.{new}.{p}"] = s[f"encoder.layer.{i}.{old}.{p}"]
+        state[f"encoder.layer.{i}.lambda_1"] = s[f"encoder.layer.{i}.layer_scale1.lambda1"]
+        state[f"encoder.layer.{i}.lambda_2"] = s[f"encoder.layer.{i}.layer_scale2.lambda1"]
+    with torch.device("meta"):
+        model = InternVLVisionModel(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.set_attn_implementation("sdpa")
+    return model.eval().requires_grad_(False)
+
+
+def build_tiny_internvl(
+    out_dir: str | Path,
+    *,
+    vision: str = "random",
+    tile_size: int = 64,
+    patch_size: int = 8,
+    max_patches: int = 6,
+    qk_norm: bool = True,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+    vision_tower: Any = None,
+) -> Path:
+    """Write a tiny random InternVL checkpoint + processor to ``out_dir`` and return the path.
+
+    Args:
+        vision: ``"random"`` (2-layer InternViT, tile ``tile_size``, patch ``patch_size``, RMS norms and q/k norms
+            when ``qk_norm``) or ``"dinov2"`` (the DINOv2 stand-in as InternViT at ``tile_size`` px, e.g. 448).
+        max_patches: most crops per image (the processor's ``max_patches``; 12 in released checkpoints).
+        text_hidden, text_layers, text_heads: tiny Qwen2 LLM.
+        vision_tower: an already built ``InternVLVisionModel`` to reuse (``vision="dinov2"`` only).
+    """
+    import torch
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+    )
+
+    out_dir = Path(out_dir)
+    tokenizer = build_family_tokenizer(_INTERNVL_SPECIALS)
+    if vision == "random":
+        vision_config: Any = InternVLVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            image_size=tile_size, patch_size=patch_size, attention_bias=True, use_qk_norm=qk_norm,
+            norm_type="rms_norm" if qk_norm else "layer_norm", use_mean_pooling=True,
+        )  # fmt: skip
+        mean, std = _CLIP_MEAN, _CLIP_STD
+    elif vision == "dinov2":
+        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD
+
+        vision_tower = vision_tower if vision_tower is not None else standin_internvl_vision_model(tile_size)
+        vision_config = vision_tower.config
+        patch_size = int(vision_config.patch_size[0])
+        mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+    else:
+        raise ValueError(f"`vision` must be 'random' or 'dinov2', got {vision!r}")
+    seq_len = (tile_size // patch_size // 2) ** 2
+    config = InternVLConfig(  # type: ignore[call-arg]
+        vision_config=vision_config, text_config=_qwen2(tokenizer, text_hidden, text_layers, text_heads),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=seq_len,
+        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    if vision_tower is not None:
+        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
+        max_patches=max_patches, image_mean=mean, image_std=std,
+    )  # fmt: skip
+    kwargs = {"image_seq_length": seq_len}
+    with processor_without_video():
+        processor = InternVLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs
+        )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    _save_processor(processor, out_dir, kwargs)
+    return out_dir
+
+
+def load_processor(path: str | Path) -> Any:
+    """``AutoProcessor.from_pretrained(path)``; if that fails for want of a video processor (no torchvision), the
+    processor is rebuilt from its tokenizer, image processor and ``processor_config.json`` without one."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ImportError, AttributeError, ValueError, TypeError) as err:
+        config_file = Path(path) / "processor_config.json"
+        if not config_file.is_file():
+            raise
+        first_error = err
+    import transformers
+
+    config = json.loads(config_file.read_text())
+    cls_name = config.pop("processor_class", None)
+    cls = getattr(transformers, str(cls_name), None)
+    if cls is None:
+        raise first_error
+    config.pop("auto_map", None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    with processor_without_video():
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **config)
+
+
+def load_tiny_family(path: str | Path, **kwargs: Any):
+    """Load any checkpoint written by this module or :mod:`~globalcom2.demo.tiny_model`: (model in eval mode,
+    processor)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+    return model, load_processor(path)

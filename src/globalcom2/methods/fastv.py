@@ -1,0 +1,591 @@
+"""FastV (Chen et al., ECCV 2024) and GlobalCom² + FastV (paper Sec. 5.3, Fig. 8) inside a Hugging Face LLM.
+
+FastV prunes image tokens *inside* the LLM: layers 0..K-1 see every token; the head-mean attention that the last
+prompt token pays to each image token in layer K-1 ranks them; layers K..L-1 see only the top share. As in the
+official FastV code, the scores are layer K-1's softmax attention probabilities (its attention row of the last
+token, averaged over heads) and kept tokens keep their original positions (RoPE).
+
+Only layer K-1 needs attention weights, and only one row of them: a forward pre-hook on its attention module
+recomputes ``q`` for the last prompt token and ``k`` for all tokens from that module's own projections and rotary
+embedding (our [CLS]-row trick, :mod:`globalcom2.core.scores`, applied to the LLM), so every layer keeps SDPA /
+Flash attention and nothing asks for ``output_attentions``.
+
+Pruning is done with forward pre-hooks on the decoder layers K..L-1 (no copy of ``LlamaModel.forward``):
+
+- **prefill** (the call whose ``input_ids`` hold image placeholders): layer K's hook gathers the kept positions of
+  the hidden states, rotary ``(cos, sin)`` and ``position_ids`` and builds the causal mask of the shorter sequence
+  against layer K's cache (``create_causal_mask(..., layer_idx=K)``); layers K+1.. reuse them. Layers >= K
+  therefore store only the kept tokens in the KV cache. A forward hook on the last layer scatters the outputs back
+  to the full length, dropped tokens carrying their layer-K input (they "exit early"), so ``forward`` returns
+  logits for every input position (labels stay aligned) and ``generate`` sees the last token as usual.
+- **decode** (later calls with the same cache object): layers >= K get a causal mask built from the pruned prompt
+  plus the new tokens, sized against their own (shorter) cache; positions are untouched.
+
+Samples of a batch can keep different numbers of tokens (different image sizes); the pruned batch is padded to the
+longest with dropped tokens that are masked out as keys and restored afterwards, so every sample's result equals
+its result alone. Counts: FastV keeps int(r * n_b) of the n_b image tokens (newlines included) of sample b, with
+r = R, or with ``equivalent=True`` r = (R*L - K) / (L - K), which makes the average image-token count over all L
+layers equal R (the "equivalent token count" of the paper's comparisons). GlobalCom² + FastV keeps exactly the
+GlobalCom² budget-mode counts: int(N*R) thumbnail tokens and k_j tokens of crop j, split by the adaptive r_j of
+Eq. 2-4 from the vision tower's [CLS] scores, with FastV's scores choosing *which* tokens inside each region;
+newline tokens are always kept.
+
+Tested with Llama decoders under SDPA and eager attention, transformers 5.19 and 5.24; beam search (cache
+reordering) is not supported.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters.base import GlobalComHandle
+from ..adapters.llava_next import LlavaNextAdapter, image_grid
+from ..core.plan import Plan
+from .layout import NEWLINE, ImageTokenLayout, image_token_layout, plan_from_keep
+
+# -------------------------------------------------------------------------------------------- pure pieces
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(attn: Any):
+    """The rotary function of the attention module's own modelling file (Llama-style fallback)."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if fn is not None:
+        return fn
+
+    def apply(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    return apply
+
+
+def last_token_attention(
+    attn: Any,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean softmax attention of each sample's last (non-padding) token over all tokens, in one layer.
+
+    Computed from the attention module's input with its own projections and rotary embedding, for one query per
+    sample: O(S*D) work, no (S x S) map.
+
+    Args:
+        attn: the decoder layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
+        hidden: ``(B, S, D)`` the module's input (after the layer's input norm).
+        position_embeddings: ``(cos, sin)``, each ``(B or 1, S, head_dim)``.
+        attention_mask: optional Bool/0-1 ``(B, S)`` padding mask (1 = real token).
+
+    Returns:
+        ``(B, S)`` float32 attention probabilities (rows sum to 1 over the visible keys).
+    """
+    b, s, _ = hidden.shape
+    dh = int(attn.head_dim)
+    pos = torch.arange(s, device=hidden.device)
+    if attention_mask is None:
+        last = torch.full((b,), s - 1, device=hidden.device)
+        visible = pos[None, :].expand(b, s) >= 0
+    else:
+        m = attention_mask.to(device=hidden.device, dtype=torch.bool)
+        last = torch.where(m, pos, -1).amax(dim=1).clamp_min(0)
+        visible = m
+    visible = visible & (pos[None, :] <= last[:, None])
+    rows = torch.arange(b, device=hidden.device)
+    q = attn.q_proj(hidden[rows, last][:, None]).view(b, 1, -1, dh).transpose(1, 2)  # (B, Hq, 1, dh)
+    k = attn.k_proj(hidden).view(b, s, -1, dh).transpose(1, 2)  # (B, Hkv, S, dh)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = position_embeddings
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    rope = _rope(attn)
+    q, _ = rope(q, q, cos[rows, last][:, None], sin[rows, last][:, None])
+    _, k = rope(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * float(attn.scaling)  # (B, H, S)
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def group_topk_keep(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep the ``counts[g]`` highest-scoring entries of every group g; entries with group -1 are always kept.
+
+    Vectorised over the batch and groups (two stable sorts); ties keep the earlier position.
+
+    Args:
+        scores: ``(B, S)``.
+        groups: Long ``(B, S)``: group id >= 0 (ids unique across the batch), or -1 = always kept.
+        counts: Long ``(G,)`` entries to keep per group.
+
+    Returns:
+        Bool ``(B, S)``.
+    """
+    flat_g = groups.reshape(-1)
+    sel = (flat_g >= 0).nonzero().reshape(-1)
+    keep = (flat_g < 0).clone()
+    if sel.numel() == 0:
+        return keep.reshape(groups.shape)
+    s = scores.reshape(-1)[sel].float()
+    g = flat_g[sel]
+    by_score = torch.sort(s, descending=True, stable=True).indices
+    order = by_score[torch.sort(g[by_score], stable=True).indices]  # by group, then score descending
+    g_sorted = g[order]
+    size = torch.bincount(g_sorted, minlength=counts.numel())
+    start = torch.cumsum(size, 0) - size
+    rank = torch.arange(order.numel(), device=order.device) - start[g_sorted]
+    keep[sel[order]] = rank < counts.to(rank.device)[g_sorted]
+    return keep.reshape(groups.shape)
+
+
+def layer_ratio(ratio: float, layer: int, num_layers: int, equivalent: bool) -> float:
+    """Share of image tokens FastV keeps from layer K on (see the module docstring for ``equivalent``)."""
+    if not equivalent:
+        return ratio
+    r = (ratio * num_layers - layer) / (num_layers - layer)
+    if r <= 0:
+        raise ValueError(
+            f"`ratio`={ratio} with equivalent=True needs ratio > layer/num_layers = {layer}/{num_layers}: "
+            "the first K layers alone already exceed the budget (lower `layer` or use equivalent=False)"
+        )
+    return min(r, 1.0)
+
+
+# -------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Call:
+    """What the hooks know about the current language-model call."""
+
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    cache: Any = None
+    scores: torch.Tensor | None = None  # (B, S) from layer K-1, prefill only
+    replace: dict[str, Any] = field(default_factory=dict)  # kwargs for layers >= K
+    keep_index: torch.Tensor | None = None  # (B, L') kept positions (+ masked fillers), ascending
+    keep_valid: torch.Tensor | None = None  # (B, L') False on fillers
+    full_hidden: torch.Tensor | None = None  # layer K input (B, S, D), for the scatter back
+
+
+@dataclass
+class _Prefill:
+    """What decode steps need from the pruned prefill."""
+
+    cache: Any  # weakref to the cache object
+    prompt_len: int
+    prompt_mask: torch.Tensor | None  # (B, L') 2D mask of the pruned prompt; None = all visible
+
+
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict) -> Any:
+    for key in _CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+# -------------------------------------------------------------------------------------------- the pruner
+
+
+class FastVPruner:
+    """Installs FastV pruning on the language model of a LLaVA-NeXT model (hooks only; see the module docstring).
+
+    Args:
+        model: ``LlavaNextForConditionalGeneration``.
+        layer: K, the first pruned layer (1 <= K < num_layers).
+        ratio: share kept from layer K on (FastV), or None when ``region_counts`` decides (GlobalCom² + FastV).
+        select: callable ``(scores (B,S), image_mask (B,S), layouts) -> (keep (B,S), plans)``.
+    """
+
+    def __init__(self, model: Any, layer: int, select: Any) -> None:
+        self.model = model
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        num_layers = len(self.layers)
+        if not 1 <= layer < num_layers:
+            raise ValueError(
+                f"`layer` must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}"
+            )
+        self.k = int(layer)
+        self.select = select
+        self.image_token_id = int(model.config.image_token_id)
+        self.call = _Call()
+        self.pending_ids: torch.Tensor | None = None
+        self.prefill: _Prefill | None = None
+        self.image_sizes: list[tuple[int, int]] = []
+        self.last_scores: torch.Tensor | None = None  # (B, S) scores of the last pruned prefill
+        from transformers.masking_utils import create_causal_mask
+
+        self._create_mask = create_causal_mask
+        self._warned: set[str] = set()
+
+    # -- installation --------------------------------------------------------------------------------------
+    def install(self, handle: GlobalComHandle) -> None:
+        inner = self.model.model
+        handle.add_hook(inner.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+        handle.add_hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        attn = self.layers[self.k - 1].self_attn
+        handle.add_hook(attn.register_forward_pre_hook(self._score_pre, with_kwargs=True))
+        handle.add_hook(self.layers[self.k].register_forward_pre_hook(self._prune_pre, with_kwargs=True))
+        for layer in self.layers[self.k + 1 :]:
+            handle.add_hook(layer.register_forward_pre_hook(self._follow_pre, with_kwargs=True))
+        handle.add_hook(self.layers[-1].register_forward_hook(self._scatter_back))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- per-call context ----------------------------------------------------------------------------------
+    def _outer_pre(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.pending_ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def _lm_pre(self, module, args, kwargs) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        ids, self.pending_ids = self.pending_ids, None
+        if ids is not None and embeds is not None and ids.shape != embeds.shape[:2]:
+            ids = None
+        self.call = _Call(input_ids=ids, attention_mask=kwargs.get("attention_mask"), cache=_cache_of(kwargs))
+        if ids is None and embeds is not None and self.prefill is None:
+            self._warn_once(
+                "embeds", "FastV: the model was called with inputs_embeds only; image positions are unknown, "
+                "nothing is pruned (call it with input_ids)",
+            )  # fmt: skip
+
+    def _image_mask(self) -> torch.Tensor | None:
+        ids = self.call.input_ids
+        if ids is None:
+            return None
+        mask = ids == self.image_token_id
+        return mask if bool(mask.any()) else None
+
+    # -- layer K-1: the scores -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_pre(self, module, args, kwargs) -> None:
+        mask = self._image_mask()
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if mask is None or hidden is None or hidden.shape[1] != mask.shape[1]:
+            return
+        cache = self.call.cache
+        if cache is not None and cache.get_seq_length(self.k) > 0:
+            self._warn_once("cache", "FastV: prompt with images on a non-empty cache; nothing is pruned")
+            return
+        attn2d = self.call.attention_mask
+        if attn2d is not None and attn2d.dim() != 2:
+            attn2d = None
+        self.call.scores = self.last_scores = last_token_attention(
+            module, hidden, kwargs["position_embeddings"], attn2d
+        )
+
+    # -- layer K: prune (prefill) or re-mask (decode) ------------------------------------------------------
+    def _mask(self, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any) -> Any:
+        # position_ids are not passed: kept positions jump, which the mask code would read as packed sequences.
+        return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=self.k)
+
+    @torch.no_grad()
+    def _prune_pre(self, module, args, kwargs):
+        call = self.call
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if call.scores is not None:
+            return self._prune(hidden, args, kwargs)
+        pre = self.prefill
+        cache = _cache_of(kwargs)
+        if pre is None or cache is None or pre.cache() is not cache:
+            return None
+        # decode step: mask = pruned prompt + every token after it
+        q = hidden.shape[1]
+        cache_len = cache.get_seq_length(self.k)
+        b = hidden.shape[0]
+        attn2d = (
+            call.attention_mask
+            if call.attention_mask is not None and call.attention_mask.dim() == 2
+            else None
+        )
+        lp = pre.prompt_mask.shape[1] if pre.prompt_mask is not None else cache_len + q
+        if attn2d is None and pre.prompt_mask is None:
+            mask2d = None
+        else:
+            prompt = pre.prompt_mask
+            if prompt is None:
+                prompt = torch.ones(b, lp, dtype=torch.bool, device=hidden.device)
+            after = (
+                attn2d[:, pre.prompt_len :].to(torch.bool)
+                if attn2d is not None
+                else torch.ones(b, cache_len + q - lp, dtype=torch.bool, device=hidden.device)
+            )
+            mask2d = torch.cat([prompt.to(hidden.device), after.to(hidden.device)], dim=1)
+            if mask2d.shape[1] != cache_len + q:
+                raise RuntimeError(
+                    f"FastV: the cache of layer {self.k} holds {cache_len} tokens but the attention mask implies "
+                    f"{mask2d.shape[1] - q}; was the cache reordered (beam search is not supported)?"
+                )
+        call.replace = {"attention_mask": self._mask(hidden, mask2d, cache)}
+        kwargs.update(call.replace)
+        return args, kwargs
+
+    def _prune(self, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        call = self.call
+        assert call.scores is not None and call.input_ids is not None
+        b, s, d = hidden.shape
+        dev = hidden.device
+        image_mask = call.input_ids.to(dev) == self.image_token_id
+        keep, plans = self.select(call.scores.to(dev), image_mask, self._layouts(image_mask))
+        self.handle_plans(plans)
+        lengths = keep.sum(1)
+        lp = int(lengths.max())
+        pos = torch.arange(s, device=dev)
+        # kept positions first (in order), then fillers; take L' and restore sequence order
+        first = torch.sort((~keep).long() * s + pos, dim=1).indices[:, :lp]
+        keep_index = torch.sort(first, dim=1).values
+        keep_valid = keep.gather(1, keep_index)
+        attn2d = (
+            call.attention_mask
+            if call.attention_mask is not None and call.attention_mask.dim() == 2
+            else None
+        )
+        mask2d = (
+            keep_valid if attn2d is None else keep_valid & attn2d.to(dev, torch.bool).gather(1, keep_index)
+        )
+        if attn2d is None and bool(keep_valid.all()):
+            mask2d = None
+        hidden_p = hidden.gather(1, keep_index[..., None].expand(-1, -1, d))
+        cos, sin = kwargs["position_embeddings"]
+        gather3 = keep_index[..., None].expand(-1, -1, cos.shape[-1])
+        pos_emb = (cos.expand(b, -1, -1).gather(1, gather3), sin.expand(b, -1, -1).gather(1, gather3))
+        position_ids = kwargs.get("position_ids")
+        position_ids = (
+            (pos[None] if position_ids is None else position_ids).expand(b, -1).gather(1, keep_index)
+        )
+        cache = _cache_of(kwargs)
+        call.replace = {
+            "attention_mask": self._mask(hidden_p, mask2d, cache),
+            "position_embeddings": pos_emb,
+            "position_ids": position_ids,
+        }
+        call.keep_index, call.keep_valid, call.full_hidden = keep_index, keep_valid, hidden
+        call.scores = None
+        self.prefill = (
+            _Prefill(weakref.ref(cache), prompt_len=s, prompt_mask=mask2d) if cache is not None else None
+        )
+        kwargs.update(call.replace)
+        if args:
+            args = (hidden_p, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden_p
+        return args, kwargs
+
+    def _follow_pre(self, module, args, kwargs):
+        if not self.call.replace:
+            return None
+        kwargs.update(self.call.replace)
+        return args, kwargs
+
+    def _scatter_back(self, module, args, output):
+        call = self.call
+        if call.keep_index is None or call.full_hidden is None or call.keep_valid is None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        full = call.full_hidden
+        idx = call.keep_index[..., None].expand(-1, -1, full.shape[-1])
+        out = torch.where(call.keep_valid[..., None], out, full.gather(1, idx))
+        full = full.scatter(1, idx, out.to(full.dtype))
+        call.keep_index = call.full_hidden = call.keep_valid = None
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # -- images ----------------------------------------------------------------------------------------------
+    def _layouts(self, image_mask: torch.Tensor) -> list[ImageTokenLayout] | None:
+        """Token layouts of the images of this call, in batch order (None when sizes are unknown)."""
+        cfg = self.model.config
+        tile = int(cfg.vision_config.image_size)
+        g = tile // int(cfg.vision_config.patch_size)
+        layouts = [image_token_layout(size, image_grid(size, cfg.image_grid_pinpoints, tile), g)
+                   for size in self.image_sizes]  # fmt: skip
+        if sum(lay.num_tokens for lay in layouts) != int(image_mask.sum()):
+            self._warn_once(
+                "layout", "FastV: the image sizes seen by the vision tower do not account for the image tokens "
+                "of this call; per-image plans are not recorded",
+            )  # fmt: skip
+            return None
+        return layouts
+
+    def record_sizes(self, image_sizes: Any) -> None:
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        self.image_sizes = [(int(h), int(w)) for h, w in sizes]
+
+    def handle_plans(self, plans: list[Plan] | None) -> None:  # replaced by the method on install
+        pass
+
+
+def _image_ids(
+    image_mask: torch.Tensor, layouts: list[ImageTokenLayout]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image index and region of every position, -1 off images; images fill placeholders in row-major order."""
+    dev = image_mask.device
+    image_of = torch.full(image_mask.shape, -1, dtype=torch.long, device=dev)
+    region = torch.full(image_mask.shape, -2, dtype=torch.long, device=dev)
+    lens = torch.tensor([lay.num_tokens for lay in layouts], device=dev)
+    image_of[image_mask] = torch.repeat_interleave(torch.arange(len(layouts), device=dev), lens)
+    region[image_mask] = torch.cat([lay.region for lay in layouts]).to(dev)
+    return image_of, region
+
+
+def _plans_from_keep(
+    keep: torch.Tensor,
+    image_mask: torch.Tensor,
+    layouts: list[ImageTokenLayout] | None,
+    ratios: list[torch.Tensor | None] | None = None,
+) -> list[Plan] | None:
+    if layouts is None:
+        return None
+    flat = keep[image_mask]
+    plans, start = [], 0
+    for i, lay in enumerate(layouts):  # one step per image
+        plans.append(
+            plan_from_keep(
+                lay, flat[start : start + lay.num_tokens], ratios[i] if ratios else None, mode="fastv"
+            )
+        )
+        start += lay.num_tokens
+    return plans
+
+
+# -------------------------------------------------------------------------------------------- methods
+
+
+class FastVMethod:
+    """FastV on LLaVA-NeXT: int(r * n_b) image tokens of sample b survive from layer K on."""
+
+    name = "fastv"
+
+    def __init__(self, model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False):
+        self.model = model
+        self.processor = processor
+        num_layers = len(model.model.language_model.layers)
+        self.layer_ratio = layer_ratio(ratio, layer, num_layers, equivalent)
+        self.pruner = FastVPruner(model, layer, self.select)
+
+    def select(self, scores, image_mask, layouts):
+        b = image_mask.shape[0]
+        groups = torch.where(image_mask, torch.arange(b, device=image_mask.device)[:, None], -1)
+        counts = (image_mask.sum(1).double() * self.layer_ratio).floor().long()
+        keep = group_topk_keep(scores, groups, counts)
+        return keep, _plans_from_keep(keep, image_mask, layouts)
+
+    def check(self) -> None:
+        pass
+
+    def install(self, handle: GlobalComHandle) -> None:
+        self.handle = handle
+        self.pruner.handle_plans = functools.partial(_set_plans, handle)  # type: ignore[method-assign]
+        original = self.model.model.pack_image_features
+
+        def pack(image_features, image_sizes, *args, **kwargs):
+            self.pruner.record_sizes(image_sizes)
+            return original(image_features, image_sizes, *args, **kwargs)
+
+        handle.patch(self.model.model, "pack_image_features", pack)
+        self.pruner.install(handle)
+
+
+class GlobalComFastVMethod(FastVMethod):
+    """GlobalCom² + FastV (paper Fig. 8): GlobalCom²'s per-crop budgets, FastV's choice of tokens inside each.
+
+    The vision tower's [CLS] scores give the GlobalCom² budget-mode plan (r_j, int(N*R) thumbnail tokens, k_j per
+    crop) while the LLM receives every token; at layer K each region keeps its count of tokens by FastV's scores.
+    """
+
+    name = "globalcom2+fastv"
+
+    def __init__(self, model: Any, processor: Any, config: Any, *, layer: int = 2) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.vision = LlavaNextAdapter(model, None, config)
+        self.vision_plans: list[Plan] = []
+        self.pruner = FastVPruner(model, layer, self.select)
+
+    def check(self) -> None:
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} is not supported (needs 'default')"
+            )
+
+    def select(self, scores, image_mask, layouts):
+        if layouts is None or len(layouts) != len(self.vision_plans):
+            raise RuntimeError(
+                "GlobalCom² + FastV: the images of this call were not scored by the vision tower "
+                "(call the model with pixel_values and input_ids)"
+            )
+        image_of, region = _image_ids(image_mask, layouts)
+        # one group per (image, region); newlines and text are always kept
+        regions_per_image = torch.tensor([1 + lay.num_crops for lay in layouts], device=scores.device)
+        offset = torch.cumsum(regions_per_image, 0) - regions_per_image
+        selectable = (image_of >= 0) & (region != NEWLINE)
+        groups = torch.where(selectable, offset[image_of.clamp_min(0)] + region.clamp_min(0), -1)
+        counts = torch.cat([
+            torch.cat([p.thumbnail_mask.sum().reshape(1), p.crop_keep_counts.reshape(-1)]).to(scores.device)
+            for p in self.vision_plans
+        ])  # fmt: skip
+        keep = group_topk_keep(scores, groups, counts)
+        return keep, _plans_from_keep(keep, image_mask, layouts, [p.crop_ratios for p in self.vision_plans])
+
+    def install(self, handle: GlobalComHandle) -> None:
+        self.handle = handle
+        self.pruner.handle_plans = functools.partial(_set_plans, handle)  # type: ignore[method-assign]
+        vision = self.vision
+        if vision.importance == "cls":
+            hook = vision.tower.last_layer.register_forward_pre_hook(
+                functools.partial(vision._cls_hook, handle), with_kwargs=True
+            )
+        else:
+            hook = vision.inner.multi_modal_projector.register_forward_pre_hook(
+                functools.partial(vision._cosine_hook, handle)
+            )
+        handle.add_hook(hook)
+        original = self.model.model.pack_image_features
+
+        def pack(image_features, image_sizes, *args, **kwargs):
+            self.pruner.record_sizes(image_sizes)
+            scores = torch.cat(handle._pending_scores, dim=0)
+            handle._pending_scores.clear()
+            plans, offset = [], 0
+            for feats, size in zip(image_features, self.pruner.image_sizes, strict=True):
+                n = feats.shape[0]
+                plans.append(vision.plan_tiles(scores[offset : offset + n].to(feats.device), size)[0])
+                offset += n
+            self.vision_plans = plans
+            handle.plans = plans
+            return original(image_features, image_sizes, *args, **kwargs)
+
+        handle.patch(self.model.model, "pack_image_features", pack)
+        self.pruner.install(handle)
+
+
+def _set_plans(handle: GlobalComHandle, plans: list[Plan] | None) -> None:
+    if plans is not None:
+        handle.plans = plans
+
+
+__all__ = [
+    "FastVMethod",
+    "FastVPruner",
+    "GlobalComFastVMethod",
+    "group_topk_keep",
+    "last_token_attention",
+    "layer_ratio",
+]

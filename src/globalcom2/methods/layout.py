@@ -1,0 +1,123 @@
+"""Where every image token of an uncompressed LLaVA-NeXT image sits in the LLM sequence, and back to a `Plan`.
+
+Methods that prune inside the LLM (FastV, GlobalCom² + FastV) see an image only as a run of placeholder positions.
+This module maps that run back onto the tiling: HF's ``pack_image_features`` emits the thumbnail's g*g tokens in
+raster order, then the unpadded crop grid (valid box of the padded ``(rows*g) x (cols*g)`` grid, DESIGN.md §3.5)
+row by row, each row followed by one ``image_newline`` token. The crop regions are those of paper Eq. 2 / Eq. 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.geometry import valid_box
+from ..core.plan import Plan
+
+THUMBNAIL = 0  # region id of the thumbnail; crop j (row-major, 0-based) has region id j + 1
+NEWLINE = -1  # region id of an image_newline token
+
+
+@dataclass
+class ImageTokenLayout:
+    """Region and grid cell of each image token of one image, in LLM sequence order.
+
+    Attributes:
+        grid: ``(rows, cols)`` of crops (``(0, 0)`` for a single-tile image).
+        g: patches per tile side.
+        valid_box: unpadded area of the padded crop grid, ``(top, bottom, left, right)`` in cells.
+        region: Long ``(n,)``: 0 = thumbnail, j + 1 = crop j, -1 = newline.
+        cell: Long ``(n,)``: thumbnail cell (``y*g + x``) for the thumbnail, padded crop-grid cell
+            (``y*cols*g + x``) for crops, -1 for newlines.
+    """
+
+    grid: tuple[int, int]
+    g: int
+    valid_box: tuple[int, int, int, int]
+    region: torch.Tensor
+    cell: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.region.numel())
+
+    @property
+    def num_crops(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def image_token_layout(image_size: tuple[int, int], grid: tuple[int, int], g: int) -> ImageTokenLayout:
+    """Layout of the full (uncompressed) LLaVA-NeXT token run of one image.
+
+    Args:
+        image_size: original ``(height, width)`` in pixels.
+        grid: ``(rows, cols)`` chosen by anyres; ``(0, 0)`` for an image that produced a single tile
+            (g*g thumbnail tokens plus one newline).
+        g: patches per tile side.
+    """
+    rows, cols = grid
+    thumb_cell = torch.arange(g * g)
+    if rows * cols == 0:
+        return ImageTokenLayout(
+            grid, g, (0, 0, 0, 0),
+            region=torch.cat([torch.full((g * g,), THUMBNAIL), torch.tensor([NEWLINE])]),
+            cell=torch.cat([thumb_cell, torch.tensor([-1])]),
+        )  # fmt: skip
+    box = valid_box(image_size[0], image_size[1], rows * g, cols * g)
+    top, bottom, left, right = box
+    ys = torch.arange(top, bottom)[:, None]
+    xs = torch.arange(left, right)[None, :]
+    crop_cell = ys * (cols * g) + xs  # (h, w)
+    crop_region = (ys // g) * cols + (xs // g) + 1
+    newline = torch.full((bottom - top, 1), -1)
+    cell = torch.cat([thumb_cell, torch.cat([crop_cell, newline], dim=1).reshape(-1)])
+    region = torch.cat(
+        [torch.full((g * g,), THUMBNAIL), torch.cat([crop_region, newline], dim=1).reshape(-1)]
+    )
+    return ImageTokenLayout(grid, g, box, region=region, cell=cell)
+
+
+def plan_from_keep(
+    layout: ImageTokenLayout, keep: torch.Tensor, crop_ratios: torch.Tensor | None = None, mode: str = "llm"
+) -> Plan:
+    """`Plan` of one image from a keep mask over its token run.
+
+    Args:
+        layout: the image's token layout.
+        keep: Bool ``(n,)`` over the run, True = the token reaches the pruned layers.
+        crop_ratios: r_j to record; default the achieved share kept per crop, k_j / N_j.
+        mode: recorded in ``Plan.mode``.
+
+    Returns:
+        A `Plan` whose ``num_tokens`` counts the kept tokens of the run (newlines included).
+    """
+    g = layout.g
+    rows, cols = layout.grid
+    keep = keep.to(torch.bool).cpu()
+    region, cell = layout.region, layout.cell
+    is_thumb = region == THUMBNAIL
+    thumbnail_mask = torch.zeros(g * g, dtype=torch.bool)
+    thumbnail_mask[cell[is_thumb]] = keep[is_thumb]
+    n = rows * cols
+    crops_mask = torch.zeros(rows * g * cols * g, dtype=torch.bool)
+    is_crop = region > 0
+    crops_mask[cell[is_crop]] = keep[is_crop]
+    crop_idx = region[is_crop] - 1
+    kept = torch.zeros(n, dtype=torch.long).index_add_(0, crop_idx, keep[is_crop].long())
+    valid = torch.zeros(n, dtype=torch.long).index_add_(0, crop_idx, torch.ones_like(crop_idx))
+    if crop_ratios is None:
+        crop_ratios = kept.float() / valid.clamp_min(1).float()
+    return Plan(
+        grid=layout.grid,
+        thumbnail_mask=thumbnail_mask.reshape(g, g),
+        crops_mask=crops_mask.reshape(rows * g, cols * g),
+        crop_ratios=crop_ratios.float().cpu(),
+        num_tokens=int(keep.sum()),
+        num_tokens_full=layout.num_tokens,
+        valid_box=layout.valid_box,
+        crop_keep_counts=kept,
+        crop_valid_counts=valid,
+        mode=mode,
+        thumbnail_order=thumbnail_mask.nonzero().reshape(-1),
+    )
