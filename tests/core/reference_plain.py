@@ -83,7 +83,7 @@ def plain_reference(
             region_cells[min(i // ph, rows - 1) * cols + min(j // pw, cols - 1)].append(thumb[i * g + j])
     # 4. allocation
     if allocation == "uniform":
-        r = np.full(n, ratio, dtype=np.float32)
+        r = np.full(n, ratio, dtype=np.float64)  # uniform keeps exactly int(N_j * R)
     else:
         if allocation == "softmax-sum":
             s = np.array([np.float32(sum(np.float64(v) for v in c)) for c in region_cells], dtype=np.float32)

@@ -7,7 +7,11 @@ from typing import Any
 
 # Modules holding an adapter class with `family`, `is_supported(model)` and the adapter protocol
 # (`__init__(model, processor, config)`, `check()`, `install(handle)`). Imported lazily: transformers is heavy.
-ADAPTER_MODULES: list[str] = ["globalcom2.adapters.llava_next"]
+ADAPTER_MODULES: list[str] = [
+    "globalcom2.adapters.llava_next",
+    "globalcom2.adapters.llava_onevision",
+    "globalcom2.adapters.internvl",
+]
 
 
 def register_adapter_module(module: str) -> None:

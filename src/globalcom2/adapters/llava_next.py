@@ -341,21 +341,29 @@ def check_placeholders(
                 "they carry the uncompressed count: in reference mode call the model's own forward/generate, "
                 "which resize each image's placeholder run (not the inner LlavaNextModel)"
             )
-        else:
+        elif config.mode == "budget":
             hint = (
                 "build the inputs with the processor patched by this apply() (call it again after apply() and "
                 "after remove()), with one <image> in the text per image"
             )
+        else:
+            hint = (
+                "build the inputs with the plain processor, with one <image> in the text per image, and call the "
+                "model's own forward/generate"
+            )
         raise ValueError(
             f"{where}: the prompts hold {n} image tokens but the images give {num_features} features; {hint}"
         )
-    if not per_image or not counts:
-        return
-    # Cumulative image-token count at the end of every placeholder run must fall on an image boundary.
+    if per_image and counts:
+        _check_runs(is_img, counts, where)
+
+
+def _check_runs(is_img: torch.Tensor, counts: list[int], where: str) -> None:
+    """Every run of placeholders must end on an image boundary (row-major order), else ValueError."""
     nxt = torch.zeros_like(is_img)
     nxt[..., :-1] = is_img[..., 1:]
     ends = (is_img & ~nxt).reshape(-1)
-    end_counts = is_img.reshape(-1).long().cumsum(0)[ends]
+    end_counts = is_img.reshape(-1).long().cumsum(0)[ends]  # image tokens seen up to each run's end
     bounds = torch.tensor(counts, device=end_counts.device).cumsum(0)
     if not bool(torch.isin(end_counts, bounds).all()):
         runs = torch.diff(end_counts, prepend=end_counts.new_zeros(1)).tolist()
@@ -401,6 +409,7 @@ def shrink_placeholders(
             f"need {total_full} (their uncompressed count); in reference mode build the inputs with the plain "
             "processor (not one patched by a budget-mode apply()), with one <image> in the text per image"
         )
+    _check_runs(is_img, list(full_counts), "GlobalCom² (mode='reference')")
     device = input_ids.device
     full = torch.tensor(full_counts, device=device)
     new = torch.tensor(new_counts, device=device)

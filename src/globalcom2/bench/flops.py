@@ -27,7 +27,9 @@ _CLS_TOWERS = ("clip_vision_model", "clip", "dinov2", "dinov2_with_registers")
 _UNGATED_LLMS = ("gpt2", "gpt_neox", "opt", "phi", "bloom", "falcon", "gpt_bigcode")
 
 
-def paper_prefill_flops(num_tokens: int, num_layers: int = 32, hidden: int = 4096, intermediate: int = 11008) -> float:
+def paper_prefill_flops(
+    num_tokens: int, num_layers: int = 32, hidden: int = 4096, intermediate: int = 11008
+) -> float:
     """The paper's prefill FLOPs of the LLM over ``num_tokens`` visual tokens (LLaVA-NeXT-7B by default)."""
     n, d, m = float(num_tokens), float(hidden), float(intermediate)
     return num_layers * (8 * n * d * d + 4 * n * n * d + 6 * n * d * m)
@@ -199,11 +201,19 @@ def prefill_flops(
         vision = vision_flops(dims.vision, num_tiles)
         if dims.projector_in:
             tokens = num_tiles * dims.vision.num_patches
-            projector = 2.0 * tokens * (dims.projector_in * text.hidden + (dims.projector_layers - 1) * text.hidden**2)
+            projector = (
+                2.0
+                * tokens
+                * (dims.projector_in * text.hidden + (dims.projector_layers - 1) * text.hidden**2)
+            )
     n = num_visual_tokens + num_text_tokens
     llm = text.num_layers * llm_layer_flops(text, n, causal=causal)
     lm_head = 2.0 * logits_tokens * text.hidden * text.vocab_size
     return FlopsBreakdown(vision=vision, projector=projector, llm=llm, lm_head=lm_head)
+
+
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+PAPER_FULL_TOKENS = 2880  # the paper's "upper bound, 2880 tokens" (5 tiles x 576)
 
 
 def llava_next_7b_config() -> Any:
@@ -225,11 +235,6 @@ def llava_next_7b_config() -> Any:
         vision_config=vision, text_config=text, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_token_id=32000,
     )  # fmt: skip
-
-
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-PAPER_FULL_TOKENS = 2880  # the paper's "upper bound, 2880 tokens" (5 tiles x 576)
 
 
 def paper_table(ratios: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)) -> list[dict[str, float]]:
@@ -268,7 +273,9 @@ def config_table(
     out = []
     for ratio in ratios:
         n = budget_num_tokens(image_size[0], image_size[1], rows_, cols_, g, ratio)
-        parts = prefill_flops(config, num_visual_tokens=n, num_text_tokens=num_text_tokens, num_tiles=num_tiles)
+        parts = prefill_flops(
+            config, num_visual_tokens=n, num_text_tokens=num_text_tokens, num_tiles=num_tiles
+        )
         paper_terms = prefill_flops(restricted, num_visual_tokens=n, logits_tokens=0).total
         out.append({
             "ratio": ratio,

@@ -17,6 +17,8 @@ What each number is:
   uncompressed call is recorded as ``pack_ms`` of the uncompressed record for comparison.
 - ``prefill_ms``: one LLM forward over the prompt with the image features in place (``inputs_embeds``, KV cache
   built, logits of the last position), i.e. the prefill without vision work.
+- ``*_cpu_ms``: the same calls' process CPU time (all threads). On a CPU shared with other jobs it is far steadier
+  than wall clock; on CUDA it means nothing.
 - ``*_peak_mb``: peak tensor bytes allocated during the call (see :mod:`globalcom2.bench.memory`).
   ``peak_mem_mb`` = weights + the larger of the two peaks: the whole inference's high-water mark (Table 4's column).
 - Every setting runs once untimed under the memory probe (which doubles as warm-up), then ``repeats`` timed rounds
@@ -26,6 +28,7 @@ What each number is:
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -88,12 +91,15 @@ class BenchSettings:
     throughput_repeats: int = 1
     throughput: bool = True
     method: dict[str, Any] = field(default_factory=dict)  # GlobalCom² options other than ratio (budget mode)
+    threads: int | None = None  # torch CPU threads (None: torch's default, all cores)
     seed: int = 0
 
     @classmethod
     def tiny(cls, **overrides: Any) -> BenchSettings:
         """Seconds-long run on a tiny random LLaVA-NeXT (tile 64, patch 8): for tests and smoke checks."""
-        base = cls(geometry=TINY, image_size=(128, 128), repeats=2, batch=4, new_tokens=2, throughput_repeats=2)
+        base = cls(
+            geometry=TINY, image_size=(128, 128), repeats=2, batch=4, new_tokens=2, throughput_repeats=2
+        )
         return replace(base, **overrides)
 
 
@@ -167,12 +173,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+def _time_ms(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
+    """``(result, wall-clock ms, process CPU ms)`` of one call (CPU ms counts every thread of this process)."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    return out, (time.perf_counter() - start) * 1e3
+    return out, (time.perf_counter() - start) * 1e3, (time.process_time() - cpu_start) * 1e3
 
 
 class SelectionTimer:
@@ -217,7 +224,7 @@ class SelectionTimer:
         original = inner.pack_image_features
 
         def timed_pack(*args: Any, **kwargs: Any):
-            out, ms = _time_ms(lambda: original(*args, **kwargs), self.device)
+            out, ms, _ = _time_ms(lambda: original(*args, **kwargs), self.device)
             self.pack_ms += ms
             return out
 
@@ -262,9 +269,8 @@ def _prefill(model: Any, embeds: torch.Tensor, attention_mask: torch.Tensor):
 
 
 def _cache_bytes(output: Any) -> int:
-    cache = getattr(output, "past_key_values", None)
-    if cache is None:
-        cache = getattr(output, "cache", None)
+    # The output field is `cache` in newer transformers 5.x, `past_key_values` before (reading the old name warns).
+    cache = output["cache"] if "cache" in output.keys() else output.get("past_key_values")
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -288,147 +294,188 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
-@torch.inference_mode()
+def _setting_name(ratio: float | None) -> str:
+    return "uncompressed" if ratio is None else f"R={ratio:g}"
+
+
+def _memory_pass(model: Any, processor: Any, ratio: float | None, method: dict, image: Any, device, dtype):
+    """Untimed run of one setting: token counts, peak memory of encode and prefill, inputs for the timed rounds."""
+    with _compressed(model, processor, ratio, method):
+        inputs = processor(images=[image], text=[PROMPT], return_tensors="pt").to(device)
+        pixel_values, sizes = inputs["pixel_values"].to(dtype), inputs["image_sizes"]
+        features, vision_peak = peak_memory(lambda: _encode(model, pixel_values, sizes), device)
+    ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = model.get_input_embeddings()(ids).masked_scatter(mask, features.to(dtype))
+    out, prefill_peak = peak_memory(lambda: _prefill(model, embeds, attention_mask), device)
+    return {
+        "pixel_values": pixel_values, "image_sizes": sizes, "embeds": embeds, "attention_mask": attention_mask,
+        "visual_tokens": int(mask.sum()), "prompt_tokens": int(ids.shape[1]), "num_tiles": int(pixel_values.shape[1]),
+        "vision_peak": vision_peak, "prefill_peak": prefill_peak, "kv_bytes": _cache_bytes(out),
+        "vision_ms": [], "prefill_ms": [], "vision_cpu_ms": [], "prefill_cpu_ms": [], "scoring_ms": [], "pack_ms": [],
+    }  # fmt: skip
+
+
+def _timed_round(model: Any, processor: Any, ratio: float | None, method: dict, s: dict, device) -> None:
+    """One timed encode (with GlobalCom²'s share bracketed) and one timed prefill; appends to ``s``."""
+    with (
+        _compressed(model, processor, ratio, method) as handle,
+        SelectionTimer(model, handle, device) as timer,
+    ):
+        _, ms, cpu_ms = _time_ms(lambda: _encode(model, s["pixel_values"], s["image_sizes"]), device)
+        s["vision_ms"].append(ms)
+        s["vision_cpu_ms"].append(cpu_ms)
+        s["scoring_ms"].append(timer.scoring_ms)
+        s["pack_ms"].append(timer.pack_ms)
+    _, ms, cpu_ms = _time_ms(lambda: _prefill(model, s["embeds"], s["attention_mask"]), device)
+    s["prefill_ms"].append(ms)
+    s["prefill_cpu_ms"].append(cpu_ms)
+
+
+def _throughput(
+    model: Any, processor: Any, ratio: float | None, method: dict, images: list, settings, device, dtype
+):
+    """Samples/s of ``generate`` for a batch of images with a short answer (``new_tokens`` forced)."""
+    n = len(images)
+    with _compressed(model, processor, ratio, method):
+        inputs = processor(images=images, text=[PROMPT] * n, return_tensors="pt", padding=True).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+
+        def generate():
+            return model.generate(**inputs, max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens,
+                                  do_sample=False)  # fmt: skip
+
+        if device.type == "cuda":
+            generate()  # warm-up (kernel selection); on CPU the passes before already warmed up
+        times = [_time_ms(generate, device)[1] for _ in range(settings.throughput_repeats)]
+    st = _stats(times)
+    return {
+        "setting": _setting_name(ratio), "ratio": 1.0 if ratio is None else ratio, "batch": n,
+        "new_tokens": settings.new_tokens, "generate_ms": st["median"], "generate_ms_min": st["min"],
+        "generate_ms_max": st["max"], "generate_ms_runs": st["runs"], "samples_per_s": n / (st["median"] / 1e3),
+    }  # fmt: skip
+
+
+def _record(
+    ratio: float | None, s: dict, dims: Any, ref_7b: Any, weights_bytes: int, elem: int
+) -> dict[str, Any]:
+    n_vis, n_txt = s["visual_tokens"], s["prompt_tokens"] - s["visual_tokens"]
+    flops = prefill_flops(dims, num_visual_tokens=n_vis, num_text_tokens=n_txt, num_tiles=s["num_tiles"])
+    flops_7b = prefill_flops(ref_7b, num_visual_tokens=n_vis, num_text_tokens=n_txt, num_tiles=s["num_tiles"])
+    vision, prefill = _stats(s["vision_ms"]), _stats(s["prefill_ms"])
+    selection = [a + b for a, b in zip(s["scoring_ms"], s["pack_ms"], strict=True)] if ratio else [0.0]
+    return {
+        "setting": _setting_name(ratio),
+        "ratio": 1.0 if ratio is None else ratio,
+        "compressed": ratio is not None,
+        "visual_tokens": n_vis,
+        "text_tokens": n_txt,
+        "num_tiles": s["num_tiles"],
+        "tflops": flops.total / 1e12,
+        "tflops_vision": (flops.vision + flops.projector) / 1e12,
+        "tflops_llm": (flops.llm + flops.lm_head) / 1e12,
+        "tflops_7b": flops_7b.total / 1e12,
+        "tflops_7b_paper_formula": paper_prefill_flops(n_vis) / 1e12,
+        "kv_cache_mb": s["kv_bytes"] / 2**20,
+        "kv_cache_mb_analytic": kv_cache_bytes(s["prompt_tokens"], dims.text.num_layers, dims.text.kv_dim, elem) / 2**20,
+        "kv_cache_mb_7b_fp16": kv_cache_bytes(s["prompt_tokens"], 32, 4096, 2) / 2**20,
+        "vision_ms": vision["median"], "vision_ms_min": vision["min"], "vision_ms_max": vision["max"],
+        "vision_ms_runs": vision["runs"],
+        "selection_ms": statistics.median(selection), "selection_ms_min": min(selection),
+        "selection_ms_max": max(selection), "selection_ms_runs": selection,
+        "scoring_ms": statistics.median(s["scoring_ms"]), "pack_ms": statistics.median(s["pack_ms"]),
+        "prefill_ms": prefill["median"], "prefill_ms_min": prefill["min"], "prefill_ms_max": prefill["max"],
+        "prefill_ms_runs": prefill["runs"],
+        # Process CPU time (all threads): robust to other processes on a shared CPU; not meaningful on CUDA.
+        "vision_cpu_ms": statistics.median(s["vision_cpu_ms"]), "vision_cpu_ms_runs": s["vision_cpu_ms"],
+        "prefill_cpu_ms": statistics.median(s["prefill_cpu_ms"]), "prefill_cpu_ms_runs": s["prefill_cpu_ms"],
+        "vision_peak_mb": s["vision_peak"] / 2**20,
+        "prefill_peak_mb": s["prefill_peak"] / 2**20,
+        "peak_mem_mb": (weights_bytes + max(s["vision_peak"], s["prefill_peak"])) / 2**20,
+    }  # fmt: skip
+
+
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every measurement of the benchmark; returns the JSON-ready result (see :mod:`globalcom2.bench`)."""
+    """Run every measurement of the benchmark and return the JSON-ready result.
+
+    Returns:
+        ``{"meta", "records" (one per setting: uncompressed, then each R), "overhead", "throughput", "targets"}``.
+    """
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        with torch.inference_mode():
+            return _run_bench(settings, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
     method = dict(settings.method)
-    if method.get("mode", "budget") != "budget":
-        raise ValueError("the benchmark measures budget mode (token counts known up front); got mode='reference'")
-    method.pop("mode", None)
+    if method.pop("mode", "budget") != "budget":
+        raise ValueError(
+            "the benchmark measures budget mode (token counts known up front); got mode='reference'"
+        )
     device = torch.device(settings.device)
+    dtype = _DTYPES[settings.dtype]
     t0 = time.perf_counter()
+    load_start = _load_average()
     model, processor = build_bench_model(settings)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    log(f"built a random-weight LLaVA-NeXT ({weights_bytes / 2**20:.0f} MiB of weights) in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"built a random-weight LLaVA-NeXT ({weights_bytes / 2**20:.0f} MiB of weights) in {time.perf_counter() - t0:.1f} s"
+    )
     h, w = settings.image_size
     image = bench_image(h, w, settings.seed)
-    dims = dims_from_config(model.config)
-    ref_7b = llava_next_7b_config()
-    dtype = _DTYPES[settings.dtype]
-    elem = torch.tensor([], dtype=dtype).element_size()
-    image_token_id = model.config.image_token_id
-
     ratios: list[float | None] = [None, *settings.ratios]
+
+    # 1) Untimed pass per setting: token counts and peak memory (doubles as warm-up).
     state: dict[float | None, dict[str, Any]] = {}
-
-    # 1) Untimed pass per setting: peak memory of encode and prefill (also the warm-up).
     for ratio in ratios:
-        name = "uncompressed" if ratio is None else f"R={ratio:g}"
-        log(f"[memory] {name}")
-        with _compressed(model, processor, ratio, method):
-            inputs = processor(images=[image], text=[PROMPT], return_tensors="pt").to(device)
-            pixel_values = inputs["pixel_values"].to(dtype)
-            features, vision_peak = peak_memory(lambda: _encode(model, pixel_values, inputs["image_sizes"]), device)
-            ids = inputs["input_ids"]
-            mask = (ids == image_token_id).unsqueeze(-1)
-            embeds = model.get_input_embeddings()(ids).masked_scatter(mask, features.to(dtype))
-            out, prefill_peak = peak_memory(lambda: _prefill(model, embeds, inputs["attention_mask"]), device)
-            state[ratio] = {
-                "pixel_values": pixel_values, "image_sizes": inputs["image_sizes"], "embeds": embeds,
-                "attention_mask": inputs["attention_mask"], "visual_tokens": int(mask.sum()),
-                "prompt_tokens": int(ids.shape[1]), "num_tiles": int(pixel_values.shape[1]),
-                "vision_peak": vision_peak, "prefill_peak": prefill_peak, "kv_bytes": _cache_bytes(out),
-                "vision_ms": [], "prefill_ms": [], "scoring_ms": [], "pack_ms": [],
-            }  # fmt: skip
-            del out, features
+        log(f"[memory] {_setting_name(ratio)}")
+        state[ratio] = _memory_pass(model, processor, ratio, method, image, device, dtype)
 
-    # 2) Official-style scoring for the memory comparison: eager attention + output_attentions, same inputs.
+    # 2) The official route to [CLS] attention, for the memory comparison: eager + output_attentions, same inputs.
     base = state[None]
-    tower = model.model.vision_tower
-    with _attn_implementation(tower, "eager"):
-        _, eager_peak = peak_memory(lambda: _official_encode(model, base["pixel_values"], base["image_sizes"]), device)
-        _, eager_ms = _time_ms(lambda: _official_encode(model, base["pixel_values"], base["image_sizes"]), device)
+    with _attn_implementation(model.model.vision_tower, "eager"):
+        # One run; its time is taken around the memory probe (informative, not a median).
+        (_, eager_peak), eager_ms, _ = _time_ms(
+            lambda: peak_memory(
+                lambda: _official_encode(model, base["pixel_values"], base["image_sizes"]), device
+            ),
+            device,
+        )
 
     # 3) Timed rounds, settings round-robin.
     for rep in range(settings.repeats):
         log(f"[timing] round {rep + 1}/{settings.repeats}")
         for ratio in ratios:
-            s = state[ratio]
-            with _compressed(model, processor, ratio, method) as handle, SelectionTimer(model, handle, device) as timer:
-                _, ms = _time_ms(lambda s=s: _encode(model, s["pixel_values"], s["image_sizes"]), device)
-                s["vision_ms"].append(ms)
-                s["scoring_ms"].append(timer.scoring_ms)
-                s["pack_ms"].append(timer.pack_ms)
-            _, ms = _time_ms(lambda s=s: _prefill(model, s["embeds"], s["attention_mask"]), device)
-            s["prefill_ms"].append(ms)
+            _timed_round(model, processor, ratio, method, state[ratio], device)
 
     # 4) Throughput: batched generate of a short answer, uncompressed vs the smallest R.
     throughput = []
     if settings.throughput and settings.ratios:
         images = [bench_image(h, w, settings.seed + i) for i in range(settings.batch)]
         for ratio in (None, min(settings.ratios)):
-            name = "uncompressed" if ratio is None else f"R={ratio:g}"
-            log(f"[throughput] {name}, batch {settings.batch}")
-            with _compressed(model, processor, ratio, method):
-                inputs = processor(images=images, text=[PROMPT] * settings.batch, return_tensors="pt", padding=True)
-                inputs = inputs.to(device)
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-
-                def generate(inputs=inputs):
-                    return model.generate(**inputs, max_new_tokens=settings.new_tokens,
-                                          min_new_tokens=settings.new_tokens, do_sample=False)  # fmt: skip
-
-                if device.type == "cuda":
-                    generate()  # warm-up (kernel selection); on CPU the passes above already warmed up
-                times = [_time_ms(generate, device)[1] for _ in range(settings.throughput_repeats)]
-            st = _stats(times)
-            throughput.append({
-                "setting": name, "ratio": 1.0 if ratio is None else ratio, "batch": settings.batch,
-                "new_tokens": settings.new_tokens, "generate_ms": st["median"], "generate_ms_min": st["min"],
-                "generate_ms_max": st["max"], "generate_ms_runs": st["runs"],
-                "samples_per_s": settings.batch / (st["median"] / 1e3),
-            })  # fmt: skip
+            log(f"[throughput] {_setting_name(ratio)}, batch {settings.batch}")
+            throughput.append(_throughput(model, processor, ratio, method, images, settings, device, dtype))
         throughput[1]["speedup"] = throughput[1]["samples_per_s"] / throughput[0]["samples_per_s"]
 
-    # 5) Records.
-    records = []
-    full_llm = None
-    for ratio in ratios:
-        s = state[ratio]
-        n_vis, n_txt = s["visual_tokens"], s["prompt_tokens"] - s["visual_tokens"]
-        flops = prefill_flops(dims, num_visual_tokens=n_vis, num_text_tokens=n_txt, num_tiles=s["num_tiles"])
-        flops_7b = prefill_flops(ref_7b, num_visual_tokens=n_vis, num_text_tokens=n_txt, num_tiles=s["num_tiles"])
-        llm = flops.llm + flops.lm_head
-        full_llm = full_llm or llm
-        vision, prefill = _stats(s["vision_ms"]), _stats(s["prefill_ms"])
-        selection = [a + b for a, b in zip(s["scoring_ms"], s["pack_ms"], strict=True)] if ratio else [0.0]
-        rec = {
-            "setting": "uncompressed" if ratio is None else f"R={ratio:g}",
-            "ratio": 1.0 if ratio is None else ratio,
-            "compressed": ratio is not None,
-            "visual_tokens": n_vis,
-            "text_tokens": n_txt,
-            "num_tiles": s["num_tiles"],
-            "tflops": flops.total / 1e12,
-            "tflops_vision": (flops.vision + flops.projector) / 1e12,
-            "tflops_llm": llm / 1e12,
-            "flops_ratio_llm": full_llm / llm,
-            "tflops_7b": flops_7b.total / 1e12,
-            "tflops_7b_paper_formula": paper_prefill_flops(n_vis) / 1e12,
-            "kv_cache_mb": s["kv_bytes"] / 2**20,
-            "kv_cache_mb_analytic": kv_cache_bytes(s["prompt_tokens"], dims.text.num_layers, dims.text.kv_dim, elem) / 2**20,
-            "kv_cache_mb_7b_fp16": kv_cache_bytes(s["prompt_tokens"], 32, 4096, 2) / 2**20,
-            "vision_ms": vision["median"], "vision_ms_min": vision["min"], "vision_ms_max": vision["max"],
-            "vision_ms_runs": vision["runs"],
-            "selection_ms": statistics.median(selection), "selection_ms_min": min(selection),
-            "selection_ms_max": max(selection), "selection_ms_runs": selection,
-            "scoring_ms": statistics.median(s["scoring_ms"]), "pack_ms": statistics.median(s["pack_ms"]),
-            "prefill_ms": prefill["median"], "prefill_ms_min": prefill["min"], "prefill_ms_max": prefill["max"],
-            "prefill_ms_runs": prefill["runs"],
-            "vision_peak_mb": s["vision_peak"] / 2**20,
-            "prefill_peak_mb": s["prefill_peak"] / 2**20,
-            "peak_mem_mb": (weights_bytes + max(s["vision_peak"], s["prefill_peak"])) / 2**20,
-        }  # fmt: skip
-        records.append(rec)
+    # 5) Records and ratios against the uncompressed setting.
+    dims, ref_7b, elem = dims_from_config(model.config), llava_next_7b_config(), torch.finfo(dtype).bits // 8
+    records = [_record(r, state[r], dims, ref_7b, weights_bytes, elem) for r in ratios]
     base_rec = records[0]
     for rec in records:
+        rec["flops_ratio_llm"] = base_rec["tflops_llm"] / rec["tflops_llm"]
         rec["prefill_speedup"] = base_rec["prefill_ms"] / rec["prefill_ms"]
+        rec["prefill_speedup_best"] = base_rec["prefill_ms_min"] / rec["prefill_ms_min"]  # fastest vs fastest
+        rec["prefill_speedup_cpu_time"] = base_rec["prefill_cpu_ms"] / rec["prefill_cpu_ms"]
         rec["prefill_speedup_vs_analytic"] = rec["prefill_speedup"] / rec["flops_ratio_llm"]
         rec["selection_share"] = rec["selection_ms"] / base_rec["vision_ms"]
         rec["vision_ratio"] = rec["vision_ms"] / base_rec["vision_ms"]
         rec["vision_peak_ratio"] = rec["vision_peak_mb"] / max(base_rec["vision_peak_mb"], 1e-9)
         rec["peak_mem_ratio"] = rec["peak_mem_mb"] / base_rec["peak_mem_mb"]
-
     overhead = {
         "plain_sdpa_encode_peak_mb": base_rec["vision_peak_mb"],
         "globalcom2_encode_peak_mb": {r["setting"]: r["vision_peak_mb"] for r in records[1:]},
@@ -436,8 +483,11 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         "eager_output_attentions_encode_ms": eager_ms,
         "hf_pack_ms": base_rec["pack_ms"],
     }
+    meta = _meta(settings, model, weights_bytes)
+    meta["load_average_start"], meta["load_average_end"] = load_start, _load_average()
+    meta["seconds"] = time.perf_counter() - t0
     result = {
-        "meta": _meta(settings, model, weights_bytes),
+        "meta": meta,
         "records": records,
         "overhead": overhead,
         "throughput": throughput,
@@ -456,15 +506,35 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     mem = max(r["vision_peak_ratio"] for r in comp)
     lowest = min(comp, key=lambda r: r["ratio"])
     speed = lowest["prefill_speedup_vs_analytic"]
-    return [
-        {"target": "selection time <= 2% of vision-encode time (worst R)", "value": share,
+    speed_cpu = lowest["prefill_speedup_cpu_time"] / lowest["flops_ratio_llm"]
+    on_cpu = result["meta"]["settings"]["device"] == "cpu"
+    depth = result["meta"]["settings"]["geometry"]["vision_layers"]
+    shallow = f" [tower has {depth} of CLIP-L's 24 layers: share over-stated]" if depth < 24 else ""
+    prefill = f"prefill speed-up at R={lowest['ratio']:g} >= 0.85x the analytic LLM FLOPs ratio {lowest['flops_ratio_llm']:.2f}x"
+    targets = [
+        {"target": f"selection time <= 2% of vision-encode time (worst R){shallow}", "value": share,
          "threshold": TARGET_SELECTION_SHARE, "met": share <= TARGET_SELECTION_SHARE},
         {"target": "encode peak memory with GlobalCom² scoring <= 1.05x plain SDPA encode (worst R)", "value": mem,
          "threshold": TARGET_SCORING_MEMORY, "met": mem <= TARGET_SCORING_MEMORY},
-        {"target": f"prefill speed-up at R={lowest['ratio']:g} >= 0.85x analytic FLOPs ratio "
-                   f"({lowest['prefill_speedup']:.2f}x vs {lowest['flops_ratio_llm']:.2f}x)", "value": speed,
+        {"target": f"{prefill}: wall-clock medians {lowest['prefill_speedup']:.2f}x (fastest runs "
+                   f"{lowest['prefill_speedup_best']:.2f}x)", "value": speed,
          "threshold": TARGET_PREFILL_VS_ANALYTIC, "met": speed >= TARGET_PREFILL_VS_ANALYTIC},
     ]  # fmt: skip
+    if on_cpu:
+        targets.append({
+            "target": f"{prefill}: process-CPU-time medians {lowest['prefill_speedup_cpu_time']:.2f}x "
+                      "(less sensitive than wall clock to other processes on a shared CPU)", "value": speed_cpu,
+            "threshold": TARGET_PREFILL_VS_ANALYTIC, "met": speed_cpu >= TARGET_PREFILL_VS_ANALYTIC,
+        })  # fmt: skip
+    return targets
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages: how busy the machine was (a shared CPU inflates wall-clock times)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _meta(settings: BenchSettings, model: Any, weights_bytes: int) -> dict[str, Any]:
@@ -474,7 +544,8 @@ def _meta(settings: BenchSettings, model: Any, weights_bytes: int) -> dict[str, 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        name = f"CPU ({platform.processor() or platform.machine()}), {threads} thread{'s' * (threads != 1)}"
     d = asdict(settings)
     d["image_size"] = list(settings.image_size)
     d["ratios"] = list(settings.ratios)

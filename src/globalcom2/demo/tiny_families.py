@@ -114,7 +114,7 @@ def build_tiny_llava_onevision(
     out_dir: str | Path,
     *,
     vision: str = "siglip",
-    tile_size: int = 40,
+    tile_size: int = 56,
     patch_size: int = 8,
     max_side: int = 6,
     text_hidden: int = 64,
@@ -127,8 +127,8 @@ def build_tiny_llava_onevision(
 
     Args:
         vision: ``"siglip"`` (random 2-layer SigLIP, tile ``tile_size``, patch ``patch_size``; no [CLS], strategy
-            ``"full"``) or ``"dinov2"`` (the DINOv2 stand-in at ``tile_size`` px, e.g. 378 for 27 x 27; strategy
-            ``"default"`` drops its [CLS]).
+            ``"full"``), ``"clip"`` (random 2-layer CLIP with a [CLS]; strategy ``"default"`` drops it) or
+            ``"dinov2"`` (the DINOv2 stand-in at ``tile_size`` px, e.g. 378 for 27 x 27; strategy ``"default"``).
         tile_size, patch_size: tile side in pixels and ViT patch size (SigLIP only; DINOv2 uses 14).
         max_side: pinpoints are every a x b grid with a, b <= ``max_side`` (6 in released checkpoints).
         text_hidden, text_layers, text_heads: tiny Qwen2 LLM.
@@ -151,7 +151,17 @@ def build_tiny_llava_onevision(
             image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4, vision_use_head=False,
         )  # fmt: skip
-        strategy, prefix = "full", 0
+        strategy: Any = "full"
+        prefix = 0
+    elif vision == "clip":
+        from transformers import CLIPVisionConfig
+
+        vision_config = CLIPVisionConfig(
+            image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+        )  # fmt: skip
+        mean, std = _CLIP_MEAN, _CLIP_STD
+        strategy, prefix = "default", 1
     elif vision == "dinov2":
         from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD, load_standin_vision_tower
 
@@ -161,7 +171,7 @@ def build_tiny_llava_onevision(
         mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
         strategy, prefix = "default", 1
     else:
-        raise ValueError(f"`vision` must be 'siglip' or 'dinov2', got {vision!r}")
+        raise ValueError(f"`vision` must be 'siglip', 'clip' or 'dinov2', got {vision!r}")
     g = tile_size // patch_size
     pinpoints = onevision_pinpoints(tile_size, max_side)
     config = LlavaOnevisionConfig(  # type: ignore[call-arg]
@@ -245,7 +255,7 @@ def build_tiny_internvl(
     out_dir: str | Path,
     *,
     vision: str = "random",
-    tile_size: int = 64,
+    tile_size: int = 112,
     patch_size: int = 8,
     max_patches: int = 6,
     qk_norm: bool = True,
@@ -337,6 +347,8 @@ def load_processor(path: str | Path) -> Any:
     if cls is None:
         raise first_error
     config.pop("auto_map", None)
+    for sub in ("image_processor", "video_processor", "tokenizer", "feature_extractor", "audio_processor"):
+        config.pop(sub, None)  # transformers 5 nests sub-processor configs here; they are loaded on their own
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     with processor_without_video():

@@ -54,6 +54,18 @@ def available_methods() -> list[str]:
     return list(METHODS)
 
 
+def _check_llava_next(model: Any, method: str) -> None:
+    """Baselines are written for LLaVA-NeXT; other families get a TypeError before anything is patched."""
+    from ..adapters.llava_next import LlavaNextAdapter
+
+    adapter_for(model)  # unsupported models: the same TypeError as globalcom2.apply
+    if not LlavaNextAdapter.is_supported(model):
+        raise TypeError(
+            f"method {method!r} supports {LlavaNextAdapter.model_class_name} only, got {type(model).__name__} "
+            "(method='globalcom2' supports every family of globalcom2.apply)"
+        )
+
+
 def _check_free(model: Any, processor: Any) -> None:
     for obj, what in ((model, "model"), (processor, "processor")):
         if obj is not None and existing_handle(obj) is not None:
@@ -77,12 +89,16 @@ def _install(method: Any, model: Any, processor: Any, cfg: GlobalComConfig) -> G
     return handle
 
 
-def _vision_method(adapter_attr: str, **fixed: Any) -> Callable[..., GlobalComHandle]:
+def _vision_method(name: str, adapter_attr: str, **fixed: Any) -> Callable[..., GlobalComHandle]:
     def install(model: Any, processor: Any, *, ratio: float, **options: Any) -> GlobalComHandle:
         from . import vision
 
-        adapter_for(model)  # TypeError for unsupported models, before anything else
+        _check_llava_next(model, name)
         extra = {k: options.pop(k) for k in ("seed",) if k in options}
+        if "seed" in extra and (
+            isinstance(extra["seed"], bool) or not isinstance(extra["seed"], numbers.Integral)
+        ):
+            raise TypeError(f"`seed` must be an int, got {type(extra['seed']).__name__} {extra['seed']!r}")
         cfg = GlobalComConfig.from_kwargs(None, ratio=ratio, **{**fixed, **options})
         adapter = getattr(vision, adapter_attr)(model, processor, cfg)
         for key, value in extra.items():
@@ -109,7 +125,7 @@ def _install_fastv(
 ) -> GlobalComHandle:
     from .fastv import FastVMethod
 
-    adapter_for(model)
+    _check_llava_next(model, "fastv")
     cfg = GlobalComConfig(ratio=ratio)
     method = FastVMethod(
         model, processor, ratio=cfg.ratio, layer=_check_layer(layer), equivalent=bool(equivalent)
@@ -122,7 +138,7 @@ def _install_globalcom2_fastv(
 ) -> GlobalComHandle:
     from .fastv import GlobalComFastVMethod
 
-    adapter_for(model)
+    _check_llava_next(model, "globalcom2+fastv")
     cfg = GlobalComConfig.from_kwargs(None, ratio=ratio, mode="budget", **options)
     method = GlobalComFastVMethod(model, processor, cfg, layer=_check_layer(layer))
     return _install(method, model, processor, cfg)
@@ -136,14 +152,14 @@ register_method(MethodSpec("globalcom2", "vision", "GlobalCom² (paper Sec. 4)",
 register_method(MethodSpec(
     "fastervlm", "vision", "per-tile [CLS]-attention top-k at uniform R (FasterVLM-style)",
     {"mode": "budget", "score": "softmax", "importance": "auto"},
-    _vision_method("FasterVLMAdapter", allocation="uniform", scoring="local", score="softmax"),
+    _vision_method("fastervlm", "FasterVLMAdapter", allocation="uniform", scoring="local", score="softmax"),
 ))  # fmt: skip
 register_method(MethodSpec(
     "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0},
-    _vision_method("RandomAdapter", allocation="uniform", scoring="local"),
+    _vision_method("random", "RandomAdapter", allocation="uniform", scoring="local"),
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
-                           _vision_method("PoolingAdapter")))  # fmt: skip
+                           _vision_method("pooling", "PoolingAdapter")))  # fmt: skip
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
                            {"layer": 2, "equivalent": False}, _install_fastv))  # fmt: skip
 register_method(MethodSpec(

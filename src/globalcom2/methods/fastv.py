@@ -183,7 +183,8 @@ class _Prefill:
     """What decode steps need from the pruned prefill."""
 
     cache: Any  # weakref to the cache object
-    prompt_len: int
+    prompt_len: int  # S, the unpruned prompt length
+    pruned_len: int  # L', the pruned prompt length held by layers >= K
     prompt_mask: torch.Tensor | None  # (B, L') 2D mask of the pruned prompt; None = all visible
 
 
@@ -206,8 +207,8 @@ class FastVPruner:
     Args:
         model: ``LlavaNextForConditionalGeneration``.
         layer: K, the first pruned layer (1 <= K < num_layers).
-        ratio: share kept from layer K on (FastV), or None when ``region_counts`` decides (GlobalCom² + FastV).
-        select: callable ``(scores (B,S), image_mask (B,S), layouts) -> (keep (B,S), plans)``.
+        select: callable ``(scores (B,S), image_mask (B,S), layouts) -> (keep (B,S), plans)`` deciding which
+            positions survive (FastV: top share per sample; GlobalCom² + FastV: GlobalCom²'s counts per region).
     """
 
     def __init__(self, model: Any, layer: int, select: Any) -> None:
@@ -220,6 +221,13 @@ class FastVPruner:
                 f"`layer` must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}"
             )
         self.k = int(layer)
+        attn = getattr(self.layers[self.k - 1], "self_attn", None)
+        missing = [a for a in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, a)]
+        if missing:
+            raise TypeError(
+                f"FastV needs Llama-style decoder layers (self_attn with {', '.join(missing)}); "
+                f"{type(self.lm).__name__} layer {self.k - 1} has none"
+            )
         self.select = select
         self.image_token_id = int(model.config.image_token_id)
         self.call = _Call()
@@ -253,6 +261,9 @@ class FastVPruner:
     def _outer_pre(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.pending_ids = ids if isinstance(ids, torch.Tensor) else None
+        if kwargs.get("pixel_values") is None and isinstance(kwargs.get("image_sizes"), torch.Tensor):
+            # precomputed image features (mm_encoder_outputs): the sizes come with the call, not the packing
+            self.record_sizes(kwargs["image_sizes"])
 
     def _lm_pre(self, module, args, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
@@ -315,7 +326,7 @@ class FastVPruner:
             if call.attention_mask is not None and call.attention_mask.dim() == 2
             else None
         )
-        lp = pre.prompt_mask.shape[1] if pre.prompt_mask is not None else cache_len + q
+        lp = pre.pruned_len
         if attn2d is None and pre.prompt_mask is None:
             mask2d = None
         else:
@@ -379,7 +390,9 @@ class FastVPruner:
         call.keep_index, call.keep_valid, call.full_hidden = keep_index, keep_valid, hidden
         call.scores = None
         self.prefill = (
-            _Prefill(weakref.ref(cache), prompt_len=s, prompt_mask=mask2d) if cache is not None else None
+            _Prefill(weakref.ref(cache), prompt_len=s, pruned_len=lp, prompt_mask=mask2d)
+            if cache is not None
+            else None
         )
         kwargs.update(call.replace)
         if args:

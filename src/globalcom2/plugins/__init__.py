@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 #: lmms-eval model id -> (simple class, chat class) in :mod:`globalcom2.plugins.lmms_eval`.
 LMMS_EVAL_MODELS: dict[str, tuple[str, str]] = {
     "globalcom2_llava_hf": ("GlobalComLlavaHf", "GlobalComLlavaHfChat"),
@@ -41,14 +40,36 @@ def lmms_eval_manifests() -> list[Any]:
     ]
 
 
+#: vLLM architecture name to put in ``--hf-overrides '{"architectures": [...]}'``.
+VLLM_ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
+#: HF-config attribute holding the vLLM options (a dict of ``GlobalComConfig`` fields), set by ``--hf-overrides``.
+VLLM_CONFIG_KEY = "globalcom2"
+#: Environment variable with JSON options; when set, vLLM's stock LLaVA-NeXT architecture is replaced too.
+VLLM_ENV_VAR = "GLOBALCOM2_VLLM"
+_VLLM_STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
+_VLLM_CLASS_PATH = "globalcom2.plugins.vllm:GlobalComLlavaNextForConditionalGeneration"
+
+
 def register_vllm() -> None:
-    """Register the GlobalCom² model variants with vLLM (entry-point group ``vllm.general_plugins``).
+    """Register the GlobalCom² LLaVA-NeXT variant with vLLM (entry-point group ``vllm.general_plugins``).
 
-    Runs in every vLLM process; idempotent.
+    Runs in every vLLM process; idempotent. The model module is named by string, so vLLM imports it (and its
+    CUDA-touching dependencies) only when a model actually uses it.
     """
-    from .vllm import register
+    import os
 
-    register()
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(VLLM_ARCHITECTURE, _VLLM_CLASS_PATH)
+    if os.environ.get(VLLM_ENV_VAR):
+        ModelRegistry.register_model(_VLLM_STOCK_ARCHITECTURE, _VLLM_CLASS_PATH)
 
 
-__all__ = ["LMMS_EVAL_MODELS", "lmms_eval_manifests", "register_vllm"]
+__all__ = [
+    "LMMS_EVAL_MODELS",
+    "VLLM_ARCHITECTURE",
+    "VLLM_CONFIG_KEY",
+    "VLLM_ENV_VAR",
+    "lmms_eval_manifests",
+    "register_vllm",
+]

@@ -36,6 +36,7 @@ try:
     from lmms_eval.models.chat.llava_hf import LlavaHf as _HostChat
     from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
     from lmms_eval.models.simple.llava_hf import LlavaHf as _HostSimple
+    from loguru import logger as eval_logger
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "globalcom2.plugins.lmms_eval needs lmms-eval (>=0.7.3,<0.8): pip install 'globalcom2[lmms-eval]'"
@@ -84,6 +85,32 @@ class _GlobalComMixin:
         super().__init__(*args, **host_kwargs)  # type: ignore[call-arg]
         # `self.model` is the unwrapped module under accelerate; patches land on it and its processor.
         self.globalcom = apply(self.model, self._image_processor, config)
+        #: Running totals over this process's requests: images, visual tokens sent to the LLM, and without GlobalCom².
+        self.globalcom_stats = {"images": 0, "visual_tokens": 0, "visual_tokens_full": 0}
+        self._globalcom_seen: list | None = None
+        self.globalcom.add_hook(self.model.register_forward_hook(self._globalcom_count))
+        eval_logger.info(f"GlobalCom² applied to {type(self.model).__name__}: {config}")
+
+    def _globalcom_count(self, module: Any, args: Any, output: Any) -> None:
+        plans = self.globalcom.plans  # a new list after every packing; decode steps reuse it
+        if plans and plans is not self._globalcom_seen:
+            self._globalcom_seen = plans
+            self.globalcom_stats["images"] += len(plans)
+            self.globalcom_stats["visual_tokens"] += sum(p.num_tokens for p in plans)
+            self.globalcom_stats["visual_tokens_full"] += sum(p.num_tokens_full for p in plans)
+
+    def _globalcom_log(self) -> None:
+        s = self.globalcom_stats
+        if s["images"]:
+            eval_logger.info(
+                f"GlobalCom² (R={self.globalcom.config.ratio}): {s['images']} images, visual tokens "
+                f"{s['visual_tokens_full']} -> {s['visual_tokens']} ({s['visual_tokens'] / s['visual_tokens_full']:.1%})"
+            )
+
+    def generate_until(self, requests: list[Instance]) -> list:
+        results = super().generate_until(requests)  # type: ignore[misc]
+        self._globalcom_log()
+        return results
 
     # -- log-likelihood (continuation tokens only; see the module docstring) ----------------------------------
     def _loglikelihood_texts(self, context: str, continuation: str, num_images: int) -> tuple[str, str]:
@@ -117,9 +144,12 @@ class _GlobalComMixin:
             prompt, full = self._loglikelihood_texts(context, continuation, len(visuals))
             images = visuals or None
             inputs = self._image_processor(text=[full], images=images, return_tensors="pt")
-            num_context = self._image_processor(text=[prompt], images=images, return_tensors="pt")["input_ids"]
+            # The context with its images expanded exactly as in `full` (same processor, same images).
+            context_ids = self._image_processor(text=[prompt], images=images, return_tensors="pt")[
+                "input_ids"
+            ]
             input_ids = inputs["input_ids"]
-            num_cont = int(input_ids.shape[1] - num_context.shape[1])
+            num_cont = int(input_ids.shape[1] - context_ids.shape[1])
             if num_cont <= 0:  # an empty continuation has log-probability 0 and is trivially greedy
                 results.append((0.0, True))
                 continue
@@ -131,6 +161,7 @@ class _GlobalComMixin:
             target = input_ids[0, -num_cont:].to(pred.device)
             nll = F.cross_entropy(pred, target)
             results.append((float(nll), bool((pred.argmax(-1) == target).all())))
+        self._globalcom_log()
         return results
 
 

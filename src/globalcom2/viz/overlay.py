@@ -237,7 +237,11 @@ def _compose(
     crops_mask = np.zeros((0, 0), dtype=bool)
     if crops is not None:
         crops_mask = _to_numpy(plan.crops_mask).astype(bool)
-        crops_head = f"crops {rows}x{cols}: kept {int(crops_mask.sum())}/{(vb - vt) * (vr - vl)}"
+        # Token counts when the plan has them: on a resampled grid (OneVision) tokens are not patch cells.
+        kept_j, valid_j = _to_numpy(plan.crop_keep_counts), _to_numpy(plan.crop_valid_counts)
+        kept = int(kept_j.sum()) if kept_j.size else int(crops_mask.sum())
+        total = int(valid_j.sum()) if valid_j.size else (vb - vt) * (vr - vl)
+        crops_head = f"crops {rows}x{cols}: kept {kept}/{total}"
     title_w = max(_text_width(token_line, 13), _text_width(title, 15, bold=True) if title else 0.0)
 
     # ---- layout (pixels), scaled down uniformly if the natural size exceeds the limits

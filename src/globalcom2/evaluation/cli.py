@@ -1,0 +1,46 @@
+"""`globalcom2 eval`: registered by :func:`globalcom2.cli.build_parser` through ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    from ..cli import _ratios as parse
+
+    return parse(text)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .runner import run_eval
+
+    photos = tuple(p.strip() for p in args.photos.split(",") if p.strip()) if args.photos else None
+    log = (lambda *_: None) if args.json else print
+    result = run_eval(
+        args.out, photos=photos, ratios=args.ratios, quick=args.quick, llm=not args.no_llm,
+        progress=not args.no_progress, log=log, command="globalcom2 " + shlex.join(sys.argv[1:]),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("files", "seconds", "ratios", "photos")}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``eval`` subcommand."""
+    p = subparsers.add_parser(
+        "eval",
+        help="every method x R and the paper's ablations on real photos (DINOv2 stand-in; fidelity, not accuracy)",
+    )
+    p.add_argument("--out", default="globalcom2_eval_out", help="output folder (CSV, Markdown, plots)")
+    p.add_argument("--photos", default=None, help="comma-separated shipped photos (default: all)")
+    p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument(
+        "--quick", action="store_true", help="one photo, two ablation settings (seconds; for tests)"
+    )
+    p.add_argument("--no-llm", action="store_true", help="skip FastV and GlobalCom²+FastV (tiny random LLM)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the written files as JSON")
+    p.set_defaults(func=cmd_eval)

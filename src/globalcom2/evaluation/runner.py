@@ -1,0 +1,278 @@
+"""`globalcom2 eval`: every method x R and the paper's ablations on real photos with the DINOv2 stand-in.
+
+The vision tower runs once per photo; every pre-LLM plan is then computed from those scores by the same planner
+functions the adapters call (:func:`globalcom2.core.planner.plan_image`, :mod:`globalcom2.methods.vision`), so a
+full sweep costs seconds. LLM-side methods (FastV, GlobalCom² + FastV) run through :func:`globalcom2.apply_method`
+on the demo model, whose LLM is tiny and random: their numbers show the mechanism only.
+
+Ablations (paper Tables 2 and 3): allocation in {softmax-sum, softmax-max, topk-count, uniform} x scoring in
+{holistic, local, global} x score in {logits, softmax}, all in budget mode (same token count).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.llava_next import image_grid
+from ..adapters.towers import describe_tower
+from ..core.allocation import ALLOCATIONS
+from ..core.geometry import valid_box
+from ..core.plan import Plan
+from ..core.planner import plan_image
+from ..core.scores import SCORE_KINDS, cls_attention_scores
+from ..core.selection import SCORINGS
+from ..methods.vision import plan_fastervlm, plan_pooling, plan_random
+from .metrics import Reference, build_reference, plan_metrics
+
+STANDIN_LABEL = (
+    "Vision tower: DINOv2 ViT-S/14 at 336 px (real weights), an offline STAND-IN for LLaVA-NeXT's CLIP ViT-L/14-336 "
+    "(same 24x24 grid per tile). Metrics compare kept tokens with the stand-in's own attention maps and features "
+    "of the uncompressed image: they are fidelity measures, NOT accuracy. FastV and GlobalCom²+FastV run inside a "
+    "tiny randomly initialised LLM: mechanism only."
+)
+VISION_METHODS = ("globalcom2", "fastervlm", "random", "pooling")
+LLM_METHODS = ("fastv", "globalcom2+fastv")
+QUESTION = "What is shown in this image?"
+
+
+@dataclass
+class PhotoData:
+    """Everything the sweep needs about one photo, computed by one pass of the vision tower."""
+
+    name: str
+    image: Any
+    size: tuple[int, int]  # (height, width)
+    grid: tuple[int, int]
+    g: int
+    scores: dict[str, torch.Tensor]  # kind -> (1 + n, g*g) [CLS] scores (logits / softmax)
+    reference: Reference
+    image_sizes: torch.Tensor  # (1, 2), as the processor gives it
+    encoder_output: Any = None  # the unpatched model's image features, reused by FastV's prefills
+
+
+@torch.no_grad()
+def photo_data(model: Any, processor: Any, name: str, image: Any) -> PhotoData:
+    """Run the (unpatched) vision tower on one photo and build its scores and reference maps."""
+    cfg = model.config
+    tile = int(cfg.vision_config.image_size)
+    g = tile // int(cfg.vision_config.patch_size)
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    size = (int(inputs["image_sizes"][0][0]), int(inputs["image_sizes"][0][1]))
+    grid = image_grid(size, cfg.image_grid_pinpoints, tile)
+    tower = model.model.vision_tower
+    pv = inputs["pixel_values"][0, : 1 + grid[0] * grid[1]].to(model.dtype)
+    hidden = tower(pv, output_hidden_states=True).hidden_states
+    info = describe_tower(tower)
+    scores = {
+        kind: cls_attention_scores(
+            hidden[-2],
+            norm=info.norm,
+            q_proj=info.q_proj,
+            k_proj=info.k_proj,
+            num_heads=info.num_heads,
+            kind=kind,
+            num_prefix_tokens=info.num_prefix_tokens,
+        )  # fmt: skip
+        for kind in SCORE_KINDS
+    }
+    feats = hidden[cfg.vision_feature_layer][:, info.num_prefix_tokens :]
+    box = valid_box(size[0], size[1], grid[0] * g, grid[1] * g)
+    soft = scores["softmax"]
+    ref = build_reference(soft[0], soft[1:], feats[1:], grid=grid, valid_box=box)
+    return PhotoData(name, image, size, grid, g, scores, ref, inputs["image_sizes"])
+
+
+def vision_plans(data: PhotoData, ratio: float, *, random_draws: int, seed: int) -> dict[str, list[Plan]]:
+    """Plans of the pre-LLM methods (random: ``random_draws`` independent draws)."""
+    s_log, s_soft = data.scores["logits"], data.scores["softmax"]
+    common: dict[str, Any] = {"grid": data.grid, "image_size": data.size, "ratio": ratio}
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "globalcom2": [plan_image(s_log[0], s_log[1:], **common)[0]],
+        "fastervlm": [plan_fastervlm(s_soft[0], s_soft[1:], **common)[0]],
+        "random": [plan_random(g=data.g, generator=gen, **common)[0] for _ in range(random_draws)],
+        "pooling": [plan_pooling(g=data.g, **common)],
+    }
+
+
+def ablation_settings(quick: bool) -> list[tuple[str, str, str]]:
+    """(allocation, scoring, score) of paper Tables 2 x 3 x {logits, softmax}."""
+    if quick:
+        return [("softmax-sum", "holistic", "logits"), ("uniform", "local", "logits")]
+    return list(itertools.product(ALLOCATIONS, SCORINGS, SCORE_KINDS))
+
+
+def ablation_plans(
+    data: PhotoData, ratio: float, settings: Iterable[tuple[str, str, str]]
+) -> dict[tuple, Plan]:
+    out = {}
+    for allocation, scoring, score in settings:
+        s = data.scores[score]
+        out[(allocation, scoring, score)] = plan_image(
+            s[0], s[1:], grid=data.grid, image_size=data.size, ratio=ratio, allocation=allocation,
+            scoring=scoring,
+        )[0]  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def llm_plans(model: Any, processor: Any, data: PhotoData, ratio: float, layer: int = 2) -> dict[str, Plan]:
+    """Plans of FastV and GlobalCom² + FastV from one prefill each on the demo model (random LLM)."""
+    from ..methods import apply_method
+    from ..workflows import default_prompt
+
+    prompt = default_prompt(processor, QUESTION)
+    inputs = processor(images=[data.image], text=[prompt], return_tensors="pt")
+    if data.encoder_output is None:  # FastV changes nothing before the LLM: compute the features once
+        data.encoder_output = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], return_dict=True
+        )
+    out = {}
+    for method in LLM_METHODS:
+        with apply_method(model, processor, method, ratio=ratio, layer=layer) as handle:
+            if method == "fastv":
+                text = {k: v for k, v in inputs.items() if k != "pixel_values"}
+                model(**text, mm_encoder_outputs={"image": data.encoder_output}, logits_to_keep=1)
+            else:  # GlobalCom²'s allocation needs the [CLS] scores of the tower pass
+                model(**inputs, logits_to_keep=1)
+            out[method] = handle.plans[0]
+    return out
+
+
+def _row(group: str, photo: str, method: str, ratio: float, metrics: dict, **extra: Any) -> dict[str, Any]:
+    return {"group": group, "photo": photo, "method": method, "ratio": ratio, **extra, **metrics}
+
+
+def run_eval(
+    out_dir: str | Path = "globalcom2_eval_out",
+    *,
+    photos: tuple[str, ...] | None = None,
+    ratios: tuple[float, ...] = (0.5, 0.25, 0.1),
+    quick: bool = False,
+    llm: bool = True,
+    progress: bool = True,
+    log: Callable[..., None] = print,
+    command: str = "globalcom2 eval",
+) -> dict[str, Any]:
+    """Run the sweep, write CSV + Markdown + plots to ``out_dir`` and return the summary.
+
+    Args:
+        out_dir: output folder (created).
+        photos: names from :data:`globalcom2.demo.photos.PHOTOS` (default: all of them; ``quick``: astronaut).
+        ratios: retention ratios R.
+        quick: one photo, two ablation settings, one random draw (for tests; seconds).
+        llm: also run FastV and GlobalCom² + FastV on the tiny random LLM.
+        progress: show a tqdm progress bar.
+        log: where to print messages.
+        command: the command line recorded in the report.
+    """
+    from ..demo.photos import PHOTOS, load_photo
+    from ..demo.run import build_demo_model
+    from .report import write_outputs
+
+    if photos is None:
+        photos = ("astronaut",) if quick else tuple(PHOTOS)
+    unknown = [p for p in photos if p not in PHOTOS]
+    if unknown:
+        raise ValueError(f"unknown photo(s) {unknown}; available: {', '.join(PHOTOS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"GlobalCom² eval -> {out}/\n{STANDIN_LABEL}")
+    settings = ablation_settings(quick)
+    draws = 1 if quick else 5
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    allocation_detail: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = build_demo_model(Path(tmp))
+        steps = [(p, None) for p in photos] + [(p, r) for p in photos for r in ratios]
+        bar = _progress(len(steps), progress)
+        data: dict[str, PhotoData] = {}
+        for photo in photos:
+            bar.set_postfix_str(f"{photo}: vision tower")
+            data[photo] = photo_data(model, processor, photo, load_photo(photo))
+            bar.update(1)
+        for p_idx, photo in enumerate(photos):
+            d = data[photo]
+            for r_idx, ratio in enumerate(ratios):
+                bar.set_postfix_str(f"{photo} R={ratio:.0%}")
+                plans = vision_plans(d, ratio, random_draws=draws, seed=1000 * p_idx + r_idx)
+                for method, method_plans in plans.items():
+                    for k, plan in enumerate(method_plans):
+                        rows.append(
+                            _row("method", photo, method, ratio, plan_metrics(plan, d.reference), draw=k)
+                        )
+                detail = {m: ps[0] for m, ps in plans.items()}
+                if llm:
+                    for method, plan in llm_plans(model, processor, d, ratio).items():
+                        rows.append(
+                            _row("llm", photo, method, ratio, plan_metrics(plan, d.reference), draw=0)
+                        )
+                        detail[method] = plan
+                for (alloc, scoring, score), plan in ablation_plans(d, ratio, settings).items():
+                    rows.append(_row("ablation", photo, "globalcom2", ratio, plan_metrics(plan, d.reference),
+                                     allocation=alloc, scoring=scoring, score=score))  # fmt: skip
+                allocation_detail[f"{photo}@{ratio}"] = {
+                    "photo": photo, "ratio": ratio, "grid": list(d.grid),
+                    "crop_mass": [round(float(m), 5) for m in d.reference.crop_mass],
+                    "share": {m: [round(float(k) / max(int(n), 1), 5) for k, n in
+                                  zip(p.crop_keep_counts, p.crop_valid_counts, strict=True)]
+                              for m, p in detail.items()},
+                }  # fmt: skip
+                bar.update(1)
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "note": STANDIN_LABEL,
+        "command": command,
+        "photos": {p: {"size_hw": list(data[p].size), "grid": list(data[p].grid)} for p in photos},
+        "ratios": list(ratios),
+        "ablation_settings": [list(s) for s in settings],
+        "random_draws": draws,
+        "llm": llm,
+        "seconds": round(elapsed, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "allocation": allocation_detail,
+    }
+    files = write_outputs(out, rows, summary)
+    log(f"finished in {elapsed:.0f} s; wrote {', '.join(str(f) for f in files)}")
+    return {**summary, "rows": rows, "files": [str(f) for f in files]}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="globalcom2 eval", unit="step")
+
+
+def mean_or_nan(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(vals) if vals else float("nan")

@@ -1,0 +1,95 @@
+"""Figure-7-style side-by-side comparison of methods (`globalcom2 visualize --methods ...`).
+
+Each panel is :func:`globalcom2.viz.overlay.render_overlay` of one method's `Plan` on the same image: discarded
+tokens greyed, crop borders, r_j and kept/N_j per crop. Pooling discards nothing (every cell is averaged into a
+pooled token), so its panel shows no grey cells; its labels give pooled tokens per crop. LLM-side methods (FastV,
+GlobalCom²+FastV) run one prefill with a question, since their choice depends on the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.plan import Plan
+
+
+@torch.no_grad()
+def method_plan(
+    model: Any, processor: Any, image: Any, method: str, ratio: float, *, question: str, **options: Any
+) -> Plan:
+    """The `Plan` of ``method`` for one image (a vision pass, or one prefill for LLM-side methods)."""
+    from ..methods import METHODS, apply_method
+    from ..workflows import default_prompt
+
+    with apply_method(model, processor, method, ratio=ratio, **options) as handle:
+        if METHODS[method].stage == "vision":
+            inputs = processor.image_processor(images=[image], return_tensors="pt")
+            pixel_values = inputs["pixel_values"].to(model.device, model.dtype)
+            model.model.get_image_features(pixel_values, inputs["image_sizes"].to(model.device))
+        else:
+            inputs = processor(
+                images=[image], text=[default_prompt(processor, question)], return_tensors="pt"
+            )
+            inputs = inputs.to(model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            model(**inputs, logits_to_keep=1)
+        return handle.plans[0]
+
+
+def _options_for(method: str, gc_options: dict[str, Any]) -> dict[str, Any]:
+    from ..methods import METHODS
+
+    if method == "globalcom2":
+        return dict(gc_options)
+    allowed = set(METHODS[method].options) - {"mode"}
+    return {k: v for k, v in gc_options.items() if k in allowed and method == "globalcom2+fastv"}
+
+
+def cmd_visualize_methods(args: argparse.Namespace) -> int:
+    """`globalcom2 visualize --methods a,b,c`: one row of panels per ratio, one column per method."""
+    from ..cli import load_image, load_model, method_options
+    from ..methods import METHODS
+    from ..viz.overlay import render_grid
+    from ..workflows import render_plan
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        # ValueError, not CLIError: under `python -m globalcom2.cli` that class lives in __main__, not here
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    image = load_image(args.image)
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device,
+                                  family=getattr(args, "family", "llava_next"))  # fmt: skip
+    ratios = args.ratios or (args.ratio,)
+    gc_options = method_options(args)
+    note = " (random LLM)" if args.model == "standin" else ""
+    panels, records = [], []
+    for ratio in ratios:
+        for method in methods:
+            plan = method_plan(model, processor, image, method, ratio, question=args.question,
+                               **_options_for(method, gc_options))  # fmt: skip
+            stage = METHODS[method].stage
+            extra = (
+                note if stage != "vision" else " (averaged, nothing discarded)" if method == "pooling" else ""
+            )
+            label = f"{method}{extra}, R = {ratio:.0%}"
+            title = f"{Path(args.image).name}: {label}"
+            panels.append((label, render_plan(image, plan, model, title)))
+            records.append({"method": method, "stage": stage, "ratio": ratio, **plan.summary()})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one row per ratio; a single ratio wraps after three panels so each stays readable
+    render_grid(panels, out, ncols=len(methods) if len(ratios) > 1 else min(len(methods), 3))
+    if args.json:
+        print(json.dumps({"out": str(out), "plans": records}, indent=2))
+    else:
+        for r in records:
+            print(f"{r['method']:<18} R={r['ratio']:.0%}: {r['num_tokens']}/{r['num_tokens_full']} image tokens, "
+                  f"kept per crop {r['crop_keep_counts']} of {r['crop_valid_counts']}")  # fmt: skip
+        print(f"wrote {out}")
+    return 0

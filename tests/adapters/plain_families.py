@@ -1,0 +1,170 @@
+"""Plain re-implementations for the OneVision and InternVL tests (loops and numpy; no globalcom2 imports).
+
+Slow on purpose. They check the library's vectorised code; bilinear resizes use the same torch primitive as the
+official code and HF (see :mod:`tests.core.reference_plain`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tests.core.reference_plain import plain_reference, stable_top, torch_bilinear, unpad_box
+
+MAX_TILES = 9  # anyres_max_9
+
+
+def spy(monkeypatch, module, name: str) -> list[torch.Tensor]:
+    """Record every output of ``module.name`` (the scores the library really used)."""
+    calls: list[torch.Tensor] = []
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def plain_cosine(selected: torch.Tensor) -> np.ndarray:
+    """Paper Eq. 7 written out: s_i = -cos(x_i, mean of the tile's tokens), one tile and one token at a time."""
+    x = selected.double().numpy()
+    out = np.zeros(x.shape[:2])
+    for t in range(x.shape[0]):
+        mean = x[t].mean(axis=0)
+        for i in range(x.shape[1]):
+            out[t, i] = -float(x[t, i] @ mean) / (np.linalg.norm(x[t, i]) * np.linalg.norm(mean))
+    return out.astype(np.float32)
+
+
+def plain_onevision(thumb, crops, grid, size, g, ratio, allocation, scoring, counts=None, alpha=0.5):
+    """GlobalCom² on OneVision's LLM token grid, written out plainly (no globalcom2 code).
+
+    The thumbnail and r_j come from the plain NeXT reference (they do not depend on the crop geometry). The crop
+    grid is unpadded, and if larger than 1.1² x 9 tiles' worth bilinearly resized to (int(h // s), int(w // s));
+    every final token belongs to the crop of the patch nearest to its sample point; the thumbnail map is resized to
+    the same grid; per crop both are L2-normalised and mixed; the top k_j survive.
+
+    Returns:
+        (thumb_mask, thumb_order, r, keep (H, W), per-crop counts).
+    """
+    rows, cols = grid
+    t_mask, _, r, t_order, _ = plain_reference(thumb, crops, grid, size, ratio, allocation, scoring, alpha)
+    top, bottom, left, right = unpad_box(size[0], size[1], rows * g, cols * g)
+    hv, wv = bottom - top, right - left
+    s = math.sqrt(hv * wv / (MAX_TILES * g * g))
+    height, width = (int(hv // s), int(wv // s)) if s > 1.1 else (hv, wv)
+    padded = np.zeros((rows * g, cols * g), dtype=np.float32)
+    for j in range(rows * cols):
+        cr, cc = divmod(j, cols)
+        padded[cr * g : (cr + 1) * g, cc * g : (cc + 1) * g] = np.asarray(crops[j]).reshape(g, g)
+    valid = padded[top:bottom, left:right]
+    local = valid if (height, width) == (hv, wv) else torch_bilinear(valid, height, width)
+    glob = torch_bilinear(np.asarray(thumb).reshape(g, g), height, width)
+    members: list[list[tuple[int, int]]] = [[] for _ in range(rows * cols)]
+    for y in range(height):
+        cr = (top + math.floor((y + 0.5) * hv / height)) // g
+        for x in range(width):
+            cc = (left + math.floor((x + 0.5) * wv / width)) // g
+            members[cr * cols + cc].append((y, x))
+
+    def l2(v):
+        v = np.asarray(v, dtype=np.float64)
+        return v / max(float(np.sqrt((v**2).sum())), 1e-12)
+
+    keep = np.zeros((height, width), dtype=bool)
+    ks = []
+    for j, pos in enumerate(members):
+        loc = l2([local[y, x] for y, x in pos])
+        glo = l2([glob[y, x] for y, x in pos])
+        score = {"holistic": alpha * glo + (1 - alpha) * loc, "local": loc, "global": glo}[scoring]
+        if counts is not None:
+            k = int(counts[j])
+        elif allocation == "uniform":
+            k = int(len(pos) * ratio)
+        else:
+            k = int(len(pos) * float(r[j]))
+        ks.append(k)
+        for v in stable_top(list(score), k):
+            keep[pos[v]] = True
+    return t_mask, t_order, r, keep, ks
+
+
+def plain_onevision_sequence(t_order, keep, g):
+    """Rows of HF's packed sequence in LLM order: thumbnail tokens, then every grid row's kept tokens + newline."""
+    height, width = keep.shape
+    seq = [int(i) for i in t_order]
+    for y in range(height):
+        seq += [g * g + y * (width + 1) + x for x in range(width) if keep[y, x]]
+        seq.append(g * g + y * (width + 1) + width)
+    return seq
+
+
+def _plain_norm(x: torch.Tensor, module) -> torch.Tensor:
+    """LayerNorm or RMSNorm (InternViT uses either), written out in float64."""
+    w = module.weight.double()
+    if hasattr(module, "variance_epsilon"):  # RMSNorm
+        return x * torch.rsqrt((x**2).mean(-1, keepdim=True) + module.variance_epsilon) * w
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + module.eps) * w + module.bias.double()
+
+
+def plain_internvit_cls_logits(hidden: torch.Tensor, layer, num_heads: int) -> torch.Tensor:
+    """Head-mean [CLS]-row logits of one InternViT layer (pre-norm, q/k projections, optional q/k RMS norms).
+
+    Args:
+        hidden: ``(T, 1 + P, D)`` input of the layer.
+
+    Returns:
+        ``(T, P)`` float32.
+    """
+    att = layer.attention
+    with torch.no_grad():
+        x = _plain_norm(hidden.double(), layer.layernorm_before)
+
+        def proj(lin, v):
+            out = v @ lin.weight.double().T
+            return out + lin.bias.double() if lin.bias is not None else out
+
+        q = proj(att.q_proj, x[:, :1])
+        k = proj(att.k_proj, x)
+        if not isinstance(att.q_norm, torch.nn.Identity):
+            q, k = _plain_norm(q, att.q_norm), _plain_norm(k, att.k_norm)
+        dh = q.shape[-1] // num_heads
+        total = 0
+        for h in range(num_heads):
+            qh, kh = q[:, 0, h * dh : (h + 1) * dh], k[:, :, h * dh : (h + 1) * dh]
+            total = total + torch.einsum("td,tsd->ts", qh, kh) / math.sqrt(dh)
+        return (total / num_heads)[:, 1:].float()
+
+
+def plain_pool_2x2(scores: np.ndarray) -> np.ndarray:
+    """Sum each 2 x 2 group of a (T, p*p) raster score map into a (T, (p/2)**2) map, one cell at a time."""
+    t, pp = scores.shape
+    p = int(round(math.sqrt(pp)))
+    m = p // 2
+    out = np.zeros((t, m * m), dtype=np.float64)
+    for i in range(t):
+        for y in range(p):
+            for x in range(p):
+                out[i, (y // 2) * m + x // 2] += scores[i, y * p + x]
+    return out.astype(np.float32)
+
+
+def plain_internvl_sequence(t_order, keep, grid, g):
+    """Rows of an image's tile features in LLM order: each crop's kept tokens (tile raster), then the thumbnail."""
+    rows, cols = grid
+    n = rows * cols
+    seq = []
+    for j in range(n):
+        cr, cc = divmod(j, cols)
+        for y in range(g):
+            for x in range(g):
+                if keep[cr * g + y, cc * g + x]:
+                    seq.append(j * g * g + y * g + x)
+    return seq + [n * g * g + int(i) for i in t_order]
