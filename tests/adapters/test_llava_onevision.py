@@ -116,14 +116,14 @@ def test_kept_tokens_and_sequence_match_plain(ov, monkeypatch, mode, ratio):
     scores the library used, so that a one-ulp float32 difference cannot flip a near-tie (bilinear resizing makes
     such near-ties at the grid's edges) and the comparison can be exact.
     """
-    from globalcom2.adapters import llava_onevision
+    from globalcom2.adapters import llava_next
 
     model, processor = ov
     g = _g(model)
     images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
     inputs = processor(images=images, text=[PROMPT] * len(SIZES), return_tensors="pt", padding=True)
     _, selected, packed_full, counts = _raw(model, inputs)
-    used = spy(monkeypatch, llava_onevision, "cosine_scores")
+    used = spy(monkeypatch, llava_next, "cosine_scores")  # the hook OneVision inherits
     for allocation in ALLOCATIONS:
         for scoring in ("holistic", "local", "global"):
             gc = globalcom2.apply(
@@ -334,7 +334,7 @@ def test_sdpa_and_eager_give_the_same_plan(ov_dir):
 
 def test_cls_tower_with_default_strategy(tmp_path, monkeypatch):
     """OneVision with a [CLS] tower ('default' strategy): [CLS] scores by default, counts still match."""
-    from globalcom2.adapters import llava_onevision
+    from globalcom2.adapters import llava_next
     from globalcom2.demo.tiny_families import build_tiny_llava_onevision, load_tiny_family
 
     model, processor = load_tiny_family(build_tiny_llava_onevision(tmp_path / "ov_clip", vision="clip"))
@@ -347,7 +347,7 @@ def test_cls_tower_with_default_strategy(tmp_path, monkeypatch):
     heads = model.config.vision_config.num_attention_heads
     plain = plain_cls_logits(hs[-2], layer.layer_norm1, layer.self_attn.q_proj, layer.self_attn.k_proj, heads)
     g = _g(model)
-    used = spy(monkeypatch, llava_onevision, "cls_attention_scores")
+    used = spy(monkeypatch, llava_next, "cls_attention_scores")  # the hook OneVision inherits
     with globalcom2.apply(model, processor, ratio=0.25, mode="reference") as gc:
         assert gc.adapter.importance == "cls"
         with torch.no_grad():

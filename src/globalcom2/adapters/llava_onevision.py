@@ -46,7 +46,6 @@ import torch
 from ..config import GlobalComConfig
 from ..core.geometry import tiles_to_grid, valid_box
 from ..core.planner import plan_single_tile
-from ..core.scores import cls_attention_scores, cosine_scores
 from ..core.token_grid import (
     GridPlan,
     anyres_max_shape,
@@ -225,29 +224,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return get_image_features
 
     # -- scoring hooks ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _cls_hook(self, handle: GlobalComHandle, module, args, kwargs) -> None:
-        if not self._capturing:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        t = self.tower
-        # Replace, not append (as LLaVA-NeXT): only the latest tower call is packed next.
-        handle._pending_scores[:] = [
-            cls_attention_scores(
-                hidden,
-                norm=t.norm,
-                q_proj=t.q_proj,
-                k_proj=t.k_proj,
-                num_heads=t.num_heads,
-                kind=self.config.score,
-                num_prefix_tokens=t.num_prefix_tokens,
-            )
-        ]
+        if self._capturing:  # only the image tower calls made by get_image_features, never video frames
+            super()._cls_hook(handle, module, args, kwargs)
 
-    @torch.no_grad()
     def _cosine_hook(self, handle: GlobalComHandle, module, args) -> None:
         if self._capturing:
-            handle._pending_scores[:] = [cosine_scores(args[0])]  # Eq. 7 per tile, (T, g*g)
+            super()._cosine_hook(handle, module, args)  # Eq. 7 per tile, (T, g*g)
 
     # -- counts ------------------------------------------------------------------------------------------------
     def geometry(self, height: int, width: int) -> OneVisionGeometry:
