@@ -95,40 +95,45 @@ class LlavaNextAdapter:
             )
         if self.config.mode == "budget" and self.processor is None:
             raise ValueError("mode='budget' needs the processor (it emits the compressed placeholder count)")
-        if self.processor is not None:
-            _, proc_cls, *_ = _hf()
-            if not isinstance(self.processor, proc_cls):
-                raise TypeError(
-                    f"processor must be a LlavaNextProcessor for {type(self.model).__name__}, "
-                    f"got {type(self.processor).__name__}"
-                )
-            ip = self.processor.image_processor
-            if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in self.pinpoints]:
-                raise ValueError(
-                    "processor/model mismatch: image_grid_pinpoints differ "
-                    f"({ip.image_grid_pinpoints} vs {self.pinpoints})"
-                )
-            if self.processor.patch_size is not None and int(self.processor.patch_size) != self.patch_size:
-                raise ValueError(
-                    f"processor/model mismatch: patch_size {self.processor.patch_size} vs {self.patch_size}"
-                )
-            crop = _height_width(getattr(ip, "crop_size", None))
-            if crop is not None and crop != (self.tile, self.tile):
-                raise ValueError(
-                    f"processor/model mismatch: the image processor cuts {crop[0]}x{crop[1]} px tiles, "
-                    f"the vision tower takes {self.tile}x{self.tile}"
-                )
-            token_id = getattr(self.processor, "image_token_id", None)
-            if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
-                raise ValueError(
-                    f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
-                )
-            p_strategy = getattr(self.processor, "vision_feature_select_strategy", None)
-            if p_strategy is not None and p_strategy != strategy:
-                raise ValueError(
-                    f"processor/model mismatch: vision_feature_select_strategy {p_strategy!r} vs {strategy!r} "
-                    "(the processor's placeholder count would be off by one per image)"
-                )
+        if self.processor is None:
+            return
+        self.check_processor(_hf()[1], strategy)
+        ip = self.processor.image_processor
+        if self.processor.patch_size is not None and int(self.processor.patch_size) != self.patch_size:
+            raise ValueError(
+                f"processor/model mismatch: patch_size {self.processor.patch_size} vs {self.patch_size}"
+            )
+        crop = _height_width(getattr(ip, "crop_size", None))
+        if crop is not None and crop != (self.tile, self.tile):
+            raise ValueError(
+                f"processor/model mismatch: the image processor cuts {crop[0]}x{crop[1]} px tiles, "
+                f"the vision tower takes {self.tile}x{self.tile}"
+            )
+
+    def check_processor(self, processor_class: Any, strategy: str) -> None:
+        """The processor checks every anyres family shares: class, pinpoints, image token, feature strategy."""
+        processor: Any = self.processor
+        if not isinstance(processor, processor_class):
+            raise TypeError(
+                f"processor must be a {processor_class.__name__} for {type(self.model).__name__}, "
+                f"got {type(processor).__name__}"
+            )
+        ip = processor.image_processor
+        if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in self.pinpoints]:
+            raise ValueError(
+                f"processor/model mismatch: image_grid_pinpoints differ ({ip.image_grid_pinpoints} vs {self.pinpoints})"
+            )
+        token_id = getattr(processor, "image_token_id", None)
+        if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
+            raise ValueError(
+                f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
+            )
+        p_strategy = getattr(self.processor, "vision_feature_select_strategy", None)
+        if p_strategy is not None and p_strategy != strategy:
+            raise ValueError(
+                f"processor/model mismatch: vision_feature_select_strategy {p_strategy!r} vs {strategy!r} "
+                "(the processor's placeholder count would be off by one per image)"
+            )
 
     # -- installation ------------------------------------------------------------------------------------------
     def install(self, handle: GlobalComHandle) -> None:

@@ -140,18 +140,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise ValueError("mode='budget' needs the processor (it emits the compressed placeholder count)")
         if self.processor is None:
             return
-        _, proc_cls, _ = _hf()
-        if not isinstance(self.processor, proc_cls):
-            raise TypeError(
-                f"processor must be a LlavaOnevisionProcessor for {type(self.model).__name__}, "
-                f"got {type(self.processor).__name__}"
-            )
-        ip = self.processor.image_processor
-        if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in self.pinpoints]:
-            raise ValueError(
-                "processor/model mismatch: image_grid_pinpoints differ "
-                f"({ip.image_grid_pinpoints} vs {self.pinpoints})"
-            )
+        self.check_processor(_hf()[1], strategy)
         side = int(math.sqrt(self.processor.num_image_tokens or 0))
         if side != self.g:
             raise ValueError(
@@ -162,17 +151,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise ValueError(
                 "processor/model mismatch: vision_aspect_ratio "
                 f"{self.processor.vision_aspect_ratio!r} vs {self.vision_aspect_ratio!r}"
-            )
-        p_strategy = getattr(self.processor, "vision_feature_select_strategy", None)
-        if p_strategy is not None and p_strategy != strategy:
-            raise ValueError(
-                f"processor/model mismatch: vision_feature_select_strategy {p_strategy!r} vs {strategy!r} "
-                "(the processor's placeholder count would be off by one per image)"
-            )
-        token_id = getattr(self.processor, "image_token_id", None)
-        if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
-            raise ValueError(
-                f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
             )
 
     # -- installation ------------------------------------------------------------------------------------------
