@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .adapters import adapter_for
-from .adapters.base import GlobalComHandle, existing_handle
+from .adapters.base import GlobalComHandle, install
 from .config import GlobalComConfig
 
 
@@ -15,8 +15,8 @@ def apply(
     """Patch ``model`` and ``processor`` in place for GlobalCom² compression and return the handle.
 
     Args:
-        model: a Hugging Face ``LlavaNextForConditionalGeneration`` (as loaded by ``from_pretrained``).
-        processor: its ``LlavaNextProcessor`` (required in budget mode, which is the default).
+        model: a supported Hugging Face model (LLaVA-NeXT, LLaVA-OneVision, InternVL), as ``from_pretrained`` loads it.
+        processor: its processor (required in budget mode, the default, and always for InternVL).
         config: a :class:`GlobalComConfig`; keyword ``options`` override its fields
             (ratio, mode, allocation, scoring, alpha, tau, score, importance).
 
@@ -24,24 +24,10 @@ def apply(
         A :class:`GlobalComHandle`: ``.plans`` after each forward, ``.remove()`` to undo, usable as a context manager.
 
     Raises:
-        ValueError / TypeError: bad options, unsupported model or processor, or ``apply`` twice on one model.
-        Every check runs before anything is patched, so a failed call leaves model and processor untouched.
+        ValueError / TypeError (or their subclasses in :mod:`globalcom2.adapters.errors`): bad options, unsupported
+        model or processor, or ``apply`` twice on one model. Every check runs before anything is patched, so a
+        failed call leaves model and processor untouched.
     """
     cfg = GlobalComConfig.from_kwargs(config, **options)
-    adapter_cls = adapter_for(model)
-    for obj, what in ((model, "model"), (processor, "processor")):
-        if obj is not None and existing_handle(obj) is not None:
-            raise ValueError(
-                f"GlobalCom² is already applied to this {what}; call .remove() on its handle first"
-            )
-    adapter = adapter_cls(model, processor, cfg)
-    adapter.check()
-    handle = GlobalComHandle(model, processor, cfg)
-    handle.adapter = adapter  # type: ignore[attr-defined]
-    try:
-        adapter.install(handle)
-        handle.mark()
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
+    adapter = adapter_for(model)(model, processor, cfg)
+    return install(adapter, method="globalcom2", method_options=cfg.to_dict())

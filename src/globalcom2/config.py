@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .core.allocation import ALLOCATIONS
 from .core.scores import SCORE_KINDS
-from .core.selection import SCORINGS
+from .core.select import MODES, SCORINGS
 
-MODES = ("budget", "reference")
 IMPORTANCES = ("auto", "cls", "cosine")
 
 

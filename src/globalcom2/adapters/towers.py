@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UnsupportedModelError
+
 
 @dataclass
 class TowerInfo:
@@ -28,7 +30,7 @@ def describe_tower(tower: Any) -> TowerInfo:
     """Find the scoring pieces of a CLIP, DINOv2 or SigLIP vision tower.
 
     Raises:
-        TypeError: for a tower we do not know, naming the supported ones.
+        UnsupportedModelError (a TypeError): for a tower we do not know, naming the supported ones.
     """
     cls_name = type(tower).__name__
     cfg: Any = getattr(tower, "config", None)
@@ -51,7 +53,7 @@ def describe_tower(tower: Any) -> TowerInfo:
         )  # fmt: skip
     if cls_name in ("SiglipVisionModel", "SiglipVisionTransformer"):
         return TowerInfo("siglip", None, None, None, None, int(cfg.num_attention_heads), 0, False)
-    raise TypeError(
+    raise UnsupportedModelError(
         f"unsupported vision tower {cls_name}; GlobalCom² supports CLIPVisionModel, Dinov2Model "
         "([CLS] scores) and SiglipVisionModel (cosine scores, Eq. 7)"
     )

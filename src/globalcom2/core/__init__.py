@@ -1,33 +1,47 @@
-"""Pure-torch core of GlobalCom²: scores, allocation, selection, geometry and the `Plan` record.
+"""Pure-torch core of GlobalCom²: scores, allocation, the one selection, counts and the `Plan` record.
 
-Imports torch only; knows nothing about CLIP, LLaVA or Hugging Face.
+Imports torch only and names no model family: adapters reduce a tiled image to tensors (thumbnail scores, a crop
+table, valid cells, sub-maps, the region map) and call :func:`select_tokens`.
 """
 
 from .allocation import ALLOCATIONS, allocate_ratios, crop_richness
-from .budget import budget_num_tokens, full_num_tokens, split_budget
-from .geometry import global_submaps, thumbnail_region_map, valid_box
+from .budget import budget_counts, split_budget
+from .layout import CropLayout, grid_to_tiles, thumbnail_region_map, tiles_to_grid
 from .plan import Plan
-from .planner import plan_image, plan_single_tile
+from .resize import bilinear_resize
 from .scores import SCORE_KINDS, cls_attention_scores, cosine_scores
-from .selection import SCORINGS, holistic_scores, topk_mask
+from .select import (
+    MODES,
+    SCORINGS,
+    Selection,
+    descending_rank,
+    holistic_scores,
+    select_tokens,
+    top_indices,
+    topk_mask,
+)
 
 __all__ = [
     "ALLOCATIONS",
+    "MODES",
     "SCORE_KINDS",
     "SCORINGS",
+    "CropLayout",
     "Plan",
+    "Selection",
     "allocate_ratios",
-    "budget_num_tokens",
+    "bilinear_resize",
+    "budget_counts",
     "cls_attention_scores",
     "cosine_scores",
     "crop_richness",
-    "full_num_tokens",
-    "global_submaps",
+    "descending_rank",
+    "grid_to_tiles",
     "holistic_scores",
-    "plan_image",
-    "plan_single_tile",
+    "select_tokens",
     "split_budget",
     "thumbnail_region_map",
+    "tiles_to_grid",
+    "top_indices",
     "topk_mask",
-    "valid_box",
 ]

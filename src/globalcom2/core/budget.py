@@ -1,34 +1,31 @@
-"""Token counts: the uncompressed LLaVA-NeXT count, the budget-mode count, and the budget split over crops.
+"""The one count function of budget mode, and the budget split over crops (paper Eq. 4 weights).
 
-Budget mode (our default) makes the number of visual tokens a function of the image size and R only, so the
-processor can emit exactly that many ``<image>`` placeholders before any forward:
+Budget mode (the default) makes the number of kept visual tokens a function of the image geometry and R only, so a
+processor can emit exactly that many placeholders before any forward. For a thumbnail of N tokens and crops with
+N_j valid tokens each:
 
-    num_tokens = int(N * R) + int(R * sum_j N_j) + valid_rows
+    thumbnail keeps int(N * R);  the crops keep K = int(R * sum_j N_j) in total
 
-N = g*g thumbnail tokens, N_j the unpadded tokens of crop j, valid_rows the unpadded rows of the crop grid (one
-newline token each). The crop total K = int(R * sum_j N_j) is split over crops by the adaptive weights r_j * N_j
-(paper Eq. 4) with largest remainders, capped at N_j.
+(``int(R * (h*w))``, the integer sum first: ``R * h * w`` rounds differently, e.g. 0.57 * 62 * 150 -> 5300 but
+0.57 * 9300 -> 5301). K is split over crops by the adaptive weights r_j * N_j (:func:`split_budget`). Every family
+adds its own layout tokens (LLaVA's newline per row) on top; every processor patch, plan, baseline and the vLLM
+plugin call :func:`budget_counts` for the two numbers above.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .geometry import valid_box
 
+def budget_counts(num_thumbnail_tokens: int, num_crop_tokens: int, ratio: float) -> tuple[int, int]:
+    """Budget mode's kept-token counts ``(int(N * R), int(R * sum_j N_j))`` (module docstring).
 
-def full_num_tokens(orig_height: int, orig_width: int, rows: int, cols: int, g: int) -> int:
-    """Image tokens of an uncompressed LLaVA-NeXT image: thumbnail + unpadded crops + one newline per valid row."""
-    top, bottom, left, right = valid_box(orig_height, orig_width, rows * g, cols * g)
-    return g * g + (bottom - top) * (right - left) + (bottom - top)
-
-
-def budget_num_tokens(orig_height: int, orig_width: int, rows: int, cols: int, g: int, ratio: float) -> int:
-    """Image tokens handed to the LLM in budget mode (the formula in the module docstring)."""
-    top, bottom, left, right = valid_box(orig_height, orig_width, rows * g, cols * g)
-    # int(R * (h*w)), not int(R * h * w): the two round differently (0.57 * 62 * 150 -> 5300, 0.57 * 9300 -> 5301),
-    # and the documented count is R times the integer sum of N_j.
-    return int(g * g * ratio) + int(ratio * ((bottom - top) * (right - left))) + (bottom - top)
+    Args:
+        num_thumbnail_tokens: N, tokens of the thumbnail (global view).
+        num_crop_tokens: sum_j N_j, valid tokens of all crops together (0 when there are none).
+        ratio: R.
+    """
+    return int(num_thumbnail_tokens * ratio), int(ratio * num_crop_tokens)
 
 
 def split_budget(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:

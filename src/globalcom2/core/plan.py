@@ -1,4 +1,4 @@
-"""The `Plan` record: which visual tokens of one image survive compression (paper Eq. 6).
+"""The `Plan` record: which visual tokens of one image survive compression (paper Eq. 6), in every family.
 
 Masks are the canonical record; visualisation, tests and the emission order are derived from them.
 """
@@ -10,22 +10,30 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _empty_long() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
+
+
 @dataclass
 class Plan:
-    """Kept-token record of one image.
+    """Kept-token record of one image; every family fills in the same fields.
 
     Attributes:
-        grid: ``(rows, cols)`` of local crops (``(0, 0)`` for an image that produced a single tile).
-        thumbnail_mask: Bool ``(g, g)``; True = kept thumbnail token.
-        crops_mask: Bool ``(rows*g, cols*g)`` over the **padded** crop grid in image layout; padded cells are False.
+        grid: ``(rows, cols)`` of local crops (``(0, 0)`` for an image encoded as a single tile).
+        thumbnail_mask: Bool ``(g, g)``; True = kept thumbnail (global view) token.
+        crops_mask: Bool ``(rows*g, cols*g)``: the crops drawn in image layout on their padded patch grid
+            (LLaVA) or merged-token grid (InternVL); padded cells are False.
         crop_ratios: ``(rows*cols,)`` retention ratio r_j per crop, row-major (paper Eq. 4).
-        num_tokens: image tokens handed to the LLM, newline tokens included.
+        num_tokens: image tokens handed to the LLM, layout tokens (newlines) included.
         num_tokens_full: the same count without compression.
-        valid_box: ``(top, bottom, left, right)`` of the unpadded area inside the padded crop grid.
-        crop_keep_counts: ``(rows*cols,)`` tokens kept per crop.
-        crop_valid_counts: ``(rows*cols,)`` valid (unpadded) tokens N_j per crop.
+        valid_box: ``(top, bottom, left, right)`` of the unpadded area of the crop grid.
+        crop_keep_counts: Long ``(rows*cols,)`` tokens kept per crop.
+        crop_valid_counts: Long ``(rows*cols,)`` valid (unpadded) tokens N_j per crop.
         mode: ``"budget"`` or ``"reference"``.
-        thumbnail_order: indices (into the flattened g*g thumbnail) in the order they are emitted.
+        thumbnail_order: kept thumbnail token indices (flattened ``g*g``) in the order they are emitted.
+        token_mask: family extra: Bool ``(H, W)`` kept crop tokens on the grid the LLM receives, when that grid
+            is not ``crops_mask``'s (LLaVA-OneVision down-samples large crop grids); None otherwise.
+        token_grid: family extra: ``(H, W)`` of ``token_mask``; None otherwise.
     """
 
     grid: tuple[int, int]
@@ -35,10 +43,12 @@ class Plan:
     num_tokens: int
     num_tokens_full: int
     valid_box: tuple[int, int, int, int] = (0, 0, 0, 0)
-    crop_keep_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    crop_valid_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    crop_keep_counts: torch.Tensor = field(default_factory=_empty_long)
+    crop_valid_counts: torch.Tensor = field(default_factory=_empty_long)
     mode: str = "budget"
     thumbnail_order: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    token_grid: tuple[int, int] | None = None
 
     @property
     def patches_per_side(self) -> int:
@@ -55,15 +65,19 @@ class Plan:
 
     def summary(self) -> dict:
         """JSON-friendly summary (counts and per-crop ratios)."""
-        return {
+        crops = self.token_mask if self.token_mask is not None else self.crops_mask
+        out = {
             "grid": list(self.grid),
             "mode": self.mode,
             "num_tokens": self.num_tokens,
             "num_tokens_full": self.num_tokens_full,
             "keep_ratio": round(self.keep_ratio, 4),
             "thumbnail_kept": int(self.thumbnail_mask.sum()),
-            "crops_kept": int(self.crops_mask.sum()),
+            "crops_kept": int(crops.sum()),
             "crop_ratios": [round(float(r), 4) for r in self.crop_ratios],
             "crop_keep_counts": [int(c) for c in self.crop_keep_counts],
             "crop_valid_counts": [int(c) for c in self.crop_valid_counts],
         }
+        if self.token_grid is not None:
+            out["token_grid"] = list(self.token_grid)
+        return out

@@ -1,0 +1,342 @@
+"""LLaVA "anyres" tiling (LLaVA-NeXT, LLaVA-OneVision): thumbnail first, then the unpadded crop grid + newlines.
+
+The shared part of the two LLaVA families, written once:
+
+- **Geometry.** The anyres pinpoints pick a ``rows x cols`` grid of crops; the crops form a padded
+  ``(rows*g) x (cols*g)`` patch grid of which the image fills a centred *valid box* (:func:`valid_box`, HF's
+  ``unpad_image`` rule). The LLM receives the thumbnail's ``g*g`` tokens, then the crop tokens of the valid box
+  (LLaVA-OneVision may down-sample them, see its adapter) row by row, each row followed by ``image_newline``.
+- **Selection.** HF's own ``pack_image_features`` runs unchanged; the patched one then picks rows of its output:
+  the kept thumbnail tokens, the kept crop tokens and the newlines, for every image of the batch
+  (:meth:`AnyresAdapter.plan_image` builds the :func:`~globalcom2.core.select.select_tokens` call).
+- **Budget count.** ``int(g*g*R) + int(R*H*W) + H`` for a crop token grid of ``H x W``
+  (:func:`~globalcom2.core.budget.budget_counts` plus one newline per row); the processor's
+  ``_get_number_of_features`` is patched on the instance to return it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.budget import budget_counts
+from ..core.layout import CropLayout, grid_to_tiles, thumbnail_region_map, tiles_to_grid
+from ..core.plan import Plan
+from ..core.resize import bilinear_resize
+from ..core.select import Selection, select_tokens
+from .base import GlobalComHandle
+from .errors import IncompatibleProcessorError
+from .family import FamilyAdapter
+
+Box = tuple[int, int, int, int]  # (top, bottom, left, right), half-open, in patch cells
+
+
+def valid_box(orig_height: int, orig_width: int, grid_height: int, grid_width: int) -> Box:
+    """Unpadded area of the padded crop grid, by the rule of HF's ``unpad_image`` (LLaVA-NeXT / OneVision).
+
+    Args:
+        orig_height, orig_width: original image size in pixels.
+        grid_height, grid_width: padded crop grid in patch cells, ``rows*g`` and ``cols*g``.
+
+    Returns:
+        ``(top, bottom, left, right)``; the image's tokens are ``grid[top:bottom, left:right]``.
+    """
+    if orig_height <= 0 or orig_width <= 0:
+        raise ValueError(f"image size must be positive, got {orig_height}x{orig_width} (height x width)")
+    if orig_width / orig_height > grid_width / grid_height:
+        new_height = int(round(orig_height * (grid_width / orig_width), 7))
+        pad = (grid_height - new_height) // 2
+        return pad, grid_height - pad, 0, grid_width
+    new_width = int(round(orig_width * (grid_height / orig_height), 7))
+    pad = (grid_width - new_width) // 2
+    return 0, grid_height, pad, grid_width - pad
+
+
+def anyres_grid(image_size: tuple[int, int], pinpoints: list, tile: int) -> tuple[int, int]:
+    """Crop grid (rows, cols) that anyres picks for an image of ``(height, width)`` pixels."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution(list(image_size), pinpoints)
+    return best_h // tile, best_w // tile
+
+
+def footprint(token_mask: torch.Tensor, box: Box, padded: tuple[int, int]) -> torch.Tensor:
+    """Spread a crop-token mask back onto the padded patch grid (each patch takes the token that covers it).
+
+    Patch ``(top + i, left + j)`` of the valid box lies under token ``(i * H // h, j * W // w)``; padding stays
+    False. Without down-sampling (``H x W == h x w``) this places the mask in the box.
+    """
+    top, bottom, left, right = box
+    h, w = bottom - top, right - left
+    out = torch.zeros(padded, dtype=torch.bool, device=token_mask.device)
+    big, small = token_mask.shape
+    if h > 0 and w > 0 and big > 0 and small > 0:
+        ri = torch.arange(h, device=token_mask.device) * big // h
+        ci = torch.arange(w, device=token_mask.device) * small // w
+        out[top:bottom, left:right] = token_mask[ri][:, ci]
+    return out
+
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """Where one image's tokens sit (all in patch cells).
+
+    Attributes:
+        grid: ``(rows, cols)`` of crops chosen by the anyres pinpoints.
+        g: patches per tile side.
+        box: valid area ``(top, bottom, left, right)`` of the padded ``(rows*g) x (cols*g)`` grid.
+        token_grid: ``(H, W)`` crop tokens the LLM receives (the box's size unless the family down-samples).
+    """
+
+    grid: tuple[int, int]
+    g: int
+    box: Box
+    token_grid: tuple[int, int]
+
+    @property
+    def resampled(self) -> bool:
+        top, bottom, left, right = self.box
+        return self.token_grid != (bottom - top, right - left)
+
+    def num_tokens(self, ratio: float | None, newline: bool = True) -> int:
+        """Image tokens handed to the LLM: uncompressed (``ratio=None``) or in budget mode."""
+        h, w = self.token_grid
+        thumb, crops = (self.g**2, h * w) if ratio is None else budget_counts(self.g**2, h * w, ratio)
+        return thumb + crops + (h if newline else 0)
+
+
+class AnyresAdapter(FamilyAdapter):
+    """Shared base of the LLaVA-NeXT and LLaVA-OneVision adapters (see the module docstring)."""
+
+    def __init__(self, model: Any, processor: Any, config: Any) -> None:
+        super().__init__(model, processor, config)
+        vcfg = model.config.vision_config
+        self.tile = int(vcfg.image_size)
+        self.patch_size = int(vcfg.patch_size)
+        self.g = self.tile // self.patch_size
+        self.pinpoints = model.config.image_grid_pinpoints
+
+    # -- checks ----------------------------------------------------------------------------------------------
+    def check_processor(self) -> None:
+        processor: Any = self.processor
+        ip = processor.image_processor
+        if [list(p) for p in ip.image_grid_pinpoints] != [list(p) for p in self.pinpoints]:
+            raise IncompatibleProcessorError(
+                f"processor/model mismatch: image_grid_pinpoints differ ({ip.image_grid_pinpoints} vs {self.pinpoints})"
+            )
+        strategy = self.model.config.vision_feature_select_strategy
+        p_strategy = getattr(processor, "vision_feature_select_strategy", None)
+        if p_strategy is not None and p_strategy != strategy:
+            raise IncompatibleProcessorError(
+                f"processor/model mismatch: vision_feature_select_strategy {p_strategy!r} vs {strategy!r} "
+                "(the processor's placeholder count would be off by one per image)"
+            )
+
+    # -- geometry (families override token_grid / token_blocks / token_scores) ------------------------------------
+    def geometry(self, image_size: tuple[int, int], *, tile: int | None = None, g: int | None = None,
+                 **options: Any) -> AnyresGeometry:  # fmt: skip
+        """Tiling of one image of ``(height, width)`` pixels."""
+        tile = self.tile if tile is None else tile
+        g = self.g if g is None else g
+        rows, cols = anyres_grid(image_size, self.pinpoints, tile)
+        box = valid_box(int(image_size[0]), int(image_size[1]), rows * g, cols * g)
+        return AnyresGeometry((rows, cols), g, box, self.token_grid(box, g, **options))
+
+    def token_grid(self, box: Box, g: int, **options: Any) -> tuple[int, int]:
+        """``(H, W)`` of the crop tokens the LLM receives: the valid box itself."""
+        return box[1] - box[0], box[3] - box[2]
+
+    def token_blocks(self, geo: AnyresGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop row / column of every row / column of the token grid: the crop holding that patch."""
+        top, bottom, left, right = geo.box
+        return torch.arange(top, bottom) // geo.g, torch.arange(left, right) // geo.g
+
+    def token_scores(self, crop_scores: torch.Tensor, geo: AnyresGeometry) -> torch.Tensor:
+        """Local scores on the token grid from the ``(h, w)`` scores of the valid box: the box itself."""
+        return crop_scores
+
+    # -- counts --------------------------------------------------------------------------------------------------
+    def processor_patch_size(self) -> int:
+        return int(self.processor.patch_size)
+
+    def _num_features(self, original: Any, orig_height: int, orig_width: int, height: int, width: int) -> int:
+        """Processor-side count in budget mode: HF's count with the thumbnail and crop terms swapped in."""
+        geo = self.geometry((orig_height, orig_width), tile=height, g=height // self.processor_patch_size())
+        hf = original(orig_height, orig_width, height, width)
+        return hf - geo.num_tokens(None) + self.count_tokens(geo)
+
+    def count_tokens(self, geo: AnyresGeometry, newline: bool = True) -> int:
+        """Budget-mode image tokens of one image (baselines with other counts override this)."""
+        return geo.num_tokens(self.config.ratio, newline)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image tokens the LLM receives for one image of ``height x width`` pixels in budget mode."""
+        return self.count_tokens(self.geometry((height, width)))
+
+    def install_budget_counts(self, handle: GlobalComHandle) -> None:
+        original = self.processor._get_number_of_features
+        handle.patch(
+            self.processor, "_get_number_of_features", functools.partial(self._num_features, original)
+        )
+
+    # -- selection (wraps pack_image_features) -------------------------------------------------------------------
+    def install_family(self, handle: GlobalComHandle) -> None:
+        original = self.inner.pack_image_features
+        handle.patch(self.inner, "pack_image_features", self._packing(handle, original))
+
+    def _packing(self, handle: GlobalComHandle, original: Any) -> Any:
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def pack_image_features(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            packed, _ = original(*args, **kwargs)
+            plans, out = self.select_packed(handle, packed, bound.arguments)
+            handle.publish(plans)
+            lens = torch.tensor([int(x.shape[0]) for x in out], dtype=torch.long, device=packed[0].device)
+            return out, lens
+
+        return pack_image_features
+
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        """Pick the kept rows of HF's packed sequence of every image; returns (plans, kept rows)."""
+        scores = self.take_scores(handle)
+        features = arguments["image_features"]
+        image_sizes = arguments["image_sizes"]
+        sizes = (
+            image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        )
+        newline = arguments.get("image_newline") is not None
+        options = self.geometry_options(arguments)
+        plans, out, offset = [], [], 0
+        for feats, seq, (h, w) in zip(features, packed, sizes, strict=True):
+            num_tiles = int(feats.shape[0])
+            tile_scores = scores[offset : offset + num_tiles].to(seq.device)
+            offset += num_tiles
+            if num_tiles == 1:  # a single tile (multi-image prompts, tiny images): never compressed
+                plan, index = self.plan_single_tile(newline, seq.device)
+            else:
+                plan, index = self.plan_image(
+                    tile_scores, self.geometry((int(h), int(w)), **options), newline
+                )
+            if seq.shape[0] != plan.num_tokens_full:
+                raise RuntimeError(
+                    f"GlobalCom²: HF packed {seq.shape[0]} tokens for an image of {h}x{w}, the {self.family} "
+                    f"geometry gives {plan.num_tokens_full}; this transformers version packs differently"
+                )
+            out.append(seq[index])
+            plans.append(plan)
+        if offset != scores.shape[0]:
+            raise RuntimeError(f"GlobalCom²: {scores.shape[0]} tiles were scored but {offset} were packed")
+        return plans, out
+
+    def geometry_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Geometry options taken from ``pack_image_features``' arguments (none by default)."""
+        return {}
+
+    def plan_single_tile(self, newline: bool, device: Any) -> tuple[Plan, torch.Tensor]:
+        """An image encoded as one tile is not compressed: its g*g tokens (plus a newline if HF adds one)."""
+        n = self.g * self.g + int(newline)
+        plan = Plan(
+            grid=(0, 0),
+            thumbnail_mask=torch.ones(self.g, self.g, dtype=torch.bool, device=device),
+            crops_mask=torch.zeros(0, 0, dtype=torch.bool, device=device),
+            crop_ratios=torch.zeros(0, device=device),
+            num_tokens=n,
+            num_tokens_full=n,
+            mode=self.config.mode,
+            thumbnail_order=torch.arange(self.g * self.g, device=device),
+        )
+        return plan, torch.arange(n, device=device)
+
+    def select(self, tile_scores: torch.Tensor, geo: AnyresGeometry) -> tuple[Selection, CropLayout]:
+        """Reduce one image to the core's inputs and run :func:`~globalcom2.core.select.select_tokens`."""
+        cfg = self.config
+        rows, cols = geo.grid
+        g = geo.g
+        top, bottom, left, right = geo.box
+        crops = tiles_to_grid(tile_scores[1:].float().reshape(rows * cols, g, g), rows, cols)
+        local = self.token_scores(crops[top:bottom, left:right], geo)
+        layout = CropLayout.from_blocks(*self.token_blocks(geo), geo.grid)
+        layout = CropLayout(layout.grid, layout.shape, layout.width, layout.slot.to(local.device))
+        thumb = tile_scores[0].float()
+        global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
+        sel = select_tokens(
+            thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(local.device),
+            layout.to_table(global_map), thumbnail_region_map(g, rows, cols, device=local.device),
+            ratio=cfg.ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
+            tau=cfg.tau,
+        )  # fmt: skip
+        return sel, layout
+
+    def plan_image(
+        self, tile_scores: torch.Tensor, geo: AnyresGeometry, newline: bool = True
+    ) -> tuple[Plan, torch.Tensor]:
+        """Plan one image from its ``(1 + rows*cols, g*g)`` tile scores (thumbnail first, crops row-major).
+
+        Returns:
+            ``(plan, index)``; ``index`` picks the kept tokens from HF's packed sequence
+            ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]``.
+        """
+        sel, layout = self.select(tile_scores, geo)
+        keep = layout.from_table(sel.crop_keep)  # (H, W)
+        index = self.emission_index(sel, layout, keep, geo, newline)
+        rows, cols = geo.grid
+        plan = Plan(
+            grid=geo.grid,
+            thumbnail_mask=sel.thumbnail_keep.reshape(geo.g, geo.g),
+            crops_mask=footprint(keep, geo.box, (rows * geo.g, cols * geo.g)),
+            crop_ratios=sel.crop_ratios,
+            num_tokens=int(index.numel()),
+            num_tokens_full=geo.num_tokens(None, newline),
+            valid_box=geo.box,
+            crop_keep_counts=sel.crop_keep_counts,
+            crop_valid_counts=sel.crop_valid_counts,
+            mode=self.config.mode,
+            thumbnail_order=sel.thumbnail_order,
+            token_mask=keep if geo.resampled else None,
+            token_grid=geo.token_grid if geo.resampled else None,
+        )
+        if self.config.mode == "budget" and plan.num_tokens != self.count_tokens(geo, newline):
+            raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
+        return plan, index
+
+    def packed_positions(self, geo: AnyresGeometry, newline: bool, device: Any) -> torch.Tensor:
+        """Long ``(H, W + newline)``: position of every crop token (and row newline) in HF's packed sequence."""
+        height, width = geo.token_grid
+        per_row = width + int(newline)
+        return geo.g**2 + torch.arange(height * per_row, device=device).reshape(height, per_row)
+
+    def emission_index(self, sel: Selection, layout: CropLayout, keep: torch.Tensor, geo: AnyresGeometry,
+                       newline: bool) -> torch.Tensor:  # fmt: skip
+        """Kept tokens in HF's own order: thumbnail, then the crop grid row by row with its newlines."""
+        positions = self.packed_positions(geo, newline, keep.device)
+        row_mask = torch.cat([keep, keep.new_ones(keep.shape[0], int(newline))], dim=1)
+        return torch.cat([sel.thumbnail_order.to(keep.device), positions[row_mask]])
+
+    # -- reference mode and the vision side --------------------------------------------------------------------
+    def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
+        features = self.inner.get_image_features(
+            kwargs.pop("pixel_values"),
+            kwargs.pop("image_sizes"),
+            vision_feature_layer=kwargs.pop("vision_feature_layer", None),
+            vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
+            return_dict=True,
+        )
+        return {"image": features}
+
+    def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Plan:
+        inputs = self.processor.image_processor(images=[image], return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        with torch.no_grad():
+            self.inner.get_image_features(pixel_values, inputs["image_sizes"].to(self.model.device))
+        return handle.state.plans[0]  # type: ignore[index]
+
+
+__all__ = ["AnyresAdapter", "AnyresGeometry", "anyres_grid", "footprint", "grid_to_tiles", "valid_box"]

@@ -1,0 +1,298 @@
+"""`FamilyAdapter`: everything a model family shares (checks, scoring hooks, placeholder checks, reference mode).
+
+A family adapter is the diff from this base (as transformers' modular files are): it names its classes and
+overrides a handful of hooks -- its tower description, its processor checks and counts, and how a tiled image's
+scores become a :func:`~globalcom2.core.select.select_tokens` call and a token order.
+
+What the base patches (on instances only; all recorded on the handle and undone by ``remove()``):
+
+- a forward pre-hook on the vision tower's **last** layer computes the [CLS]-row scores of paper Eq. 1 from that
+  layer's input under any attention implementation (SDPA/Flash stay on; no ``output_attentions``); for
+  ``importance="cosine"`` a pre-hook on the projector computes Eq. 7 on its input instead. Both record only while
+  the patched ``get_image_features`` runs, into the calling thread's :class:`~globalcom2.adapters.base.ForwardState`;
+- ``get_image_features`` (opens that capture scope; families may post-process its output);
+- ``get_placeholder_mask``: first checks, image by image, that the prompts hold exactly the placeholders the plans
+  need, and says how to fix it when they do not;
+- ``forward``/``generate`` in reference mode (and for families that pass extra inputs): the official per-crop counts
+  depend on the scores, so the processor cannot know them; the call encodes the images first and resizes each
+  image's placeholder run to its plan's count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import GlobalComConfig
+from ..core.scores import cls_attention_scores, cosine_scores
+from .base import GlobalComHandle
+from .errors import IncompatibleProcessorError, UnsupportedModelError
+from .placeholders import check_placeholders, pad_token_id, placeholder_positions, shrink_placeholders
+from .towers import TowerInfo, describe_tower
+
+
+class FamilyAdapter:
+    """Shared base of the family adapters; instantiated by :func:`globalcom2.apply`.
+
+    Class attributes a family sets: ``family`` (registry name), ``model_class_name``, ``processor_class_name``,
+    ``wraps_calls`` (patch ``forward``/``generate`` in budget mode too, for :meth:`call_context`).
+    """
+
+    family: ClassVar[str]
+    model_class_name: ClassVar[str]
+    processor_class_name: ClassVar[str]
+    wraps_calls: ClassVar[bool] = False
+
+    def __init__(self, model: Any, processor: Any, config: GlobalComConfig) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.inner = model.model
+        self.tower: TowerInfo = self.describe_tower(self.inner.vision_tower)
+        self.importance = self._resolve_importance()
+
+    # -- identity ----------------------------------------------------------------------------------------------
+    @classmethod
+    def _transformers_class(cls, name: str) -> Any:
+        import transformers
+
+        return getattr(transformers, name)
+
+    @classmethod
+    def is_supported(cls, model: Any) -> bool:
+        # Exact class: subclasses of one family's model pack features differently (e.g. OneVision and NeXT).
+        return type(model).__name__ == cls.model_class_name and type(model) is cls._transformers_class(
+            cls.model_class_name
+        )
+
+    def describe_tower(self, tower: Any) -> TowerInfo:
+        """The scoring pieces of this family's vision tower (override for family-specific towers)."""
+        return describe_tower(tower)
+
+    def _resolve_importance(self) -> str:
+        imp = self.config.importance
+        if imp == "auto":
+            return "cls" if self.tower.has_cls else "cosine"
+        if imp == "cls" and not self.tower.has_cls:
+            raise ValueError(
+                f"`importance='cls'` needs a vision tower with a [CLS] token; {self.tower.name} has none "
+                "(use importance='cosine' or 'auto')"
+            )
+        return imp
+
+    # -- checks (run before anything is patched) ---------------------------------------------------------------
+    def check(self) -> None:
+        """Every check, before anything is patched: the model's, then the processor's."""
+        self.check_model()
+        if self.processor is None:
+            if self.config.mode == "budget" or self.needs_processor():
+                raise ValueError(
+                    f"{self.model_class_name} in mode={self.config.mode!r} needs the processor: "
+                    f"{self.processor_needed_because()}; pass it as apply(model, processor, ...)"
+                )
+            return
+        processor_class = self._transformers_class(self.processor_class_name)
+        if not isinstance(self.processor, processor_class):
+            raise UnsupportedModelError(
+                f"processor must be a {self.processor_class_name} for {type(self.model).__name__}, "
+                f"got {type(self.processor).__name__}"
+            )
+        token_id = getattr(self.processor, "image_token_id", None)
+        if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
+            raise IncompatibleProcessorError(
+                f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
+            )
+        self.check_processor()
+
+    def check_model(self) -> None:
+        """Family checks of the model (vision feature strategy, geometry)."""
+
+    def check_processor(self) -> None:
+        """Family checks of the processor against the model (tile size, pinpoints, ...)."""
+
+    def needs_processor(self) -> bool:
+        """Whether reference mode needs the processor too (budget mode always does)."""
+        return False
+
+    def processor_needed_because(self) -> str:
+        return "budget mode emits the compressed placeholder count from the processor"
+
+    # -- installation ------------------------------------------------------------------------------------------
+    def install(self, handle: GlobalComHandle) -> None:
+        self.install_scoring(handle)
+        inner = self.inner
+        handle.patch(inner, "get_image_features", self._encoding(handle, inner.get_image_features))
+        handle.patch(
+            inner, "get_placeholder_mask", self._placeholder_mask(handle, inner.get_placeholder_mask)
+        )
+        self.install_family(handle)
+        if self.config.mode == "budget" and self.processor is not None:
+            self.install_budget_counts(handle)
+        if self.config.mode == "reference" or self.wraps_calls:
+            for name in ("forward", "generate"):
+                handle.patch(self.model, name, self._model_call(handle, getattr(self.model, name), name))
+
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        """The scoring hook: [CLS] row of the last layer (Eq. 1) or Eq. 7 on the projector's input."""
+        if self.importance == "cls":
+            hook = self.tower.last_layer.register_forward_pre_hook(
+                functools.partial(self._cls_hook, handle), with_kwargs=True
+            )
+        else:
+            hook = self.inner.multi_modal_projector.register_forward_pre_hook(
+                functools.partial(self._cosine_hook, handle)
+            )
+        handle.add_hook(hook)
+
+    def install_family(self, handle: GlobalComHandle) -> None:
+        """Family patches beyond the shared ones (e.g. the feature packing)."""
+
+    def install_budget_counts(self, handle: GlobalComHandle) -> None:
+        """Patch the processor so that it emits the budget-mode placeholder count."""
+        raise NotImplementedError
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def pool_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-patch scores ``(T, P)`` -> per-token scores of what the LLM receives (identity by default)."""
+        return scores
+
+    @torch.no_grad()
+    def _cls_hook(self, handle: GlobalComHandle, module: Any, args: tuple, kwargs: dict) -> None:
+        state = handle.state
+        if not state.capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        t = self.tower
+        scores = cls_attention_scores(
+            hidden, norm=t.norm, q_proj=t.q_proj, k_proj=t.k_proj, num_heads=t.num_heads,
+            kind=self.config.score, num_prefix_tokens=t.num_prefix_tokens,
+        )  # fmt: skip
+        state.scores.append(self.pool_scores(scores))
+
+    @torch.no_grad()
+    def _cosine_hook(self, handle: GlobalComHandle, module: Any, args: tuple) -> None:
+        state = handle.state
+        if state.capturing:
+            state.scores.append(cosine_scores(args[0]))
+
+    def take_scores(self, handle: GlobalComHandle) -> torch.Tensor:
+        """The ``(tiles, tokens)`` scores recorded by this thread's current encode (and clear them)."""
+        state = handle.state
+        if not state.scores:
+            raise RuntimeError(
+                "GlobalCom²: no token scores were captured for these image features; the features must come "
+                "from the patched get_image_features of this model"
+            )
+        scores = torch.cat(state.scores, dim=0)
+        state.scores = []
+        return scores
+
+    # -- the capture scope (wraps get_image_features) ----------------------------------------------------------
+    def _encoding(self, handle: GlobalComHandle, original: Callable) -> Callable:
+        @functools.wraps(original)  # keeps the signature: generate() inspects it to pre-encode images
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            state = handle.state
+            extra = self.pop_encode_inputs(kwargs)
+            saved = state.scores
+            state.scores = []
+            state.capturing += 1
+            try:
+                out = original(*args, **kwargs)
+                return self.after_encode(handle, out, extra)
+            finally:
+                state.capturing -= 1
+                state.scores = saved
+
+        return get_image_features
+
+    def pop_encode_inputs(self, kwargs: dict) -> dict:
+        """Take family-only inputs off ``get_image_features``' keyword arguments (none by default)."""
+        return {}
+
+    def after_encode(self, handle: GlobalComHandle, out: Any, extra: dict) -> Any:
+        """Post-process ``get_image_features``' output (families that select there; identity by default)."""
+        return out
+
+    # -- placeholder check (wraps get_placeholder_mask) --------------------------------------------------------
+    def _placeholder_mask(self, handle: GlobalComHandle, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_placeholder_mask(input_ids: Any, inputs_embeds: Any = None, image_features: Any = None,
+                                 **kwargs: Any) -> Any:  # fmt: skip
+            if image_features is not None:
+                positions = placeholder_positions(
+                    self.inner, self.model.config.image_token_id, input_ids, inputs_embeds
+                )
+                rows = image_features.numel() // image_features.shape[-1]
+                check_placeholders(positions, rows, handle.state.plans or [], self.config)
+            return original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features, **kwargs)
+
+        return get_placeholder_mask
+
+    # -- forward / generate --------------------------------------------------------------------------------------
+    @contextmanager
+    def call_context(self, handle: GlobalComHandle, kwargs: dict) -> Iterator[None]:
+        """Per-call family state around ``forward``/``generate`` (e.g. inputs HF must not see). None by default."""
+        yield
+
+    def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
+        """Encode the images of a reference-mode call; pops what it consumed off ``kwargs``.
+
+        Returns:
+            ``mm_encoder_outputs`` for HF (``{"image": ...}``), or None to leave the call uncompressed.
+        """
+        raise NotImplementedError
+
+    def _model_call(self, handle: GlobalComHandle, original: Callable, name: str) -> Callable:
+        @functools.wraps(original)  # keeps the signature: generate() validates kwargs against forward's
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.call_context(handle, kwargs):
+                if self.config.mode == "reference":
+                    return self._reference_call(handle, original, name, args, kwargs)
+                return original(*args, **kwargs)
+
+        return call
+
+    def _reference_call(self, handle: GlobalComHandle, original: Callable, name: str, args: tuple,
+                        kwargs: dict) -> Any:  # fmt: skip
+        """Encode first, resize every image's placeholder run to its plan's count, then run HF's call."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if (
+            kwargs.get("pixel_values") is None
+            or input_ids is None
+            or kwargs.get("mm_encoder_outputs") is not None
+        ):
+            return original(*args, **kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], args[1:]
+        encoder_outputs = self.encode_for_reference(handle, kwargs)
+        if encoder_outputs is None:
+            return original(*args, **kwargs)
+        plans = handle.state.plans or []
+        shrunk = shrink_placeholders(
+            input_ids,
+            image_token_id=self.model.config.image_token_id,
+            full_counts=[p.num_tokens_full for p in plans],
+            new_counts=[p.num_tokens for p in plans],
+            pad_token_id=pad_token_id(self.model, self.processor),
+            extra={
+                k: kwargs[k]
+                for k in ("attention_mask", "labels", "token_type_ids")
+                if kwargs.get(k) is not None
+            },
+        )
+        kwargs.update(shrunk)
+        kwargs["mm_encoder_outputs"] = encoder_outputs
+        out = original(*args, **kwargs)
+        if name == "generate" and isinstance(out, torch.Tensor):
+            # Hand back the caller's own prompt so `out[:, prompt_len:]` keeps working.
+            out = torch.cat([input_ids, out[:, shrunk["input_ids"].shape[1] :]], dim=1)
+        return out
+
+    # -- vision side only (plans without the LLM) ----------------------------------------------------------------
+    def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Any:
+        """Run the vision side only for one image and return its `Plan`."""
+        raise NotImplementedError

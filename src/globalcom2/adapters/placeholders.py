@@ -1,0 +1,156 @@
+"""Image placeholders in the prompt: the per-image check, and reference mode's resizing of placeholder runs.
+
+HF scatters image features into the placeholder positions in row-major order and checks only the total. Here every
+image's features must land on one run of placeholders of its own length, and a mismatch raises a
+:class:`~globalcom2.adapters.errors.PlaceholderMismatchError` that says how to fix the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import GlobalComConfig
+from ..core.plan import Plan
+from .errors import PlaceholderMismatchError
+
+
+def placeholder_positions(inner: Any, token_id: int, input_ids: Any, inputs_embeds: Any) -> torch.Tensor:
+    """Bool ``(batch, seq)``: where the image placeholders are (HF's rule when only embeddings are given)."""
+    if input_ids is not None:
+        return input_ids == token_id
+    token = inner.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+    return (inputs_embeds == token).all(-1)
+
+
+def check_placeholders(
+    is_img: torch.Tensor, num_features: int, plans: list[Plan], config: GlobalComConfig
+) -> None:
+    """Raise a clear ValueError unless the prompts hold exactly one placeholder per image feature, image by image.
+
+    Args:
+        is_img: Bool ``(batch, seq)``: positions holding the image token.
+        num_features: rows of the concatenated image features about to be scattered into those positions.
+        plans: the plans of the pack that produced the features (their ``num_tokens`` are the per-image counts);
+            if they do not add up to ``num_features`` (features from elsewhere) only the total is checked.
+        config: for the message.
+
+    HF fills placeholders in row-major order, so every image's features must land on one run of placeholders of
+    its own length (adjacent images may share a run). A mismatch raises instead of scattering wrong tokens.
+    """
+    counts = [p.num_tokens for p in plans]
+    per_image = sum(counts) == num_features
+    n = int(is_img.sum())
+    where = f"GlobalCom² (mode={config.mode!r}, ratio={config.ratio})"
+    if n != num_features:
+        full = sum(p.num_tokens_full for p in plans) if per_image else -1
+        if n == full and config.mode == "budget":
+            hint = (
+                "they carry the uncompressed count, i.e. they were made by the processor before "
+                "globalcom2.apply() (or by another processor object): call the processor again after apply(), "
+                "and again after remove()"
+            )
+        elif n == full:
+            hint = (
+                "they carry the uncompressed count: in reference mode call the model's own forward/generate, "
+                "which resize each image's placeholder run (not the inner LlavaNextModel)"
+            )
+        elif config.mode == "budget":
+            hint = (
+                "build the inputs with the processor patched by this apply() (call it again after apply() and "
+                "after remove()), with one <image> in the text per image"
+            )
+        else:
+            hint = (
+                "build the inputs with the plain processor, with one <image> in the text per image, and call the "
+                "model's own forward/generate"
+            )
+        raise PlaceholderMismatchError(
+            f"{where}: the prompts hold {n} image tokens but the images give {num_features} features; {hint}"
+        )
+    if per_image and counts:
+        check_runs(is_img, counts, where)
+
+
+def check_runs(is_img: torch.Tensor, counts: list[int], where: str) -> None:
+    """Every run of placeholders must end on an image boundary (row-major order), else ValueError."""
+    nxt = torch.zeros_like(is_img)
+    nxt[..., :-1] = is_img[..., 1:]
+    ends = (is_img & ~nxt).reshape(-1)
+    end_counts = is_img.reshape(-1).long().cumsum(0)[ends]  # image tokens seen up to each run's end
+    bounds = torch.tensor(counts, device=end_counts.device).cumsum(0)
+    if not bool(torch.isin(end_counts, bounds).all()):
+        runs = torch.diff(end_counts, prepend=end_counts.new_zeros(1)).tolist()
+        raise PlaceholderMismatchError(
+            f"{where}: the placeholder runs in the prompts (lengths {runs}) do not line up with the images' "
+            f"token counts {counts}; make the text and the pixel values in one processor call"
+        )
+
+
+def pad_token_id(model: Any, processor: Any) -> int:
+    """The pad id the batch is re-padded with: the tokenizer's, else the model config's, else 0."""
+    tok = getattr(processor, "tokenizer", None)
+    for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
+                 getattr(getattr(model.config, "text_config", None), "pad_token_id", None)):  # fmt: skip
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def shrink_placeholders(
+    input_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    full_counts: list[int],
+    new_counts: list[int],
+    pad_token_id: int,
+    extra: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Resize every image's run of placeholders from its full count to its new count, then re-pad the batch.
+
+    Usually the run shrinks; it grows when the reference count exceeds HF's (reference mode writes a newline after
+    every padded row, HF only after unpadded ones: with R near 1 and a padded crop grid the official sequence is
+    longer). Images are matched to placeholder runs in row-major order (as HF's ``masked_scatter`` does). Padding
+    keeps the side the batch used (left if any row starts with attention_mask == 0).
+
+    Returns:
+        ``input_ids`` and the resized tensors of ``extra`` (attention_mask, labels, ...).
+    """
+    is_img = input_ids == image_token_id
+    total_full = sum(full_counts)
+    if int(is_img.sum()) != total_full:
+        raise PlaceholderMismatchError(
+            f"GlobalCom² (mode='reference'): the prompts hold {int(is_img.sum())} image tokens but these images "
+            f"need {total_full} (their uncompressed count); in reference mode build the inputs with the plain "
+            "processor (not one patched by a budget-mode apply()), with one <image> in the text per image"
+        )
+    check_runs(is_img, list(full_counts), "GlobalCom² (mode='reference')")
+    device = input_ids.device
+    full = torch.tensor(full_counts, device=device)
+    new = torch.tensor(new_counts, device=device)
+    image_of = torch.repeat_interleave(torch.arange(len(full_counts), device=device), full)
+    starts = torch.cumsum(full, 0) - full
+    within = torch.arange(total_full, device=device) - starts[image_of]
+    # Copies of every token: 1, 0 for placeholders cut off, and the last placeholder of a run that grows repeats.
+    reps_flat = (within < new[image_of]).long()
+    grow = (new - full).clamp_min(0)[image_of]
+    reps_flat = reps_flat + torch.where(within == full[image_of] - 1, grow, torch.zeros_like(grow))
+    reps = torch.ones_like(input_ids, dtype=torch.long)
+    reps[is_img] = reps_flat
+    attn = extra.get("attention_mask")
+    left_pad = attn is not None and bool((attn[:, 0] == 0).any())
+    lengths = reps.sum(1)
+    width = int(lengths.max())
+    out: dict[str, torch.Tensor] = {}
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
+    for key, tensor in {"input_ids": input_ids, **extra}.items():
+        res = torch.full((tensor.shape[0], width), fills.get(key, 0), dtype=tensor.dtype, device=device)
+        for b in range(tensor.shape[0]):  # one slice per sample, not per token
+            row = tensor[b].repeat_interleave(reps[b])
+            if left_pad:
+                res[b, width - row.numel() :] = row
+            else:
+                res[b, : row.numel()] = row
+        out[key] = res
+    return out
