@@ -11,46 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import IMPORTANCES, MODES
-from .core.allocation import ALLOCATIONS
-from .core.scores import SCORE_KINDS
-from .core.selection import SCORINGS
+from .cli_common import CLIError, add_method_options, method_options, parse_ratio, parse_ratios
+from .loading import FAMILIES, ModelLoadError, load_model_and_processor
 
-FAMILIES = ("llava_next", "llava_onevision", "internvl")  # as globalcom2.demo.tiny_families.FAMILIES
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {text}")
-    return value
-
-
-def _ratios(text: str) -> tuple[float, ...]:
-    return tuple(_ratio(t) for t in text.split(",") if t.strip())
-
-
-def add_method_options(p: argparse.ArgumentParser) -> None:
-    """The GlobalCom² options shared by every subcommand that compresses."""
-    p.add_argument("--mode", choices=MODES, default="budget")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="softmax-sum")
-    p.add_argument("--scoring", choices=SCORINGS, default="holistic")
-    p.add_argument("--score", choices=SCORE_KINDS, default="logits")
-    p.add_argument("--importance", choices=IMPORTANCES, default="auto")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--tau", type=float, default=10.0)
-
-
-def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("mode", "allocation", "scoring", "score", "importance", "alpha", "tau")
-    return {k: getattr(args, k) for k in keys}
+__all__ = ["CLIError", "add_method_options", "build_parser", "load_image", "load_model", "main", "method_options",
+           "to_rgb"]  # fmt: skip
 
 
 def to_rgb(image):
@@ -121,33 +86,12 @@ def load_image(path: str):
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", family: str = "llava_next"):
-    """A LLaVA-NeXT, LLaVA-OneVision or InternVL checkpoint by path or hub id (its class comes from its config),
-    or ``standin`` for the offline DINOv2 demo model in the geometry of ``family``."""
-    if name == "standin":
-        import tempfile
-
-        from .demo.run import build_demo_model
-
-        return build_demo_model(Path(tempfile.mkdtemp(prefix="globalcom2_standin_")), family=family)
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from .demo.tiny_families import load_processor
-
-    torch_dtype = {
-        "auto": "auto",
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-    }[dtype]
+    """:func:`globalcom2.loading.load_model_and_processor`, its :class:`~globalcom2.loading.ModelLoadError` as a
+    :class:`CLIError` (the same one line; ``--debug`` shows the loader's traceback as the cause)."""
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
-        model = model.to(device).eval()  # type: ignore[arg-type]
-        # AutoProcessor, or the same processor without a video processor when torchvision is missing
-        processor = load_processor(name)
-    except OSError as err:
-        raise CLIError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
-    return model, processor
+        return load_model_and_processor(name, dtype=dtype, device=device, family=family)
+    except ModelLoadError as err:
+        raise CLIError(str(err)) from err
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -218,9 +162,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     if getattr(args, "methods", None):  # side-by-side comparison of methods
-        from .evaluation.visual import cmd_visualize_methods
+        from .evaluation.visual import parse_methods, visualize_methods
 
-        return cmd_visualize_methods(args)
+        methods = parse_methods(args.methods)  # unknown names fail before anything loads
+        image = load_image(args.image)
+        model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
+        return visualize_methods(args, methods, image, model, processor, method_options(args))
     from .viz.overlay import render_grid
     from .workflows import plan_for_image, render_plan
 
@@ -260,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="globalcom2_demo_out")
     p.add_argument("--photos", default="astronaut,coffee,chelsea,rocket,china,grace_hopper")
-    p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (interleaved across settings)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
@@ -269,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer a question about an image with a compressed LLaVA-NeXT checkpoint")
     _add_model_args(p)
-    p.add_argument("--ratio", type=_ratio, required=True)
+    p.add_argument("--ratio", type=parse_ratio, required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.add_argument("question")
@@ -278,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="Figure-7-style overlay of the kept tokens")
     _add_model_args(p)
-    p.add_argument("--ratio", type=_ratio, default=0.25)
-    p.add_argument("--ratios", type=_ratios, default=None, help="several ratios, e.g. 0.5,0.25,0.1")
+    p.add_argument("--ratio", type=parse_ratio, default=0.25)
+    p.add_argument("--ratios", type=parse_ratios, default=None, help="several ratios, e.g. 0.5,0.25,0.1")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument(
@@ -334,7 +281,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: subcommand modules raise globalcom2.cli.CLIError.
-    from globalcom2.cli import main as _main
-
-    sys.exit(_main())
+    # CLIError lives in cli_common, so this __main__ copy of the module and the subcommands share the class
+    sys.exit(main())

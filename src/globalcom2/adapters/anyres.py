@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.budget import budget_counts
-from ..core.layout import CropLayout, grid_to_tiles, thumbnail_region_map, tiles_to_grid
+from ..core.layout import CropLayout, thumbnail_region_map, tiles_to_grid
 from ..core.plan import Plan
 from ..core.resize import bilinear_resize
 from ..core.select import Selection, select_tokens
@@ -109,8 +109,144 @@ class AnyresGeometry:
         return thumb + crops + (h if newline else 0)
 
 
+def resample_blocks(box: Box, token_grid: tuple[int, int], g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop row / column of every row / column of the crop token grid.
+
+    Token (y, x) is anchored at the patch nearest to its bilinear sample point, row
+    ``top + floor((y + 0.5) * h / H)`` of the padded crop grid (columns alike), and belongs to that patch's crop.
+    Without down-sampling (``H == h``) the anchor is the token's own patch.
+    """
+    top, bottom, left, right = box
+    height, width = token_grid
+    anchor_rows = top + ((2 * torch.arange(height) + 1) * (bottom - top)) // max(2 * height, 1)
+    anchor_cols = left + ((2 * torch.arange(width) + 1) * (right - left)) // max(2 * width, 1)
+    return anchor_rows // g, anchor_cols // g
+
+
+def select_anyres(
+    tile_scores: torch.Tensor, geo: AnyresGeometry, config: Any
+) -> tuple[Selection, CropLayout]:
+    """Reduce one anyres image to the core's inputs and run :func:`~globalcom2.core.select.select_tokens`.
+
+    The crop scores of the valid box are resized to the token grid when the family down-samples (as HF resizes
+    the features), every token belongs to the crop of its anchor patch (:func:`resample_blocks`), and the
+    thumbnail map resized to the token grid gives the global sub-maps (Eq. 5).
+
+    Args:
+        tile_scores: ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major (HF's tile order).
+        geo: the image's geometry.
+        config: a :class:`~globalcom2.GlobalComConfig` (ratio, mode, allocation, scoring, alpha, tau).
+    """
+    rows, cols = geo.grid
+    g = geo.g
+    top, bottom, left, right = geo.box
+    device = tile_scores.device
+    crops = tiles_to_grid(tile_scores[1:].float().reshape(rows * cols, g, g), rows, cols)[
+        top:bottom, left:right
+    ]
+    local = bilinear_resize(crops, geo.token_grid) if geo.resampled else crops.double()
+    row_block, col_block = resample_blocks(geo.box, geo.token_grid, g)
+    layout = CropLayout.from_blocks(row_block.to(device), col_block.to(device), geo.grid)
+    thumb = tile_scores[0].float()
+    global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
+    sel = select_tokens(
+        thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(device), layout.to_table(global_map),
+        thumbnail_region_map(g, rows, cols, device=device), ratio=config.ratio, mode=config.mode,
+        allocation=config.allocation, scoring=config.scoring, alpha=config.alpha, tau=config.tau,
+    )  # fmt: skip
+    return sel, layout
+
+
+def packed_positions(geo: AnyresGeometry, newline: bool, device: Any = None) -> torch.Tensor:
+    """Long ``(H, W + newline)``: position of every crop token (and row newline) in HF's packed sequence."""
+    height, width = geo.token_grid
+    per_row = width + int(newline)
+    return geo.g**2 + torch.arange(height * per_row, device=device).reshape(height, per_row)
+
+
+def official_crop_order(
+    sel: Selection, layout: CropLayout, geo: AnyresGeometry, newline: bool
+) -> torch.Tensor:
+    """Crop tokens in the official packed-slot layout (LLaVA-NeXT reference mode).
+
+    Crop j's kept token with index v in its valid-token list (its table position) is written at tile position
+    (v // g, v % g), as if the valid block were packed into the tile's top-left; the padded
+    ``(rows*g) x (cols*g)`` grid is then read in raster order with a newline after each of its rows*g rows.
+
+    Returns:
+        Long positions in HF's packed sequence (newlines included).
+    """
+    rows, cols = geo.grid
+    g, n = geo.g, rows * cols
+    device = sel.crop_keep.device
+    positions = packed_positions(geo, newline, device)
+    width = geo.token_grid[1]
+    shown = torch.where(sel.crop_keep, layout.to_table(positions[:, :width], -1), -1)  # at valid-list index
+    slots = torch.full((n, g * g), -1, dtype=torch.long, device=device)
+    slots[:, : shown.shape[1]] = shown
+    grid = tiles_to_grid(slots.reshape(n, g, g), rows, cols)
+    newline_col = positions[:1, width:].expand(rows * g, int(newline))  # every newline is the same embedding
+    seq = torch.cat([grid, newline_col], dim=1).reshape(-1)
+    return seq[seq >= 0]
+
+
+def plan_anyres(
+    tile_scores: torch.Tensor,
+    geo: AnyresGeometry,
+    config: Any,
+    *,
+    newline: bool = True,
+    official_order: bool = False,
+) -> tuple[Plan, torch.Tensor]:
+    """Plan one anyres image from its tile scores (the step every LLaVA family and the vLLM plugin share).
+
+    Args:
+        tile_scores: ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major.
+        geo: the image's :class:`AnyresGeometry`.
+        config: a :class:`~globalcom2.GlobalComConfig`.
+        newline: whether HF appends ``image_newline`` after each crop row.
+        official_order: in reference mode, emit crop tokens in the official packed-slot layout
+            (:func:`official_crop_order`) instead of raster order.
+
+    Returns:
+        ``(plan, index)``; ``index`` picks the kept tokens from HF's packed sequence
+        ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]``: thumbnail first, then the crop
+        grid row by row with its newlines.
+    """
+    sel, layout = select_anyres(tile_scores, geo, config)
+    keep = layout.from_table(sel.crop_keep)  # (H, W)
+    if official_order and config.mode == "reference":
+        crops = official_crop_order(sel, layout, geo, newline)
+    else:
+        row_mask = torch.cat([keep, keep.new_ones(keep.shape[0], int(newline))], dim=1)
+        crops = packed_positions(geo, newline, keep.device)[row_mask]
+    index = torch.cat([sel.thumbnail_order.to(keep.device), crops])
+    rows, cols = geo.grid
+    plan = Plan(
+        grid=geo.grid,
+        thumbnail_mask=sel.thumbnail_keep.reshape(geo.g, geo.g),
+        crops_mask=footprint(keep, geo.box, (rows * geo.g, cols * geo.g)),
+        crop_ratios=sel.crop_ratios,
+        num_tokens=int(index.numel()),
+        num_tokens_full=geo.num_tokens(None, newline),
+        valid_box=geo.box,
+        crop_keep_counts=sel.crop_keep_counts,
+        crop_valid_counts=sel.crop_valid_counts,
+        mode=config.mode,
+        thumbnail_order=sel.thumbnail_order,
+        token_mask=keep if geo.resampled else None,
+        token_grid=geo.token_grid if geo.resampled else None,
+    )
+    return plan, index
+
+
 class AnyresAdapter(FamilyAdapter):
-    """Shared base of the LLaVA-NeXT and LLaVA-OneVision adapters (see the module docstring)."""
+    """Shared base of the LLaVA-NeXT and LLaVA-OneVision adapters (see the module docstring).
+
+    ``official_order``: reference mode emits crop tokens in the official packed-slot layout (LLaVA-NeXT).
+    """
+
+    official_order: bool = False
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         super().__init__(model, processor, config)
@@ -149,15 +285,6 @@ class AnyresAdapter(FamilyAdapter):
     def token_grid(self, box: Box, g: int, **options: Any) -> tuple[int, int]:
         """``(H, W)`` of the crop tokens the LLM receives: the valid box itself."""
         return box[1] - box[0], box[3] - box[2]
-
-    def token_blocks(self, geo: AnyresGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop row / column of every row / column of the token grid: the crop holding that patch."""
-        top, bottom, left, right = geo.box
-        return torch.arange(top, bottom) // geo.g, torch.arange(left, right) // geo.g
-
-    def token_scores(self, crop_scores: torch.Tensor, geo: AnyresGeometry) -> torch.Tensor:
-        """Local scores on the token grid from the ``(h, w)`` scores of the valid box: the box itself."""
-        return crop_scores
 
     # -- counts --------------------------------------------------------------------------------------------------
     def processor_patch_size(self) -> int:
@@ -255,70 +382,16 @@ class AnyresAdapter(FamilyAdapter):
         )
         return plan, torch.arange(n, device=device)
 
-    def select(self, tile_scores: torch.Tensor, geo: AnyresGeometry) -> tuple[Selection, CropLayout]:
-        """Reduce one image to the core's inputs and run :func:`~globalcom2.core.select.select_tokens`."""
-        cfg = self.config
-        rows, cols = geo.grid
-        g = geo.g
-        top, bottom, left, right = geo.box
-        crops = tiles_to_grid(tile_scores[1:].float().reshape(rows * cols, g, g), rows, cols)
-        local = self.token_scores(crops[top:bottom, left:right], geo)
-        layout = CropLayout.from_blocks(*self.token_blocks(geo), geo.grid)
-        layout = CropLayout(layout.grid, layout.shape, layout.width, layout.slot.to(local.device))
-        thumb = tile_scores[0].float()
-        global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
-        sel = select_tokens(
-            thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(local.device),
-            layout.to_table(global_map), thumbnail_region_map(g, rows, cols, device=local.device),
-            ratio=cfg.ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
-            tau=cfg.tau,
-        )  # fmt: skip
-        return sel, layout
-
     def plan_image(
         self, tile_scores: torch.Tensor, geo: AnyresGeometry, newline: bool = True
     ) -> tuple[Plan, torch.Tensor]:
-        """Plan one image from its ``(1 + rows*cols, g*g)`` tile scores (thumbnail first, crops row-major).
-
-        Returns:
-            ``(plan, index)``; ``index`` picks the kept tokens from HF's packed sequence
-            ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]``.
-        """
-        sel, layout = self.select(tile_scores, geo)
-        keep = layout.from_table(sel.crop_keep)  # (H, W)
-        index = self.emission_index(sel, layout, keep, geo, newline)
-        rows, cols = geo.grid
-        plan = Plan(
-            grid=geo.grid,
-            thumbnail_mask=sel.thumbnail_keep.reshape(geo.g, geo.g),
-            crops_mask=footprint(keep, geo.box, (rows * geo.g, cols * geo.g)),
-            crop_ratios=sel.crop_ratios,
-            num_tokens=int(index.numel()),
-            num_tokens_full=geo.num_tokens(None, newline),
-            valid_box=geo.box,
-            crop_keep_counts=sel.crop_keep_counts,
-            crop_valid_counts=sel.crop_valid_counts,
-            mode=self.config.mode,
-            thumbnail_order=sel.thumbnail_order,
-            token_mask=keep if geo.resampled else None,
-            token_grid=geo.token_grid if geo.resampled else None,
+        """Plan one image (see :func:`plan_anyres`); baselines override this step."""
+        plan, index = plan_anyres(
+            tile_scores, geo, self.config, newline=newline, official_order=self.official_order
         )
         if self.config.mode == "budget" and plan.num_tokens != self.count_tokens(geo, newline):
             raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
         return plan, index
-
-    def packed_positions(self, geo: AnyresGeometry, newline: bool, device: Any) -> torch.Tensor:
-        """Long ``(H, W + newline)``: position of every crop token (and row newline) in HF's packed sequence."""
-        height, width = geo.token_grid
-        per_row = width + int(newline)
-        return geo.g**2 + torch.arange(height * per_row, device=device).reshape(height, per_row)
-
-    def emission_index(self, sel: Selection, layout: CropLayout, keep: torch.Tensor, geo: AnyresGeometry,
-                       newline: bool) -> torch.Tensor:  # fmt: skip
-        """Kept tokens in HF's own order: thumbnail, then the crop grid row by row with its newlines."""
-        positions = self.packed_positions(geo, newline, keep.device)
-        row_mask = torch.cat([keep, keep.new_ones(keep.shape[0], int(newline))], dim=1)
-        return torch.cat([sel.thumbnail_order.to(keep.device), positions[row_mask]])
 
     # -- reference mode and the vision side --------------------------------------------------------------------
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
@@ -339,4 +412,15 @@ class AnyresAdapter(FamilyAdapter):
         return handle.state.plans[0]  # type: ignore[index]
 
 
-__all__ = ["AnyresAdapter", "AnyresGeometry", "anyres_grid", "footprint", "grid_to_tiles", "valid_box"]
+__all__ = [
+    "AnyresAdapter",
+    "AnyresGeometry",
+    "anyres_grid",
+    "footprint",
+    "official_crop_order",
+    "packed_positions",
+    "plan_anyres",
+    "resample_blocks",
+    "select_anyres",
+    "valid_box",
+]

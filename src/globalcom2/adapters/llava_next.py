@@ -15,11 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ..core.layout import CropLayout, tiles_to_grid
-from ..core.select import Selection
-from .anyres import AnyresAdapter, AnyresGeometry, anyres_grid
+from .anyres import AnyresAdapter, anyres_grid
 from .errors import IncompatibleProcessorError
 from .registry import register_adapter
 
@@ -43,6 +39,7 @@ class LlavaNextAdapter(AnyresAdapter):
     family = "llava_next"
     model_class_name = "LlavaNextForConditionalGeneration"
     processor_class_name = "LlavaNextProcessor"
+    official_order = True  # reference mode: the official packed-slot token order
 
     def check_model(self) -> None:
         strategy = self.model.config.vision_feature_select_strategy
@@ -65,25 +62,6 @@ class LlavaNextAdapter(AnyresAdapter):
                 f"processor/model mismatch: the image processor cuts {crop[0]}x{crop[1]} px tiles, "
                 f"the vision tower takes {self.tile}x{self.tile}"
             )
-
-    def emission_index(self, sel: Selection, layout: CropLayout, keep: torch.Tensor, geo: AnyresGeometry,
-                       newline: bool) -> torch.Tensor:  # fmt: skip
-        if self.config.mode != "reference":
-            return super().emission_index(sel, layout, keep, geo, newline)
-        # The official packed-slot layout (module docstring).
-        rows, cols = geo.grid
-        g, n = geo.g, rows * cols
-        positions = self.packed_positions(geo, newline, keep.device)
-        width = geo.token_grid[1]
-        shown = torch.where(
-            sel.crop_keep, layout.to_table(positions[:, :width], -1), -1
-        )  # at valid-list index
-        slots = torch.full((n, g * g), -1, dtype=torch.long, device=keep.device)
-        slots[:, : shown.shape[1]] = shown
-        grid = tiles_to_grid(slots.reshape(n, g, g), rows, cols)
-        newline_col = torch.full((rows * g, int(newline)), int(positions[0, -1]), device=keep.device)
-        seq = torch.cat([grid, newline_col], dim=1).reshape(-1)
-        return torch.cat([sel.thumbnail_order.to(keep.device), seq[seq >= 0]])
 
 
 ADAPTER = LlavaNextAdapter

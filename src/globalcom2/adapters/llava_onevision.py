@@ -9,7 +9,7 @@ a [CLS] tower (e.g. the DINOv2 stand-in) ``"cls"`` works as in LLaVA-NeXT.
 (``anyres_max_N``, N = 9), HF bilinearly down-samples it to ``(int(h // s), int(w // s))`` with
 ``s = sqrt(h*w / (N*g*g))`` (:func:`anyres_max_shape`). GlobalCom² selects on that final grid: the crop score map
 is resized the same way, every down-sampled token belongs to the crop of the patch nearest to its sample point
-(:func:`resample_blocks`), and the thumbnail map is resized to the same grid for the sub-maps. The plan's
+(:func:`~globalcom2.adapters.anyres.resample_blocks`), and the thumbnail map is resized to the same grid for the sub-maps. The plan's
 ``token_mask`` records the kept tokens on that grid; ``crops_mask`` shows them on the patch grid.
 
 **Reference mode**: per-crop counts int(N_j * r_j) and the thumbnail in descending score order (the official
@@ -24,10 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from ..core.resize import bilinear_resize
-from .anyres import AnyresAdapter, AnyresGeometry, Box
+from .anyres import AnyresAdapter, Box
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .registry import register_adapter
@@ -48,19 +45,6 @@ def anyres_max_shape(height: int, width: int, g: int, max_tiles: int) -> tuple[i
     if scale > 1.1:
         return int(height // scale), int(width // scale)
     return height, width
-
-
-def resample_blocks(box: Box, token_grid: tuple[int, int], g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop row / column of every row / column of a token grid resized from the valid box.
-
-    Token (y, x) is anchored at the patch nearest to its bilinear sample point: row
-    ``top + floor((y + 0.5) * h / H)`` of the padded crop grid (columns alike), and belongs to that patch's crop.
-    """
-    top, bottom, left, right = box
-    height, width = token_grid
-    anchor_rows = top + ((2 * torch.arange(height) + 1) * (bottom - top)) // max(2 * height, 1)
-    anchor_cols = left + ((2 * torch.arange(width) + 1) * (right - left)) // max(2 * width, 1)
-    return anchor_rows // g, anchor_cols // g
 
 
 @register_adapter
@@ -112,12 +96,6 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         return anyres_max_shape(
             bottom - top, right - left, g, self.max_tiles if max_tiles is None else max_tiles
         )
-
-    def token_blocks(self, geo: AnyresGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        return resample_blocks(geo.box, geo.token_grid, geo.g)
-
-    def token_scores(self, crop_scores: torch.Tensor, geo: AnyresGeometry) -> torch.Tensor:
-        return bilinear_resize(crop_scores, geo.token_grid) if geo.resampled else crop_scores
 
     def geometry_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
         aspect = arguments.get("vision_aspect_ratio") or self.vision_aspect_ratio

@@ -14,6 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..cli_common import CLIError, add_method_options, method_options, parse_ratios
+from ..loading import check_device
+
 # Defaults per device. CPU: small enough for ~5 min on 2 cores; CUDA: the real LLaVA-NeXT-7B depth.
 CPU_DEFAULTS = {"dtype": "float32", "vision_layers": 24, "llm_layers": 1, "repeats": 3, "throughput_repeats": 1,
                 "batch": 4, "new_tokens": 4}  # fmt: skip
@@ -41,8 +44,6 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from ..cli import _ratios, add_method_options
-
     p = subparsers.add_parser(
         "bench",
         help="efficiency benchmark: FLOPs, KV cache, vision/selection/prefill time, peak memory, throughput",
@@ -64,7 +65,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="HxW of the benchmark image (672x672)"
     )
-    p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
     p.add_argument("--repeats", type=_positive, default=None, help="timed runs per setting (3 CPU, 5 CUDA)")
     p.add_argument("--batch", type=_positive, default=None, help="throughput batch size")
     p.add_argument(
@@ -88,12 +89,10 @@ def _resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        # ValueError, not CLIError: under `python -m globalcom2.cli` that class exists twice (__main__ and the module).
-        raise ValueError(
-            f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})"
-        )
-    return name
+    try:
+        return check_device(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -102,7 +101,6 @@ def settings_from_args(args: argparse.Namespace):
     An option left out takes the ``--tiny`` preset's value, else the device's defaults (``CPU_DEFAULTS`` /
     ``CUDA_DEFAULTS``).
     """
-    from ..cli import method_options
     from .measure import REAL, BenchSettings
 
     device = _resolve_device(args.device)
@@ -161,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .report import analytic, format_analytic, format_measured, markdown_report
 
     if args.mode != "budget":
-        raise ValueError(
+        raise CLIError(
             "bench measures budget mode (the token count is known before the forward); drop --mode"
         )
     if args.from_json:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..apply import apply
+from ..loading import load_standin
 from ..workflows import default_prompt, plan_for_image, render_plan
 from .photos import DEFAULT_PHOTOS, PHOTOS, load_photo
 
@@ -63,49 +64,12 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def build_demo_model(
     workdir: Path, *, llm_hidden: int = 512, llm_layers: int = 4, family: str = "llava_next"
 ):
-    """Stock model of ``family`` with the DINOv2 stand-in tower, saved and reloaded from disk.
-
-    ``llava_next``: LlavaNextForConditionalGeneration, 336 px tiles. ``llava_onevision``:
-    LlavaOnevisionForConditionalGeneration, 378 px tiles (27x27). ``internvl``: InternVLForConditionalGeneration
-    with the stand-in as InternViT, 448 px tiles, up to 6 crops.
-    """
-    from transformers.utils import logging as hf_logging
-
-    from .encoder import load_standin_vision_tower
-    from .tiny_model import build_tiny_llava_next, load_tiny
-
-    hf_logging.disable_progress_bar()
-    if family != "llava_next":
-        from .tiny_families import (
-            build_tiny_internvl,
-            build_tiny_llava_onevision,
-            load_tiny_family,
-            standin_internvl_vision_model,
-        )
-
-        text: dict[str, Any] = {
-            "text_hidden": llm_hidden, "text_layers": llm_layers, "text_heads": max(llm_hidden // 64, 1)
-        }  # fmt: skip
-        if family == "llava_onevision":
-            path = build_tiny_llava_onevision(
-                workdir / "llava_onevision_dinov2_standin", vision="dinov2", tile_size=378,
-                vision_tower=load_standin_vision_tower(378), **text,
-            )  # fmt: skip
-        elif family == "internvl":
-            path = build_tiny_internvl(
-                workdir / "internvl_dinov2_standin", vision="dinov2", tile_size=448, max_patches=6,
-                vision_tower=standin_internvl_vision_model(448), **text,
-            )  # fmt: skip
-        else:
-            raise ValueError(f"`family` must be one of {list(FAMILY_NOTES)}, got {family!r}")
-        return load_tiny_family(path)
-
-    tower = load_standin_vision_tower(336)
-    path = build_tiny_llava_next(
-        workdir / "llava_next_dinov2_standin", vision="dinov2", tile_size=336, vision_tower=tower,
-        text_hidden=llm_hidden, text_layers=llm_layers, text_heads=max(llm_hidden // 64, 1),
-    )  # fmt: skip
-    return load_tiny(path)
+    """Stock model of ``family`` with the DINOv2 stand-in tower, saved under ``workdir`` and reloaded from disk
+    (:func:`globalcom2.loading.load_standin`; geometry per family in
+    :func:`globalcom2.demo.tiny_families.build_standin_checkpoint`)."""
+    if family not in FAMILY_NOTES:
+        raise ValueError(f"`family` must be one of {list(FAMILY_NOTES)}, got {family!r}")
+    return load_standin(family=family, workdir=workdir, llm_hidden=llm_hidden, llm_layers=llm_layers)
 
 
 def _elapsed_ms(fn) -> float:

@@ -14,23 +14,22 @@ on the fly, ``save_pretrained`` then ``from_pretrained``), for the two other fam
   pre-norm ViT with LayerScale; the mapping is checked against ``Dinov2Model`` in the tests), i.e. InternVL's real
   448 px / 32 x 32 patch / 16 x 16 merged-token geometry.
 
-Processors without torchvision: in transformers 5.19-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor`` take
-a ``video_processor`` argument and ``ProcessorMixin.__init__`` checks its class against ``VideoProcessorMixin``,
-which transformers only exports when torchvision imports; the check fails even for ``None`` (and ``save_pretrained``
-fails on a ``None`` sub-processor). :func:`processor_without_video` lifts that one check for ``video_processor=None``
-while a processor is built; we save the tokenizer, the image processor and ``processor_config.json`` ourselves and
-:func:`load_processor` rebuilds the processor the same way when ``AutoProcessor`` cannot. Image inputs are
-unaffected; video inputs need torchvision anyway.
+Processors without torchvision: in transformers 5.17-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor``
+insist on a video processor, which needs torchvision. The builders make the processor with
+:func:`globalcom2.processors.build_processor_without_video` (the same processor class, less the video processor;
+no transformers class is changed) and save it with ``save_pretrained``; :func:`globalcom2.loading.load_processor`
+loads it back, with ``AutoProcessor`` where torchvision is installed. Image inputs are unaffected; video inputs
+need torchvision anyway.
+
+:func:`build_standin_checkpoint` writes the DINOv2 stand-in model of any family (``--model standin``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..processors import build_processor_without_video
 from .tiny_model import _CORPUS
 
 FAMILIES = ("llava_next", "llava_onevision", "internvl")
@@ -44,25 +43,6 @@ _INTERNVL_SPECIALS = {
 }
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-@contextlib.contextmanager
-def processor_without_video() -> Iterator[None]:
-    """Let ``ProcessorMixin`` accept ``video_processor=None`` while a processor is built (see module docstring)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    original = ProcessorMixin.__dict__["check_argument_for_proper_class"]
-
-    def check(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return original(self, argument_name, argument)
-
-    ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
 
 
 def build_family_tokenizer(specials: dict[str, str], vocab_size: int = 320):
@@ -95,14 +75,6 @@ def _qwen2(tokenizer, hidden: int, layers: int, heads: int):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )  # fmt: skip
-
-
-def _save_processor(processor: Any, out_dir: Path, kwargs: dict[str, Any]) -> None:
-    """Save a processor whose ``video_processor`` is None (``save_pretrained`` cannot; see module docstring)."""
-    processor.tokenizer.save_pretrained(out_dir)
-    processor.image_processor.save_pretrained(out_dir)
-    config = {"processor_class": type(processor).__name__, **kwargs}
-    (out_dir / "processor_config.json").write_text(json.dumps(config, indent=2))
 
 
 def onevision_pinpoints(tile: int, max_side: int = 6) -> list[list[int]]:
@@ -193,13 +165,12 @@ def build_tiny_llava_onevision(
         "vision_feature_select_strategy": strategy,
         "vision_aspect_ratio": "anyres_max_9",
     }
-    with processor_without_video():
-        processor = LlavaOnevisionProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs
-        )
+    processor = build_processor_without_video(
+        LlavaOnevisionProcessor, image_processor=image_processor, tokenizer=tokenizer, **kwargs
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
-    _save_processor(processor, out_dir, kwargs)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 
@@ -317,48 +288,48 @@ def build_tiny_internvl(
         max_patches=max_patches, image_mean=mean, image_std=std,
     )  # fmt: skip
     kwargs = {"image_seq_length": seq_len}
-    with processor_without_video():
-        processor = InternVLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs
-        )
+    processor = build_processor_without_video(
+        InternVLProcessor, image_processor=image_processor, tokenizer=tokenizer, **kwargs
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
-    _save_processor(processor, out_dir, kwargs)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 
-def load_processor(path: str | Path) -> Any:
-    """``AutoProcessor.from_pretrained(path)``; if that fails for want of a video processor (no torchvision), the
-    processor is rebuilt from its tokenizer, image processor and ``processor_config.json`` without one."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+def build_standin_checkpoint(
+    workdir: str | Path, *, family: str = "llava_next", llm_hidden: int = 512, llm_layers: int = 4
+) -> Path:
+    """Write the DINOv2 stand-in model of ``family`` (stock transformers classes, tiny random LLM) under
+    ``workdir`` and return its folder; :func:`globalcom2.loading.load_standin` loads it.
 
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ImportError, AttributeError, ValueError, TypeError) as err:
-        config_file = Path(path) / "processor_config.json"
-        if not config_file.is_file():
-            raise
-        first_error = err
-    import transformers
+    ``llava_next``: LlavaNextForConditionalGeneration, 336 px tiles. ``llava_onevision``:
+    LlavaOnevisionForConditionalGeneration, 378 px tiles (27x27). ``internvl``: InternVLForConditionalGeneration
+    with the stand-in as InternViT, 448 px tiles, up to 6 crops.
+    """
+    from transformers.utils import logging as hf_logging
 
-    config = json.loads(config_file.read_text())
-    cls_name = config.pop("processor_class", None)
-    cls = getattr(transformers, str(cls_name), None)
-    if cls is None:
-        raise first_error
-    config.pop("auto_map", None)
-    for sub in ("image_processor", "video_processor", "tokenizer", "feature_extractor", "audio_processor"):
-        config.pop(sub, None)  # transformers 5 nests sub-processor configs here; they are loaded on their own
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    with processor_without_video():
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **config)
+    from .encoder import load_standin_vision_tower
+    from .tiny_model import build_tiny_llava_next
 
-
-def load_tiny_family(path: str | Path, **kwargs: Any):
-    """Load any checkpoint written by this module or :mod:`~globalcom2.demo.tiny_model`: (model in eval mode,
-    processor)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
-    return model, load_processor(path)
+    if family not in FAMILIES:
+        raise ValueError(f"`family` must be one of {list(FAMILIES)}, got {family!r}")
+    hf_logging.disable_progress_bar()
+    workdir = Path(workdir)
+    text: dict[str, Any] = {
+        "text_hidden": llm_hidden, "text_layers": llm_layers, "text_heads": max(llm_hidden // 64, 1)
+    }  # fmt: skip
+    if family == "llava_onevision":
+        return build_tiny_llava_onevision(
+            workdir / "llava_onevision_dinov2_standin", vision="dinov2", tile_size=378,
+            vision_tower=load_standin_vision_tower(378), **text,
+        )  # fmt: skip
+    if family == "internvl":
+        return build_tiny_internvl(
+            workdir / "internvl_dinov2_standin", vision="dinov2", tile_size=448, max_patches=6,
+            vision_tower=standin_internvl_vision_model(448), **text,
+        )  # fmt: skip
+    return build_tiny_llava_next(
+        workdir / "llava_next_dinov2_standin", vision="dinov2", tile_size=336,
+        vision_tower=load_standin_vision_tower(336), **text,
+    )  # fmt: skip

@@ -7,12 +7,7 @@ import json
 import shlex
 import sys
 
-
-def _ratios(text: str) -> tuple[float, ...]:
-    from ..cli import _ratios as parse
-
-    return parse(text)
-
+from ..cli_common import parse_ratios
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runner import run_eval
@@ -36,7 +31,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="globalcom2_eval_out", help="output folder (CSV, Markdown, plots)")
     p.add_argument("--photos", default=None, help="comma-separated shipped photos (default: all)")
-    p.add_argument("--ratios", type=_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
     p.add_argument(
         "--quick", action="store_true", help="one photo, two ablation settings (seconds; for tests)"
     )

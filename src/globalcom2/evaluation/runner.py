@@ -178,7 +178,7 @@ def run_eval(
         command: the command line recorded in the report.
     """
     from ..demo.photos import PHOTOS, load_photo
-    from ..demo.run import build_demo_model
+    from ..loading import load_model_and_processor
     from .report import write_outputs
 
     if photos is None:
@@ -194,44 +194,43 @@ def run_eval(
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     allocation_detail: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model, processor = build_demo_model(Path(tmp))
-        steps = [(p, None) for p in photos] + [(p, r) for p in photos for r in ratios]
-        bar = _progress(len(steps), progress)
-        data: dict[str, PhotoData] = {}
-        for photo in photos:
-            bar.set_postfix_str(f"{photo}: vision tower")
-            data[photo] = photo_data(model, processor, photo, load_photo(photo))
+    model, processor = load_model_and_processor("standin")  # the llava_next stand-in, via its own temp folder
+    steps = [(p, None) for p in photos] + [(p, r) for p in photos for r in ratios]
+    bar = _progress(len(steps), progress)
+    data: dict[str, PhotoData] = {}
+    for photo in photos:
+        bar.set_postfix_str(f"{photo}: vision tower")
+        data[photo] = photo_data(model, processor, photo, load_photo(photo))
+        bar.update(1)
+    for p_idx, photo in enumerate(photos):
+        d = data[photo]
+        for r_idx, ratio in enumerate(ratios):
+            bar.set_postfix_str(f"{photo} R={ratio:.0%}")
+            plans = vision_plans(d, ratio, random_draws=draws, seed=1000 * p_idx + r_idx)
+            for method, method_plans in plans.items():
+                for k, plan in enumerate(method_plans):
+                    rows.append(
+                        _row("method", photo, method, ratio, plan_metrics(plan, d.reference), draw=k)
+                    )
+            detail = {m: ps[0] for m, ps in plans.items()}
+            if llm:
+                for method, plan in llm_plans(model, processor, d, ratio).items():
+                    rows.append(
+                        _row("llm", photo, method, ratio, plan_metrics(plan, d.reference), draw=0)
+                    )
+                    detail[method] = plan
+            for (alloc, scoring, score), plan in ablation_plans(d, ratio, settings).items():
+                rows.append(_row("ablation", photo, "globalcom2", ratio, plan_metrics(plan, d.reference),
+                                 allocation=alloc, scoring=scoring, score=score))  # fmt: skip
+            allocation_detail[f"{photo}@{ratio}"] = {
+                "photo": photo, "ratio": ratio, "grid": list(d.grid),
+                "crop_mass": [round(float(m), 5) for m in d.reference.crop_mass],
+                "share": {m: [round(float(k) / max(int(n), 1), 5) for k, n in
+                              zip(p.crop_keep_counts, p.crop_valid_counts, strict=True)]
+                          for m, p in detail.items()},
+            }  # fmt: skip
             bar.update(1)
-        for p_idx, photo in enumerate(photos):
-            d = data[photo]
-            for r_idx, ratio in enumerate(ratios):
-                bar.set_postfix_str(f"{photo} R={ratio:.0%}")
-                plans = vision_plans(d, ratio, random_draws=draws, seed=1000 * p_idx + r_idx)
-                for method, method_plans in plans.items():
-                    for k, plan in enumerate(method_plans):
-                        rows.append(
-                            _row("method", photo, method, ratio, plan_metrics(plan, d.reference), draw=k)
-                        )
-                detail = {m: ps[0] for m, ps in plans.items()}
-                if llm:
-                    for method, plan in llm_plans(model, processor, d, ratio).items():
-                        rows.append(
-                            _row("llm", photo, method, ratio, plan_metrics(plan, d.reference), draw=0)
-                        )
-                        detail[method] = plan
-                for (alloc, scoring, score), plan in ablation_plans(d, ratio, settings).items():
-                    rows.append(_row("ablation", photo, "globalcom2", ratio, plan_metrics(plan, d.reference),
-                                     allocation=alloc, scoring=scoring, score=score))  # fmt: skip
-                allocation_detail[f"{photo}@{ratio}"] = {
-                    "photo": photo, "ratio": ratio, "grid": list(d.grid),
-                    "crop_mass": [round(float(m), 5) for m in d.reference.crop_mass],
-                    "share": {m: [round(float(k) / max(int(n), 1), 5) for k, n in
-                                  zip(p.crop_keep_counts, p.crop_valid_counts, strict=True)]
-                              for m, p in detail.items()},
-                }  # fmt: skip
-                bar.update(1)
-        bar.close()
+    bar.close()
     elapsed = time.perf_counter() - t0
     summary = {
         "note": STANDIN_LABEL,

@@ -50,23 +50,34 @@ def _options_for(method: str, gc_options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in gc_options.items() if k in allowed and method == "globalcom2+fastv"}
 
 
-def cmd_visualize_methods(args: argparse.Namespace) -> int:
-    """`globalcom2 visualize --methods a,b,c`: one row of panels per ratio, one column per method."""
-    from ..cli import load_image, load_model, method_options
+def parse_methods(text: str) -> list[str]:
+    """``"a,b,c"`` as method names, each checked against :data:`globalcom2.methods.METHODS`."""
+    from ..cli_common import CLIError
+    from ..methods import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CLIError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    if not methods:
+        raise CLIError(f"--methods names no method; available: {', '.join(METHODS)}")
+    return methods
+
+
+def visualize_methods(
+    args: argparse.Namespace, methods: list[str], image: Any, model: Any, processor: Any,
+    gc_options: dict[str, Any],
+) -> int:  # fmt: skip
+    """`globalcom2 visualize --methods a,b,c`: one row of panels per ratio, one column per method.
+
+    The command line (:func:`globalcom2.cli.cmd_visualize`) parses ``methods`` with :func:`parse_methods` and
+    loads ``image``, ``model`` and ``processor``; ``gc_options`` are the GlobalCom² options from the command line.
+    """
     from ..methods import METHODS
     from ..viz.overlay import render_grid
     from ..workflows import render_plan
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        # ValueError, not CLIError: under `python -m globalcom2.cli` that class lives in __main__, not here
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-    image = load_image(args.image)
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device,
-                                  family=getattr(args, "family", "llava_next"))  # fmt: skip
     ratios = args.ratios or (args.ratio,)
-    gc_options = method_options(args)
     note = " (random LLM)" if args.model == "standin" else ""
     panels, records = [], []
     for ratio in ratios:

@@ -1,0 +1,207 @@
+"""Loading a model and its processor: the one place every command (``ask``, ``visualize``, ``bench``, ``eval``,
+``demo``) and the tests go through.
+
+* :func:`load_model_and_processor` takes a LLaVA-NeXT, LLaVA-OneVision or InternVL checkpoint by path or hub id (its
+  class comes from its config), or ``"standin"`` for the offline DINOv2 stand-in model in the geometry of
+  ``family``; a dtype name and a device. A checkpoint that cannot be loaded raises :class:`ModelLoadError`
+  naming it.
+* :func:`load_processor` is ``AutoProcessor.from_pretrained`` with a fallback for processors whose video
+  processor cannot be built (no torchvision): the same processor class without one, see
+  :mod:`globalcom2.processors`. No transformers class is changed.
+* :func:`load_tiny_family` loads any checkpoint written by :mod:`globalcom2.demo.tiny_model` or
+  :mod:`globalcom2.demo.tiny_families`.
+
+This module imports nothing from the command line (the CLI turns :class:`ModelLoadError` into its own one-line
+error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .demo.tiny_families import FAMILIES, build_standin_checkpoint
+from .processors import processor_class_without_video
+
+__all__ = [
+    "DTYPES", "FAMILIES", "ModelLoadError", "check_device", "load_model_and_processor", "load_processor", "load_standin",
+    "load_tiny_family",
+]  # fmt: skip
+
+#: dtype names accepted by :func:`load_model_and_processor` (``auto``: the checkpoint's own dtype)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ModelLoadError(ValueError):
+    """A model or processor that cannot be loaded; the message names it (and says why, in one line)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def check_device(device: Any) -> Any:
+    """``device`` unchanged if torch can use it here, else a ``ValueError`` saying why (bad name, no CUDA)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device torch knows: {_first_line(err)}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path for sure (a hub id is ``org/name`` or ``name``): absolute, ``./``, ``../``, ``~``, or with
+    two or more ``/``."""
+    return (
+        Path(name).is_absolute()
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _check_local(name: str) -> None:
+    if not _looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"cannot load model {name!r}: no such directory")
+    if not path.is_dir():
+        raise ModelLoadError(f"cannot load model {name!r}: not a directory (a checkpoint is a folder)")
+
+
+def load_model_and_processor(
+    name: str | os.PathLike, *, dtype: Any = "auto", device: Any = "cpu", family: str = "llava_next"
+) -> tuple[Any, Any]:
+    """``(model in eval mode on device, processor)`` for a checkpoint path or hub id, or ``"standin"``.
+
+    Args:
+        name: checkpoint folder or hub id (the model class comes from its config), or ``"standin"``: the offline
+            DINOv2 stand-in tower with a tiny random LLM, built in a temporary folder and loaded back.
+        dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a
+            ``torch.dtype``.
+        device: any torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        family: the stand-in's geometry (:data:`FAMILIES`); ignored for a real checkpoint.
+
+    Raises:
+        ModelLoadError: the checkpoint cannot be found or loaded (the message names it).
+        ValueError: an unknown dtype, device or family.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    check_device(device)
+    if str(name) == "standin":
+        return load_standin(family=family, dtype=torch_dtype, device=device)
+    return _load_checkpoint(str(name), dtype=torch_dtype, device=device)
+
+
+def _load_checkpoint(name: str, *, device: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+    """Model (eval mode; moved to ``device`` when given) and processor, every failure a :class:`ModelLoadError`."""
+    from transformers import AutoModelForImageTextToText
+
+    _check_local(name)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+        if device is not None:
+            model = model.to(device)
+        processor = load_processor(name)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(err)}") from err
+    return model.eval(), processor
+
+
+def load_standin(
+    *,
+    family: str = "llava_next",
+    dtype: Any = "auto",
+    device: Any = "cpu",
+    workdir: str | os.PathLike | None = None,
+    llm_hidden: int = 512,
+    llm_layers: int = 4,
+) -> tuple[Any, Any]:
+    """The DINOv2 stand-in model of ``family`` (stock transformers classes, tiny random LLM), written to
+    ``workdir`` (default: a temporary folder, removed once loaded) and loaded back like any checkpoint."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if workdir is not None:
+        path = build_standin_checkpoint(Path(workdir), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers)
+        return _load_checkpoint(str(path), dtype=_torch_dtype(dtype), device=check_device(device))
+    with tempfile.TemporaryDirectory(prefix="globalcom2_standin_", ignore_cleanup_errors=True) as tmp:
+        path = build_standin_checkpoint(Path(tmp), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers)
+        # from_pretrained reads every tensor into memory, so the folder can go once this returns
+        return _load_checkpoint(str(path), dtype=_torch_dtype(dtype), device=check_device(device))
+
+
+def _processor_class_name(path: str) -> str | None:
+    """``processor_class`` from a checkpoint's processor / preprocessor / tokenizer config (local or cached)."""
+    from transformers.utils.hub import cached_file
+
+    for filename in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            resolved = cached_file(
+                path, filename, _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )  # fmt: skip
+        except (OSError, ValueError):
+            resolved = None
+        if not resolved:
+            continue
+        try:
+            value = json.loads(Path(resolved).read_text()).get("processor_class")
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def load_processor(path: str | os.PathLike) -> Any:
+    """``AutoProcessor.from_pretrained(path)``; when that fails for want of a video processor (transformers without
+    torchvision), the checkpoint's processor class without one (:mod:`globalcom2.processors`) loads it instead,
+    from the same files. Image inputs are processed identically; video inputs need torchvision anyway."""
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    name = str(path)
+    try:
+        return AutoProcessor.from_pretrained(name)
+    except (OSError, ImportError, AttributeError, ValueError, TypeError) as err:
+        first_error = err
+    cls_name = _processor_class_name(name)
+    cls = getattr(transformers, cls_name, None) if cls_name else None
+    if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
+        raise first_error
+    without_video = processor_class_without_video(cls)
+    if without_video is cls:  # the class has no video processor: the failure was something else
+        raise first_error
+    try:
+        return without_video.from_pretrained(name)
+    except Exception as err:
+        raise err from first_error
+
+
+def load_tiny_family(path: str | os.PathLike, **kwargs: Any) -> tuple[Any, Any]:
+    """Any checkpoint written by :mod:`globalcom2.demo.tiny_model` or :mod:`globalcom2.demo.tiny_families`:
+    ``(model in eval mode, processor)``; ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+    return model, load_processor(path)
