@@ -21,35 +21,32 @@ def unpad_box(h: int, w: int, ch: int, cw: int) -> tuple[int, int, int, int]:
     return 0, ch, p, cw - p
 
 
-def bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """align_corners=False bilinear resize, written out in float32 (source index clamped at 0 like PyTorch)."""
-    f = np.float32
+def bilinear64(src, out_h: int, out_w: int) -> np.ndarray:
+    """align_corners=False bilinear resize written out with Python floats (IEEE float64), one cell at a time.
+
+    The documented rule: src = max((i + 0.5) * n_in / n_out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, n_in - 1),
+    w1 = src - i0 when i1 > i0 else 0 (a clamped sample takes its source value exactly), w0 = 1 - w1; the four
+    neighbours are combined along x first, then along y.
+    """
+    src = np.asarray(src, dtype=np.float64)
     in_h, in_w = src.shape
-    src = src.astype(np.float32)
-    scale_h, scale_w = f(in_h) / f(out_h), f(in_w) / f(out_w)
-    out = np.zeros((out_h, out_w), dtype=np.float32)
+
+    def axis(i: int, n_in: int, n_out: int) -> tuple[int, int, float, float]:
+        s = max((i + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = min(int(math.floor(s)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        w1 = s - i0 if i1 > i0 else 0.0
+        return i0, i1, 1.0 - w1, w1
+
+    out = np.zeros((out_h, out_w), dtype=np.float64)
     for y in range(out_h):
-        sy = max(f(np.float64(scale_h) * (y + 0.5) - 0.5), f(0.0))  # one rounding, like a fused multiply-add
-        y0 = int(sy)
-        y1 = min(y0 + 1, in_h - 1)
-        ly = f(sy - f(y0))
+        y0, y1, wy0, wy1 = axis(y, in_h, out_h)
         for x in range(out_w):
-            sx = max(f(np.float64(scale_w) * (x + 0.5) - 0.5), f(0.0))
-            x0 = int(sx)
-            x1 = min(x0 + 1, in_w - 1)
-            lx = f(sx - f(x0))
-            top = (f(1) - lx) * src[y0, x0] + lx * src[y0, x1]
-            bot = (f(1) - lx) * src[y1, x0] + lx * src[y1, x1]
-            out[y, x] = (f(1) - ly) * top + ly * bot
+            x0, x1, wx0, wx1 = axis(x, in_w, out_w)
+            top = wx0 * float(src[y0, x0]) + wx1 * float(src[y0, x1])
+            bot = wx0 * float(src[y1, x0]) + wx1 * float(src[y1, x1])
+            out[y, x] = wy0 * top + wy1 * bot
     return out
-
-
-def torch_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def stable_top(scores: list[float], k: int) -> list[int]:
@@ -105,11 +102,10 @@ def plain_reference(
     # 5. unpadding
     ch, cw = rows * g, cols * g
     top, bottom, left, right = unpad_box(size[0], size[1], ch, cw)
-    # 6. global sub-maps: resize to the valid box, cut crop by crop with accumulated offsets
-    # The resize uses the same primitive as the official code (torch bilinear): top-k over the sub-maps is decided
-    # by exact ties, and a written-out bilinear differs from torch's fused kernel by an ulp (tested separately).
+    # 6. global sub-maps: resize to the valid box (the documented float64 bilinear; the official code calls
+    # F.interpolate, whose rounding differs between CPUs), cut crop by crop with accumulated offsets
     resized = (
-        torch_bilinear(thumb.reshape(g, g), bottom - top, right - left)
+        bilinear64(thumb.reshape(g, g), bottom - top, right - left)
         if bottom > top and right > left
         else None
     )
@@ -126,12 +122,12 @@ def plain_reference(
             h_j, w_j = max(r1 - r0, 0), max(c1 - c0, 0)
             positions = [(y, x) for y in range(r0, r1) for x in range(c0, c1)]  # raster order in the grid
             local = np.array(
-                [crops[j][(y - cr * g) * g + (x - cc * g)] for y, x in positions], dtype=np.float32
+                [crops[j][(y - cr * g) * g + (x - cc * g)] for y, x in positions], dtype=np.float64
             )
             if resized is not None and positions:
                 glob = resized[row_off : row_off + h_j, col_off : col_off + w_j].reshape(-1)
             else:
-                glob = np.zeros(0, dtype=np.float32)
+                glob = np.zeros(0, dtype=np.float64)
             col_off += w_j
 
             def l2(v):
@@ -153,28 +149,32 @@ def plain_reference(
 
 
 def plain_sequence(thumb_order, crops_mask, grid, box, g, mode):
-    """Feature rows (into cat(features.flatten(0, 1), newline)) in the order the LLM sees them, built plainly.
+    """Positions in HF's packed sequence, in the order the LLM sees the kept tokens, built plainly.
 
-    reference: kept tokens of crop j written at slot v (= index in the crop's valid list), newline after every
-    padded row. budget: kept tokens in raster order, newline after every valid row.
+    HF's packed sequence is the g*g thumbnail tokens, then the valid box's h rows of w crop tokens, each row followed
+    by a newline. reference: kept tokens of crop j written at slot v (= index in the crop's valid list) of its tile,
+    the padded grid read in raster order with a newline after every padded row (every newline is the same
+    embedding; the first row's is used). budget: kept tokens in raster order, each valid row's own newline.
     """
     rows, cols = grid
     gg = g * g
-    newline = (1 + rows * cols) * gg
     top, bottom, left, right = box
+    w = right - left
+
+    def pos(y: int, x: int) -> int:
+        return gg + (y - top) * (w + 1) + (x - left)
+
     seq = [int(i) for i in thumb_order]
     if mode == "budget":
         for y in range(top, bottom):
             for x in range(left, right):
                 if crops_mask[y][x]:
-                    j = (y // g) * cols + x // g
-                    seq.append((1 + j) * gg + (y % g) * g + x % g)
-            seq.append(newline)
+                    seq.append(pos(y, x))
+            seq.append(pos(y, right))
         return seq
     slot = [[-1] * (cols * g) for _ in range(rows * g)]
     for cr in range(rows):
         for cc in range(cols):
-            j = cr * cols + cc
             positions = [
                 (y, x)
                 for y in range(max(top, cr * g), min(bottom, (cr + 1) * g))
@@ -182,10 +182,10 @@ def plain_sequence(thumb_order, crops_mask, grid, box, g, mode):
             ]
             for v, (y, x) in enumerate(positions):
                 if crops_mask[y][x]:
-                    slot[cr * g + v // g][cc * g + v % g] = (1 + j) * gg + (y - cr * g) * g + (x - cc * g)
+                    slot[cr * g + v // g][cc * g + v % g] = pos(y, x)
     for row in slot:
         seq += [s for s in row if s >= 0]
-        seq.append(newline)
+        seq.append(pos(top, right))
     return seq
 
 
