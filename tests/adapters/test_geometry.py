@@ -38,7 +38,9 @@ def test_onevision_geometry_equals_hf_processor_count(tile, g):
             hh, ww = max(int(h * scale), 1), max(int(w * scale), 1)
             rows, cols = anyres_grid((hh, ww), pinpoints, tile)
             box = valid_box(hh, ww, rows * g, cols * g)
-            geo = AnyresGeometry((rows, cols), g, box, anyres_max_shape(box[1] - box[0], box[3] - box[2], g, 9))
+            geo = AnyresGeometry(
+                (rows, cols), g, box, anyres_max_shape(box[1] - box[0], box[3] - box[2], g, 9)
+            )
             assert geo.num_tokens(None) == proc._get_number_of_features(hh, ww, tile, tile), (hh, ww)
             downsampled += geo.resampled
             checked += 1

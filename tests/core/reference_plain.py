@@ -105,9 +105,7 @@ def plain_reference(
     # 6. global sub-maps: resize to the valid box (the documented float64 bilinear; the official code calls
     # F.interpolate, whose rounding differs between CPUs), cut crop by crop with accumulated offsets
     resized = (
-        bilinear64(thumb.reshape(g, g), bottom - top, right - left)
-        if bottom > top and right > left
-        else None
+        bilinear64(thumb.reshape(g, g), bottom - top, right - left) if bottom > top and right > left else None
     )
     crops_mask = np.zeros((ch, cw), dtype=bool)
     counts_out = []

@@ -80,8 +80,12 @@ def test_reference_masks_and_order_match_plain(size, kind):
                 assert plan.thumbnail_order.tolist() == t_order, where
                 assert plan.crop_keep_counts.tolist() == counts, where
                 # LLM-side count: int(N*R) + sum_j int(N_j*r_j) + rows*g newlines.
-                assert plan.num_tokens == int(G * G * ratio) + sum(counts) + grid[0] * G == index.numel(), where
-                assert index.tolist() == plain_sequence(t_order, c_mask, grid, plan.valid_box, G, "reference"), where
+                assert plan.num_tokens == int(G * G * ratio) + sum(counts) + grid[0] * G == index.numel(), (
+                    where
+                )
+                assert index.tolist() == plain_sequence(
+                    t_order, c_mask, grid, plan.valid_box, G, "reference"
+                ), where
 
 
 def exact_split(total: int, weights: list[float], capacity: list[int]) -> list[int]:
@@ -129,10 +133,13 @@ def test_budget_split_matches_exact_plain_split(size):
     for ratio in RATIOS:
         for allocation in ALLOCATIONS:
             plan, index = _plan(thumb, crops, size, grid, ratio=ratio, allocation=allocation)
-            _, _, r, _, _ = plain_reference(thumb.numpy(), crops.numpy(), grid, size, ratio, allocation, "local")
+            _, _, r, _, _ = plain_reference(
+                thumb.numpy(), crops.numpy(), grid, size, ratio, allocation, "local"
+            )
             top, bottom, left, right = plan.valid_box
             n_j = [
-                max(0, min(bottom, (cr + 1) * G) - max(top, cr * G)) * max(0, min(right, (cc + 1) * G) - max(left, cc * G))
+                max(0, min(bottom, (cr + 1) * G) - max(top, cr * G))
+                * max(0, min(right, (cc + 1) * G) - max(left, cc * G))
                 for cr in range(grid[0])
                 for cc in range(grid[1])
             ]

@@ -1,0 +1,108 @@
+"""The shared table of tiny model families that the family-generic tests run over (PEFT-style).
+
+Each entry builds a real checkpoint offline (random weights, real transformers classes), loads it with
+``from_pretrained`` and says how to prompt it; the tests in :mod:`tests.adapters.test_families` run every check
+on every family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.conftest import random_image
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    builder: str  # "module:function" building a tiny checkpoint into a directory
+    image_token: str
+    # (height, width) of images that give several crops, with and without padding, of mixed sizes
+    sizes: tuple[tuple[int, int], ...]
+    # an image size whose crop grid is not down-sampled (for the tie-rule test)
+    tie_size: tuple[int, int]
+
+    def build(self, out_dir: Path) -> Path:
+        import importlib
+
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(module), function)(out_dir)
+
+    def prompt(self) -> str:
+        return f"USER: {self.image_token}\nWhat is shown in this image? ASSISTANT:"
+
+    def images(self, seed: int = 0) -> list:
+        return [random_image(h, w, seed=seed + i) for i, (h, w) in enumerate(self.sizes)]
+
+
+FAMILIES = (
+    Family("llava_next", "globalcom2.demo.tiny_model:build_tiny_llava_next", "<image>",
+           ((100, 180), (180, 100), (150, 150), (61, 183)), (100, 180)),
+    Family("llava_onevision", "globalcom2.demo.tiny_families:build_tiny_llava_onevision", "<image>",
+           ((84, 140), (150, 170), (140, 250), (46, 108)), (84, 140)),
+    Family("internvl", "globalcom2.demo.tiny_families:build_tiny_internvl", "<IMG_CONTEXT>",
+           ((200, 300), (300, 200), (100, 180), (400, 130)), (200, 300)),
+)  # fmt: skip
+FAMILY_IDS = [f.name for f in FAMILIES]
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    from globalcom2.loading import load_tiny_family
+
+    return load_tiny_family(path)
+
+
+def inputs_for(family: Family, processor: Any, images: list) -> dict:
+    return processor(images=images, text=[family.prompt()] * len(images), return_tensors="pt", padding=True)
+
+
+def greedy(model: Any, inputs: dict, new_tokens: int = 4) -> torch.Tensor:
+    """Greedy continuation only (the prompt part is left out: reference mode hands back the caller's prompt)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def make_scores_tie(model: Any) -> None:
+    """Make every token score of every tile exactly equal, by construction, on any machine.
+
+    [CLS] towers: the last layer's key projection is zeroed, so every [CLS]-row logit is exactly 0 (a sum of exact
+    zeros, whatever the kernel's order). Towers without [CLS] (Eq. 7 on the projector's input): the patch
+    embedding's weights and the position embeddings are zeroed and the projector reads the embedding layer
+    (``vision_feature_layer = 0``), so every token is the same bias vector and has the same cosine to the mean.
+    """
+    tower = model.model.vision_tower
+    k_projs = [m for name, m in tower.named_modules() if name.endswith("k_proj")]
+    has_cls = any("cls" in name or "class_embedding" in name for name, _ in tower.named_parameters())
+    with torch.no_grad():
+        if has_cls:
+            for param in k_projs[-1].parameters():
+                param.zero_()
+            return
+        for name, param in tower.named_parameters():
+            module = name.rsplit(".", 1)[0]
+            embedding = (
+                "patch_embedding" in name and name.endswith("weight")
+            ) or "position_embedding" in name
+            if embedding or module.endswith(("out_proj", "fc2")):
+                param.zero_()
+
+
+def plan_key(plan: Any) -> tuple:
+    """Everything a plan records as integers (masks, counts, order), as comparable Python values.
+
+    The float ratios r_j are left out: a tower's float32 scores may differ by an ulp with the batch's composition.
+    """
+
+    def t(x: Any) -> Any:
+        return None if x is None else x.detach().cpu().tolist()
+
+    return (
+        plan.grid, plan.num_tokens, plan.num_tokens_full, plan.valid_box, plan.mode, t(plan.thumbnail_mask),
+        t(plan.crops_mask), t(plan.crop_keep_counts), t(plan.crop_valid_counts), t(plan.thumbnail_order),
+        t(plan.token_mask), plan.token_grid,
+    )  # fmt: skip

@@ -1,0 +1,198 @@
+"""Family-generic behaviour, one table of tiny models (tests/adapters/families.py), every family and mode.
+
+apply -> remove is bit-exact; a batch equals each sample alone; several threads on one patched model get what they
+get one at a time; memory does not grow; two patched models in one process do not interfere; and among equal
+scores the token earlier in raster order is kept (the tie rule).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import globalcom2
+from tests.adapters.families import (
+    FAMILIES,
+    FAMILY_IDS,
+    greedy,
+    inputs_for,
+    load,
+    make_scores_tie,
+    plan_key,
+)
+
+MODES = ("budget", "reference")
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=FAMILY_IDS)
+def family_dir(request, tmp_path_factory):
+    family = request.param
+    return family, family.build(tmp_path_factory.mktemp(family.name))
+
+
+@pytest.fixture()
+def fam(family_dir):
+    family, path = family_dir
+    model, processor = load(path)
+    return family, model, processor
+
+
+def _module_state(model) -> list:
+    """Instance attributes and hooks of every module (what a patch could leave behind)."""
+    hooks = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+    )
+    return [(name, sorted(vars(m)), [len(getattr(m, h)) for h in hooks]) for name, m in model.named_modules()]
+
+
+def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
+    family, model, processor = fam
+    images = family.images()[:2]
+    plain_inputs = inputs_for(family, processor, images)
+    with torch.no_grad():
+        before = model(**plain_inputs).logits
+    state, proc_attrs = _module_state(model), sorted(vars(processor))
+    for mode in MODES:
+        handle = globalcom2.apply(model, processor, ratio=0.25, mode=mode)
+        greedy(model, inputs_for(family, processor, images))
+        assert len(handle.plans) == len(images)
+        handle.remove()
+        handle.remove()  # twice is a no-op
+        assert _module_state(model) == state and sorted(vars(processor)) == proc_attrs
+    with torch.no_grad():
+        after = model(**inputs_for(family, processor, images)).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_of_mixed_sizes_equals_each_alone(fam, mode):
+    family, model, processor = fam
+    images = family.images(seed=3)
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
+        batch = greedy(model, inputs_for(family, processor, images))
+        batch_plans = [plan_key(p) for p in handle.plans]
+        for i, image in enumerate(images):
+            alone = greedy(model, inputs_for(family, processor, [image]))
+            assert torch.equal(batch[i], alone[0]), i
+            assert plan_key(handle.plans[0]) == batch_plans[i], i
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_on_one_patched_model_get_what_they_get_alone(fam, mode):
+    """4 threads x 3 generate calls with different image sizes at once == the same calls one at a time."""
+    family, model, processor = fam
+    sizes = family.sizes
+    jobs = [[family.images(seed=10 * t + c)[(t + c) % len(sizes)] for c in range(3)] for t in range(4)]
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
+        expected = {}
+        for t, images in enumerate(jobs):
+            for c, image in enumerate(images):
+                out = greedy(model, inputs_for(family, processor, [image]))
+                expected[t, c] = (out, plan_key(handle.plans[0]))
+        got: dict = {}
+        errors: list = []
+        start = threading.Barrier(len(jobs))
+
+        def work(t: int) -> None:
+            try:
+                start.wait()
+                for c, image in enumerate(jobs[t]):
+                    out = greedy(model, inputs_for(family, processor, [image]))
+                    got[t, c] = (out, plan_key(handle.plans[0]))  # this thread's own last forward
+            except BaseException as err:  # reported below with its thread
+                errors.append((t, repr(err)))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=300)
+        assert not errors, errors
+        assert set(got) == set(expected)
+        for key, (out, plan) in expected.items():
+            assert torch.equal(got[key][0], out), key
+            assert got[key][1] == plan, key
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor or type(o) is torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_repeated_generate_keeps_no_tensors(fam, mode):
+    family, model, processor = fam
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
+        for k in range(2):  # warm-up: lazy imports, HF caches
+            greedy(model, inputs_for(family, processor, family.images(seed=k)[:2]), new_tokens=2)
+        before = _live_tensors()
+        for k in range(2, 12):
+            greedy(model, inputs_for(family, processor, family.images(seed=k)[:2]), new_tokens=2)
+        grown = _live_tensors() - before
+        assert handle.state.scores == []  # consumed by the encode that recorded them
+    assert grown <= 8, f"{grown} more live tensors after 10 generate calls"
+
+
+def test_two_patched_models_in_one_process_do_not_interfere(family_dir):
+    family, path = family_dir
+    (m1, p1), (m2, p2) = load(path), load(path)
+    images = family.images(seed=7)[:2]
+    alone = []
+    for model, processor, ratio in ((m1, p1, 0.5), (m2, p2, 0.1)):
+        with globalcom2.apply(model, processor, ratio=ratio) as handle:
+            alone.append(
+                (greedy(model, inputs_for(family, processor, images)), [plan_key(p) for p in handle.plans])
+            )
+    h1 = globalcom2.apply(m1, p1, ratio=0.5)
+    h2 = globalcom2.apply(m2, p2, ratio=0.1)
+    try:
+        for _ in range(2):  # interleaved
+            for (model, processor, handle), (out, plans) in zip(
+                ((m1, p1, h1), (m2, p2, h2)), alone, strict=True
+            ):
+                assert torch.equal(greedy(model, inputs_for(family, processor, images)), out)
+                assert [plan_key(p) for p in handle.plans] == plans
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def _first_in_raster(mask: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the first ``k`` True cells of ``valid`` in raster order."""
+    flat = valid.reshape(-1)
+    out = torch.zeros_like(flat)
+    out[flat.nonzero().reshape(-1)[:k]] = True
+    return out.reshape(mask.shape)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tie_rule_keeps_the_first_tokens_in_raster_order(fam, mode):
+    """All token scores exactly equal: the thumbnail keeps its first int(N*R) tokens, and every crop its first
+    k_j valid tokens, in raster order (InternVL: the raster of the pixel-shuffled grid)."""
+    family, model, processor = fam
+    make_scores_tie(model)
+    image = family.images()[0].resize((family.tie_size[1], family.tie_size[0]))
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode, scoring="local") as handle:
+        greedy(model, inputs_for(family, processor, [image]), new_tokens=1)
+        plan = handle.plans[0]
+    g = plan.thumbnail_mask.shape[0]
+    k0 = int(g * g * 0.25)
+    assert plan.thumbnail_order.tolist() == list(range(k0))
+    rows, cols = plan.grid
+    assert rows * cols > 1 and plan.token_mask is None  # several crops, not down-sampled
+    top, bottom, left, right = plan.valid_box
+    for j in range(rows * cols):
+        r, c = divmod(j, cols)
+        block = (slice(r * g, (r + 1) * g), slice(c * g, (c + 1) * g))
+        valid = torch.zeros_like(plan.crops_mask)
+        valid[top:bottom, left:right] = True
+        kept, valid = plan.crops_mask[block], valid[block]
+        k = int(plan.crop_keep_counts[j])
+        assert k == int(kept.sum()) and 0 < k < int(valid.sum()), (j, k)
+        assert torch.equal(kept, _first_in_raster(kept, valid, k)), j
