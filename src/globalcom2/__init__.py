@@ -7,9 +7,27 @@ gc.plans; gc.remove()
 """
 
 from .adapters.base import GlobalComHandle
+from .adapters.errors import (
+    AlreadyAppliedError,
+    GlobalComError,
+    IncompatibleProcessorError,
+    PlaceholderMismatchError,
+    UnsupportedModelError,
+)
 from .apply import apply
 from .config import GlobalComConfig
 from .core.plan import Plan
 
 __version__ = "0.1.0"
-__all__ = ["GlobalComConfig", "GlobalComHandle", "Plan", "apply", "__version__"]
+__all__ = [
+    "AlreadyAppliedError",
+    "GlobalComConfig",
+    "GlobalComError",
+    "GlobalComHandle",
+    "IncompatibleProcessorError",
+    "PlaceholderMismatchError",
+    "Plan",
+    "UnsupportedModelError",
+    "__version__",
+    "apply",
+]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def anyres_grid(image_size: tuple[int, int], pinpoints: list, tile: int) -> tupl
     """Crop grid (rows, cols) that anyres picks for an image of ``(height, width)`` pixels."""
     from transformers.image_processing_utils import select_best_resolution
 
-    best_h, best_w = select_best_resolution(list(image_size), pinpoints)
+    best_h, best_w = select_best_resolution(tuple(image_size), pinpoints)
     return best_h // tile, best_w // tile
 
 
@@ -107,6 +108,25 @@ class AnyresGeometry:
         h, w = self.token_grid
         thumb, crops = (self.g**2, h * w) if ratio is None else budget_counts(self.g**2, h * w, ratio)
         return thumb + crops + (h if newline else 0)
+
+
+def anyres_geometry(
+    image_size: tuple[int, int],
+    pinpoints: list,
+    tile: int,
+    g: int,
+    token_grid: Callable[[Box, int], tuple[int, int]] | None = None,
+) -> AnyresGeometry:
+    """Tiling of one image of ``(height, width)`` pixels: anyres grid, valid box and crop token grid.
+
+    ``token_grid(box, g)`` gives the ``(H, W)`` the LLM receives (default: the valid box itself, LLaVA-NeXT);
+    :meth:`AnyresAdapter.geometry` passes its family's rule. Needs no model: the vLLM plugin, the analytic FLOPs
+    table and the evaluation call it with a config's pinpoints.
+    """
+    rows, cols = anyres_grid(image_size, pinpoints, tile)
+    box = valid_box(int(image_size[0]), int(image_size[1]), rows * g, cols * g)
+    size = (box[1] - box[0], box[3] - box[2]) if token_grid is None else token_grid(box, g)
+    return AnyresGeometry((rows, cols), g, box, size)
 
 
 def resample_blocks(box: Box, token_grid: tuple[int, int], g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,11 +296,10 @@ class AnyresAdapter(FamilyAdapter):
     def geometry(self, image_size: tuple[int, int], *, tile: int | None = None, g: int | None = None,
                  **options: Any) -> AnyresGeometry:  # fmt: skip
         """Tiling of one image of ``(height, width)`` pixels."""
-        tile = self.tile if tile is None else tile
-        g = self.g if g is None else g
-        rows, cols = anyres_grid(image_size, self.pinpoints, tile)
-        box = valid_box(int(image_size[0]), int(image_size[1]), rows * g, cols * g)
-        return AnyresGeometry((rows, cols), g, box, self.token_grid(box, g, **options))
+        return anyres_geometry(
+            image_size, self.pinpoints, self.tile if tile is None else tile, self.g if g is None else g,
+            functools.partial(self.token_grid, **options),
+        )  # fmt: skip
 
     def token_grid(self, box: Box, g: int, **options: Any) -> tuple[int, int]:
         """``(H, W)`` of the crop tokens the LLM receives: the valid box itself."""
@@ -415,6 +434,7 @@ class AnyresAdapter(FamilyAdapter):
 __all__ = [
     "AnyresAdapter",
     "AnyresGeometry",
+    "anyres_geometry",
     "anyres_grid",
     "footprint",
     "official_crop_order",
