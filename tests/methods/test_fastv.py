@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 import torch
 
 import globalcom2
 from globalcom2.core.allocation import allocate_ratios
-from globalcom2.core.geometry import thumbnail_region_map
+from globalcom2.core.layout import thumbnail_region_map
 from globalcom2.methods import apply_method
-from globalcom2.methods.fastv import group_topk_keep, layer_ratio
+from globalcom2.methods.fastv import FastVAdapter, GlobalComFastVAdapter, group_topk_keep, layer_ratio
 from globalcom2.methods.layout import image_token_layout
 from tests.conftest import PROMPT, random_image
 
@@ -218,6 +219,7 @@ def test_globalcom2_fastv_uses_globalcom2_budgets(tiny4):
         model(**inputs)
         plan = gc.plans[0]
         scores = gc.adapter.pruner.last_scores[0]
+        lay = image_token_layout(gc.adapter.geometry(size))
     # r_j: the same as an independent allocation from the plain [CLS] thumbnail logits
     tower = model.model.vision_tower
     layer = (
@@ -239,7 +241,6 @@ def test_globalcom2_fastv_uses_globalcom2_budgets(tiny4):
     assert int(plan.thumbnail_mask.sum()) == int(ref.thumbnail_mask.sum())
     assert plan.num_tokens == ref.num_tokens  # newlines kept: exactly GlobalCom²'s budget count
     # inside every crop the kept tokens are that crop's top-k_j by FastV score
-    lay = image_token_layout(size, ref.grid, g)
     img_scores = scores[inputs["input_ids"][0] == model.config.image_token_id]
     kept_cells = plan.crops_mask.reshape(-1)
     for j in range(ref.num_crops):
@@ -264,6 +265,11 @@ def test_group_topk_keep_and_options():
     groups = torch.tensor([[-1, 0, 0, 1, 1], [2, 2, 2, -1, 2]])
     keep = group_topk_keep(scores, groups, torch.tensor([1, 2, 2]))
     assert keep.tolist() == [[True, True, False, True, True], [True, False, True, True, False]]
+    # the tie rule of globalcom2.core.select: among equal scores the earlier position wins
+    ties = torch.tensor([[0.5, 0.5, 0.5, 0.9, 0.5, 0.5]])
+    keep = group_topk_keep(ties, torch.tensor([[1, 0, 1, 0, 0, 1]]), torch.tensor([2, 1]))
+    assert keep.tolist() == [[True, True, False, True, False, False]]
+    assert not group_topk_keep(ties, torch.zeros(1, 6, dtype=torch.long), torch.tensor([0])).any()
     assert layer_ratio(0.25, 2, 32, equivalent=False) == 0.25
     assert layer_ratio(0.1, 2, 32, equivalent=True) == pytest.approx((3.2 - 2) / 30)
     with pytest.raises(ValueError, match="equivalent"):
@@ -279,3 +285,69 @@ def test_bad_options(tiny4):
     with pytest.raises(ValueError, match="`method` must be one of"):
         apply_method(model, processor, "fastvv", ratio=0.25)
     assert getattr(model, "_globalcom2_handle", None) is None
+    with apply_method(
+        model, None, "fastv", ratio=0.25
+    ) as gc:  # the LLM-side methods leave the processor alone
+        assert gc.processor is None and gc.method_options == {"ratio": 0.25, "layer": 2, "equivalent": False}
+    with pytest.raises(ValueError, match="needs the processor"):
+        apply_method(model, None, "fastervlm", ratio=0.25)
+    assert getattr(model, "_globalcom2_handle", None) is None
+
+
+@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
+def test_threads_share_one_patched_model(tiny4, method):
+    """3 threads x 2 greedy generate calls on one patched model equal the same calls run one at a time."""
+    model, processor = tiny4
+    sizes = [(100, 180), (150, 150), (200, 64), (120, 200), (64, 64), (180, 100)]
+    jobs = [_inputs(processor, [size], seeds=[10 + i]) for i, size in enumerate(sizes)]
+    with apply_method(model, processor, method, ratio=0.25) as gc, torch.no_grad():
+        assert type(gc.adapter) is {"fastv": FastVAdapter, "globalcom2+fastv": GlobalComFastVAdapter}[method]
+
+        def run(i):
+            out = model.generate(**jobs[i], max_new_tokens=5, do_sample=False)
+            plan = gc.plans[0]  # this thread's own last forward
+            return out, (plan.num_tokens, plan.thumbnail_mask.clone(), plan.crops_mask.clone())
+
+        alone = [run(i) for i in range(len(jobs))]
+        together: list = [None] * len(jobs)
+        errors: list = []
+        start = threading.Barrier(3)
+
+        def worker(t):
+            try:
+                start.wait()
+                for i in (t, t + 3):
+                    together[i] = run(i)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    for i, ((out_a, plan_a), (out_t, plan_t)) in enumerate(zip(alone, together, strict=True)):
+        assert torch.equal(out_a, out_t), i  # bit-identical greedy tokens
+        assert (
+            plan_a[0] == plan_t[0] and torch.equal(plan_a[1], plan_t[1]) and torch.equal(plan_a[2], plan_t[2])
+        )
+    assert len({o[0].shape[1] for o in alone}) > 1  # the prompts really differ in length
+
+
+def test_globalcom2_fastv_needs_the_vision_pass(tiny4):
+    """Precomputed features skip GlobalCom²'s scoring: a clear error instead of stale per-crop counts."""
+    model, processor = tiny4
+    inputs = _inputs(processor, [(100, 180)])
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], return_dict=True
+        )
+    text = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with apply_method(model, processor, "globalcom2+fastv", ratio=0.25), torch.no_grad():
+        model(**inputs)  # a vision pass first: its plans must not be reused below
+        with pytest.raises(RuntimeError, match="not scored by the vision tower"):
+            model(**text, mm_encoder_outputs={"image": feats})
+    with apply_method(model, processor, "fastv", ratio=0.25) as gc, torch.no_grad():
+        model(**text, mm_encoder_outputs={"image": feats})  # FastV alone only needs the sizes
+        assert gc.plans[0].num_tokens == int(gc.plans[0].num_tokens_full * 0.25)

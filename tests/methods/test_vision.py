@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from globalcom2.adapters.llava_next import image_grid
-from globalcom2.core.budget import budget_num_tokens
-from globalcom2.methods import apply_method
-from globalcom2.methods.vision import PoolingPlan, plan_pooling, pooled_side, pooling_counts
+import globalcom2
+from globalcom2.adapters.anyres import AnyresGeometry, valid_box
+from globalcom2.adapters.errors import AlreadyAppliedError, UnsupportedModelError
+from globalcom2.adapters.llava_next import LlavaNextAdapter, image_grid
+from globalcom2.methods import METHODS, apply_method
+from globalcom2.methods.vision import PoolingAdapter, PoolingPlan, RandomAdapter, plan_pooling, pooled_side
 from tests.conftest import PROMPT, random_image
 
 SIZES = [(64, 64), (100, 180), (180, 100), (40, 200), (200, 40), (33, 77), (300, 310), (61, 183)]
@@ -43,10 +46,14 @@ def test_documented_token_count(tiny, method, ratio):
         for i, size in enumerate(SIZES):
             _, feats, n = _run(model, processor, size, seed=i)
             rows, cols = _grid(model, size)
-            if method == "pooling":
-                expected = pooling_counts(size[0], size[1], rows, cols, g, ratio)
-            else:
-                expected = budget_num_tokens(size[0], size[1], rows, cols, g, ratio)
+            top, bottom, left, right = valid_box(size[0], size[1], rows * g, cols * g)
+            h, w = bottom - top, right - left
+            if method == "pooling":  # a0*a0 + (sum_r a_r) * (sum_c b_c) + sum_r a_r
+                a = sum(pooled_side(min((r + 1) * g, bottom) - max(r * g, top), ratio) for r in range(rows))
+                b = sum(pooled_side(min((c + 1) * g, right) - max(c * g, left), ratio) for c in range(cols))
+                expected = pooled_side(g, ratio) ** 2 + a * b + a
+            else:  # int(g*g*R) + int(R*h*w) + one newline per row
+                expected = int(g * g * ratio) + int(ratio * (h * w)) + h
                 plan = gc.plans[0]
                 assert int(plan.thumbnail_mask.sum()) == int(g * g * ratio)
                 assert int(plan.crops_mask.sum()) == int(ratio * int(plan.crop_valid_counts.sum()))
@@ -140,7 +147,8 @@ def test_pooling_features_are_cell_means(tiny):
 
 
 def test_pooling_geometry():
-    plan = plan_pooling(grid=(2, 2), image_size=(336, 672), g=24, ratio=0.25)
+    box = valid_box(336, 672, 48, 48)
+    plan = plan_pooling(AnyresGeometry((2, 2), 24, box, (box[1] - box[0], box[3] - box[2])), ratio=0.25)
     assert plan.pooled_shape == (2 * 6, 24)  # valid rows 12 per crop row -> 6; 24 columns -> 12 each
     assert plan.num_tokens == 144 + 12 * 24 + 12
     assert plan.crop_keep_counts.tolist() == [72, 72, 72, 72]
@@ -166,14 +174,76 @@ def test_remove_restores_model_and_processor(tiny, method):
         assert torch.equal(model(**inputs).logits, before)
 
 
-def test_globalcom2_method_is_apply(tiny):
-    import globalcom2
-
+def test_methods_share_the_install_path(tiny):
+    """Every baseline is an adapter installed by the one install path, with its name and options on the handle."""
     model, processor = tiny
-    with apply_method(model, processor, "globalcom2", ratio=0.25, allocation="topk-count") as gc:
+    expected = {"fastervlm": LlavaNextAdapter, "random": RandomAdapter, "pooling": PoolingAdapter}
+    for method, cls in expected.items():
+        with apply_method(model, processor, method, ratio=0.25) as gc:
+            assert type(gc.adapter) is cls and gc.method == method
+            assert gc.method_options == {"ratio": 0.25, **METHODS[method].options}
+            assert model._globalcom2_handle is gc and processor._globalcom2_handle is gc
+            with pytest.raises(AlreadyAppliedError):
+                apply_method(model, processor, "random", ratio=0.5)
+        assert "_globalcom2_handle" not in model.__dict__ and "_globalcom2_handle" not in processor.__dict__
+    with apply_method(model, processor, "random", ratio=0.1, seed=3) as gc:
+        assert gc.method_options == {"ratio": 0.1, "seed": 3} and gc.adapter.seed == 3
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        apply_method(model, processor, "random", ratio=0.1, seed=1.5)
+
+
+def test_fastervlm_is_globalcom2_with_uniform_local_softmax(tiny):
+    """FasterVLM = the GlobalCom² pipeline with allocation, scoring and score swapped; nothing else differs."""
+    model, processor = tiny
+    with apply_method(model, processor, "fastervlm", ratio=0.25) as gc:
+        cfg = gc.config
+        assert (cfg.allocation, cfg.scoring, cfg.score) == ("uniform", "local", "softmax")
         _run(model, processor, (100, 180))
         a = gc.plans[0]
-    with globalcom2.apply(model, processor, ratio=0.25, allocation="topk-count") as gc:
+    with globalcom2.apply(
+        model, processor, ratio=0.25, allocation="uniform", scoring="local", score="softmax"
+    ) as gc:
         _run(model, processor, (100, 180))
         b = gc.plans[0]
     assert torch.equal(a.crops_mask, b.crops_mask) and torch.equal(a.thumbnail_mask, b.thumbnail_mask)
+    assert torch.equal(a.thumbnail_order, b.thumbnail_order)
+
+
+def test_random_draw_depends_on_seed_and_geometry_only(tiny):
+    """Each image's draw comes from its own generator: batch position, threads and call order do not matter."""
+    model, processor = tiny
+    sizes = [(100, 180), (100, 180), (150, 150)]
+    images = [random_image(*s, seed=i) for i, s in enumerate(sizes)]
+    with apply_method(model, processor, "random", ratio=0.25, seed=5) as gc:
+        inputs = processor(images=images, text=[PROMPT] * 3, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        batch = [p.crops_mask.clone() for p in gc.plans]
+        assert torch.equal(batch[0], batch[1])  # same seed, same geometry -> same draw
+
+        def alone(i: int) -> torch.Tensor:
+            _run(model, processor, sizes[i], seed=i)
+            return gc.plans[0].crops_mask.clone()
+
+        with ThreadPoolExecutor(3) as pool:
+            threaded = list(pool.map(alone, [2, 1, 0, 2]))
+    assert [m.tolist() for m in threaded] == [batch[2].tolist(), batch[1].tolist(), batch[0].tolist(),
+                                              batch[2].tolist()]  # fmt: skip
+
+
+def test_baselines_reject_other_families(tmp_path):
+    """Baselines are LLaVA-NeXT only: another registered family gets a TypeError before anything is patched."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from globalcom2.demo.tiny_families import build_tiny_llava_onevision
+
+    path = build_tiny_llava_onevision(tmp_path / "ov")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
+    for method in METHODS:
+        if method == "globalcom2":
+            continue
+        with pytest.raises(UnsupportedModelError, match="supports LlavaNextForConditionalGeneration only"):
+            apply_method(model, None, method, ratio=0.25)
+        assert "_globalcom2_handle" not in model.__dict__
+    with pytest.raises(TypeError, match="unsupported model class"):
+        apply_method(torch.nn.Linear(2, 2), None, "fastervlm", ratio=0.25)

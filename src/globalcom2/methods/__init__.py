@@ -1,18 +1,21 @@
 """Baselines and combinations behind one API: ``apply_method(model, processor, method=..., ratio=...)``.
 
-Every method patches the model (and, for pre-LLM methods, the processor) in place and returns the same
-:class:`~globalcom2.GlobalComHandle` as :func:`globalcom2.apply`: ``.plans`` after each forward (one
-:class:`~globalcom2.Plan` per image), ``.remove()`` and the context-manager form. ``handle.method`` names the method
-and ``handle.method_options`` holds its options.
+Every method is a family adapter installed by the one install path of :func:`globalcom2.apply`
+(:func:`globalcom2.adapters.base.install`), so it returns the same :class:`~globalcom2.GlobalComHandle`: ``.plans``
+after each forward (one :class:`~globalcom2.Plan` per image), ``.remove()`` and the context-manager form;
+``handle.method`` names the method and ``handle.method_options`` holds its options. A baseline is the GlobalCom²
+pipeline with one step swapped:
 
-| method | stage | what it keeps |
-|---|---|---|
-| ``globalcom2`` | vision | GlobalCom² itself (:func:`globalcom2.apply`, every option) |
-| ``fastervlm`` | vision | per tile, top tokens by the tile's own [CLS] attention at uniform R |
-| ``random`` | vision | the same counts as GlobalCom² budget mode, drawn at random per tile |
-| ``pooling`` | vision | each tile average-pooled to about R of its tokens |
-| ``fastv`` | LLM | from layer K on, the image tokens the last prompt token attends to most |
-| ``globalcom2+fastv`` | vision + LLM | GlobalCom²'s per-crop counts, FastV's choice inside each crop (paper Fig. 8) |
+| method | stage | what it keeps | what is swapped |
+|---|---|---|---|
+| ``globalcom2`` | vision | GlobalCom² itself (:func:`globalcom2.apply`, every option) | nothing |
+| ``fastervlm`` | vision | per tile, top tokens by the tile's own [CLS] attention at uniform R | the config |
+| ``random`` | vision | the same counts as GlobalCom² budget mode, drawn at random per tile | the scores |
+| ``pooling`` | vision | each tile average-pooled to about R of its tokens | count and packing |
+| ``fastv`` | LLM | from layer K on, the image tokens the last prompt token attends to most | LLM-side pruning |
+| ``globalcom2+fastv`` | vision + LLM | GlobalCom²'s per-crop counts, FastV's choice inside each crop (Fig. 8) | selection in crops |
+
+The baselines are written for LLaVA-NeXT; other families get a TypeError before anything is patched.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..adapters import adapter_for
-from ..adapters.base import GlobalComHandle, existing_handle
+from ..adapters.base import GlobalComHandle, install
+from ..adapters.errors import UnsupportedModelError
+from ..adapters.llava_next import LlavaNextAdapter
 from ..config import GlobalComConfig
 
 __all__ = ["METHODS", "MethodSpec", "apply_method", "available_methods", "register_method"]
@@ -31,13 +36,17 @@ __all__ = ["METHODS", "MethodSpec", "apply_method", "available_methods", "regist
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, where it acts, its options (name -> default) and its installer."""
+    """A registered method: its name, where it acts, its options (name -> default) and how to build its adapter.
+
+    ``adapter(model, processor, ratio=..., **options)`` returns the adapter that
+    :func:`~globalcom2.adapters.base.install` installs; None means :func:`globalcom2.apply` itself.
+    """
 
     name: str
     stage: str  # "vision", "llm" or "vision+llm"
     description: str
     options: dict[str, Any]
-    install: Callable[..., GlobalComHandle]
+    adapter: Callable[..., Any] | None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -54,118 +63,82 @@ def available_methods() -> list[str]:
     return list(METHODS)
 
 
-def _check_llava_next(model: Any, method: str) -> None:
-    """Baselines are written for LLaVA-NeXT; other families get a TypeError before anything is patched."""
-    from ..adapters.llava_next import LlavaNextAdapter
-
-    adapter_for(model)  # unsupported models: the same TypeError as globalcom2.apply
-    if not LlavaNextAdapter.is_supported(model):
-        raise TypeError(
+def _llava_next(model: Any, method: str) -> type[LlavaNextAdapter]:
+    """The registry's adapter class for ``model``, which must be LLaVA-NeXT's (TypeError before any patch)."""
+    family = adapter_for(model)  # unsupported models: the same TypeError as globalcom2.apply
+    if not issubclass(family, LlavaNextAdapter):
+        raise UnsupportedModelError(
             f"method {method!r} supports {LlavaNextAdapter.model_class_name} only, got {type(model).__name__} "
             "(method='globalcom2' supports every family of globalcom2.apply)"
         )
+    return family
 
 
-def _check_free(model: Any, processor: Any) -> None:
-    for obj, what in ((model, "model"), (processor, "processor")):
-        if obj is not None and existing_handle(obj) is not None:
-            raise ValueError(
-                f"GlobalCom² is already applied to this {what}; call .remove() on its handle first"
-            )
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
-def _install(method: Any, model: Any, processor: Any, cfg: GlobalComConfig) -> GlobalComHandle:
-    """The :func:`globalcom2.apply` sequence for any method object: check everything, then patch, then mark."""
-    _check_free(model, processor)
-    method.check()
-    handle = GlobalComHandle(model, processor, cfg)
-    handle.adapter = method  # type: ignore[attr-defined]
-    try:
-        method.install(handle)
-        handle.mark()
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
+def _fastervlm(model: Any, processor: Any, *, ratio: float, **options: Any) -> LlavaNextAdapter:
+    from .vision import FASTERVLM
 
-
-def _vision_method(name: str, adapter_attr: str, **fixed: Any) -> Callable[..., GlobalComHandle]:
-    def install(model: Any, processor: Any, *, ratio: float, **options: Any) -> GlobalComHandle:
-        from . import vision
-
-        _check_llava_next(model, name)
-        extra = {k: options.pop(k) for k in ("seed",) if k in options}
-        if "seed" in extra and (
-            isinstance(extra["seed"], bool) or not isinstance(extra["seed"], numbers.Integral)
-        ):
-            raise TypeError(f"`seed` must be an int, got {type(extra['seed']).__name__} {extra['seed']!r}")
-        cfg = GlobalComConfig.from_kwargs(None, ratio=ratio, **{**fixed, **options})
-        adapter = getattr(vision, adapter_attr)(model, processor, cfg)
-        for key, value in extra.items():
-            setattr(adapter, key, value)
-        return _install(adapter, model, processor, cfg)
-
-    return install
-
-
-def _install_globalcom2(model: Any, processor: Any, *, ratio: float, **options: Any) -> GlobalComHandle:
-    from ..apply import apply
-
-    return apply(model, processor, ratio=ratio, **options)
-
-
-def _check_layer(layer: Any) -> int:
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise TypeError(f"`layer` must be an int, got {type(layer).__name__} {layer!r}")
-    return int(layer)
-
-
-def _install_fastv(
-    model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False
-) -> GlobalComHandle:
-    from .fastv import FastVMethod
-
-    _check_llava_next(model, "fastv")
-    cfg = GlobalComConfig(ratio=ratio)
-    method = FastVMethod(
-        model, processor, ratio=cfg.ratio, layer=_check_layer(layer), equivalent=bool(equivalent)
+    family = _llava_next(model, "fastervlm")
+    return family(
+        model, processor, GlobalComConfig.from_kwargs(None, ratio=ratio, **{**FASTERVLM, **options})
     )
-    return _install(method, model, processor, cfg)
 
 
-def _install_globalcom2_fastv(
-    model: Any, processor: Any, *, ratio: float, layer: int = 2, **options: Any
-) -> GlobalComHandle:
-    from .fastv import GlobalComFastVMethod
+def _random(model: Any, processor: Any, *, ratio: float, seed: int = 0) -> LlavaNextAdapter:
+    from .vision import RANDOM, RandomAdapter
 
-    _check_llava_next(model, "globalcom2+fastv")
+    _llava_next(model, "random")
+    seed = _integer("seed", seed)
+    return RandomAdapter(model, processor, GlobalComConfig(ratio=ratio, **RANDOM), seed=seed)
+
+
+def _pooling(model: Any, processor: Any, *, ratio: float) -> LlavaNextAdapter:
+    from .vision import PoolingAdapter
+
+    _llava_next(model, "pooling")
+    return PoolingAdapter(model, processor, GlobalComConfig(ratio=ratio))
+
+
+def _fastv(model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False) -> Any:
+    from .fastv import FastVAdapter
+
+    _llava_next(model, "fastv")
+    cfg = GlobalComConfig(ratio=ratio)
+    return FastVAdapter(model, processor, cfg, layer=_integer("layer", layer), equivalent=bool(equivalent))
+
+
+def _globalcom2_fastv(model: Any, processor: Any, *, ratio: float, layer: int = 2, **options: Any) -> Any:
+    from .fastv import GlobalComFastVAdapter
+
+    _llava_next(model, "globalcom2+fastv")
     cfg = GlobalComConfig.from_kwargs(None, ratio=ratio, mode="budget", **options)
-    method = GlobalComFastVMethod(model, processor, cfg, layer=_check_layer(layer))
-    return _install(method, model, processor, cfg)
+    return GlobalComFastVAdapter(model, processor, cfg, layer=_integer("layer", layer))
 
 
 _GC_OPTIONS = {"mode": "budget", "allocation": "softmax-sum", "scoring": "holistic", "alpha": 0.5, "tau": 10.0,
                "score": "logits", "importance": "auto"}  # fmt: skip
 
-register_method(MethodSpec("globalcom2", "vision", "GlobalCom² (paper Sec. 4)", dict(_GC_OPTIONS),
-                           _install_globalcom2))  # fmt: skip
+register_method(MethodSpec("globalcom2", "vision", "GlobalCom² (paper Sec. 4)", dict(_GC_OPTIONS), None))
 register_method(MethodSpec(
     "fastervlm", "vision", "per-tile [CLS]-attention top-k at uniform R (FasterVLM-style)",
-    {"mode": "budget", "score": "softmax", "importance": "auto"},
-    _vision_method("fastervlm", "FasterVLMAdapter", allocation="uniform", scoring="local", score="softmax"),
+    {"mode": "budget", "score": "softmax", "importance": "auto"}, _fastervlm,
 ))  # fmt: skip
 register_method(MethodSpec(
-    "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0},
-    _vision_method("random", "RandomAdapter", allocation="uniform", scoring="local"),
+    "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0}, _random
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
-                           _vision_method("pooling", "PoolingAdapter")))  # fmt: skip
+                           _pooling))  # fmt: skip
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
-                           {"layer": 2, "equivalent": False}, _install_fastv))  # fmt: skip
+                           {"layer": 2, "equivalent": False}, _fastv))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+fastv", "vision+llm", "GlobalCom² per-crop budgets r_j, FastV token choice inside each crop",
     {"layer": 2, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _install_globalcom2_fastv,
+    _globalcom2_fastv,
 ))  # fmt: skip
 
 
@@ -175,14 +148,17 @@ def apply_method(
     """Patch ``model``/``processor`` in place for ``method`` at retention ratio ``ratio``; return the handle.
 
     Args:
-        model: ``LlavaNextForConditionalGeneration``.
-        processor: its ``LlavaNextProcessor`` (needed by the pre-LLM methods, which change the placeholder count).
+        model: ``LlavaNextForConditionalGeneration`` (``method="globalcom2"``: every family of
+            :func:`globalcom2.apply`).
+        processor: its ``LlavaNextProcessor`` (needed by the pre-LLM methods, which change the placeholder count;
+            optional for the LLM-side ones).
         method: one of :func:`available_methods`.
         ratio: R in (0, 1].
         options: the method's options (see ``METHODS[method].options``); unknown names are a TypeError.
 
     Returns:
-        A :class:`~globalcom2.GlobalComHandle` with ``.method`` and ``.method_options`` set.
+        A :class:`~globalcom2.GlobalComHandle` whose ``.method`` and ``.method_options`` (R and the method's
+        options) describe the method.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
@@ -192,7 +168,10 @@ def apply_method(
         raise TypeError(
             f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(spec.options)}"
         )
-    handle = spec.install(model, processor, ratio=ratio, **options)
-    handle.method = method  # type: ignore[attr-defined]
-    handle.method_options = {**spec.options, **options}  # type: ignore[attr-defined]
-    return handle
+    if spec.adapter is None:
+        from ..apply import apply
+
+        return apply(model, processor, ratio=ratio, **options)
+    adapter = spec.adapter(model, processor, ratio=ratio, **options)
+    return install(adapter, method=method, method_options={"ratio": adapter.config.ratio, **spec.options,
+                                                           **options})  # fmt: skip

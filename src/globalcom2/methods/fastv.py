@@ -30,25 +30,35 @@ GlobalCom² budget-mode counts: int(N*R) thumbnail tokens and k_j tokens of crop
 Eq. 2-4 from the vision tower's [CLS] scores, with FastV's scores choosing *which* tokens inside each region;
 newline tokens are always kept.
 
+Both methods are LLaVA-NeXT adapters (:class:`FastVAdapter`, :class:`GlobalComFastVAdapter`) installed by the one
+install path (:func:`globalcom2.adapters.base.install`): HF's packing runs unchanged and hands the LLM every token;
+the adapter records each image's token layout (and, for GlobalCom² + FastV, GlobalCom²'s plan from the shared
+scoring hook and :func:`~globalcom2.core.select.select_tokens`) for the pruner. Every per-forward value the hooks
+pass on lives in a per-thread state, so several threads can run ``generate`` on one patched model; every top-k
+ranks by :func:`~globalcom2.core.select.topk_mask` (ties: the earlier position wins).
+
 Tested with Llama decoders under SDPA and eager attention, transformers 5.19 and 5.24; beam search (cache
 reordering) is not supported.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
+import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..adapters.base import GlobalComHandle
-from ..adapters.llava_next import LlavaNextAdapter, image_grid
+from ..adapters.llava_next import LlavaNextAdapter
 from ..core.plan import Plan
-from .layout import NEWLINE, ImageTokenLayout, image_token_layout, plan_from_keep
+from ..core.select import topk_mask
+from .layout import NEWLINE, ImageTokenLayout, image_token_layout, plan_from_keep, single_tile_layout
+from .vision import image_sizes_list
 
 # -------------------------------------------------------------------------------------------- pure pieces
 
@@ -121,7 +131,9 @@ def last_token_attention(
 def group_topk_keep(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Keep the ``counts[g]`` highest-scoring entries of every group g; entries with group -1 are always kept.
 
-    Vectorised over the batch and groups (two stable sorts); ties keep the earlier position.
+    The groups become rows of a table (entries in position order) and :func:`~globalcom2.core.select.topk_mask`
+    picks the top ``counts[g]`` of row g (paper Eq. 6 applied per group), so ties keep the earlier position.
+    Vectorised over the batch and groups.
 
     Args:
         scores: ``(B, S)``.
@@ -132,19 +144,25 @@ def group_topk_keep(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Te
         Bool ``(B, S)``.
     """
     flat_g = groups.reshape(-1)
-    sel = (flat_g >= 0).nonzero().reshape(-1)
-    keep = (flat_g < 0).clone()
+    keep = flat_g < 0
+    sel = (~keep).nonzero().reshape(-1)  # selectable positions, in position order
     if sel.numel() == 0:
         return keep.reshape(groups.shape)
-    s = scores.reshape(-1)[sel].float()
     g = flat_g[sel]
-    by_score = torch.sort(s, descending=True, stable=True).indices
-    order = by_score[torch.sort(g[by_score], stable=True).indices]  # by group, then score descending
-    g_sorted = g[order]
+    by_group = torch.sort(g, stable=True).indices  # grouped; position order inside each group
+    g_sorted = g[by_group]
     size = torch.bincount(g_sorted, minlength=counts.numel())
-    start = torch.cumsum(size, 0) - size
-    rank = torch.arange(order.numel(), device=order.device) - start[g_sorted]
-    keep[sel[order]] = rank < counts.to(rank.device)[g_sorted]
+    col = torch.arange(sel.numel(), device=sel.device) - (torch.cumsum(size, 0) - size)[g_sorted]
+    num_groups, width = int(size.numel()), int(size.max())
+    table = scores.new_full((num_groups, width), float("-inf"), dtype=torch.float32)
+    table[g_sorted, col] = scores.reshape(-1)[sel[by_group]].float()
+    valid = torch.zeros(num_groups, width, dtype=torch.bool, device=sel.device)
+    valid[g_sorted, col] = True
+    k = torch.zeros(num_groups, dtype=torch.long, device=sel.device)
+    k[: counts.numel()] = counts.to(sel.device)
+    chosen = topk_mask(table, k, valid)
+    keep = keep.clone()
+    keep[sel[by_group]] = chosen[g_sorted, col]
     return keep.reshape(groups.shape)
 
 
@@ -188,7 +206,32 @@ class _Prefill:
     prompt_mask: torch.Tensor | None  # (B, L') 2D mask of the pruned prompt; None = all visible
 
 
+class FastVState(threading.local):
+    """FastV's per-forward state, one instance per thread (several threads may run one patched model).
+
+    Attributes:
+        call: the current language-model call (set by the LM's pre-hook, read by the layer hooks).
+        pending_ids: ``input_ids`` of the current outer call, until the LM's pre-hook takes them.
+        prefill: the last pruned prefill of this thread, for its decode steps.
+        layouts: token layouts of the images of this thread's last encode (batch order).
+        vision_plans: GlobalCom²'s plans of those images (GlobalCom² + FastV only).
+        last_scores: ``(B, S)`` layer K-1 scores of this thread's last pruned prefill.
+    """
+
+    def __init__(self) -> None:
+        self.call = _Call()
+        self.pending_ids: torch.Tensor | None = None
+        self.prefill: _Prefill | None = None
+        self.layouts: list[ImageTokenLayout] | None = None
+        self.vision_plans: list[Plan] | None = None
+        self.last_scores: torch.Tensor | None = None
+
+
 _CACHE_KEYS = ("cache", "past_key_values")
+
+Select = Callable[
+    [torch.Tensor, torch.Tensor, list[ImageTokenLayout] | None], tuple[torch.Tensor, list[Plan] | None]
+]
 
 
 def _cache_of(kwargs: dict) -> Any:
@@ -202,16 +245,18 @@ def _cache_of(kwargs: dict) -> Any:
 
 
 class FastVPruner:
-    """Installs FastV pruning on the language model of a LLaVA-NeXT model (hooks only; see the module docstring).
+    """FastV pruning hooks on the language model of a LLaVA-NeXT model (see the module docstring).
 
     Args:
         model: ``LlavaNextForConditionalGeneration``.
         layer: K, the first pruned layer (1 <= K < num_layers).
-        select: callable ``(scores (B,S), image_mask (B,S), layouts) -> (keep (B,S), plans)`` deciding which
-            positions survive (FastV: top share per sample; GlobalCom² + FastV: GlobalCom²'s counts per region).
+        select: ``(scores (B,S), image_mask (B,S), layouts) -> (keep (B,S), plans)`` deciding which positions
+            survive (FastV: top share per sample; GlobalCom² + FastV: GlobalCom²'s counts per region).
+        layouts_from_sizes: image sizes -> token layouts, for calls with precomputed image features.
     """
 
-    def __init__(self, model: Any, layer: int, select: Any) -> None:
+    def __init__(self, model: Any, layer: int, select: Select,
+                 layouts_from_sizes: Callable[[Any], list[ImageTokenLayout]]) -> None:  # fmt: skip
         self.model = model
         self.lm = model.model.language_model
         self.layers = self.lm.layers
@@ -229,19 +274,23 @@ class FastVPruner:
                 f"{type(self.lm).__name__} layer {self.k - 1} has none"
             )
         self.select = select
+        self.layouts_from_sizes = layouts_from_sizes
         self.image_token_id = int(model.config.image_token_id)
-        self.call = _Call()
-        self.pending_ids: torch.Tensor | None = None
-        self.prefill: _Prefill | None = None
-        self.image_sizes: list[tuple[int, int]] = []
-        self.last_scores: torch.Tensor | None = None  # (B, S) scores of the last pruned prefill
+        self.state = FastVState()
+        self.handle: GlobalComHandle | None = None
         from transformers.masking_utils import create_causal_mask
 
         self._create_mask = create_causal_mask
         self._warned: set[str] = set()
 
+    @property
+    def last_scores(self) -> torch.Tensor | None:
+        """``(B, S)`` layer K-1 scores of the calling thread's last pruned prefill."""
+        return self.state.last_scores
+
     # -- installation --------------------------------------------------------------------------------------
     def install(self, handle: GlobalComHandle) -> None:
+        self.handle = handle
         inner = self.model.model
         handle.add_hook(inner.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         handle.add_hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
@@ -258,27 +307,35 @@ class FastVPruner:
             warnings.warn(message, stacklevel=3)
 
     # -- per-call context ----------------------------------------------------------------------------------
-    def _outer_pre(self, module, args, kwargs) -> None:
+    def record_images(self, layouts: list[ImageTokenLayout], vision_plans: list[Plan] | None = None) -> None:
+        """Token layouts (and GlobalCom²'s plans) of the images this thread just encoded."""
+        self.state.layouts, self.state.vision_plans = layouts, vision_plans
+
+    def _outer_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        state = self.state
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.pending_ids = ids if isinstance(ids, torch.Tensor) else None
+        state.pending_ids = ids if isinstance(ids, torch.Tensor) else None
         if kwargs.get("pixel_values") is None and isinstance(kwargs.get("image_sizes"), torch.Tensor):
             # precomputed image features (mm_encoder_outputs): the sizes come with the call, not the packing
-            self.record_sizes(kwargs["image_sizes"])
+            self.record_images(self.layouts_from_sizes(kwargs["image_sizes"]))
 
-    def _lm_pre(self, module, args, kwargs) -> None:
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        state = self.state
         embeds = kwargs.get("inputs_embeds")
-        ids, self.pending_ids = self.pending_ids, None
+        ids, state.pending_ids = state.pending_ids, None
         if ids is not None and embeds is not None and ids.shape != embeds.shape[:2]:
             ids = None
-        self.call = _Call(input_ids=ids, attention_mask=kwargs.get("attention_mask"), cache=_cache_of(kwargs))
-        if ids is None and embeds is not None and self.prefill is None:
+        state.call = _Call(
+            input_ids=ids, attention_mask=kwargs.get("attention_mask"), cache=_cache_of(kwargs)
+        )
+        if ids is None and embeds is not None and state.prefill is None:
             self._warn_once(
                 "embeds", "FastV: the model was called with inputs_embeds only; image positions are unknown, "
                 "nothing is pruned (call it with input_ids)",
             )  # fmt: skip
 
     def _image_mask(self) -> torch.Tensor | None:
-        ids = self.call.input_ids
+        ids = self.state.call.input_ids
         if ids is None:
             return None
         mask = ids == self.image_token_id
@@ -286,19 +343,19 @@ class FastVPruner:
 
     # -- layer K-1: the scores -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _score_pre(self, module, args, kwargs) -> None:
+    def _score_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         mask = self._image_mask()
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if mask is None or hidden is None or hidden.shape[1] != mask.shape[1]:
             return
-        cache = self.call.cache
-        if cache is not None and cache.get_seq_length(self.k) > 0:
+        call = self.state.call
+        if call.cache is not None and call.cache.get_seq_length(self.k) > 0:
             self._warn_once("cache", "FastV: prompt with images on a non-empty cache; nothing is pruned")
             return
-        attn2d = self.call.attention_mask
+        attn2d = call.attention_mask
         if attn2d is not None and attn2d.dim() != 2:
             attn2d = None
-        self.call.scores = self.last_scores = last_token_attention(
+        call.scores = self.state.last_scores = last_token_attention(
             module, hidden, kwargs["position_embeddings"], attn2d
         )
 
@@ -308,12 +365,15 @@ class FastVPruner:
         return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=self.k)
 
     @torch.no_grad()
-    def _prune_pre(self, module, args, kwargs):
-        call = self.call
+    def _prune_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self.state
+        call = state.call
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None:
+            return None
         if call.scores is not None:
             return self._prune(hidden, args, kwargs)
-        pre = self.prefill
+        pre = state.prefill
         cache = _cache_of(kwargs)
         if pre is None or cache is None or pre.cache() is not cache:
             return None
@@ -348,27 +408,28 @@ class FastVPruner:
         kwargs.update(call.replace)
         return args, kwargs
 
-    def _prune(self, hidden: torch.Tensor, args: tuple, kwargs: dict):
-        call = self.call
+    def _prune(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state = self.state
+        call = state.call
         assert call.scores is not None and call.input_ids is not None
         b, s, d = hidden.shape
         dev = hidden.device
         image_mask = call.input_ids.to(dev) == self.image_token_id
         keep, plans = self.select(call.scores.to(dev), image_mask, self._layouts(image_mask))
-        self.handle_plans(plans)
-        lengths = keep.sum(1)
-        lp = int(lengths.max())
+        if plans is not None and self.handle is not None:
+            self.handle.publish(plans)
+        lp = int(keep.sum(1).max())
         pos = torch.arange(s, device=dev)
-        # kept positions first (in order), then fillers; take L' and restore sequence order
-        first = torch.sort((~keep).long() * s + pos, dim=1).indices[:, :lp]
-        keep_index = torch.sort(first, dim=1).values
+        # compaction, not a ranking: kept positions first (in order), then fillers; take L' and restore order
+        first = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :lp]
+        keep_index = torch.sort(first, dim=1).values  # distinct positions
         keep_valid = keep.gather(1, keep_index)
         attn2d = (
             call.attention_mask
             if call.attention_mask is not None and call.attention_mask.dim() == 2
             else None
         )
-        mask2d = (
+        mask2d: torch.Tensor | None = (
             keep_valid if attn2d is None else keep_valid & attn2d.to(dev, torch.bool).gather(1, keep_index)
         )
         if attn2d is None and bool(keep_valid.all()):
@@ -389,7 +450,7 @@ class FastVPruner:
         }
         call.keep_index, call.keep_valid, call.full_hidden = keep_index, keep_valid, hidden
         call.scores = None
-        self.prefill = (
+        state.prefill = (
             _Prefill(weakref.ref(cache), prompt_len=s, pruned_len=lp, prompt_mask=mask2d)
             if cache is not None
             else None
@@ -401,14 +462,15 @@ class FastVPruner:
             kwargs["hidden_states"] = hidden_p
         return args, kwargs
 
-    def _follow_pre(self, module, args, kwargs):
-        if not self.call.replace:
+    def _follow_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        replace = self.state.call.replace
+        if not replace:
             return None
-        kwargs.update(self.call.replace)
+        kwargs.update(replace)
         return args, kwargs
 
-    def _scatter_back(self, module, args, output):
-        call = self.call
+    def _scatter_back(self, module: Any, args: tuple, output: Any) -> Any:
+        call = self.state.call
         if call.keep_index is None or call.full_hidden is None or call.keep_valid is None:
             return None
         out = output[0] if isinstance(output, tuple) else output
@@ -421,26 +483,15 @@ class FastVPruner:
 
     # -- images ----------------------------------------------------------------------------------------------
     def _layouts(self, image_mask: torch.Tensor) -> list[ImageTokenLayout] | None:
-        """Token layouts of the images of this call, in batch order (None when sizes are unknown)."""
-        cfg = self.model.config
-        tile = int(cfg.vision_config.image_size)
-        g = tile // int(cfg.vision_config.patch_size)
-        layouts = [image_token_layout(size, image_grid(size, cfg.image_grid_pinpoints, tile), g)
-                   for size in self.image_sizes]  # fmt: skip
-        if sum(lay.num_tokens for lay in layouts) != int(image_mask.sum()):
+        """Token layouts of the images of this call, in batch order (None when they do not fit the call)."""
+        layouts = self.state.layouts
+        if layouts is None or sum(lay.num_tokens for lay in layouts) != int(image_mask.sum()):
             self._warn_once(
-                "layout", "FastV: the image sizes seen by the vision tower do not account for the image tokens "
-                "of this call; per-image plans are not recorded",
+                "layout", "FastV: the images seen by the vision tower do not account for the image tokens of "
+                "this call; per-image plans are not recorded",
             )  # fmt: skip
             return None
         return layouts
-
-    def record_sizes(self, image_sizes: Any) -> None:
-        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
-        self.image_sizes = [(int(h), int(w)) for h, w in sizes]
-
-    def handle_plans(self, plans: list[Plan] | None) -> None:  # replaced by the method on install
-        pass
 
 
 def _image_ids(
@@ -460,7 +511,7 @@ def _plans_from_keep(
     keep: torch.Tensor,
     image_mask: torch.Tensor,
     layouts: list[ImageTokenLayout] | None,
-    ratios: list[torch.Tensor | None] | None = None,
+    ratios: list[torch.Tensor] | None = None,
 ) -> list[Plan] | None:
     if layouts is None:
         return None
@@ -476,70 +527,113 @@ def _plans_from_keep(
     return plans
 
 
-# -------------------------------------------------------------------------------------------- methods
+# -------------------------------------------------------------------------------------------- the adapters
 
 
-class FastVMethod:
-    """FastV on LLaVA-NeXT: int(r * n_b) image tokens of sample b survive from layer K on."""
+class FastVAdapter(LlavaNextAdapter):
+    """FastV on LLaVA-NeXT: int(r * n_b) image tokens of sample b survive from layer K on.
 
-    name = "fastv"
+    The diff from :class:`~globalcom2.adapters.llava_next.LlavaNextAdapter`: no vision-side scoring and no
+    processor patch (the LLM receives every token, so the plain processor's prompts fit); the packing hands HF's
+    packed rows on unchanged and records each image's token layout for :class:`FastVPruner`, whose hooks prune
+    inside the LLM. After a forward, ``handle.plans`` hold the tokens that reached layers K..L-1.
+    """
 
-    def __init__(self, model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False):
-        self.model = model
-        self.processor = processor
-        num_layers = len(model.model.language_model.layers)
-        self.layer_ratio = layer_ratio(ratio, layer, num_layers, equivalent)
-        self.pruner = FastVPruner(model, layer, self.select)
+    def __init__(self, model: Any, processor: Any, config: Any, *, layer: int = 2,
+                 equivalent: bool = False) -> None:  # fmt: skip
+        super().__init__(model, processor, config)
+        self.pruner = FastVPruner(model, layer, self.select, self.layouts_from_sizes)
+        num_layers = len(self.pruner.layers)
+        self.layer_ratio = layer_ratio(config.ratio, self.pruner.k, num_layers, equivalent)
 
-    def select(self, scores, image_mask, layouts):
+    # -- checks and installation ---------------------------------------------------------------------------
+    def check(self) -> None:
+        if self.processor is None:  # the LLM receives every token: the processor is not patched
+            self.check_model()
+        else:
+            super().check()
+
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        """FastV scores inside the LLM: no vision-side scoring hook."""
+
+    def install_budget_counts(self, handle: GlobalComHandle) -> None:
+        """The LLM receives every token: the processor keeps HF's count."""
+
+    def install_family(self, handle: GlobalComHandle) -> None:
+        super().install_family(handle)
+        self.pruner.install(handle)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        return self.geometry((height, width)).num_tokens(None)
+
+    # -- the vision side: every token goes on, the layouts are recorded -------------------------------------
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        layouts = self.image_layouts(packed, arguments)
+        self.pruner.record_images(layouts, self.vision_plans(handle, packed, arguments))
+        everything = [plan_from_keep(lay, torch.ones(lay.num_tokens, dtype=torch.bool), mode="fastv")
+                      for lay in layouts]  # fmt: skip
+        return everything, list(packed)
+
+    def vision_plans(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                     arguments: dict[str, Any]) -> list[Plan] | None:  # fmt: skip
+        """Vision-side plans the LLM-side selection needs (none for FastV alone)."""
+        return None
+
+    def image_layouts(self, packed: list[torch.Tensor], arguments: dict[str, Any]) -> list[ImageTokenLayout]:
+        newline = arguments.get("image_newline") is not None
+        options = self.geometry_options(arguments)
+        sizes = image_sizes_list(arguments["image_sizes"])
+        layouts = []
+        for feats, seq, size in zip(arguments["image_features"], packed, sizes, strict=True):
+            if int(feats.shape[0]) == 1:
+                lay = single_tile_layout(self.g, newline)
+            else:
+                lay = image_token_layout(self.geometry(size, **options), newline)
+            if lay.num_tokens != int(seq.shape[0]):
+                raise RuntimeError(
+                    f"FastV: HF packed {seq.shape[0]} tokens for an image of {size[0]}x{size[1]}, the geometry "
+                    f"gives {lay.num_tokens}; this transformers version packs differently"
+                )
+            layouts.append(lay)
+        return layouts
+
+    def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout]:
+        """Layouts of tiled images from their sizes alone (calls with precomputed image features)."""
+        return [image_token_layout(self.geometry(size)) for size in image_sizes_list(image_sizes)]
+
+    # -- the LLM side: FastV's selection at layer K ----------------------------------------------------------
+    def select(
+        self, scores: torch.Tensor, image_mask: torch.Tensor, layouts: list[ImageTokenLayout] | None
+    ) -> tuple[torch.Tensor, list[Plan] | None]:
         b = image_mask.shape[0]
         groups = torch.where(image_mask, torch.arange(b, device=image_mask.device)[:, None], -1)
         counts = (image_mask.sum(1).double() * self.layer_ratio).floor().long()
         keep = group_topk_keep(scores, groups, counts)
         return keep, _plans_from_keep(keep, image_mask, layouts)
 
-    def check(self) -> None:
-        pass
 
-    def install(self, handle: GlobalComHandle) -> None:
-        self.handle = handle
-        self.pruner.handle_plans = functools.partial(_set_plans, handle)  # type: ignore[method-assign]
-        original = self.model.model.pack_image_features
-
-        def pack(image_features, image_sizes, *args, **kwargs):
-            self.pruner.record_sizes(image_sizes)
-            return original(image_features, image_sizes, *args, **kwargs)
-
-        handle.patch(self.model.model, "pack_image_features", pack)
-        self.pruner.install(handle)
-
-
-class GlobalComFastVMethod(FastVMethod):
+class GlobalComFastVAdapter(FastVAdapter):
     """GlobalCom² + FastV (paper Fig. 8): GlobalCom²'s per-crop budgets, FastV's choice of tokens inside each.
 
-    The vision tower's [CLS] scores give the GlobalCom² budget-mode plan (r_j, int(N*R) thumbnail tokens, k_j per
-    crop) while the LLM receives every token; at layer K each region keeps its count of tokens by FastV's scores.
+    The vision side is GlobalCom²'s own: the shared scoring hook ([CLS] scores of Eq. 1) and
+    :meth:`~globalcom2.adapters.anyres.AnyresAdapter.select_packed` give the budget-mode plan (r_j of Eq. 2-4,
+    int(N*R) thumbnail tokens, k_j per crop), while the LLM receives every token. The one step swapped is the
+    selection inside each region (Eq. 6): at layer K each region keeps its count of tokens by FastV's scores.
     """
 
-    name = "globalcom2+fastv"
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        super(FastVAdapter, self).install_scoring(handle)  # GlobalCom²'s hook, which FastV alone leaves out
 
-    def __init__(self, model: Any, processor: Any, config: Any, *, layer: int = 2) -> None:
-        self.model = model
-        self.processor = processor
-        self.config = config
-        self.vision = LlavaNextAdapter(model, None, config)
-        self.vision_plans: list[Plan] = []
-        self.pruner = FastVPruner(model, layer, self.select)
+    def vision_plans(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                     arguments: dict[str, Any]) -> list[Plan] | None:  # fmt: skip
+        return super(FastVAdapter, self).select_packed(handle, packed, arguments)[0]
 
-    def check(self) -> None:
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r} is not supported (needs 'default')"
-            )
-
-    def select(self, scores, image_mask, layouts):
-        if layouts is None or len(layouts) != len(self.vision_plans):
+    def select(
+        self, scores: torch.Tensor, image_mask: torch.Tensor, layouts: list[ImageTokenLayout] | None
+    ) -> tuple[torch.Tensor, list[Plan] | None]:
+        vision = self.pruner.state.vision_plans
+        if layouts is None or vision is None or len(layouts) != len(vision):
             raise RuntimeError(
                 "GlobalCom² + FastV: the images of this call were not scored by the vision tower "
                 "(call the model with pixel_values and input_ids)"
@@ -552,52 +646,17 @@ class GlobalComFastVMethod(FastVMethod):
         groups = torch.where(selectable, offset[image_of.clamp_min(0)] + region.clamp_min(0), -1)
         counts = torch.cat([
             torch.cat([p.thumbnail_mask.sum().reshape(1), p.crop_keep_counts.reshape(-1)]).to(scores.device)
-            for p in self.vision_plans
+            for p in vision
         ])  # fmt: skip
         keep = group_topk_keep(scores, groups, counts)
-        return keep, _plans_from_keep(keep, image_mask, layouts, [p.crop_ratios for p in self.vision_plans])
-
-    def install(self, handle: GlobalComHandle) -> None:
-        self.handle = handle
-        self.pruner.handle_plans = functools.partial(_set_plans, handle)  # type: ignore[method-assign]
-        vision = self.vision
-        if vision.importance == "cls":
-            hook = vision.tower.last_layer.register_forward_pre_hook(
-                functools.partial(vision._cls_hook, handle), with_kwargs=True
-            )
-        else:
-            hook = vision.inner.multi_modal_projector.register_forward_pre_hook(
-                functools.partial(vision._cosine_hook, handle)
-            )
-        handle.add_hook(hook)
-        original = self.model.model.pack_image_features
-
-        def pack(image_features, image_sizes, *args, **kwargs):
-            self.pruner.record_sizes(image_sizes)
-            scores = torch.cat(handle._pending_scores, dim=0)
-            handle._pending_scores.clear()
-            plans, offset = [], 0
-            for feats, size in zip(image_features, self.pruner.image_sizes, strict=True):
-                n = feats.shape[0]
-                plans.append(vision.plan_tiles(scores[offset : offset + n].to(feats.device), size)[0])
-                offset += n
-            self.vision_plans = plans
-            handle.plans = plans
-            return original(image_features, image_sizes, *args, **kwargs)
-
-        handle.patch(self.model.model, "pack_image_features", pack)
-        self.pruner.install(handle)
-
-
-def _set_plans(handle: GlobalComHandle, plans: list[Plan] | None) -> None:
-    if plans is not None:
-        handle.plans = plans
+        return keep, _plans_from_keep(keep, image_mask, layouts, [p.crop_ratios for p in vision])
 
 
 __all__ = [
-    "FastVMethod",
+    "FastVAdapter",
     "FastVPruner",
-    "GlobalComFastVMethod",
+    "FastVState",
+    "GlobalComFastVAdapter",
     "group_topk_keep",
     "last_token_attention",
     "layer_ratio",

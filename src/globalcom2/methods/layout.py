@@ -1,9 +1,11 @@
 """Where every image token of an uncompressed LLaVA-NeXT image sits in the LLM sequence, and back to a `Plan`.
 
 Methods that prune inside the LLM (FastV, GlobalCom² + FastV) see an image only as a run of placeholder positions.
-This module maps that run back onto the tiling: HF's ``pack_image_features`` emits the thumbnail's g*g tokens in
-raster order, then the unpadded crop grid (valid box of the padded ``(rows*g) x (cols*g)`` grid, DESIGN.md §3.5)
-row by row, each row followed by one ``image_newline`` token. The crop regions are those of paper Eq. 2 / Eq. 4.
+This module maps that run back onto the tiling of :class:`~globalcom2.adapters.anyres.AnyresGeometry`: HF's
+``pack_image_features`` emits the thumbnail's g*g tokens in raster order, then the crop tokens of the valid box of
+the padded ``(rows*g) x (cols*g)`` grid row by row, each row followed by one ``image_newline`` token. The crop
+regions are those of paper Eq. 2 / Eq. 4 (token ``(y, x)`` of the padded grid belongs to crop
+``(y // g) * cols + x // g``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.geometry import valid_box
+from ..adapters.anyres import AnyresGeometry
 from ..core.plan import Plan
 
 THUMBNAIL = 0  # region id of the thumbnail; crop j (row-major, 0-based) has region id j + 1
@@ -24,7 +26,7 @@ class ImageTokenLayout:
     """Region and grid cell of each image token of one image, in LLM sequence order.
 
     Attributes:
-        grid: ``(rows, cols)`` of crops (``(0, 0)`` for a single-tile image).
+        grid: ``(rows, cols)`` of crops (``(0, 0)`` for an image encoded as a single tile).
         g: patches per tile side.
         valid_box: unpadded area of the padded crop grid, ``(top, bottom, left, right)`` in cells.
         region: Long ``(n,)``: 0 = thumbnail, j + 1 = crop j, -1 = newline.
@@ -47,35 +49,37 @@ class ImageTokenLayout:
         return self.grid[0] * self.grid[1]
 
 
-def image_token_layout(image_size: tuple[int, int], grid: tuple[int, int], g: int) -> ImageTokenLayout:
-    """Layout of the full (uncompressed) LLaVA-NeXT token run of one image.
+def single_tile_layout(g: int, newline: bool = True) -> ImageTokenLayout:
+    """Layout of an image encoded as one tile: its g*g thumbnail tokens (plus one newline if HF adds one)."""
+    nl = int(newline)
+    return ImageTokenLayout(
+        (0, 0), g, (0, 0, 0, 0),
+        region=torch.cat([torch.full((g * g,), THUMBNAIL), torch.full((nl,), NEWLINE)]),
+        cell=torch.cat([torch.arange(g * g), torch.full((nl,), -1)]),
+    )  # fmt: skip
+
+
+def image_token_layout(geo: AnyresGeometry, newline: bool = True) -> ImageTokenLayout:
+    """Layout of the full (uncompressed) LLaVA-NeXT token run of one tiled image.
 
     Args:
-        image_size: original ``(height, width)`` in pixels.
-        grid: ``(rows, cols)`` chosen by anyres; ``(0, 0)`` for an image that produced a single tile
-            (g*g thumbnail tokens plus one newline).
-        g: patches per tile side.
+        geo: the image's geometry (:meth:`~globalcom2.adapters.anyres.AnyresAdapter.geometry`); its crop tokens
+            are the valid box itself (LLaVA-NeXT does not down-sample).
+        newline: whether HF appends ``image_newline`` after every crop row.
     """
-    rows, cols = grid
-    thumb_cell = torch.arange(g * g)
-    if rows * cols == 0:
-        return ImageTokenLayout(
-            grid, g, (0, 0, 0, 0),
-            region=torch.cat([torch.full((g * g,), THUMBNAIL), torch.tensor([NEWLINE])]),
-            cell=torch.cat([thumb_cell, torch.tensor([-1])]),
-        )  # fmt: skip
-    box = valid_box(image_size[0], image_size[1], rows * g, cols * g)
-    top, bottom, left, right = box
+    if geo.resampled:
+        raise ValueError("image_token_layout: the crop tokens must be the valid box (LLaVA-NeXT geometry)")
+    rows, cols = geo.grid
+    g = geo.g
+    top, bottom, left, right = geo.box
     ys = torch.arange(top, bottom)[:, None]
     xs = torch.arange(left, right)[None, :]
     crop_cell = ys * (cols * g) + xs  # (h, w)
     crop_region = (ys // g) * cols + (xs // g) + 1
-    newline = torch.full((bottom - top, 1), -1)
-    cell = torch.cat([thumb_cell, torch.cat([crop_cell, newline], dim=1).reshape(-1)])
-    region = torch.cat(
-        [torch.full((g * g,), THUMBNAIL), torch.cat([crop_region, newline], dim=1).reshape(-1)]
-    )
-    return ImageTokenLayout(grid, g, box, region=region, cell=cell)
+    tail = torch.full((bottom - top, int(newline)), NEWLINE)
+    cell = torch.cat([torch.arange(g * g), torch.cat([crop_cell, tail], dim=1).reshape(-1)])
+    region = torch.cat([torch.full((g * g,), THUMBNAIL), torch.cat([crop_region, tail], dim=1).reshape(-1)])
+    return ImageTokenLayout(geo.grid, g, geo.box, region=region, cell=cell)
 
 
 def plan_from_keep(
