@@ -28,7 +28,7 @@ pip "torch==2.13.0"
 
 case "$engine" in
   lmms-eval)
-    pip "transformers>=5.16,<5.25" "numpy>=1.24" "pillow>=10" tokenizers pytest
+    pip "transformers>=5.19,<5.25" "numpy>=1.24" "pillow>=10" tokenizers pytest
     # lmms-eval's own requirement list is very broad (torchvision, wandb, yt-dlp, spacy, ...): its HF LLaVA model
     # class, model registry and CLI evaluator need only the packages below. torchvision in particular does not
     # import beside torch 2.13 CPU here, so we do not let pip bring it. lmms-eval 0.7.3 reaches into

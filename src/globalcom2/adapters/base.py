@@ -125,6 +125,11 @@ class GlobalComHandle:
         self._state.scores = []
         self.active = False
 
+    def __deepcopy__(self, memo: dict) -> GlobalComHandle:
+        # A handle is live patch bookkeeping, not data: copies of a patched processor (transformers deep-copies
+        # its __dict__ for repr/to_dict) share it rather than duplicate the model it refers to.
+        return self
+
     # -- context manager -------------------------------------------------------------------------------------
     def __enter__(self) -> GlobalComHandle:
         return self

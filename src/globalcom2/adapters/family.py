@@ -55,6 +55,9 @@ class FamilyAdapter:
         self.tower: TowerInfo = self.describe_tower(self.inner.vision_tower)
         self.importance = self._resolve_importance()
 
+    def __deepcopy__(self, memo: dict) -> FamilyAdapter:
+        return self  # live patch machinery bound to one model (see GlobalComHandle.__deepcopy__)
+
     # -- identity ----------------------------------------------------------------------------------------------
     @classmethod
     def _transformers_class(cls, name: str) -> Any:
