@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from .cli_common import CLIError, add_method_options, method_options, parse_ratio, parse_ratios
 from .loading import FAMILIES, ModelLoadError, load_model_and_processor

@@ -63,7 +63,9 @@ def check_device(device: Any) -> Any:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a device torch knows: {_first_line(err)}") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+        raise ValueError(
+            f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__})"
+        )
     return device
 
 
@@ -141,12 +143,18 @@ def load_standin(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if workdir is not None:
-        path = build_standin_checkpoint(Path(workdir), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers)
+        path = build_standin_checkpoint(
+            Path(workdir), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers
+        )
         return _load_checkpoint(str(path), dtype=_torch_dtype(dtype), device=check_device(device))
     with tempfile.TemporaryDirectory(prefix="globalcom2_standin_", ignore_cleanup_errors=True) as tmp:
-        path = build_standin_checkpoint(Path(tmp), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers)
-        # from_pretrained reads every tensor into memory, so the folder can go once this returns
-        return _load_checkpoint(str(path), dtype=_torch_dtype(dtype), device=check_device(device))
+        path = build_standin_checkpoint(
+            Path(tmp), family=family, llm_hidden=llm_hidden, llm_layers=llm_layers
+        )
+        # disable_mmap: every tensor is read into memory, so the folder can go once this returns
+        return _load_checkpoint(
+            str(path), dtype=_torch_dtype(dtype), device=check_device(device), disable_mmap=True
+        )
 
 
 def _processor_class_name(path: str) -> str | None:
@@ -186,15 +194,18 @@ def load_processor(path: str | os.PathLike) -> Any:
     except (OSError, ImportError, AttributeError, ValueError, TypeError) as err:
         first_error = err
     cls_name = _processor_class_name(name)
-    cls = getattr(transformers, cls_name, None) if cls_name else None
+    try:
+        cls = getattr(transformers, cls_name, None) if cls_name else None
+    except Exception:  # a class transformers cannot import here (a missing backend)
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
         raise first_error
-    without_video = processor_class_without_video(cls)
+    without_video: Any = processor_class_without_video(cls)
     if without_video is cls:  # the class has no video processor: the failure was something else
         raise first_error
     try:
         return without_video.from_pretrained(name)
-    except Exception as err:
+    except Exception as err:  # both failures in the traceback: this one, caused by AutoProcessor's
         raise err from first_error
 
 

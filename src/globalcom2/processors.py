@@ -1,6 +1,6 @@
 """Hugging Face processors without a video processor, built without changing any transformers class.
 
-In transformers 5.17-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor`` take a ``video_processor``;
+In transformers 5.19-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor`` take a ``video_processor``;
 ``ProcessorMixin.__init__`` checks it against ``VideoProcessorMixin`` (which transformers only provides when
 torchvision imports) and fails even for ``None``; ``save_pretrained`` fails on a ``None`` sub-processor and
 ``from_pretrained`` insists on loading one. Images need none of it.
@@ -43,7 +43,8 @@ def processor_class_without_video(cls: type) -> type:
     base: Any = cls
 
     class WithoutVideo(base):
-        video_processor = None  # as the stock class's instance attribute would be; never saved (not in __dict__)
+        # what the stock class would hold for video_processor=None; a class attribute, so never saved
+        video_processor = None
 
         @classmethod
         def get_attributes(klass) -> list[str]:
@@ -72,7 +73,10 @@ def __getattr__(name: str) -> type:
     import transformers
     from transformers.processing_utils import ProcessorMixin
 
-    cls = getattr(transformers, name, None)
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # a class transformers cannot import here (a missing backend)
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)) or not _has_video_processor(cls):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return processor_class_without_video(cls)

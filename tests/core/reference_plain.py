@@ -150,9 +150,10 @@ def plain_sequence(thumb_order, crops_mask, grid, box, g, mode):
     """Positions in HF's packed sequence, in the order the LLM sees the kept tokens, built plainly.
 
     HF's packed sequence is the g*g thumbnail tokens, then the valid box's h rows of w crop tokens, each row followed
-    by a newline. reference: kept tokens of crop j written at slot v (= index in the crop's valid list) of its tile,
-    the padded grid read in raster order with a newline after every padded row (every newline is the same
-    embedding; the first row's is used). budget: kept tokens in raster order, each valid row's own newline.
+    by a newline, and one more newline appended at the end. reference: kept tokens of crop j written at slot v
+    (= index in the crop's valid list) of its tile, the padded grid read in raster order with a newline after every
+    padded row (every newline is the same embedding: the appended one is used). budget: kept tokens in raster
+    order, each valid row's own newline.
     """
     rows, cols = grid
     gg = g * g
@@ -183,7 +184,7 @@ def plain_sequence(thumb_order, crops_mask, grid, box, g, mode):
                     slot[cr * g + v // g][cc * g + v % g] = pos(y, x)
     for row in slot:
         seq += [s for s in row if s >= 0]
-        seq.append(pos(top, right))
+        seq.append(gg + (bottom - top) * (w + 1))
     return seq
 
 

@@ -194,7 +194,7 @@ def official_crop_order(
     ``(rows*g) x (cols*g)`` grid is then read in raster order with a newline after each of its rows*g rows.
 
     Returns:
-        Long positions in HF's packed sequence (newlines included).
+        Long positions in HF's packed sequence with ``image_newline`` appended as its last row.
     """
     rows, cols = geo.grid
     g, n = geo.g, rows * cols
@@ -205,7 +205,9 @@ def official_crop_order(
     slots = torch.full((n, g * g), -1, dtype=torch.long, device=device)
     slots[:, : shown.shape[1]] = shown
     grid = tiles_to_grid(slots.reshape(n, g, g), rows, cols)
-    newline_col = positions[:1, width:].expand(rows * g, int(newline))  # every newline is the same embedding
+    # Every newline is the same embedding: the official layout points them all at one ``image_newline`` row appended
+    # after HF's packed sequence (HF's own sequence has none when the valid box has no rows).
+    newline_col = torch.full((rows * g, int(newline)), geo.num_tokens(None, newline), device=device)
     seq = torch.cat([grid, newline_col], dim=1).reshape(-1)
     return seq[seq >= 0]
 
@@ -230,8 +232,9 @@ def plan_anyres(
 
     Returns:
         ``(plan, index)``; ``index`` picks the kept tokens from HF's packed sequence
-        ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]``: thumbnail first, then the crop
-        grid row by row with its newlines.
+        ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]`` (with ``image_newline`` appended as
+        one more row, which the official order uses): thumbnail first, then the crop grid row by row with its
+        newlines.
     """
     sel, layout = select_anyres(tile_scores, geo, config)
     keep = layout.from_table(sel.crop_keep)  # (H, W)
@@ -376,6 +379,8 @@ class AnyresAdapter(FamilyAdapter):
                     f"GlobalCom²: HF packed {seq.shape[0]} tokens for an image of {h}x{w}, the {self.family} "
                     f"geometry gives {plan.num_tokens_full}; this transformers version packs differently"
                 )
+            if newline:  # the official token order may need a newline where HF's sequence has none
+                seq = torch.cat([seq, arguments["image_newline"][None].to(seq)])
             out.append(seq[index])
             plans.append(plan)
         if offset != scores.shape[0]:

@@ -14,7 +14,7 @@ on the fly, ``save_pretrained`` then ``from_pretrained``), for the two other fam
   pre-norm ViT with LayerScale; the mapping is checked against ``Dinov2Model`` in the tests), i.e. InternVL's real
   448 px / 32 x 32 patch / 16 x 16 merged-token geometry.
 
-Processors without torchvision: in transformers 5.17-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor``
+Processors without torchvision: in transformers 5.19-5.24 ``LlavaOnevisionProcessor`` and ``InternVLProcessor``
 insist on a video processor, which needs torchvision. The builders make the processor with
 :func:`globalcom2.processors.build_processor_without_video` (the same processor class, less the video processor;
 no transformers class is changed) and save it with ``save_pretrained``; :func:`globalcom2.loading.load_processor`

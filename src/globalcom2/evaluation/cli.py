@@ -9,6 +9,7 @@ import sys
 
 from ..cli_common import parse_ratios
 
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .runner import run_eval
 
