@@ -1,7 +1,8 @@
 """Plain re-implementations for the OneVision and InternVL tests (loops and numpy; no globalcom2 imports).
 
-Slow on purpose. They check the library's vectorised code; bilinear resizes use the same torch primitive as the
-official code and HF (see :mod:`tests.core.reference_plain`).
+Slow on purpose. They check the library's vectorised code; bilinear resizes are the documented float64 formula
+written out with Python floats (:func:`tests.core.reference_plain.bilinear64`), which the library's
+``bilinear_resize`` computes bit for bit, so kept-token masks can be compared exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from tests.core.reference_plain import plain_reference, stable_top, torch_bilinear, unpad_box
+from tests.core.reference_plain import bilinear64, plain_reference, stable_top, unpad_box
 
 MAX_TILES = 9  # anyres_max_9
 
@@ -63,8 +64,8 @@ def plain_onevision(thumb, crops, grid, size, g, ratio, allocation, scoring, cou
         cr, cc = divmod(j, cols)
         padded[cr * g : (cr + 1) * g, cc * g : (cc + 1) * g] = np.asarray(crops[j]).reshape(g, g)
     valid = padded[top:bottom, left:right]
-    local = valid if (height, width) == (hv, wv) else torch_bilinear(valid, height, width)
-    glob = torch_bilinear(np.asarray(thumb).reshape(g, g), height, width)
+    local = valid.astype(np.float64) if (height, width) == (hv, wv) else bilinear64(valid, height, width)
+    glob = bilinear64(np.asarray(thumb, dtype=np.float32).reshape(g, g), height, width)
     members: list[list[tuple[int, int]]] = [[] for _ in range(rows * cols)]
     for y in range(height):
         cr = (top + math.floor((y + 0.5) * hv / height)) // g

@@ -62,7 +62,9 @@ def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
         handle = globalcom2.apply(model, processor, ratio=0.25, mode=mode)
         greedy(model, inputs_for(family, processor, images))
         assert len(handle.plans) == len(images)
-        assert type(processor).__name__ in repr(processor)  # transformers deep-copies a processor for its repr
+        assert type(processor).__name__ in repr(
+            processor
+        )  # transformers deep-copies a processor for its repr
         handle.remove()
         handle.remove()  # twice is a no-op
         assert _module_state(model) == state and sorted(vars(processor)) == proc_attrs
@@ -141,27 +143,30 @@ def test_repeated_generate_keeps_no_tensors(fam, mode):
 
 
 def test_two_patched_models_in_one_process_do_not_interfere(family_dir):
+    """Two copies of a family, one in budget mode at R = 0.5, one in reference mode at R = 0.1, interleaved: each
+    gets what it gets alone, and removing one leaves the other compressing."""
     family, path = family_dir
     (m1, p1), (m2, p2) = load(path), load(path)
+    setups = ((m1, p1, dict(ratio=0.5)), (m2, p2, dict(ratio=0.1, mode="reference")))
     images = family.images(seed=7)[:2]
     alone = []
-    for model, processor, ratio in ((m1, p1, 0.5), (m2, p2, 0.1)):
-        with globalcom2.apply(model, processor, ratio=ratio) as handle:
+    for model, processor, options in setups:
+        with globalcom2.apply(model, processor, **options) as handle:
             alone.append(
                 (greedy(model, inputs_for(family, processor, images)), [plan_key(p) for p in handle.plans])
             )
-    h1 = globalcom2.apply(m1, p1, ratio=0.5)
-    h2 = globalcom2.apply(m2, p2, ratio=0.1)
+    handles = [globalcom2.apply(model, processor, **options) for model, processor, options in setups]
     try:
         for _ in range(2):  # interleaved
-            for (model, processor, handle), (out, plans) in zip(
-                ((m1, p1, h1), (m2, p2, h2)), alone, strict=True
-            ):
+            for (model, processor, _), handle, (out, plans) in zip(setups, handles, alone, strict=True):
                 assert torch.equal(greedy(model, inputs_for(family, processor, images)), out)
                 assert [plan_key(p) for p in handle.plans] == plans
+        handles[0].remove()
+        assert torch.equal(greedy(m2, inputs_for(family, p2, images)), alone[1][0])
+        assert [plan_key(p) for p in handles[1].plans] == alone[1][1]
     finally:
-        h1.remove()
-        h2.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _first_in_raster(mask: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import globalcom2
-from globalcom2.core.budget import budget_num_tokens
 from tests.conftest import PROMPT, random_image
-from tests.core.reference_plain import plain_cls_logits, plain_reference, plain_sequence
+from tests.core.reference_plain import plain_cls_logits, plain_reference, plain_sequence, unpad_box
 
 # (height, width): wide, tall, square, extreme aspect, tiny, odd sizes.
 SIZES = [
@@ -31,8 +30,16 @@ def _num_image_tokens(model, inputs):
     return (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
 
 
+def _plain_budget_count(size, grid, g, ratio):
+    """Budget-mode image tokens written out: int(N*R) + int(R * h*w) + h for the h x w unpadded crop grid."""
+    top, bottom, left, right = unpad_box(size[0], size[1], grid[0] * g, grid[1] * g)
+    h, w = bottom - top, right - left
+    return int(g * g * ratio) + int(ratio * (h * w)) + h
+
+
 def _raw_tile_outputs(model, inputs):
-    """Per-tile scores input and projected features, computed without the patched code paths."""
+    """Per-tile scores input and HF's own packed sequences (what the unpatched model hands the LLM per image:
+    thumbnail tokens, then the unpadded crop rows each followed by the newline), bypassing the patched code."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = model.config
@@ -43,8 +50,12 @@ def _raw_tile_outputs(model, inputs):
     pv = torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], counts, strict=True)])
     with torch.no_grad():
         hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states
-        feats = model.model.multi_modal_projector(hs[cfg.vision_feature_layer][:, 1:])
-    return hs[-2], feats, counts
+        feats = torch.split(model.model.multi_modal_projector(hs[cfg.vision_feature_layer][:, 1:]), counts)
+        packed, _ = type(model.model).pack_image_features(
+            model.model, feats, inputs["image_sizes"], cfg.vision_feature_select_strategy,
+            image_newline=model.model.image_newline,
+        )  # fmt: skip
+    return hs[-2], packed, counts
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -54,8 +65,8 @@ def test_budget_counts_processor_equals_features_equals_formula(tiny, ratio):
     gc = globalcom2.apply(model, processor, ratio=ratio)
     for i, size in enumerate(SIZES):
         inputs = processor(images=[random_image(*size, seed=i)], text=[PROMPT], return_tensors="pt")
-        rows, cols = _grid(model, size)
-        expected = budget_num_tokens(size[0], size[1], rows, cols, g, ratio)
+        expected = _plain_budget_count(size, _grid(model, size), g, ratio)
+        assert gc.adapter.num_image_tokens(*size) == expected, size
         with torch.no_grad():
             feats = model.model.get_image_features(
                 inputs["pixel_values"], inputs["image_sizes"]
@@ -91,14 +102,13 @@ def test_reference_mode_through_the_model_matches_plain(tiny, ratio, score):
                 packed = model.model.get_image_features(
                     inputs["pixel_values"], inputs["image_sizes"]
                 ).pooler_output
-            hidden, feats, counts = _raw_tile_outputs(model, inputs)
+            hidden, packed_full, counts = _raw_tile_outputs(model, inputs)
             scores = plain_cls_logits(hidden, layer.layer_norm1, layer.self_attn.q_proj, layer.self_attn.k_proj, heads,
                                       softmax=score == "softmax")  # fmt: skip
             start = 0
             for k, size in enumerate(SIZES):
                 grid = _grid(model, size)
                 s = scores[start : start + counts[k]].numpy()
-                f = feats[start : start + counts[k]]
                 start += counts[k]
                 t_mask, c_mask, r, t_order, _ = plain_reference(
                     s[0], s[1:], grid, size, ratio, allocation, scoring
@@ -108,8 +118,8 @@ def test_reference_mode_through_the_model_matches_plain(tiny, ratio, score):
                 assert np.array_equal(plan.thumbnail_mask.numpy(), t_mask), where
                 assert np.array_equal(plan.crops_mask.numpy(), c_mask), where
                 seq = plain_sequence(t_order, c_mask, grid, plan.valid_box, g, "reference")
-                table = torch.cat([f.flatten(0, 1), model.model.image_newline[None]])
-                torch.testing.assert_close(packed[k], table[seq], msg=where)
+                assert plan.num_tokens == len(seq), where
+                torch.testing.assert_close(packed[k], packed_full[k][seq], msg=where)
             gc.remove()
 
 
@@ -121,73 +131,15 @@ def test_budget_sequence_is_raster_order(tiny):
     inputs = processor(images=images, text=[PROMPT] * 6, return_tensors="pt", padding=True)
     with torch.no_grad():
         packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    _, feats, counts = _raw_tile_outputs(model, inputs)
-    start = 0
+    _, packed_full, _ = _raw_tile_outputs(model, inputs)
     for k, plan in enumerate(gc.plans):
-        f = feats[start : start + counts[k]]
-        start += counts[k]
         order = plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist()
         seq = plain_sequence(order, plan.crops_mask.tolist(), plan.grid, plan.valid_box, g, "budget")
-        table = torch.cat([f.flatten(0, 1), model.model.image_newline[None]])
-        torch.testing.assert_close(packed[k], table[seq])
+        torch.testing.assert_close(packed[k], packed_full[k][seq])
         # Thumbnail keeps int(N*R), crops keep int(R * sum N_j) split by r_j.
         assert int(plan.thumbnail_mask.sum()) == int(g * g * 0.25)
         assert int(plan.crops_mask.sum()) == int(0.25 * int(plan.crop_valid_counts.sum()))
     gc.remove()
-
-
-@pytest.mark.parametrize("mode", ["budget", "reference"])
-def test_batch_of_mixed_sizes_equals_each_alone(tiny, mode):
-    model, processor = tiny
-    sizes = [(100, 180), (200, 60), (150, 150)]
-    images = [random_image(*s, seed=k) for k, s in enumerate(sizes)]
-    gc = globalcom2.apply(model, processor, ratio=0.25, mode=mode)
-    batch = processor(images=images, text=[PROMPT, "USER: <image>\nDescribe it. ASSISTANT:", PROMPT],
-                      return_tensors="pt", padding=True)  # fmt: skip
-    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    new_batch = out[:, batch["input_ids"].shape[1] :]
-    batch_plans = list(gc.plans)
-    for k, img in enumerate(images):
-        text = [PROMPT, "USER: <image>\nDescribe it. ASSISTANT:", PROMPT][k]
-        single = processor(images=[img], text=[text], return_tensors="pt")
-        o = model.generate(**single, max_new_tokens=6, do_sample=False)
-        assert o[0, single["input_ids"].shape[1] :].tolist() == new_batch[k].tolist(), (mode, k)
-        assert torch.equal(gc.plans[0].crops_mask, batch_plans[k].crops_mask), (mode, k)
-        assert torch.equal(gc.plans[0].thumbnail_mask, batch_plans[k].thumbnail_mask), (mode, k)
-    gc.remove()
-
-
-def test_remove_restores_bit_identical(tiny):
-    model, processor = tiny
-    images = [random_image(100, 180), random_image(150, 150, seed=1)]
-    texts = [PROMPT, PROMPT]
-    before_inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        before = model(**before_inputs).logits
-    model_dict, proc_dict = set(model.__dict__), set(processor.__dict__)
-    inner_dict = set(model.model.__dict__)
-    hooks_before = {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()}
-    for mode in ("budget", "reference"):
-        gc = globalcom2.apply(model, processor, ratio=0.1, mode=mode)
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        gc.remove()
-        gc.remove()  # safe twice
-    after_inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    for key in before_inputs:
-        assert torch.equal(before_inputs[key], after_inputs[key]), key
-    with torch.no_grad():
-        after = model(**after_inputs).logits
-    assert torch.equal(before, after)
-    assert set(model.__dict__) == model_dict and set(processor.__dict__) == proc_dict
-    assert set(model.model.__dict__) == inner_dict
-    assert {
-        id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()
-    } == hooks_before
-    # Methods are the class's own again.
-    assert "pack_image_features" not in model.model.__dict__
-    assert "_get_number_of_features" not in processor.__dict__
-    assert "generate" not in model.__dict__ and "forward" not in model.__dict__
 
 
 def test_context_manager_and_generate_forward(tiny):

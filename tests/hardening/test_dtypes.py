@@ -15,10 +15,13 @@ import pytest
 import torch
 
 import globalcom2
+import globalcom2.adapters.family as family
 import globalcom2.adapters.llava_next as llava_next
-from globalcom2.core import plan_image
-from globalcom2.core.geometry import global_submaps, grid_to_tiles, valid_grid_mask
-from globalcom2.core.selection import descending_rank, holistic_scores
+from globalcom2.adapters.anyres import AnyresGeometry, plan_anyres, valid_box
+from globalcom2.config import GlobalComConfig
+from globalcom2.core.layout import grid_to_tiles
+from globalcom2.core.resize import bilinear_resize
+from globalcom2.core.select import descending_rank, holistic_scores
 from tests.conftest import PROMPT, random_image
 
 SIZES = [(100, 180), (180, 100), (150, 150), (40, 200), (300, 310), (61, 183)]
@@ -56,14 +59,28 @@ def assert_near_tie_only(keep_a, keep_b, score_a, score_b, valid, where):
 
 
 def _selection_scores(plan, tile_scores, alpha=0.5):
-    """Thumbnail scores (1, N) and the holistic crop scores (n, N) the planner ranked, rebuilt from tile scores."""
+    """Thumbnail scores (1, N) and the holistic crop scores (n, N) the planner ranked, rebuilt from tile scores
+    (per tile: the crop's own scores and the thumbnail map resized onto the valid box, Eq. 5)."""
     rows, cols = plan.grid
     g = plan.patches_per_side
     n = rows * cols
-    valid = grid_to_tiles(valid_grid_mask(rows * g, cols * g, plan.valid_box), rows, cols).reshape(n, -1)
-    sub = global_submaps(tile_scores[0], rows, cols, plan.valid_box).reshape(n, -1)
+    top, bottom, left, right = plan.valid_box
+    valid_grid = torch.zeros(rows * g, cols * g, dtype=torch.bool)
+    valid_grid[top:bottom, left:right] = True
+    glob = torch.zeros(rows * g, cols * g, dtype=torch.float64)
+    glob[top:bottom, left:right] = bilinear_resize(tile_scores[0].reshape(g, g), (bottom - top, right - left))
+    valid = grid_to_tiles(valid_grid, rows, cols).reshape(n, -1)
+    sub = grid_to_tiles(glob, rows, cols).reshape(n, -1)
     hol = holistic_scores(tile_scores[1:], sub, valid, scoring="holistic", alpha=alpha)
     return tile_scores[:1], hol, valid
+
+
+def _plan(tile_scores, grid, size, g, mode):
+    """The LLaVA-NeXT plan of one image from its tile scores (thumbnail first), as the adapter makes it."""
+    box = valid_box(size[0], size[1], grid[0] * g, grid[1] * g)
+    geo = AnyresGeometry(tuple(grid), g, box, (box[1] - box[0], box[3] - box[2]))
+    plan, _ = plan_anyres(tile_scores, geo, GlobalComConfig(ratio=0.25, mode=mode), official_order=True)
+    return plan
 
 
 def _run(tiny_clip_dir, dtype, mode, monkeypatch):
@@ -74,14 +91,14 @@ def _run(tiny_clip_dir, dtype, mode, monkeypatch):
 
     model, processor = load_tiny(tiny_clip_dir, dtype=dtype)
     recorded = []
-    real = llava_next.cls_attention_scores
+    real = family.cls_attention_scores
 
     def record(*args, **kwargs):
         out = real(*args, **kwargs)
         recorded.append(out)
         return out
 
-    monkeypatch.setattr(llava_next, "cls_attention_scores", record)
+    monkeypatch.setattr(family, "cls_attention_scores", record)
     images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as gc:
         inputs = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
@@ -128,8 +145,7 @@ def test_low_precision_plans_match_fp32_up_to_near_ties(tiny_clip_dir, fp32_runs
         if mode == "budget":  # a function of the image size only
             assert pa.num_tokens == pb.num_tokens and int(pa.crops_mask.sum()) == int(pb.crops_mask.sum())
         # The planner itself is dtype-blind: the low-precision plan is exactly the core's plan of its scores.
-        again, _ = plan_image(low["scores"][k][0], low["scores"][k][1:], grid=pb.grid, image_size=SIZES[k],
-                              ratio=0.25, mode=mode)  # fmt: skip
+        again = _plan(low["scores"][k], pb.grid, SIZES[k], pb.patches_per_side, mode)
         assert torch.equal(again.crops_mask, pb.crops_mask) and torch.equal(
             again.thumbnail_mask, pb.thumbnail_mask
         )
@@ -190,12 +206,10 @@ def test_real_dinov2_tower_in_bf16_and_fp16_plans_like_fp32():
     grid = llava_next.image_grid(size, standin_image_processor().image_grid_pinpoints, 336)
     assert grid == (1, 2) and pv.shape[0] == 3
     for mode in ("budget", "reference"):
-        pa, _ = plan_image(scores[torch.float32][0], scores[torch.float32][1:], grid=grid, image_size=size,
-                           ratio=0.25, mode=mode)  # fmt: skip
+        g = int(round(scores[torch.float32].shape[1] ** 0.5))
+        pa = _plan(scores[torch.float32], grid, size, g, mode)
         for dt in LOW:
-            pb, _ = plan_image(
-                scores[dt][0], scores[dt][1:], grid=grid, image_size=size, ratio=0.25, mode=mode
-            )
+            pb = _plan(scores[dt], grid, size, g, mode)
             ta, ca, valid = _selection_scores(pa, scores[torch.float32])
             tb, cb, _ = _selection_scores(pb, scores[dt])
             where = f"dinov2 {dt} {mode}"

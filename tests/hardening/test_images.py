@@ -14,10 +14,18 @@ from PIL import Image
 
 import globalcom2
 from globalcom2.adapters.llava_next import image_grid
-from globalcom2.core import budget_num_tokens, full_num_tokens
 from tests.conftest import PROMPT, random_image
+from tests.core.reference_plain import unpad_box
 
 SIZES = [(1, 1), (1, 4000), (4000, 1), (2, 300), (300, 2), (1, 64), (8000, 8000)]
+
+
+def _plain_counts(size, grid, g, ratio) -> tuple[int, int]:
+    """(uncompressed, budget-mode) image tokens written out for LLaVA-NeXT: g*g thumbnail tokens, the h x w
+    unpadded crop grid and one newline per unpadded row; budget mode keeps int(g*g*R) + int(R * h*w) of them."""
+    top, bottom, left, right = unpad_box(size[0], size[1], grid[0] * g, grid[1] * g)
+    h, w = bottom - top, right - left
+    return g * g + h * w + h, int(g * g * ratio) + int(ratio * (h * w)) + h
 
 
 def _count(model, inputs) -> list[int]:
@@ -39,7 +47,8 @@ def test_extreme_sizes_keep_processor_features_and_formula_equal(tiny, size):
     rows, cols = image_grid(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
     img = _image(*size)
     plain = processor(images=[img], text=[PROMPT], return_tensors="pt")
-    assert _count(model, plain) == [full_num_tokens(*size, rows, cols, g)]
+    full, budget = _plain_counts(size, (rows, cols), g, 0.25)
+    assert _count(model, plain) == [full]
     for mode in ("budget", "reference"):
         ratio = 0.25
         with globalcom2.apply(model, processor, ratio=ratio, mode=mode) as gc:
@@ -57,11 +66,8 @@ def test_extreme_sizes_keep_processor_features_and_formula_equal(tiny, size):
             assert plan.num_tokens_full == _count(model, plain)[0]
             top, bottom, left, right = plan.valid_box
             if mode == "budget":
-                assert (
-                    _count(model, inputs)
-                    == [plan.num_tokens]
-                    == [budget_num_tokens(*size, rows, cols, g, ratio)]
-                )
+                assert _count(model, inputs) == [plan.num_tokens] == [budget]
+                assert gc.adapter.num_image_tokens(*size) == budget
                 assert int(plan.crops_mask.sum()) == int(ratio * ((bottom - top) * (right - left)))
             else:
                 assert int(plan.crops_mask.sum()) == int(plan.crop_keep_counts.sum())

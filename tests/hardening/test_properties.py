@@ -15,15 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from globalcom2.core import (
-    ALLOCATIONS,
-    SCORINGS,
-    budget_num_tokens,
-    full_num_tokens,
-    plan_image,
-    split_budget,
-)
-from globalcom2.core.geometry import grid_to_tiles
+from globalcom2.adapters.anyres import AnyresGeometry, plan_anyres, valid_box
+from globalcom2.config import GlobalComConfig
+from globalcom2.core import ALLOCATIONS, SCORINGS, budget_counts, split_budget
+from globalcom2.core.layout import grid_to_tiles
+from tests.core.reference_plain import plain_sequence
 
 PROPERTY = settings(max_examples=500, deadline=None, database=None)
 CLIP336_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -86,13 +82,24 @@ def cases(draw, max_g: int = 8) -> Case:
     )  # fmt: skip
 
 
-def run(case: Case, mode: str, **over):
+def geometry(case: Case) -> AnyresGeometry:
+    """LLaVA-NeXT geometry of the case: its grid, the valid box by HF's rule, crop tokens = the valid box."""
+    box = valid_box(case.size[0], case.size[1], case.rows * case.g, case.cols * case.g)
+    return AnyresGeometry((case.rows, case.cols), case.g, box, (box[1] - box[0], box[3] - box[2]))
+
+
+def run(case: Case, mode: str, thumb=None, crops=None, **over):
+    """The LLaVA-NeXT plan of the case (reference mode in the official token order) and its index into HF's packed
+    sequence."""
     kw = dict(
-        grid=(case.rows, case.cols), image_size=case.size, ratio=case.ratio, mode=mode,
-        allocation=case.allocation, scoring=case.scoring, alpha=case.alpha, tau=case.tau,
+        ratio=case.ratio, mode=mode, allocation=case.allocation, scoring=case.scoring, alpha=case.alpha,
+        tau=case.tau,
     )  # fmt: skip
     kw.update(over)
-    return plan_image(case.thumb, case.crops, **kw)
+    thumb = case.thumb if thumb is None else thumb
+    crops = case.crops if crops is None else crops
+    tile_scores = torch.cat([thumb[None], crops])
+    return plan_anyres(tile_scores, geometry(case), GlobalComConfig(**kw), official_order=True)
 
 
 def per_crop(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -109,15 +116,19 @@ def test_budget_keeps_exactly_the_documented_count(case):
     valid, uh, uw = hf_unpadded(*case.size, case.rows * g, case.cols * g)
     expected = int(n_tok * case.ratio) + int(case.ratio * (uh * uw)) + uh  # README formula, HF geometry
     assert plan.num_tokens == index.numel() == expected
-    assert budget_num_tokens(*case.size, case.rows, case.cols, g, case.ratio) == expected
-    assert (
-        plan.num_tokens_full == full_num_tokens(*case.size, case.rows, case.cols, g) == n_tok + uh * uw + uh
-    )
+    assert geometry(case).num_tokens(case.ratio) == expected
+    assert plan.num_tokens_full == geometry(case).num_tokens(None) == n_tok + uh * uw + uh
     assert int(plan.thumbnail_mask.sum()) == int(n_tok * case.ratio)
     assert int(plan.crops_mask.sum()) == int(case.ratio * int(valid.sum()))
-    newline = (1 + case.rows * case.cols) * n_tok
-    assert int((index == newline).sum()) == uh  # one newline per unpadded row, as HF packs them
-    assert index.unique().numel() == index.numel() - max(uh - 1, 0)  # no token twice
+    # HF packs the thumbnail's n_tok tokens, then uh rows of uw crop tokens each followed by a newline.
+    newlines = {n_tok + y * (uw + 1) + uw for y in range(uh)}
+    assert sum(int(i) in newlines for i in index.tolist()) == uh  # one newline per unpadded row, as HF packs
+    assert index.unique().numel() == index.numel()  # no token twice
+    assert all(0 <= int(i) < plan.num_tokens_full for i in index.tolist())  # rows of HF's packed sequence
+    # The emitted order, written out: thumbnail in raster order, then every unpadded row's kept tokens + newline.
+    order = plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist()
+    box = geometry(case).box
+    assert index.tolist() == plain_sequence(order, plan.crops_mask.tolist(), plan.grid, box, g, "budget")
 
 
 @PROPERTY
@@ -125,11 +136,17 @@ def test_budget_keeps_exactly_the_documented_count(case):
 def test_budget_count_is_r_times_the_integer_area(h, w, ratio):
     """int(R * sum N_j), not int(R * h * w): they differ by one for e.g. R = 0.57, 62 x 150 valid cells."""
     # g = 1 and an image with the grid's own aspect: no padding, the valid area is all h x w cells.
-    assert budget_num_tokens(h, w, h, w, 1, ratio) == int(ratio) + int(ratio * (h * w)) + h
+    assert budget_counts(1, h * w, ratio) == (int(ratio), int(ratio * (h * w)))
+    box = valid_box(h, w, h, w)
+    assert box == (0, h, 0, w)
+    geo = AnyresGeometry((h, w), 1, box, (h, w))
+    assert geo.num_tokens(ratio) == int(ratio) + int(ratio * (h * w)) + h
 
 
 def test_budget_count_regression_057():
-    assert budget_num_tokens(62, 150, 31, 75, 2, 0.57) == int(4 * 0.57) + 5301 + 62
+    assert budget_counts(4, 62 * 150, 0.57) == (int(4 * 0.57), 5301)
+    geo = AnyresGeometry((31, 75), 2, valid_box(62, 150, 62, 150), (62, 150))
+    assert geo.num_tokens(0.57) == int(4 * 0.57) + 5301 + 62
 
 
 @PROPERTY
@@ -177,11 +194,7 @@ def test_deterministic_across_runs_and_thread_counts(case, mode):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        thumb, crops = case.thumb.clone(), case.crops.clone()
-        plan_b, index_b = plan_image(
-            thumb, crops, grid=(case.rows, case.cols), image_size=case.size, ratio=case.ratio, mode=mode,
-            allocation=case.allocation, scoring=case.scoring, alpha=case.alpha, tau=case.tau,
-        )  # fmt: skip
+        plan_b, index_b = run(case, mode, thumb=case.thumb.clone(), crops=case.crops.clone())
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(index_a, index_b)
@@ -328,14 +341,17 @@ def _count_property(model, processor, size, ratio, mode, seed):
     _, uh, uw = hf_unpadded(h, w, rows * g, cols * g)
     hf_model_count = g * g + uh * uw + uh  # base features + HF's unpadded grid + one newline per row
     hf_processor_count = processor._get_number_of_features(h, w, tile, tile) - 1  # 'default' drops [CLS]
-    assert hf_processor_count == hf_model_count == full_num_tokens(h, w, rows, cols, g)
+    geo = adapter.geometry((h, w))
+    assert geo.grid == (rows, cols)
+    assert hf_processor_count == hf_model_count == geo.num_tokens(None)
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(1 + rows * cols, g * g, generator=gen)
-    plan, index = adapter.plan_tiles(scores, (h, w))
-    assert plan.num_tokens == index.numel()
+    plan, index = adapter.plan_image(scores, geo)
+    assert plan.num_tokens == index.numel() and plan.num_tokens_full == hf_model_count
     if mode == "budget":
         ours = adapter._num_features(processor._get_number_of_features, h, w, tile, tile) - 1
-        assert ours == plan.num_tokens == budget_num_tokens(h, w, rows, cols, g, ratio)
+        expected = int(g * g * ratio) + int(ratio * (uh * uw)) + uh  # README formula, HF geometry
+        assert ours == plan.num_tokens == adapter.num_image_tokens(h, w) == expected
 
 
 @PROPERTY
@@ -372,7 +388,9 @@ def test_pack_is_independent_of_batch_order(tiny_module, sizes, ratio, mode, see
     model, processor = tiny_module
     cfg = GlobalComConfig(ratio=ratio, mode=mode)
     adapter = LlavaNextAdapter(model, processor, cfg)
-    handle = GlobalComHandle(model, processor, cfg)
+    handle = GlobalComHandle(model, processor, cfg, adapter)
+    # The adapter's wrapper around HF's own pack_image_features (what install() patches in), not installed.
+    pack_image_features = adapter._packing(handle, model.model.pack_image_features)
     gen = torch.Generator().manual_seed(seed)
     tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, adapter.tile) for s in sizes]
     feats = [torch.randn(t, adapter.g**2, 6, generator=gen) for t in tiles]
@@ -380,10 +398,10 @@ def test_pack_is_independent_of_batch_order(tiny_module, sizes, ratio, mode, see
     newline = torch.randn(6, generator=gen)
 
     def pack(order):
-        handle._pending_scores[:] = [torch.cat([scores[i] for i in order])]
-        packed, lens = adapter._pack(handle, [feats[i] for i in order], torch.tensor([sizes[i] for i in order]),
-                                     image_newline=newline)  # fmt: skip
-        assert not handle._pending_scores
+        handle.state.scores = [torch.cat([scores[i] for i in order])]  # as the scoring hook records them
+        packed, lens = pack_image_features([feats[i] for i in order], torch.tensor([sizes[i] for i in order]),
+                                           "default", image_newline=newline)  # fmt: skip
+        assert handle.state.scores == []  # consumed by this pack
         return {i: (packed[k], int(lens[k]), handle.plans[k]) for k, i in enumerate(order)}
 
     order = list(range(len(sizes)))
