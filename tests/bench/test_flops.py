@@ -110,12 +110,19 @@ def test_config_formula_matches_torch_flop_counter(kv_heads):
     assert _cache_bytes(out) == kv_cache_bytes(n_visual + n_text, 2, dims.text.kv_dim, 4) > 0
 
 
-def test_config_table_uses_budget_counts():
-    from globalcom2.core.budget import budget_num_tokens
-
-    rows = config_table(llava_next_7b_config(), image_size=(672, 672), num_text_tokens=0, ratios=(1.0, 0.1))
-    assert [r["visual_tokens"] for r in rows] == [2928, budget_num_tokens(672, 672, 2, 2, 24, 0.1)]
-    assert rows[0]["num_tiles"] == 5
+@pytest.mark.parametrize(
+    "image_size, tokens",
+    [
+        # 2x2 grid, nothing padded (48 x 48 crop tokens): 576 + 2304 + 48 newlines; R = 0.1: 57 + 230 + 48
+        ((672, 672), [2928, 335]),
+        # 2x2 grid, rows 6..42 of 48 valid (36 x 48): 576 + 1728 + 36; R = 0.1: 57 + int(172.8) + 36
+        ((480, 640), [2340, 265]),
+    ],
+)
+def test_config_table_counts_the_llava_next_budget_tokens(image_size, tokens):
+    rows = config_table(llava_next_7b_config(), image_size=image_size, num_text_tokens=0, ratios=(1.0, 0.1))
+    assert [r["visual_tokens"] for r in rows] == tokens
+    assert [r["num_tiles"] for r in rows] == [5, 5]
     for r in rows:
         assert r["tflops_paper_terms"] == pytest.approx(paper_prefill_flops(r["visual_tokens"]) / 1e12)
 

@@ -60,8 +60,7 @@ def _bench_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_tiny_end_to_end(tmp_path):
-    from globalcom2.adapters.llava_next import image_grid
-    from globalcom2.core.budget import budget_num_tokens
+    from globalcom2.adapters.anyres import anyres_geometry
 
     out = tmp_path / "res"
     res = _bench_cli("--tiny", "--ratios", "0.5,0.1", "--json", str(out / "b.json"), "--plot", str(out / "b.png"),
@@ -72,12 +71,12 @@ def test_bench_tiny_end_to_end(tmp_path):
     recs = data["records"]
     assert [r["setting"] for r in recs] == ["uncompressed", "R=0.5", "R=0.1"]
     pins = [[64 * a, 64 * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-    rows, cols = image_grid((128, 128), pins, 64)
+    geo = anyres_geometry((128, 128), pins, 64, 8)
     for r in recs:
         for key in ("ratio", "visual_tokens", "tflops", "kv_cache_mb", "vision_ms", "selection_ms", "prefill_ms",
                     "peak_mem_mb", "vision_ms_min", "vision_ms_max", "prefill_ms_runs"):  # fmt: skip
             assert key in r, key
-        assert r["visual_tokens"] == budget_num_tokens(128, 128, rows, cols, 8, r["ratio"])
+        assert r["visual_tokens"] == geo.num_tokens(r["ratio"])  # placeholders the processor emitted
         assert r["kv_cache_mb"] == pytest.approx(r["kv_cache_mb_analytic"])
         assert (
             len(r["prefill_ms_runs"]) == 2 and r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]

@@ -6,13 +6,21 @@ import math
 
 import torch
 
-from globalcom2.core.planner import plan_image
+from globalcom2 import GlobalComConfig
+from globalcom2.adapters.anyres import AnyresGeometry, plan_anyres, valid_box
 from globalcom2.evaluation.metrics import build_reference, plan_metrics
 from globalcom2.methods.vision import plan_pooling
 
 G = 8
 GRID = (2, 2)
 SIZE = (100, 180)  # wide: the crop grid has padded rows
+BOX = valid_box(SIZE[0], SIZE[1], GRID[0] * G, GRID[1] * G)
+GEO = AnyresGeometry(GRID, G, BOX, (BOX[1] - BOX[0], BOX[3] - BOX[2]))
+
+
+def plan_scores(thumb, crops, **options):
+    """GlobalCom²'s plan of the LLaVA-NeXT geometry ``GEO`` (what the adapter computes) from raw scores."""
+    return plan_anyres(torch.cat([thumb[None], crops]), GEO, GlobalComConfig(**options))
 
 
 def _reference(seed: int = 0):
@@ -21,10 +29,7 @@ def _reference(seed: int = 0):
     thumb = torch.rand(G * G, generator=gen) ** 4  # peaked, like attention
     crops = torch.rand(n, G * G, generator=gen) ** 4
     feats = torch.randn(n, G * G, 16, generator=gen) + 3.0  # a shared offset, like real ViT features
-    from globalcom2.core.geometry import valid_box
-
-    box = valid_box(SIZE[0], SIZE[1], GRID[0] * G, GRID[1] * G)
-    return build_reference(thumb, crops, feats, grid=GRID, valid_box=box), thumb, crops
+    return build_reference(thumb, crops, feats, grid=GRID, valid_box=BOX), thumb, crops
 
 
 def test_reference_maps_are_distributions():
@@ -38,7 +43,7 @@ def test_reference_maps_are_distributions():
 
 def test_keep_everything_scores_one():
     ref, thumb, crops = _reference()
-    plan, _ = plan_image(thumb, crops, grid=GRID, image_size=SIZE, ratio=1.0)
+    plan, _ = plan_scores(thumb, crops, ratio=1.0)
     m = plan_metrics(plan, ref)
     assert math.isclose(m["crop_mass"], 1.0, rel_tol=1e-5) and math.isclose(
         m["thumb_mass"], 1.0, rel_tol=1e-5
@@ -51,8 +56,8 @@ def test_keep_everything_scores_one():
 def test_top_mass_beats_bottom_mass():
     ref, thumb, crops = _reference()
     mass_tiles = ref.mass.reshape(2, G, 2, G).permute(0, 2, 1, 3).reshape(4, G * G)
-    best, _ = plan_image(thumb, mass_tiles, grid=GRID, image_size=SIZE, ratio=0.25, scoring="local")
-    worst, _ = plan_image(-thumb, -mass_tiles, grid=GRID, image_size=SIZE, ratio=0.25, scoring="local")
+    best, _ = plan_scores(thumb, mass_tiles, ratio=0.25, scoring="local")
+    worst, _ = plan_scores(-thumb, -mass_tiles, ratio=0.25, scoring="local")
     mb, mw = plan_metrics(best, ref), plan_metrics(worst, ref)
     assert mb["crop_mass"] > 0.25 > mw["crop_mass"]
     assert mb["thumb_mass"] > mw["thumb_mass"]
@@ -60,8 +65,8 @@ def test_top_mass_beats_bottom_mass():
 
 def test_allocation_statistics():
     ref, thumb, crops = _reference()
-    uniform, _ = plan_image(thumb, crops, grid=GRID, image_size=SIZE, ratio=0.25, allocation="uniform")
-    adaptive, _ = plan_image(thumb, crops, grid=GRID, image_size=SIZE, ratio=0.25, tau=0.001)
+    uniform, _ = plan_scores(thumb, crops, ratio=0.25, allocation="uniform")
+    adaptive, _ = plan_scores(thumb, crops, ratio=0.25, tau=0.001)
     mu, ma = plan_metrics(uniform, ref), plan_metrics(adaptive, ref)
     assert mu["share_cv"] < 0.02 and math.isnan(mu["share_mass_corr"])
     assert ma["share_cv"] > 0.1 and ma["share_max"] > ma["share_min"]
@@ -71,7 +76,7 @@ def test_allocation_statistics():
 
 def test_pooling_uses_bin_means():
     ref, _, _ = _reference()
-    plan = plan_pooling(grid=GRID, image_size=SIZE, g=G, ratio=0.25)
+    plan = plan_pooling(GEO, 0.25)
     m = plan_metrics(plan, ref)
     assert math.isnan(m["crop_mass"]) and math.isnan(m["thumb_mass"])
     # plain recomputation: weighted sum of bin means with bin weights

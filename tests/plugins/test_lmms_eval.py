@@ -299,15 +299,11 @@ def test_cli_accelerate_launch_evaluates_a_local_task(ckpt, docs, tmp_path):
     gen = [json.loads(line) for line in samples["gc_gen.jsonl"].read_text().splitlines()]
     assert len(gen) == len(docs) and all(g["filtered_resps"] for g in gen)
     # Our running totals, logged after the requests: every image compressed to the budget-mode count.
-    from globalcom2.adapters.llava_next import image_grid
-    from globalcom2.core.budget import budget_num_tokens, full_num_tokens
+    from globalcom2.adapters.anyres import anyres_geometry
 
-    kept = full = 0
-    for h, w in SIZES:
-        rows, cols = image_grid(
-            (h, w), json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"], 64
-        )
-        kept += budget_num_tokens(h, w, rows, cols, 8, 0.25)
-        full += full_num_tokens(h, w, rows, cols, 8)
+    pinpoints = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
+    geos = [anyres_geometry((h, w), pinpoints, 64, 8) for h, w in SIZES]
+    kept = sum(geo.num_tokens(0.25) for geo in geos)
+    full = sum(geo.num_tokens(None) for geo in geos)
     lines = re.findall(r"GlobalCom² \(R=0.25\): (\d+) images, visual tokens (\d+) -> (\d+)", log)
     assert lines and tuple(map(int, lines[-1])) == (len(SIZES), full, kept)

@@ -25,7 +25,8 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (bash scripts/setup_engines.sh vllm VENV)", allow_module_level=True)
 
 import globalcom2  # noqa: E402
-from globalcom2.core.budget import budget_num_tokens, full_num_tokens  # noqa: E402
+from globalcom2.adapters.anyres import anyres_geometry  # noqa: E402
+from globalcom2.core.budget import budget_counts  # noqa: E402
 from globalcom2.core.scores import cls_attention_scores  # noqa: E402
 from globalcom2.plugins import VLLM_ARCHITECTURE, VLLM_ENV_VAR, register_vllm  # noqa: E402
 
@@ -89,7 +90,7 @@ def test_options_from_config_and_environment(monkeypatch):
 # -- counts ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.1])
 def test_processor_count_is_the_budget_formula_and_agrees_with_vllm_geometry(ratio):
-    """At R = 1 our count is vLLM's own LLaVA-NeXT count (same unpadding); below, the budget formula."""
+    """Our geometry is vLLM's (grid, unpadding); the count is the budget formula on vLLM's own token numbers."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
     from vllm.model_executor.models.llava_next import LlavaNextProcessingInfo
 
@@ -110,9 +111,11 @@ def test_processor_count_is_the_budget_formula_and_agrees_with_vllm_geometry(rat
             None,  # type: ignore[arg-type]  (does not use self)
             original_height=h, original_width=w, npatches=g, num_patch_height=rows, num_patch_width=cols,
         )  # fmt: skip
-        assert full_num_tokens(h, w, rows, cols, g) == g * g + unpadded + newlines
+        geo = anyres_geometry((h, w), PINPOINTS_7B, 336, g)
+        assert geo.grid == (rows, cols) and geo.num_tokens(None) == g * g + unpadded + newlines
         got = pv.num_image_tokens(cfg, 336, g, h, w)
-        assert got == budget_num_tokens(h, w, rows, cols, g, ratio)
+        # int(N*R) + int(R*sum N_j) + one newline per crop row, on vLLM's own unpadded count
+        assert got == sum(budget_counts(g * g, unpadded, ratio)) + newlines
         if ratio == 1.0:
             assert got == g * g + unpadded + newlines
 
@@ -222,17 +225,11 @@ def _hf_reference(hf_dir: Path, ratio: float | None) -> tuple[list[list[int]], l
 
 
 def _counts(model_dir: Path, ratio: float | None) -> list[int]:
-    """Image tokens per test image: the full LLaVA-NeXT count (ratio None) or the budget-mode formula."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
+    """Image tokens per test image: the full LLaVA-NeXT count (ratio None) or the budget-mode count."""
     config = json.loads((model_dir / "config.json").read_text())
     tile, patch = config["vision_config"]["image_size"], config["vision_config"]["patch_size"]
-    counts = []
-    for h, w in SIZES:
-        rows, cols = get_anyres_image_grid_shape((h, w), config["image_grid_pinpoints"], tile)
-        fn = full_num_tokens if ratio is None else lambda *a: budget_num_tokens(*a, ratio)
-        counts.append(fn(h, w, rows, cols, tile // patch))
-    return counts
+    pinpoints = config["image_grid_pinpoints"]
+    return [anyres_geometry((h, w), pinpoints, tile, tile // patch).num_tokens(ratio) for h, w in SIZES]
 
 
 @pytest.mark.slow

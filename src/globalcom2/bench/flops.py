@@ -259,20 +259,23 @@ def config_table(
     ratios: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1),
     bytes_per_element: int = 2,
 ) -> list[dict[str, float]]:
-    """Config-derived rows for one LLaVA-NeXT image of ``image_size`` (H, W) at each R (budget-mode counts)."""
-    from ..adapters.llava_next import image_grid
-    from ..core.budget import budget_num_tokens
+    """Config-derived rows for one LLaVA-NeXT image of ``image_size`` (H, W) at each R.
+
+    Visual tokens are the budget-mode count of the LLaVA-NeXT geometry (:meth:`AnyresGeometry.num_tokens
+    <globalcom2.adapters.anyres.AnyresGeometry.num_tokens>`, what the patched processor emits; at R = 1 the
+    uncompressed count).
+    """
+    from ..adapters.anyres import anyres_geometry
 
     dims = dims_from_config(config)
     assert dims.vision is not None, "config_table needs a multimodal config"
     tile = dims.vision.image_size
-    g = tile // dims.vision.patch_size
-    rows_, cols_ = image_grid(image_size, config.image_grid_pinpoints, tile)
-    num_tiles = 1 + rows_ * cols_
+    geo = anyres_geometry(image_size, config.image_grid_pinpoints, tile, tile // dims.vision.patch_size)
+    num_tiles = 1 + geo.grid[0] * geo.grid[1]
     restricted = ModelDims(text=dims.text)  # LLM layers only: the paper's terms
     out = []
     for ratio in ratios:
-        n = budget_num_tokens(image_size[0], image_size[1], rows_, cols_, g, ratio)
+        n = geo.num_tokens(ratio)
         parts = prefill_flops(
             config, num_visual_tokens=n, num_text_tokens=num_text_tokens, num_tiles=num_tiles
         )

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.towers import describe_tower
 from ..apply import apply
 from .flops import dims_from_config, kv_cache_bytes, llava_next_7b_config, paper_prefill_flops, prefill_flops
 from .memory import peak_memory
@@ -198,10 +197,11 @@ class SelectionTimer:
         self._start = 0.0
 
     def _scored_module(self):
+        """The module that GlobalCom²'s scoring pre-hook sits on (the adapter's ``install_scoring``)."""
         adapter = self.handle.adapter
         if adapter.importance == "cls":
-            return describe_tower(self.model.model.vision_tower).last_layer
-        return self.model.model.multi_modal_projector
+            return adapter.tower.last_layer
+        return adapter.inner.multi_modal_projector
 
     def __enter__(self) -> SelectionTimer:
         if self.handle is not None:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.geometry import global_submaps, grid_to_tiles, tiles_to_grid, valid_grid_mask
+from ..core.layout import grid_to_tiles, tiles_to_grid
 from ..core.plan import Plan
+from ..core.resize import bilinear_resize
 
 NAN = float("nan")
 
@@ -65,10 +66,15 @@ def build_reference(
     rows, cols = grid
     n, gg = crop_attention.shape
     g = int(round(gg**0.5))
+    top, bottom, left, right = valid_box
     thumb = thumb_attention.float().reshape(-1)
     thumb = thumb / thumb.sum()
-    valid = valid_grid_mask(rows * g, cols * g, valid_box)
-    mass = tiles_to_grid(global_submaps(thumb, rows, cols, valid_box), rows, cols).clamp_min(0) * valid
+    valid = torch.zeros(rows * g, cols * g, dtype=torch.bool, device=thumb.device)
+    valid[top:bottom, left:right] = True
+    # The thumbnail map resized onto the valid box: the global sub-maps of Eq. 5, zero on padding.
+    mass = torch.zeros(rows * g, cols * g, device=thumb.device)
+    mass[top:bottom, left:right] = bilinear_resize(thumb.reshape(g, g), (bottom - top, right - left)).float()
+    mass = mass.clamp_min(0)
     mass = mass / mass.sum()
     crop_mass = grid_to_tiles(mass, rows, cols).reshape(n, gg).sum(-1)
     valid_t = grid_to_tiles(valid, rows, cols).reshape(n, gg)

@@ -1,8 +1,8 @@
 """`globalcom2 eval`: every method x R and the paper's ablations on real photos with the DINOv2 stand-in.
 
 The vision tower runs once per photo; every pre-LLM plan is then computed from those scores by the same planner
-functions the adapters call (:func:`globalcom2.core.planner.plan_image`, :mod:`globalcom2.methods.vision`), so a
-full sweep costs seconds. LLM-side methods (FastV, GlobalCom² + FastV) run through :func:`globalcom2.apply_method`
+functions the adapters call (:func:`globalcom2.adapters.anyres.plan_anyres`, :mod:`globalcom2.methods.vision`), so
+a full sweep costs seconds. LLM-side methods (FastV, GlobalCom² + FastV) run through :func:`globalcom2.apply_method`
 on the demo model, whose LLM is tiny and random: their numbers show the mechanism only.
 
 Ablations (paper Tables 2 and 3): allocation in {softmax-sum, softmax-max, topk-count, uniform} x scoring in
@@ -15,7 +15,6 @@ import itertools
 import math
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,15 +23,14 @@ from typing import Any
 
 import torch
 
-from ..adapters.llava_next import image_grid
+from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres
 from ..adapters.towers import describe_tower
+from ..config import GlobalComConfig
 from ..core.allocation import ALLOCATIONS
-from ..core.geometry import valid_box
 from ..core.plan import Plan
-from ..core.planner import plan_image
 from ..core.scores import SCORE_KINDS, cls_attention_scores
-from ..core.selection import SCORINGS
-from ..methods.vision import plan_fastervlm, plan_pooling, plan_random
+from ..core.select import SCORINGS
+from ..methods.vision import FASTERVLM, RANDOM, plan_pooling, random_tile_scores
 from .metrics import Reference, build_reference, plan_metrics
 
 STANDIN_LABEL = (
@@ -53,12 +51,19 @@ class PhotoData:
     name: str
     image: Any
     size: tuple[int, int]  # (height, width)
-    grid: tuple[int, int]
-    g: int
+    geometry: AnyresGeometry  # LLaVA-NeXT tiling of the image (grid, g, valid box)
     scores: dict[str, torch.Tensor]  # kind -> (1 + n, g*g) [CLS] scores (logits / softmax)
     reference: Reference
     image_sizes: torch.Tensor  # (1, 2), as the processor gives it
     encoder_output: Any = None  # the unpatched model's image features, reused by FastV's prefills
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.geometry.grid
+
+    @property
+    def g(self) -> int:
+        return self.geometry.g
 
 
 @torch.no_grad()
@@ -69,7 +74,8 @@ def photo_data(model: Any, processor: Any, name: str, image: Any) -> PhotoData:
     g = tile // int(cfg.vision_config.patch_size)
     inputs = processor.image_processor(images=[image], return_tensors="pt")
     size = (int(inputs["image_sizes"][0][0]), int(inputs["image_sizes"][0][1]))
-    grid = image_grid(size, cfg.image_grid_pinpoints, tile)
+    geo = anyres_geometry(size, cfg.image_grid_pinpoints, tile, g)
+    grid = geo.grid
     tower = model.model.vision_tower
     pv = inputs["pixel_values"][0, : 1 + grid[0] * grid[1]].to(model.dtype)
     hidden = tower(pv, output_hidden_states=True).hidden_states
@@ -87,22 +93,33 @@ def photo_data(model: Any, processor: Any, name: str, image: Any) -> PhotoData:
         for kind in SCORE_KINDS
     }
     feats = hidden[cfg.vision_feature_layer][:, info.num_prefix_tokens :]
-    box = valid_box(size[0], size[1], grid[0] * g, grid[1] * g)
     soft = scores["softmax"]
-    ref = build_reference(soft[0], soft[1:], feats[1:], grid=grid, valid_box=box)
-    return PhotoData(name, image, size, grid, g, scores, ref, inputs["image_sizes"])
+    ref = build_reference(soft[0], soft[1:], feats[1:], grid=grid, valid_box=geo.box)
+    return PhotoData(name, image, size, geo, scores, ref, inputs["image_sizes"])
 
 
 def vision_plans(data: PhotoData, ratio: float, *, random_draws: int, seed: int) -> dict[str, list[Plan]]:
-    """Plans of the pre-LLM methods (random: ``random_draws`` independent draws)."""
-    s_log, s_soft = data.scores["logits"], data.scores["softmax"]
-    common: dict[str, Any] = {"grid": data.grid, "image_size": data.size, "ratio": ratio}
-    gen = torch.Generator().manual_seed(seed)
+    """Plans of the pre-LLM methods, each the selection its adapter makes on the same tile scores.
+
+    GlobalCom² and FasterVLM-style are :func:`~globalcom2.adapters.anyres.plan_anyres` with their configs
+    (FasterVLM: :data:`~globalcom2.methods.vision.FASTERVLM` on the softmax scores); random draw ``k`` ranks the
+    scores of :func:`~globalcom2.methods.vision.random_tile_scores` with seed ``seed * random_draws + k`` (the
+    random method's tokens at that seed); pooling is :func:`~globalcom2.methods.vision.plan_pooling`.
+    """
+    geo = data.geometry
+
+    def plan(scores: torch.Tensor, **options: Any) -> Plan:
+        return plan_anyres(scores, geo, GlobalComConfig(ratio=ratio, **options))[0]
+
+    s_log = data.scores["logits"]
     return {
-        "globalcom2": [plan_image(s_log[0], s_log[1:], **common)[0]],
-        "fastervlm": [plan_fastervlm(s_soft[0], s_soft[1:], **common)[0]],
-        "random": [plan_random(g=data.g, generator=gen, **common)[0] for _ in range(random_draws)],
-        "pooling": [plan_pooling(g=data.g, **common)],
+        "globalcom2": [plan(s_log)],
+        "fastervlm": [plan(data.scores[FASTERVLM["score"]], **FASTERVLM)],
+        "random": [
+            plan(random_tile_scores(s_log.shape, seed * random_draws + k), **RANDOM)
+            for k in range(random_draws)
+        ],
+        "pooling": [plan_pooling(geo, ratio)],
     }
 
 
@@ -118,11 +135,8 @@ def ablation_plans(
 ) -> dict[tuple, Plan]:
     out = {}
     for allocation, scoring, score in settings:
-        s = data.scores[score]
-        out[(allocation, scoring, score)] = plan_image(
-            s[0], s[1:], grid=data.grid, image_size=data.size, ratio=ratio, allocation=allocation,
-            scoring=scoring,
-        )[0]  # fmt: skip
+        config = GlobalComConfig(ratio=ratio, allocation=allocation, scoring=scoring, score=score)
+        out[(allocation, scoring, score)] = plan_anyres(data.scores[score], data.geometry, config)[0]
     return out
 
 
@@ -194,7 +208,7 @@ def run_eval(
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     allocation_detail: dict[str, Any] = {}
-    model, processor = load_model_and_processor("standin")  # the llava_next stand-in, via its own temp folder
+    model, processor = load_model_and_processor("standin")  # the llava_next stand-in
     steps = [(p, None) for p in photos] + [(p, r) for p in photos for r in ratios]
     bar = _progress(len(steps), progress)
     data: dict[str, PhotoData] = {}
@@ -209,15 +223,11 @@ def run_eval(
             plans = vision_plans(d, ratio, random_draws=draws, seed=1000 * p_idx + r_idx)
             for method, method_plans in plans.items():
                 for k, plan in enumerate(method_plans):
-                    rows.append(
-                        _row("method", photo, method, ratio, plan_metrics(plan, d.reference), draw=k)
-                    )
+                    rows.append(_row("method", photo, method, ratio, plan_metrics(plan, d.reference), draw=k))
             detail = {m: ps[0] for m, ps in plans.items()}
             if llm:
                 for method, plan in llm_plans(model, processor, d, ratio).items():
-                    rows.append(
-                        _row("llm", photo, method, ratio, plan_metrics(plan, d.reference), draw=0)
-                    )
+                    rows.append(_row("llm", photo, method, ratio, plan_metrics(plan, d.reference), draw=0))
                     detail[method] = plan
             for (alloc, scoring, score), plan in ablation_plans(d, ratio, settings).items():
                 rows.append(_row("ablation", photo, "globalcom2", ratio, plan_metrics(plan, d.reference),

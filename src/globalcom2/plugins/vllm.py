@@ -4,11 +4,15 @@ Budget mode is what makes vLLM possible: the number of visual tokens depends on 
 multimodal processor reserves exactly that many ``<image>`` positions (KV cache, scheduling) before any forward,
 and the model hands back exactly that many embeddings. What this module adds to vLLM's own LLaVA-NeXT:
 
-- :class:`GlobalComLlavaNextProcessingInfo` overrides ``get_num_image_tokens`` with the budget-mode count
-  (:func:`globalcom2.core.budget.budget_num_tokens`, the same function the model-side plan uses);
+- :class:`GlobalComLlavaNextProcessingInfo` overrides ``get_num_image_tokens`` with the budget-mode count of the
+  LLaVA-NeXT geometry (:func:`num_image_tokens`: :func:`~globalcom2.adapters.anyres.anyres_geometry` and
+  :meth:`~globalcom2.adapters.anyres.AnyresGeometry.num_tokens`, i.e. :func:`~globalcom2.core.budget.budget_counts`
+  plus one newline per crop row: the count the transformers adapter patches into HF's processor);
 - :class:`GlobalComLlavaNextForConditionalGeneration` computes the tile features with vLLM's own vision tower and
-  projector, the per-tile [CLS]-row scores (Eq. 1) of the tower's **last** layer, and lets the shared core
-  (:func:`globalcom2.core.planner.plan_image`) allocate (Eq. 2-4), score (Eq. 5) and select (Eq. 6) the tokens.
+  projector and the per-tile [CLS]-row scores (Eq. 1) of the tower's **last** layer, packs each image with vLLM's
+  own LLaVA-NeXT packing (unpadding + newlines) and keeps the rows picked by
+  :func:`~globalcom2.adapters.anyres.plan_anyres`, the plan the transformers adapter makes: allocation (Eq. 2-4),
+  holistic scores (Eq. 5) and selection (Eq. 6) by :func:`~globalcom2.core.select.select_tokens`.
 
 vLLM builds the vision tower only up to the feature layer (``vision_feature_layer=-2``: all layers but the last).
 The last layer's *input* is therefore exactly the tower's output; :class:`ClsScorer` holds the last layer's
@@ -38,14 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres
 from ..config import GlobalComConfig
-from ..core.budget import budget_num_tokens
 from ..core.plan import Plan
-from ..core.planner import plan_image
 from ..core.scores import cls_attention_scores, cosine_scores
 
 try:
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
     from vllm.config import VllmConfig
     from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
     from vllm.model_executor.layers.linear import QKVParallelLinear
@@ -99,11 +101,17 @@ def options_from_config(hf_config: Any) -> GlobalComConfig:
     return config
 
 
+def image_geometry(
+    hf_config: Any, tile_size: int, patches_per_side: int, height: int, width: int
+) -> AnyresGeometry:
+    """LLaVA-NeXT tiling of one ``height x width`` image (crop grid, valid box), as vLLM's processor cuts it."""
+    return anyres_geometry((height, width), hf_config.image_grid_pinpoints, tile_size, patches_per_side)
+
+
 def num_image_tokens(hf_config: Any, tile_size: int, patches_per_side: int, height: int, width: int) -> int:
     """Image tokens one ``height x width`` image gets in budget mode (processor and model agree through this)."""
-    rows, cols = get_anyres_image_grid_shape((height, width), hf_config.image_grid_pinpoints, tile_size)
-    ratio = options_from_config(hf_config).ratio
-    return budget_num_tokens(height, width, int(rows), int(cols), patches_per_side, ratio)
+    geo = image_geometry(hf_config, tile_size, patches_per_side, height, width)
+    return geo.num_tokens(options_from_config(hf_config).ratio)
 
 
 class GlobalComLlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -284,7 +292,8 @@ class GlobalComLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
     def _globalcom_pack(
         self, tiles: torch.Tensor, scores: torch.Tensor, size: torch.Tensor
     ) -> tuple[torch.Tensor, Plan]:
-        """Kept embeddings of one image, thumbnail first, raster order, newline per valid crop row.
+        """Kept embeddings of one image: the rows :func:`~globalcom2.adapters.anyres.plan_anyres` picks from
+        vLLM's own packed sequence (thumbnail, then the unpadded crop grid row by row with a newline per row).
 
         Args:
             tiles: ``(1 + n, N, H_llm)`` projected features (padding tiles beyond the image's grid allowed).
@@ -292,25 +301,22 @@ class GlobalComLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
             size: ``(2,)`` original (height, width).
         """
         height, width = (int(v) for v in size.tolist())
-        rows, cols = get_anyres_image_grid_shape(
-            (height, width), self.config.image_grid_pinpoints, self.globalcom_tile
-        )
-        rows, cols = int(rows), int(cols)
-        n = 1 + rows * cols
+        geo = image_geometry(self.config, self.globalcom_tile, self.globalcom_grid, height, width)
+        n = 1 + geo.grid[0] * geo.grid[1]
         if tiles.shape[0] < n:
             raise ValueError(f"image {height}x{width} needs {n} tiles, got {tiles.shape[0]}")
-        cfg = self.globalcom_config
-        plan, index = plan_image(
-            scores[0], scores[1:n], grid=(rows, cols), image_size=(height, width), ratio=cfg.ratio,
-            mode="budget", allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha, tau=cfg.tau,
-        )  # fmt: skip
-        flat = torch.cat([tiles[:n].flatten(0, 1), self.image_newline[None].to(tiles)], dim=0)
-        packed = flat[index.to(flat.device)]
-        if packed.shape[0] != plan.num_tokens:  # the processor reserved plan.num_tokens positions
+        packed = self._merge_image_patch_embeddings(size, tiles[:n], strategy="spatial_unpad")
+        plan, index = plan_anyres(scores[:n], geo, self.globalcom_config)
+        if packed.shape[0] != plan.num_tokens_full:
             raise RuntimeError(
-                f"GlobalCom²: packed {packed.shape[0]} embeddings for {plan.num_tokens} positions"
+                f"GlobalCom²: vLLM packed {packed.shape[0]} embeddings for an image of {height}x{width}, the "
+                f"LLaVA-NeXT geometry gives {plan.num_tokens_full}; this vLLM version packs differently"
             )
-        return packed, plan
+        kept = packed[index.to(packed.device)]
+        reserved = geo.num_tokens(self.globalcom_config.ratio)  # the processor's count (num_image_tokens)
+        if kept.shape[0] != reserved:
+            raise RuntimeError(f"GlobalCom²: kept {kept.shape[0]} embeddings for {reserved} positions")
+        return kept, plan
 
 
 __all__ = [
@@ -320,6 +326,7 @@ __all__ = [
     "ClsScorer",
     "GlobalComLlavaNextForConditionalGeneration",
     "GlobalComLlavaNextProcessingInfo",
+    "image_geometry",
     "num_image_tokens",
     "options_from_config",
     "register",
