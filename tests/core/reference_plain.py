@@ -1,4 +1,4 @@
-"""An independent, plainly written re-implementation of DESIGN.md §3 (the official GlobalCom² behaviour).
+"""An independent, plainly written re-implementation of docs/design.md §3 (the official GlobalCom² behaviour).
 
 Written with Python loops and numpy only (no globalcom2 imports, no torch interpolation), to check the
 vectorised library code against. Slow on purpose; never used by the library.
@@ -58,7 +58,7 @@ def stable_top(scores: list[float], k: int) -> list[int]:
 def plain_reference(
     thumb, crops, grid, size, ratio, allocation="softmax-sum", scoring="holistic", alpha=0.5, tau=10.0
 ):
-    """DESIGN.md §3 steps 2-8. thumb: (g*g,), crops: (n, g*g) float32 arrays; size = (H, W).
+    """docs/design.md §3 steps 2-8. thumb: (g*g,), crops: (n, g*g) float32 arrays; size = (H, W).
 
     Returns (thumb_mask (g, g), crops_mask (rows*g, cols*g), r (n,), thumb_order, counts).
     """

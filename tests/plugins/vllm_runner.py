@@ -6,7 +6,7 @@ One vLLM engine per process (vLLM keeps process-wide state), so the test runs th
 
 Images are the test suite's smooth random images (``tests.conftest.random_image``) at the sizes given by
 ``--sizes 100x60,50x110``; the prompt is ``tests.conftest.PROMPT``. Greedy decoding, fp32, one engine process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) with a small KV cache: the set-up documented in DESIGN.md §8.
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) with a small KV cache: the set-up documented in docs/design.md §9.
 """
 
 from __future__ import annotations

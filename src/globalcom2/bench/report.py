@@ -31,7 +31,7 @@ def _pct(r: float) -> str:
 
 def format_analytic(a: dict[str, Any]) -> str:
     h, w = a["image_size"]
-    lines = [f"Analytic prefill cost, {a['model']}", f"  paper formula (DESIGN.md §7): {a['paper_formula']}, n = 2880*R "
+    lines = [f"Analytic prefill cost, {a['model']}", f"  paper formula (docs/design.md §7): {a['paper_formula']}, n = 2880*R "
              "visual tokens, text ignored; KV cache fp16"]  # fmt: skip
     lines.append(f"  {'R':>6}{'visual tokens':>15}{'TFLOPs':>10}{'KV cache MiB':>15}")
     for r in a["paper"]:

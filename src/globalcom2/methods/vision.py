@@ -1,7 +1,7 @@
 """Pre-LLM baselines on the LLaVA-NeXT adapter: FasterVLM-style [CLS] top-k, random, spatial average pooling.
 
-Each is the GlobalCom² pipeline with one step swapped (DESIGN.md §1: "a baseline is usually a different score or a
-different allocation"): the same install path, scoring hook, packing, placeholder checks and processor patch as
+Each is the GlobalCom² pipeline with one step swapped (a different score or a different allocation, see
+docs/design.md §1): the same install path, scoring hook, packing, placeholder checks and processor patch as
 :func:`globalcom2.apply`, so the processor emits exactly as many placeholders as features are produced.
 
 - **FasterVLM-style** (no subclass, only a config: :data:`FASTERVLM`): every tile keeps its top tokens by its *own*
