@@ -113,16 +113,10 @@ def build_bench_model(settings: BenchSettings):
     is the tiny byte-level BPE of :mod:`globalcom2.demo.tiny_model` (vocabulary 320): the embedding is a lookup and
     the LM head runs on one position per prefill, so the small vocabulary changes nothing measurable in prefill.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextForConditionalGeneration
 
-    from ..demo.tiny_model import build_tokenizer
+    from ..demo.tiny_model import build_tokenizer, llava_next_config_and_processor
+    from ..demo.tiny_parts import llm_config
 
     g = settings.geometry
     tokenizer = build_tokenizer()
@@ -130,30 +124,15 @@ def build_bench_model(settings: BenchSettings):
         image_size=g.tile, patch_size=g.patch, hidden_size=g.vision_hidden, intermediate_size=g.vision_intermediate,
         num_hidden_layers=g.vision_layers, num_attention_heads=g.vision_heads, hidden_act="quick_gelu",
     )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=g.llm_hidden, intermediate_size=g.llm_intermediate,
-        num_hidden_layers=g.llm_layers, num_attention_heads=g.llm_heads, num_key_value_heads=g.llm_kv_heads,
-        max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    text = llm_config(
+        LlamaConfig, tokenizer, g.llm_hidden, g.llm_layers, g.llm_heads, max_positions=16384,
+        intermediate=g.llm_intermediate, kv_heads=g.llm_kv_heads,
     )  # fmt: skip
-    pinpoints = [[g.tile * a, g.tile * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-    config = LlavaNextConfig(  # type: ignore[call-arg]
-        vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", tie_word_embeddings=False,
-    )  # fmt: skip
+    config, processor = llava_next_config_and_processor(tokenizer, vision, text, g.tile, g.patch)
     torch.manual_seed(settings.seed)
     with torch.device(settings.device):
         model = LlavaNextForConditionalGeneration._from_config(config, dtype=_DTYPES[settings.dtype]).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": g.tile}, crop_size={"height": g.tile, "width": g.tile}, image_grid_pinpoints=pinpoints,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )  # fmt: skip
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=g.patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )  # fmt: skip
     return model, processor
 
 

@@ -1,7 +1,8 @@
 """Tiny, randomly initialised LLaVA-OneVision and InternVL checkpoints built offline, and their stand-in variants.
 
 Same recipe as :mod:`globalcom2.demo.tiny_model` (real transformers classes, random weights, a BPE tokenizer trained
-on the fly, ``save_pretrained`` then ``from_pretrained``), for the two other families GlobalCom² supports:
+on the fly, ``save_pretrained`` then ``from_pretrained``; the shared pieces are in :mod:`globalcom2.demo.tiny_parts`),
+for the two other families GlobalCom² supports:
 
 * **LLaVA-OneVision** (``LlavaOnevisionForConditionalGeneration``): a random SigLIP tower (no [CLS]; vision feature
   strategy ``"full"``), OneVision's ``anyres_max_9`` pinpoints (every a x b grid up to 6 x 6 tiles) and a tiny Qwen2.
@@ -30,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from ..processors import build_processor_without_video
-from .tiny_model import _CORPUS
+from .tiny_parts import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_family_tokenizer,
+    llm_config,
+    save_random_checkpoint,
+    standin_vision,
+    tiny_vit_config,
+)
 
 FAMILIES = ("llava_next", "llava_onevision", "internvl")
 
@@ -41,40 +50,14 @@ _INTERNVL_SPECIALS = {
     "context_image_token": "<IMG_CONTEXT>",
     "video_token": "<video>",
 }
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def build_family_tokenizer(specials: dict[str, str], vocab_size: int = 320):
-    """Byte-level BPE trained on a few sentences with the family's special tokens as named extra specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    base = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=base + list(specials.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens=dict(specials), padding_side="left",
-    )  # fmt: skip
 
 
 def _qwen2(tokenizer, hidden: int, layers: int, heads: int):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=16384,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+    return llm_config(
+        Qwen2Config, tokenizer, hidden, layers, heads, max_positions=16384, tie_word_embeddings=False
+    )
 
 
 def onevision_pinpoints(tile: int, max_side: int = 6) -> list[list[int]]:
@@ -106,8 +89,8 @@ def build_tiny_llava_onevision(
         text_hidden, text_layers, text_heads: tiny Qwen2 LLM.
         vision_tower: an already built DINOv2 tower to reuse.
     """
-    import torch
     from transformers import (
+        CLIPVisionConfig,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessorPil,
@@ -115,32 +98,20 @@ def build_tiny_llava_onevision(
         SiglipVisionConfig,
     )
 
-    out_dir = Path(out_dir)
     tokenizer = build_family_tokenizer(_ONEVISION_SPECIALS)
-    mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # SigLIP's normalisation
     if vision == "siglip":
-        vision_config: Any = SiglipVisionConfig(
-            image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, vision_use_head=False,
-        )  # fmt: skip
+        vision_config: Any = tiny_vit_config(
+            SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False
+        )
+        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # SigLIP's normalisation
         strategy: Any = "full"
         prefix = 0
     elif vision == "clip":
-        from transformers import CLIPVisionConfig
-
-        vision_config = CLIPVisionConfig(
-            image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
-        )  # fmt: skip
-        mean, std = _CLIP_MEAN, _CLIP_STD
+        vision_config = tiny_vit_config(CLIPVisionConfig, tile_size, patch_size, 2, projection_dim=32)
+        mean, std = CLIP_MEAN, CLIP_STD
         strategy, prefix = "default", 1
     elif vision == "dinov2":
-        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD, load_standin_vision_tower
-
-        vision_tower = vision_tower if vision_tower is not None else load_standin_vision_tower(tile_size)
-        vision_config = vision_tower.config
-        patch_size = int(vision_config.patch_size)
-        mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+        vision_tower, vision_config, patch_size, mean, std = standin_vision(tile_size, vision_tower)
         strategy, prefix = "default", 1
     else:
         raise ValueError(f"`vision` must be 'siglip', 'clip' or 'dinov2', got {vision!r}")
@@ -152,26 +123,17 @@ def build_tiny_llava_onevision(
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
         vision_feature_select_strategy=strategy, vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    if vision_tower is not None:
-        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": tile_size, "width": tile_size}, image_grid_pinpoints=pinpoints,
         image_mean=mean, image_std=std,
     )  # fmt: skip
-    kwargs = {
-        "num_image_tokens": g * g + prefix,
-        "vision_feature_select_strategy": strategy,
-        "vision_aspect_ratio": "anyres_max_9",
-    }
     processor = build_processor_without_video(
-        LlavaOnevisionProcessor, image_processor=image_processor, tokenizer=tokenizer, **kwargs
-    )
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+        LlavaOnevisionProcessor, image_processor=image_processor, tokenizer=tokenizer,
+        num_image_tokens=g * g + prefix, vision_feature_select_strategy=strategy, vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    return save_random_checkpoint(
+        out_dir, LlavaOnevisionForConditionalGeneration, config, processor, seed=seed, vision_tower=vision_tower
+    )  # fmt: skip
 
 
 def standin_internvl_vision_model(image_size: int = 448, dinov2: Any = None):
@@ -245,7 +207,6 @@ def build_tiny_internvl(
         text_hidden, text_layers, text_heads: tiny Qwen2 LLM.
         vision_tower: an already built ``InternVLVisionModel`` to reuse (``vision="dinov2"`` only).
     """
-    import torch
     from transformers import (
         GotOcr2ImageProcessorPil,
         InternVLConfig,
@@ -254,22 +215,17 @@ def build_tiny_internvl(
         InternVLVisionConfig,
     )
 
-    out_dir = Path(out_dir)
     tokenizer = build_family_tokenizer(_INTERNVL_SPECIALS)
     if vision == "random":
-        vision_config: Any = InternVLVisionConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            image_size=tile_size, patch_size=patch_size, attention_bias=True, use_qk_norm=qk_norm,
+        vision_config: Any = tiny_vit_config(
+            InternVLVisionConfig, tile_size, patch_size, 2, attention_bias=True, use_qk_norm=qk_norm,
             norm_type="rms_norm" if qk_norm else "layer_norm", use_mean_pooling=True,
         )  # fmt: skip
-        mean, std = _CLIP_MEAN, _CLIP_STD
+        mean, std = CLIP_MEAN, CLIP_STD
     elif vision == "dinov2":
-        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD
-
-        vision_tower = vision_tower if vision_tower is not None else standin_internvl_vision_model(tile_size)
-        vision_config = vision_tower.config
-        patch_size = int(vision_config.patch_size[0])
-        mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+        vision_tower, vision_config, patch_size, mean, std = standin_vision(
+            tile_size, vision_tower, standin_internvl_vision_model
+        )
     else:
         raise ValueError(f"`vision` must be 'random' or 'dinov2', got {vision!r}")
     seq_len = (tile_size // patch_size // 2) ** 2
@@ -279,22 +235,16 @@ def build_tiny_internvl(
         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    if vision_tower is not None:
-        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
         max_patches=max_patches, image_mean=mean, image_std=std,
     )  # fmt: skip
-    kwargs = {"image_seq_length": seq_len}
     processor = build_processor_without_video(
-        InternVLProcessor, image_processor=image_processor, tokenizer=tokenizer, **kwargs
+        InternVLProcessor, image_processor=image_processor, tokenizer=tokenizer, image_seq_length=seq_len
     )
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save_random_checkpoint(
+        out_dir, InternVLForConditionalGeneration, config, processor, seed=seed, vision_tower=vision_tower
+    )
 
 
 def build_standin_checkpoint(

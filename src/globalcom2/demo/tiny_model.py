@@ -7,40 +7,54 @@ loaded back through the same ``from_pretrained`` path a real checkpoint takes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_CORPUS = [
-    "USER: <image>\nWhat is shown in this image? ASSISTANT: A photo of a cat on a table.",
-    "Describe the picture in detail. There is a person, a rocket, a cup of coffee and a flower.",
-    "How many objects are there? Two. Three. Four. Yes. No. The answer is",
-    "the a an of in on at to is are was were with without left right top bottom red green blue",
-]
+from .tiny_parts import (
+    CLIP_MEAN,
+    CLIP_STD,
+    build_family_tokenizer,
+    llm_config,
+    save_random_checkpoint,
+    standin_vision,
+    tiny_vit_config,
+)
 
 
 def build_tokenizer(vocab_size: int = 320):
     """Byte-level BPE trained on a few sentences, wrapped as a ``PreTrainedTokenizerFast`` with ``<image>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    return build_family_tokenizer({"image_token": "<image>"}, vocab_size)
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-    return fast
+
+def llava_next_config_and_processor(
+    tokenizer: Any,
+    vision_config: Any,
+    text_config: Any,
+    tile_size: int,
+    patch_size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+):
+    """``(LlavaNextConfig, LlavaNextProcessor)`` around the given towers: five pinpoint canvases of
+    ``tile_size`` tiles (1x2, 2x1, 2x2, 3x1, 1x3), a [CLS] tower read at layer -2 (strategy ``"default"``)."""
+    from transformers import LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    pinpoints = [[tile_size * a, tile_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    config = LlavaNextConfig(  # type: ignore[call-arg]
+        vision_config=vision_config, text_config=text_config, image_grid_pinpoints=pinpoints,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )  # fmt: skip
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile_size}, crop_size={"height": tile_size, "width": tile_size},
+        image_grid_pinpoints=pinpoints, image_mean=list(mean), image_std=list(std),
+    )  # fmt: skip
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    return config, processor
 
 
 def build_tiny_llava_next(
@@ -64,62 +78,23 @@ def build_tiny_llava_next(
         text_hidden, text_layers, text_heads: tiny Llama LLM (head_dim = text_hidden // text_heads).
         vision_tower: an already built DINOv2 tower to reuse (saves a conversion).
     """
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextForConditionalGeneration
 
-    out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    mean, std = CLIP_MEAN, CLIP_STD
     if vision == "clip":
-        vision_config: Any = CLIPVisionConfig(
-            image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
-        )  # fmt: skip
+        vision_config: Any = tiny_vit_config(CLIPVisionConfig, tile_size, patch_size, 3, projection_dim=32)
     elif vision == "dinov2":
-        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD, load_standin_vision_tower
-
-        vision_tower = vision_tower if vision_tower is not None else load_standin_vision_tower(tile_size)
-        vision_config = vision_tower.config
-        patch_size = int(vision_config.patch_size)
-        mean, std = list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+        vision_tower, vision_config, patch_size, mean, std = standin_vision(tile_size, vision_tower)
     else:
         raise ValueError(f"`vision` must be 'clip' or 'dinov2', got {vision!r}")
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
-        max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    pinpoints = [[tile_size * a, tile_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
-    config = LlavaNextConfig(  # type: ignore[call-arg]
-        vision_config=vision_config, text_config=text_config, image_grid_pinpoints=pinpoints,
-        image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    if vision_tower is not None:
-        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": tile_size}, crop_size={"height": tile_size, "width": tile_size},
-        image_grid_pinpoints=pinpoints, image_mean=mean, image_std=std,
-    )  # fmt: skip
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )  # fmt: skip
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    text = llm_config(LlamaConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=8192)
+    config, processor = llava_next_config_and_processor(
+        tokenizer, vision_config, text, tile_size, patch_size, mean, std
+    )
+    return save_random_checkpoint(
+        out_dir, LlavaNextForConditionalGeneration, config, processor, seed=seed, vision_tower=vision_tower
+    )
 
 
 def load_tiny(path: str | Path, **kwargs: Any):

@@ -1,0 +1,113 @@
+"""The pieces every offline tiny-checkpoint builder shares (:mod:`~globalcom2.demo.tiny_model`,
+:mod:`~globalcom2.demo.tiny_families` and the bench's in-memory model): the BPE tokenizer trained on the fly, the
+tiny LLM and ViT configs, the DINOv2 stand-in tower, and the seeded build-and-save step.
+
+Each builder keeps only what is particular to its family: the vision choices, the multimodal config and the
+processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+_CORPUS = [
+    "USER: <image>\nWhat is shown in this image? ASSISTANT: A photo of a cat on a table.",
+    "Describe the picture in detail. There is a person, a rocket, a cup of coffee and a flower.",
+    "How many objects are there? Two. Three. Four. Yes. No. The answer is",
+    "the a an of in on at to is are was were with without left right top bottom red green blue",
+]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_family_tokenizer(specials: Mapping[str, str], vocab_size: int = 320):
+    """Byte-level BPE trained on a few sentences with the family's special tokens as named extra specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=base + list(specials.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens=dict(specials), padding_side="left",
+    )  # fmt: skip
+
+
+def llm_config(
+    config_cls: Any,
+    tokenizer: Any,
+    hidden: int,
+    layers: int,
+    heads: int,
+    *,
+    max_positions: int,
+    intermediate: int | None = None,
+    kv_heads: int | None = None,
+    **extra: Any,
+) -> Any:
+    """A decoder-only LLM config (``LlamaConfig``, ``Qwen2Config``, ...) sized to ``tokenizer`` and its specials.
+
+    ``intermediate`` defaults to ``2 * hidden`` and ``kv_heads`` to ``heads``; ``extra`` goes to ``config_cls``.
+    """
+    return config_cls(
+        vocab_size=len(tokenizer), hidden_size=hidden,
+        intermediate_size=intermediate if intermediate is not None else 2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads if kv_heads is not None else heads,
+        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
+    )  # fmt: skip
+
+
+def tiny_vit_config(config_cls: Any, tile_size: int, patch_size: int, layers: int, **extra: Any) -> Any:
+    """A random ViT config (CLIP, SigLIP, InternViT, ...): width 32, MLP 64, 4 heads, ``layers`` layers."""
+    return config_cls(
+        image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, **extra,
+    )  # fmt: skip
+
+
+def standin_vision(
+    tile_size: int, vision_tower: Any = None, load: Callable[[int], Any] | None = None
+) -> tuple[Any, Any, int, list[float], list[float]]:
+    """The DINOv2 stand-in tower at ``tile_size`` px: ``(tower, its config, patch size, image mean, image std)``.
+
+    ``vision_tower`` is reused when given, else ``load(tile_size)`` builds it (default:
+    :func:`~globalcom2.demo.encoder.load_standin_vision_tower`).
+    """
+    from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD, load_standin_vision_tower
+
+    if vision_tower is None:
+        vision_tower = (load or load_standin_vision_tower)(tile_size)
+    config = vision_tower.config
+    patch = config.patch_size
+    patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    return vision_tower, config, patch_size, list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+
+
+def save_random_checkpoint(
+    out_dir: str | Path, model_cls: Any, config: Any, processor: Any, *, seed: int, vision_tower: Any = None
+) -> Path:
+    """Build ``model_cls(config)`` with random weights under ``seed`` (the vision tower's weights copied from
+    ``vision_tower`` when given), then write it and ``processor`` to ``out_dir`` with ``save_pretrained``."""
+    import torch
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if vision_tower is not None:
+        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
