@@ -119,7 +119,9 @@ def test_reference_mode_through_the_model_matches_plain(tiny, ratio, score):
                 assert np.array_equal(plan.crops_mask.numpy(), c_mask), where
                 seq = plain_sequence(t_order, c_mask, grid, plan.valid_box, g, "reference")
                 assert plan.num_tokens == len(seq), where
-                torch.testing.assert_close(packed[k], packed_full[k][seq], msg=where)
+                # HF's own packed sequence, with the image_newline row appended that the official order points at
+                full = torch.cat([packed_full[k], model.model.image_newline[None].to(packed_full[k])])
+                torch.testing.assert_close(packed[k], full[seq], msg=where)
             gc.remove()
 
 
