@@ -20,8 +20,9 @@ import globalcom2.adapters.llava_next as llava_next
 from globalcom2.adapters.anyres import AnyresGeometry, plan_anyres, valid_box
 from globalcom2.config import GlobalComConfig
 from globalcom2.core.layout import grid_to_tiles
+from globalcom2.core.ranking import descending_rank
 from globalcom2.core.resize import bilinear_resize
-from globalcom2.core.select import descending_rank, holistic_scores
+from globalcom2.core.select import holistic_scores
 from tests.conftest import PROMPT, random_image
 
 SIZES = [(100, 180), (180, 100), (150, 150), (40, 200), (300, 310), (61, 183)]

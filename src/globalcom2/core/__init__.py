@@ -8,18 +8,10 @@ from .allocation import ALLOCATIONS, allocate_ratios, crop_richness
 from .budget import budget_counts, split_budget
 from .layout import CropLayout, grid_to_tiles, thumbnail_region_map, tiles_to_grid
 from .plan import Plan
+from .ranking import descending_rank, top_indices, topk_mask
 from .resize import bilinear_resize
 from .scores import SCORE_KINDS, cls_attention_scores, cosine_scores
-from .select import (
-    MODES,
-    SCORINGS,
-    Selection,
-    descending_rank,
-    holistic_scores,
-    select_tokens,
-    top_indices,
-    topk_mask,
-)
+from .select import MODES, SCORINGS, Selection, holistic_scores, select_tokens
 
 __all__ = [
     "ALLOCATIONS",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .budget import budget_counts
+from .ranking import top_indices
+
 ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
@@ -71,8 +74,8 @@ def allocate_ratios(
         richness = crop_richness(s, region_map, num_crops, allocation.split("-")[1])
         return ratios_from_sigma(softmax_sigma(richness, tau), ratio)
     if allocation == "topk-count":
-        k = int(s.numel() * ratio)
-        order = torch.sort(s, descending=True, stable=True).indices[:k]
+        k, _ = budget_counts(s.numel(), 0, ratio)
+        order = top_indices(s, k)
         counts = torch.zeros(num_crops, device=s.device).index_add_(
             0, region_map.reshape(-1).to(s.device)[order], torch.ones(k, device=s.device)
         )

@@ -8,7 +8,7 @@ N_j valid tokens each:
 
 (``int(R * (h*w))``, the integer sum first: ``R * h * w`` rounds differently, e.g. 0.57 * 62 * 150 -> 5300 but
 0.57 * 9300 -> 5301). K is split over crops by the adaptive weights r_j * N_j (:func:`split_budget`). Every family
-adds its own layout tokens (LLaVA's newline per row) on top; every processor patch, plan, baseline and the vLLM
+adds its own layout tokens (e.g. a newline per row) on top; every processor patch, plan, baseline and the vLLM
 plugin call :func:`budget_counts` for the two numbers above.
 """
 

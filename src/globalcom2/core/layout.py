@@ -1,8 +1,7 @@
 """Crops as rows of a table: the one data layout the selection of paper Eq. 2-6 works on.
 
-Every supported family hands the LLM its crop tokens as a 2-D token grid cut into ``rows x cols`` rectangular crop
-blocks (LLaVA-NeXT: the unpadded patch grid; LLaVA-OneVision: that grid, possibly down-sampled; InternVL: the
-pixel-shuffled grid). A :class:`CropLayout` maps that grid to an ``(n, M)`` table, one row per crop in row-major
+A tiled model hands its LLM the crop tokens as a 2-D token grid cut into ``rows x cols`` rectangular crop blocks
+(for example the unpadded part of a padded patch grid, that grid down-sampled, or a grid of merged patches). A :class:`CropLayout` maps that grid to an ``(n, M)`` table, one row per crop in row-major
 crop order and the crop's tokens in raster order inside its block (unused table cells are invalid). The position of
 a token in its row is its index in the crop's valid-token list, the index the official code uses.
 

@@ -21,8 +21,8 @@ class Plan:
     Attributes:
         grid: ``(rows, cols)`` of local crops (``(0, 0)`` for an image encoded as a single tile).
         thumbnail_mask: Bool ``(g, g)``; True = kept thumbnail (global view) token.
-        crops_mask: Bool ``(rows*g, cols*g)``: the crops drawn in image layout on their padded patch grid
-            (LLaVA) or merged-token grid (InternVL); padded cells are False.
+        crops_mask: Bool ``(rows*g, cols*g)``: the crops drawn in image layout on the family's per-tile grid
+            (patches, or merged tokens where the family merges them); padded cells are False.
         crop_ratios: ``(rows*cols,)`` retention ratio r_j per crop, row-major (paper Eq. 4).
         num_tokens: image tokens handed to the LLM, layout tokens (newlines) included.
         num_tokens_full: the same count without compression.
@@ -32,7 +32,7 @@ class Plan:
         mode: ``"budget"`` or ``"reference"``.
         thumbnail_order: kept thumbnail token indices (flattened ``g*g``) in the order they are emitted.
         token_mask: family extra: Bool ``(H, W)`` kept crop tokens on the grid the LLM receives, when that grid
-            is not ``crops_mask``'s (LLaVA-OneVision down-samples large crop grids); None otherwise.
+            is not ``crops_mask``'s (a family that down-samples large crop grids); None otherwise.
         token_grid: family extra: ``(H, W)`` of ``token_mask``; None otherwise.
     """
 

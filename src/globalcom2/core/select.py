@@ -5,10 +5,11 @@ rows of a table (:class:`~globalcom2.core.layout.CropLayout`), which table cells
 sub-map of every crop (Eq. 5) and which crop every thumbnail token lies over (Eq. 2). Output: which tokens are kept,
 the per-crop ratios r_j and counts. Where the kept tokens go in the LLM's sequence is the family's business.
 
-**Tie rule.** Among equal scores the token earlier in raster order wins: the thumbnail's raster order, and inside a
-crop that crop's raster order (its row of the table). Every top-k here, and so every family, mode, baseline and the
-vLLM plugin, ranks with :func:`descending_rank`, a stable sort. The official code calls ``torch.topk``, whose order
-among exactly equal scores depends on the device and kernel; reference mode follows this rule instead.
+**Tie rule** (:mod:`globalcom2.core.ranking`). Among equal scores the token earlier in raster order wins: the
+thumbnail's raster order, and inside a crop that crop's raster order (its row of the table). Every top-k here, and so
+every family, mode, baseline and the vLLM plugin, ranks with that module's stable sort. The official code calls
+``torch.topk``, whose order among exactly equal scores depends on the device and kernel; reference mode follows this
+rule instead.
 """
 
 from __future__ import annotations
@@ -19,27 +20,10 @@ import torch
 
 from .allocation import allocate_ratios
 from .budget import budget_counts, split_budget
+from .ranking import top_indices, topk_mask
 
 SCORINGS = ("holistic", "local", "global")
 MODES = ("budget", "reference")
-
-
-def descending_rank(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along the last dim, highest first; equal scores rank in index order (the tie rule)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    ar = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ar)
-
-
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest entries of a 1-D tensor, highest first, ties in index order (the tie rule)."""
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def topk_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of the ``k[j]`` highest scores of every row ``j`` (paper Eq. 6), ties by the tie rule."""
-    keep = descending_rank(scores) < k.reshape(-1, *([1] * (scores.dim() - 1)))
-    return keep if valid is None else keep & valid
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ import torch
 from ..adapters.base import GlobalComHandle
 from ..adapters.llava_next import LlavaNextAdapter
 from ..core.plan import Plan
-from ..core.select import topk_mask
+from ..core.ranking import topk_mask
 from .layout import NEWLINE, ImageTokenLayout, image_token_layout, plan_from_keep, single_tile_layout
 from .vision import image_sizes_list
 
