@@ -202,3 +202,28 @@ def test_tie_rule_keeps_the_first_tokens_in_raster_order(fam, mode):
         k = int(plan.crop_keep_counts[j])
         assert k == int(kept.sum()) and 0 < k < int(valid.sum()), (j, k)
         assert torch.equal(kept, _first_in_raster(kept, valid, k)), j
+
+
+def test_tie_rule_in_the_fastervlm_baseline(fam):
+    """The baselines rank with the same rule: FasterVLM (per-tile top-k) keeps the first k tokens of each tile."""
+    from globalcom2.methods import apply_method
+
+    family, model, processor = fam
+    if family.name != "llava_next":
+        pytest.skip("the vision baselines are written for LLaVA-NeXT")
+    make_scores_tie(model)
+    image = family.images()[0].resize((family.tie_size[1], family.tie_size[0]))
+    with apply_method(model, processor, "fastervlm", ratio=0.25) as handle:
+        greedy(model, inputs_for(family, processor, [image]), new_tokens=1)
+        plan = handle.plans[0]
+    g = plan.thumbnail_mask.shape[0]
+    assert plan.thumbnail_order.tolist() == list(range(int(g * g * 0.25)))
+    rows, cols = plan.grid
+    top, bottom, left, right = plan.valid_box
+    valid = torch.zeros_like(plan.crops_mask)
+    valid[top:bottom, left:right] = True
+    for j in range(rows * cols):
+        r, c = divmod(j, cols)
+        block = (slice(r * g, (r + 1) * g), slice(c * g, (c + 1) * g))
+        kept = plan.crops_mask[block]
+        assert torch.equal(kept, _first_in_raster(kept, valid[block], int(kept.sum()))), j
