@@ -25,19 +25,7 @@ def default_prompt(processor: Any, question: str) -> str:
 def plan_for_image(model: Any, processor: Any, image: Image.Image, **options: Any) -> Plan:
     """Run the vision side only (tower + GlobalCom² selection) and return the image's `Plan`."""
     with apply(model, processor, **options) as handle:
-        adapter = getattr(handle, "adapter", None)
-        planner = getattr(adapter, "plan_for_image", None)  # families whose model needs more than pixels
-        if planner is not None:
-            return planner(handle, image)
-        inputs = processor.image_processor(images=[image], return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(model.device, model.dtype)
-        model.model.get_image_features(pixel_values, inputs["image_sizes"].to(model.device))
-        return handle.plans[0]
-
-
-def best_resolution(plan: Plan, tile_size: int) -> tuple[int, int]:
-    rows, cols = plan.grid
-    return rows * tile_size, cols * tile_size
+        return handle.adapter.plan_for_image(handle, image)
 
 
 def render_plan(image: Image.Image, plan: Plan, model: Any, title: str, out_path: str | Path | None = None):
@@ -45,17 +33,5 @@ def render_plan(image: Image.Image, plan: Plan, model: Any, title: str, out_path
     from .adapters import adapter_for
     from .viz.overlay import render_overlay
 
-    geometry = getattr(adapter_for(model), "overlay_geometry", None)  # e.g. InternVL stretches, never pads
-    if geometry is not None:
-        image, tile, best = geometry(model, image, plan)
-    else:
-        tile = int(model.config.vision_config.image_size)
-        best = best_resolution(plan, tile)
-    return render_overlay(
-        image,
-        plan,
-        tile_size=tile,
-        best_resolution=best,
-        title=title,
-        out_path=out_path,
-    )
+    image, tile, best = adapter_for(model).overlay_geometry(model, image, plan)
+    return render_overlay(image, plan, tile_size=tile, best_resolution=best, title=title, out_path=out_path)

@@ -299,3 +299,13 @@ class FamilyAdapter:
     def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Any:
         """Run the vision side only for one image and return its `Plan`."""
         raise NotImplementedError
+
+    @staticmethod
+    def overlay_geometry(model: Any, image: Any, plan: Any) -> tuple[Any, int, tuple[int, int]]:
+        """(image as the crops see it, tile size in pixels, crop canvas size) for the overlay of a plan.
+
+        Default: the image is fitted into a ``rows x cols`` grid of square tiles (the overlay pads it as anyres does).
+        """
+        tile = int(model.config.vision_config.image_size)
+        rows, cols = plan.grid
+        return image, tile, (rows * tile, cols * tile)
