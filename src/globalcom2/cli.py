@@ -1,17 +1,38 @@
 """`globalcom2` command line: demo, ask, visualize (and the subcommands other modules register).
 
-Errors print one line (``globalcom2: error: ...``) and exit with status 2; ``--debug`` shows the traceback.
+Errors print one line (``globalcom2: error: ...``) and exit with status 2 (usage errors, unreadable inputs, missing
+optional dependencies: the line names the pip command); a bug prints ``globalcom2: internal error: ...`` and exits
+with status 1. ``--debug`` (before or after the subcommand) also shows the traceback; the exit status is the same.
+With ``--json`` the standard output holds the JSON and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
-from .cli_common import CLIError, add_method_options, method_options, parse_ratio, parse_ratios
+from .cli_common import (
+    CLIError,
+    CLIParser,
+    add_method_options,
+    json_only_stdout,
+    method_options,
+    parse_ratio,
+    parse_ratios,
+)
+from .extras import missing_dependency
 from .loading import FAMILIES, ModelLoadError, load_model_and_processor
+
+#: What ``ask --model standin`` says before it answers (stderr, and ``note`` in the JSON).
+STANDIN_NOTE = (
+    "note: --model standin pairs a real DINOv2 vision tower with a tiny RANDOM LLM, so its answer is "
+    "meaningless; the token counts and the kept tokens are real"
+)
 
 __all__ = ["CLIError", "add_method_options", "build_parser", "load_image", "load_model", "main", "method_options",
            "to_rgb"]  # fmt: skip
@@ -97,14 +118,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="LLaVA-NeXT / OneVision / InternVL checkpoint path or hub id, or 'standin'",
+        help="LLaVA-NeXT / OneVision / InternVL checkpoint path or hub id, or 'standin' (offline DINOv2 "
+        "stand-in vision tower with a tiny random LLM)",
     )
     p.add_argument(
         "--family", choices=FAMILIES, default="llava_next", help="stand-in geometry for --model standin"
     )
     p.add_argument("--image", required=True, help="image file, or photo:NAME for a shipped photo")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="model dtype; auto keeps the checkpoint's")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
 
 
 # -- subcommands ------------------------------------------------------------------------------------------
@@ -124,6 +147,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: symbol -> the byte it stands for."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in shown]  # drawn as chr(256), chr(257), ...
+    table = {chr(b): b for b in shown}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def readable_answer(tokenizer, ids: list[int]) -> tuple[str, bool]:
+    """Generated token ids as readable text: ``(text, clean)``.
+
+    ``clean`` is False when the tokens are not valid UTF-8 text (a random LLM emits stray bytes): then bytes that
+    do not decode are shown as ``\\xNN`` (byte-level BPE tokenizers) instead of a row of U+FFFD replacement
+    characters. Unprintable characters other than newlines and tabs are always shown as escapes.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    clean = "\ufffd" not in text
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not clean and backend is not None and type(backend.decoder).__name__ == "ByteLevel":
+        special = set(tokenizer.all_special_ids)
+        table = _byte_level_decoder()
+        tokens = tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+        if all(isinstance(t, str) and all(ch in table for ch in t) for t in tokens):
+            text = bytes(table[ch] for t in tokens for ch in t).decode("utf-8", errors="backslashreplace")
+    text = text.strip()
+    shown = "".join(
+        ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    return shown, clean and shown == text
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     import torch
 
@@ -131,11 +187,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     from .workflows import default_prompt
 
+    standin = str(args.model) == "standin"
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
+    if standin:
+        print(STANDIN_NOTE, file=sys.stderr, flush=True)
     prompt = default_prompt(processor, args.question)
     full = processor(images=[image], text=[prompt], return_tensors="pt")
     num_full = int((full["input_ids"] == model.config.image_token_id).sum())
+    prompt_full = int(full["input_ids"].shape[1])
     with globalcom2.apply(model, processor, ratio=args.ratio, **method_options(args)) as handle:
         inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
         if "pixel_values" in inputs:
@@ -143,19 +203,37 @@ def cmd_ask(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         plan = handle.plans[0]
-    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    new_ids = [int(i) for i in out[0, inputs["input_ids"].shape[1] :].tolist()]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    shown, clean = readable_answer(tokenizer, new_ids)
+    # the prompt the LLM reads (reference mode shrinks the processor's prompt inside generate)
+    prompt_kept = prompt_full - num_full + plan.num_tokens
+    counts = (
+        f"image tokens {num_full} -> {plan.num_tokens} kept ({plan.num_tokens / max(num_full, 1):.1%}), "
+        f"prompt tokens {prompt_full} -> {prompt_kept}, R = {args.ratio:g}, mode {args.mode}"
+    )
     result = {
         "answer": answer,
+        "answer_readable": shown,
+        "answer_is_text": clean,
+        "answer_token_ids": new_ids,
         "image_tokens_full": num_full,
         "image_tokens": plan.num_tokens,
+        "prompt_tokens_full": prompt_full,
+        "prompt_tokens": prompt_kept,
+        "ratio": args.ratio,
+        **({"note": STANDIN_NOTE.removeprefix("note: ")} if standin else {}),
         **plan.summary(),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(answer)
-        print(f"[image tokens: {plan.num_tokens} of {num_full} ({plan.num_tokens / num_full:.1%}), "
-              f"ratio R={args.ratio}, mode={args.mode}]", file=sys.stderr)  # fmt: skip
+        print(shown)
+        if not clean:
+            print(f"(the {len(new_ids)} generated tokens are not valid text: undecodable bytes shown as \\xNN)",
+                  file=sys.stderr)  # fmt: skip
+        print(counts, file=sys.stderr)
     return 0
 
 
@@ -173,7 +251,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
     ratios = args.ratios or (args.ratio,)
-    panels, plans = [], []
+    panels: list[tuple[str | None, Any]] = []
+    plans = []
     for ratio in ratios:
         plan = plan_for_image(model, processor, image, ratio=ratio, **method_options(args))
         title = f"{Path(args.image).name} ({image.width}x{image.height}), R = {ratio:.0%}, {args.mode}"
@@ -196,38 +275,67 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEBUG_HELP = "on an error, also print the traceback (same exit status); before or after the command"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="globalcom2", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = CLIParser(prog="globalcom2", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"globalcom2 {_version()}",
+                        help="print the version and exit")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="run 'globalcom2 COMMAND --help' for its options")  # fmt: skip
 
     p = sub.add_parser(
-        "demo", help="offline demo: real photos, real DINOv2 stand-in encoder, tiny LLaVA-NeXT"
+        "demo",
+        help="offline demo: real photos, real DINOv2 stand-in encoder, tiny LLaVA-NeXT",
+        description="Offline demo: real photos, a real DINOv2 stand-in vision tower and a tiny random LLM; "
+        "writes overlays, summary.json and report.md.",
     )
-    p.add_argument("--out", default="globalcom2_demo_out")
-    p.add_argument("--photos", default="astronaut,coffee,chelsea,rocket,china,grace_hopper")
-    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--out", default="globalcom2_demo_out", help="output folder")
+    p.add_argument("--photos", default="astronaut,coffee,chelsea,rocket,china,grace_hopper",
+                   help="comma-separated shipped photos")  # fmt: skip
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
+                   help="comma-separated retention ratios R in (0, 1]")  # fmt: skip
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (interleaved across settings)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the JSON summary (and nothing else) on stdout")
     p.add_argument("--family", choices=FAMILIES, default="llava_next", help="stand-in model geometry")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ask", help="answer a question about an image with a compressed LLaVA-NeXT checkpoint")
+    p = sub.add_parser(
+        "ask",
+        help="answer a question about an image with a compressed LLaVA-NeXT checkpoint",
+        description="Answer a question about an image with GlobalCom² applied; prints the answer on stdout and the "
+        "token counts on stderr.",
+    )
     _add_model_args(p)
-    p.add_argument("--ratio", type=parse_ratio, required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("question")
+    p.add_argument("--ratio", type=parse_ratio, required=True, help="retention ratio R in (0, 1]")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--json", action="store_true",
+                   help="print the answer, token counts and plan as JSON (and nothing else) on stdout")  # fmt: skip
+    p.add_argument("question", help="the question about the image")
     add_method_options(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("visualize", help="Figure-7-style overlay of the kept tokens")
+    p = sub.add_parser(
+        "visualize",
+        help="Figure-7-style overlay of the kept tokens",
+        description="Figure-7-style overlay of the kept tokens (kept in colour, discarded greyed, crop borders, "
+        "r_j per crop), one panel per ratio or method.",
+    )
     _add_model_args(p)
-    p.add_argument("--ratio", type=parse_ratio, default=0.25)
-    p.add_argument("--ratios", type=parse_ratios, default=None, help="several ratios, e.g. 0.5,0.25,0.1")
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--ratio", type=parse_ratio, default=0.25, help="retention ratio R in (0, 1]")
+    p.add_argument("--ratios", type=parse_ratios, default=None,
+                   help="several ratios, e.g. 0.5,0.25,0.1 (one panel each; replaces --ratio)")  # fmt: skip
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON (and nothing else) on stdout")
     p.add_argument(
         "--methods",
         default=None,
@@ -239,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
+    for command in sub.choices.values():  # --debug is accepted after the subcommand too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
@@ -256,27 +366,63 @@ def _extra_commands() -> list:
     return found
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _missing_module(err: BaseException) -> BaseException | None:
+    """The ``ModuleNotFoundError`` behind ``err`` (``err`` itself or its explicit causes), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ModuleNotFoundError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
+def error_line(err: BaseException) -> tuple[str, int]:
+    """The one line printed for ``err`` and the exit status: 2 for usage errors, bad inputs and missing optional
+    dependencies (the line names the pip command), 1 for a bug."""
+    not_found = _missing_module(err)
+    if not_found is not None:
+        missing = missing_dependency(not_found)
+        if missing is not None:
+            return f"globalcom2: error: {_first_line(missing)}", 2
+        name = getattr(not_found, "name", None) or ""
+        if name and not name.startswith("globalcom2"):
+            return (f"globalcom2: error: Python module {name!r} is not installed (a dependency of a dependency; "
+                    f"rerun with --debug to see which import needs it)", 2)  # fmt: skip
+    if isinstance(err, (CLIError, ValueError, TypeError, OSError, RuntimeError)):
+        return f"globalcom2: error: {_first_line(err)}", 2
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"globalcom2: internal error: {type(err).__name__}: {first}", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    # ``--json`` (a flag here; ``bench --json FILE`` names a file) keeps stdout for the JSON alone
+    guard = json_only_stdout() if getattr(args, "json", None) is True else nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with guard:
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("globalcom2: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as err:
-        if args.debug:
-            raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"globalcom2: error: {message}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a bug, not a usage error: still one line, the traceback behind --debug
-        if args.debug:
-            raise
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"globalcom2: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    except Exception as err:
+        import traceback
+
+        line, status = error_line(err)
+        if debug:
+            traceback.print_exc()
+        elif status == 1:
+            line += " (rerun with --debug for the traceback)"
+        print(line, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

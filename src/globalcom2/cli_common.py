@@ -1,4 +1,5 @@
-"""What every ``globalcom2`` subcommand shares: the user-facing error class and the option parsers.
+"""What every ``globalcom2`` subcommand shares: the user-facing error class, the argument parser and help
+formatter, the option parsers, and the guard that keeps ``--json`` output pure.
 
 :mod:`globalcom2.cli` and the subcommands registered beside their features (:mod:`globalcom2.bench.cli`,
 :mod:`globalcom2.evaluation.cli`) import it; it imports none of them, so there is no import cycle, and
@@ -8,15 +9,109 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 from .config import ALLOCATIONS, IMPORTANCES, MODES, SCORE_KINDS, SCORINGS
 
-__all__ = ["CLIError", "add_method_options", "method_options", "parse_ratio", "parse_ratios"]
+__all__ = ["CLIError", "CLIParser", "HelpFormatter", "add_method_options", "json_only_stdout", "method_options",
+           "parse_ratio", "parse_ratios"]  # fmt: skip
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default after its help, as ``(default: ...)``.
+
+    Left out where it says nothing: flags (off unless given), required options, ``None`` defaults (their help says
+    what happens instead) and help that already names its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or action.required
+            or default is None
+            or isinstance(default, bool)
+            or default is argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        if isinstance(default, (tuple, list)):
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class CLIParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, with a pointer to ``--help``, exit 2.
+
+    ``globalcom2: error: argument --ratio: ratio must be in (0, 1], got 1.5 (see globalcom2 ask --help)``.
+    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's class).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # blame the subcommand that was given, so the hint points at its --help
+            target: argparse.ArgumentParser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    target = action.choices.get(getattr(parsed, action.dest, None) or "", self)
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        first = " ".join(message.split())  # argparse messages are one line, but never print two
+        self.exit(2, f"globalcom2: error: {first} (see {self.prog} --help)\n")
+
+
+@contextmanager
+def json_only_stdout() -> Iterator[None]:
+    """Keep the process's standard output for the JSON a command prints with ``print`` / ``sys.stdout``.
+
+    While active, file descriptor 1 points at stderr, so that anything written to it underneath Python (native
+    progress bars and messages of Rust / C libraries) lands on stderr; ``sys.stdout`` is a new stream on the real
+    standard output. Python-level progress bars, notes and warnings already go to stderr. Where ``sys.stdout`` or
+    ``sys.stderr`` is not a real file (captured in tests), nothing is changed.
+    """
+    try:
+        out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both OSError and ValueError
+        out_fd = err_fd = -1
+    if out_fd < 0 or out_fd == err_fd:
+        yield
+        return
+    original = sys.stdout
+    original.flush()
+    saved = os.dup(out_fd)
+    try:
+        os.dup2(err_fd, out_fd)
+        stream = open(
+            saved, "w", encoding=original.encoding or "utf-8", errors=original.errors, closefd=False
+        )
+        sys.stdout = stream
+        try:
+            yield
+        finally:
+            stream.flush()
+            sys.stdout = original
+            stream.close()
+            sys.stderr.flush()
+            os.dup2(saved, out_fd)
+    finally:
+        os.close(saved)
 
 
 def parse_ratio(text: str) -> float:
@@ -32,18 +127,32 @@ def parse_ratio(text: str) -> float:
 
 def parse_ratios(text: str) -> tuple[float, ...]:
     """argparse type: comma-separated retention ratios, e.g. ``0.5,0.25,0.1``."""
-    return tuple(parse_ratio(t) for t in text.split(",") if t.strip())
+    ratios = tuple(parse_ratio(t) for t in text.split(",") if t.strip())
+    if not ratios:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ratios in (0, 1], e.g. 0.5,0.25,0.1; got {text!r}"
+        )
+    return ratios
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
     """The GlobalCom² options shared by every subcommand that compresses."""
-    p.add_argument("--mode", choices=MODES, default="budget")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="softmax-sum")
-    p.add_argument("--scoring", choices=SCORINGS, default="holistic")
-    p.add_argument("--score", choices=SCORE_KINDS, default="logits")
-    p.add_argument("--importance", choices=IMPORTANCES, default="auto")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--tau", type=float, default=10.0)
+    p.add_argument("--mode", choices=MODES, default="budget",
+                   help="budget: the token count is known before the forward (generate, pipelines, vLLM); "
+                   "reference: the official implementation's per-crop counts and token order")  # fmt: skip
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="softmax-sum",
+                   help="how the crops' retention ratios r_j are set (paper Table 2)")  # fmt: skip
+    p.add_argument("--scoring", choices=SCORINGS, default="holistic",
+                   help="token score inside a crop: own [CLS] score, thumbnail score, or both (paper Table 3)")  # fmt: skip
+    p.add_argument("--score", choices=SCORE_KINDS, default="logits",
+                   help="[CLS] attention before softmax (official code) or after it (paper Eq. 1)")  # fmt: skip
+    p.add_argument("--importance", choices=IMPORTANCES, default="auto",
+                   help="token importance: [CLS] attention, or minus the cosine to the tile mean (Eq. 7); "
+                   "auto = cls when the vision tower has a [CLS] token")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the global (thumbnail) score in the holistic score (Eq. 5)")  # fmt: skip
+    p.add_argument("--tau", type=float, default=10.0,
+                   help="softmax temperature of the crop allocation (Eq. 3)")  # fmt: skip
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:

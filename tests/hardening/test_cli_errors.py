@@ -104,8 +104,12 @@ def test_unexpected_errors_are_one_line_unless_debug(tiny_clip_dir, photo_png, c
         err.strip()
         == "globalcom2: internal error: KeyError: 'weights' (rerun with --debug for the traceback)"
     )
-    with pytest.raises(KeyError):
-        cli.main(["--debug", *argv])
+    # --debug shows the traceback and keeps the exit status (before or after the subcommand)
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        assert cli.main(debug_argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "KeyError: 'weights'" in err
+        assert err.strip().splitlines()[-1] == "globalcom2: internal error: KeyError: 'weights'"
 
 
 def test_unwritable_output_is_one_line(tiny_clip_dir, photo_png, tmp_path, capsys):

@@ -290,3 +290,24 @@ def test_render_grid_stitches_panels(tmp_path) -> None:
     assert grid.size[1] >= max(p.size[1] for _, p in panels)
     one_col = render_grid(panels, None, ncols=1)
     assert one_col.size[1] >= sum(p.size[1] for _, p in panels)
+
+
+def test_render_grid_shows_each_title_once() -> None:
+    """A caption the panel's own title already states is left out; a caption-less row takes no space."""
+    image = _photo("astronaut")
+    best = _best_resolution(image)
+    plan = _left_half_plan(image, best)
+    titled = render_overlay(image, plan, tile_size=TILE, best_resolution=best, title="astronaut, R = 50%")
+    untitled = render_overlay(image, plan, tile_size=TILE, best_resolution=best)
+    bare = render_grid([(None, titled), (None, titled)], ncols=1)
+    # the CLI's old call: caption "R = 50%" under a title that says "R = 50%"
+    assert render_grid([("R = 50%", titled), ("R = 50%", titled)], ncols=1).size == bare.size
+    assert np.array_equal(np.asarray(render_grid([("R = 50%", titled)], ncols=1)),
+                          np.asarray(render_grid([(None, titled)], ncols=1)))  # fmt: skip
+    # a caption that adds something is drawn, once per row
+    assert render_grid([("other", titled), ("other", titled)], ncols=1).size[1] == bare.size[1] + 2 * 34
+    assert (
+        render_grid([("R = 50%", untitled)], ncols=1).size[1]
+        == render_grid([(None, untitled)], ncols=1).size[1] + 34
+    )
+    assert bare.size[1] == 2 * 16 + 2 * titled.size[1] + 24  # margins, two panels, one gap: no caption rows

@@ -57,7 +57,8 @@ def register(subparsers: Any) -> None:
         "--from-json", metavar="FILE", help="re-render tables, --plot and --md from a saved --json result"
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="auto: float32 on CPU, float16 on CUDA")  # fmt: skip
     p.add_argument("--vision-layers", type=_positive, default=None, help="CLIP tower depth (default 24)")
     p.add_argument(
         "--llm-layers", type=_positive, default=None, help="LLM depth (default 1 on CPU, 32 on CUDA)"
@@ -65,19 +66,28 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="HxW of the benchmark image (672x672)"
     )
-    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
-    p.add_argument("--repeats", type=_positive, default=None, help="timed runs per setting (3 CPU, 5 CUDA)")
-    p.add_argument("--batch", type=_positive, default=None, help="throughput batch size")
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
+                   help="comma-separated retention ratios R in (0, 1], each measured against uncompressed")  # fmt: skip
     p.add_argument(
-        "--new-tokens", type=_positive, default=None, help="tokens generated per sample in throughput"
+        "--repeats", type=_positive, default=None, help="timed runs per setting (default 3 on CPU, 5 on CUDA)"
     )
-    p.add_argument("--throughput-repeats", type=_positive, default=None)
-    p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--batch", type=_positive, default=None, help="throughput batch size (default 4)")
+    p.add_argument(
+        "--new-tokens",
+        type=_positive,
+        default=None,
+        help="tokens generated per sample in throughput (default 4)",
+    )
+    p.add_argument("--throughput-repeats", type=_positive, default=None,
+                   help="timed throughput runs per setting (default 1 on CPU, 3 on CUDA)")  # fmt: skip
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument(
         "--text-tokens", type=int, default=64, help="text tokens assumed by the analytic config table"
     )
-    p.add_argument("--json", metavar="FILE", help="write every record (and the analytic tables) as JSON")
+    p.add_argument(
+        "--json", metavar="FILE", help="write every record (and the analytic tables) as JSON to FILE"
+    )
     p.add_argument("--plot", metavar="FILE", help="write a PNG of time and memory vs R")
     p.add_argument("--md", metavar="FILE", help="write a short Markdown summary")
     add_method_options(p)

@@ -11,8 +11,11 @@ from typing import Any
 
 def plot_results(result: dict[str, Any], path: str | Path) -> Path:
     """Write a three-panel PNG: times (median, min-max bars), peak memory, measured vs analytic speed-up."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..extras import optional_imports
+
+    with optional_imports("--plot"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     recs = result["records"]
     x = list(range(len(recs)))

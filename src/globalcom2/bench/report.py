@@ -25,6 +25,35 @@ def analytic(
     }
 
 
+#: Geometry fields the targets' sizes are stated for (CLIP ViT-L/14-336 tiles, a 4096-wide LLM); depths may vary.
+_SIZE_FIELDS = ("tile", "patch", "vision_hidden", "vision_intermediate", "llm_hidden", "llm_intermediate")
+
+
+def targets_na_reason(result: dict[str, Any]) -> str | None:
+    """Why the targets do not apply to ``result``, or None when they do.
+
+    The targets (selection share of the encode, scoring memory, prefill speed-up vs the FLOPs ratio) are stated for
+    real widths: CLIP ViT-L/14-336 tiles and a 4096-wide LLM. At ``--tiny`` sizes (a 32-wide tower, a 64-wide LLM)
+    fixed per-call costs dominate every ratio, so "met" or "NOT met" would say nothing.
+    """
+    from dataclasses import asdict
+
+    from .measure import REAL, TINY
+
+    geometry = result.get("meta", {}).get("settings", {}).get("geometry", {})
+    sizes = {k: geometry.get(k) for k in _SIZE_FIELDS}
+    if sizes == {k: asdict(REAL)[k] for k in _SIZE_FIELDS}:
+        return None
+    if sizes == {k: asdict(TINY)[k] for k in _SIZE_FIELDS}:
+        return "n/a at --tiny sizes"
+    return "n/a at these sizes"
+
+
+def target_verdict(result: dict[str, Any], target: dict[str, Any]) -> str:
+    """``"met"``, ``"NOT met"`` or, where the targets do not apply (:func:`targets_na_reason`), why not."""
+    return targets_na_reason(result) or ("met" if target["met"] else "NOT met")
+
+
 def _pct(r: float) -> str:
     return f"{r:.0%}"
 
@@ -111,9 +140,13 @@ def format_measured(result: dict[str, Any]) -> str:
                 f"{t['samples_per_s']:.3f} samples/s{extra}"
             )
     if result.get("targets"):
-        lines += ["", "Targets"]
+        na = targets_na_reason(result)
+        lines += [
+            "",
+            "Targets" + (f" ({na}: they are stated for CLIP-L/336 tiles and a 4096-wide LLM)" if na else ""),
+        ]
         for t in result["targets"]:
-            lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']:.3f} "
+            lines.append(f"  [{target_verdict(result, t)}] {t['target']}: {t['value']:.3f} "
                          f"(threshold {t['threshold']})")  # fmt: skip
     return "\n".join(lines)
 
@@ -171,9 +204,10 @@ def markdown_report(result: dict[str, Any], *, command: str = "", plot: str = ""
             )
         md.append("")
     if result.get("targets"):
-        md += ["Targets (reported, not asserted):", ""]
+        na = targets_na_reason(result)
+        md += [f"Targets (reported, not asserted{f'; {na}' if na else ''}):", ""]
         for t in result["targets"]:
-            md.append(f"- **{'met' if t['met'] else 'not met'}** — {t['target']}: {t['value']:.3f} "
+            md.append(f"- **{target_verdict(result, t)}** — {t['target']}: {t['value']:.3f} "
                       f"(threshold {t['threshold']})")  # fmt: skip
         md.append("")
     if plot:

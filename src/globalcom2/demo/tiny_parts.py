@@ -1,5 +1,5 @@
 """The pieces every offline tiny-checkpoint builder shares (:mod:`~globalcom2.demo.tiny_model`,
-:mod:`~globalcom2.demo.tiny_families` and the bench's in-memory model): the BPE tokenizer trained on the fly, the
+:mod:`~globalcom2.demo.tiny_families` and the bench's in-memory model): a fixed byte-level BPE tokenizer, the
 tiny LLM and ViT configs, the DINOv2 stand-in tower, and the seeded build-and-save step.
 
 Each builder keeps only what is particular to its family: the vision choices, the multimodal config and the
@@ -12,31 +12,48 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-_CORPUS = [
-    "USER: <image>\nWhat is shown in this image? ASSISTANT: A photo of a cat on a table.",
-    "Describe the picture in detail. There is a person, a rocket, a cup of coffee and a flower.",
-    "How many objects are there? Two. Three. Four. Yes. No. The answer is",
-    "the a an of in on at to is are was were with without left right top bottom red green blue",
-]
+from ..extras import optional_imports
+
+#: The merges of the tiny byte-level BPE, in merge order: what ``tokenizers``' ``BpeTrainer`` (vocab 320, the
+#: byte-level alphabet) learns from a few sentences about photos, frozen here so that building a tokenizer trains
+#: nothing and prints nothing. A family with more special tokens uses a prefix (vocab stays 320).
+_MERGES = (
+    "Ġ a", "r e", "Ġ i", "t h", "Ġ o", "t o", "Ġ T", "Ġ w", "Ġi s", "e r", "e re", "m a", "o w", "Ġ c", "Ġ p",
+    "Ġ th", "Ġa n", "Ġi n", "Ġo f", "ĠT h", "a t", "b l", "c t", "e s", "e t", "g e", "i th", "o u", "r i", "Ġ A",
+    "Ġ to", "Ġa re", "re e", "Ġo n", "Ġw ith", "ma ge", "A N", "D es", "E R", "F ou", "H ow", "I S", "N o", "S S",
+    "S ER", "T AN", "U SER", "W h", "Y es", "a i", "a s", "a bl", "b e", "b j", "b o", "c k", "c ri", "d et", "e e",
+)  # fmt: skip
+_BASE_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_family_tokenizer(specials: Mapping[str, str], vocab_size: int = 320):
-    """Byte-level BPE trained on a few sentences with the family's special tokens as named extra specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A tiny byte-level BPE with the family's special tokens as named extra specials, built from a fixed
+    vocabulary (nothing is trained, nothing is printed; the same ids on every run).
+
+    Ids: ``<unk> <s> </s> <pad>``, then ``specials`` in order, then the 256 byte-level symbols, then merged tokens
+    up to ``vocab_size`` (at most ``4 + len(specials) + 256 + 59``).
+    """
     from transformers import PreTrainedTokenizerFast
 
-    base = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    with optional_imports("the stand-in model's tokenizer"):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    names = [*_BASE_SPECIALS, *specials.values()]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    n_merges = vocab_size - len(names) - len(alphabet)
+    if not 0 <= n_merges <= len(_MERGES):
+        raise ValueError(
+            f"vocab_size must be in [{len(names) + len(alphabet)}, {len(names) + len(alphabet) + len(_MERGES)}] "
+            f"for {len(names)} special tokens, got {vocab_size}"
+        )
+    merges = [(a, b) for a, b in (m.split(" ") for m in _MERGES[:n_merges])]
+    tokens = names + alphabet + ["".join(m) for m in merges]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=base + list(specials.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens(names)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens=dict(specials), padding_side="left",

@@ -32,11 +32,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="globalcom2_eval_out", help="output folder (CSV, Markdown, plots)")
     p.add_argument("--photos", default=None, help="comma-separated shipped photos (default: all)")
-    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1))
+    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
+                   help="comma-separated retention ratios R in (0, 1]")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="one photo, two ablation settings (seconds; for tests)"
     )
     p.add_argument("--no-llm", action="store_true", help="skip FastV and GlobalCom²+FastV (tiny random LLM)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the written files as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--json", action="store_true", help="print the written files as JSON (and nothing else) on stdout"
+    )
     p.set_defaults(func=cmd_eval)

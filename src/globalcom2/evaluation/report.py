@@ -146,8 +146,11 @@ def _allocation_example(summary: dict[str, Any]) -> dict | None:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from ..extras import optional_imports
+
+    with optional_imports("the evaluation plots"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)

@@ -277,7 +277,10 @@ class _NoBar:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from ..extras import optional_imports
+
+    with optional_imports("progress bars (or pass --no-progress)"):
+        from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="globalcom2 eval", unit="step")
 

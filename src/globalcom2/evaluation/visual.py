@@ -2,8 +2,10 @@
 
 Each panel is :func:`globalcom2.viz.overlay.render_overlay` of one method's `Plan` on the same image: discarded
 tokens greyed, crop borders, r_j and kept/N_j per crop. Pooling discards nothing (every cell is averaged into a
-pooled token), so its panel shows no grey cells; its labels give pooled tokens per crop. LLM-side methods (FastV,
-GlobalCom²+FastV) run one prefill with a question, since their choice depends on the prompt.
+pooled token), so its panel shows no grey cells and says "N tokens averaged into M". LLM-side methods (FastV,
+GlobalCom²+FastV) run one prefill with a question, since their choice depends on the prompt; their counts are the
+image tokens that reach the LLM's layers after the pruning layer. The panels and the ``--json`` records state the
+same numbers: both come from :func:`globalcom2.viz.numbers.panel_numbers` (:func:`method_record`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ def method_plan(
         return handle.plans[0]
 
 
+def method_label(method: str, ratio: float, *, random_llm: bool = False) -> str:
+    """A panel's title after the image name: the method, what it does with the tokens where that is not a
+    selection before the LLM, and R."""
+    from ..methods import METHODS
+
+    spec = METHODS[method]
+    notes = []
+    if method == "pooling":
+        notes.append("averaged, nothing discarded")
+    if spec.stage != "vision":
+        notes.append(f"pruned in the LLM at layer {spec.options.get('layer', 2)}")
+        if random_llm:
+            notes.append("random LLM")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"{method}{extra}, R = {ratio:.0%}"
+
+
+def method_record(method: str, ratio: float, plan: Plan) -> dict[str, Any]:
+    """The ``--json`` record of one panel: :func:`globalcom2.viz.numbers.figure_summary` (the panel's numbers)."""
+    from ..methods import METHODS
+    from ..viz.numbers import figure_summary
+
+    return {"method": method, "stage": METHODS[method].stage, "ratio": ratio, **figure_summary(plan)}
+
+
 def _options_for(method: str, gc_options: dict[str, Any]) -> dict[str, Any]:
     from ..methods import METHODS
 
@@ -73,25 +100,20 @@ def visualize_methods(
     The command line (:func:`globalcom2.cli.cmd_visualize`) parses ``methods`` with :func:`parse_methods` and
     loads ``image``, ``model`` and ``processor``; ``gc_options`` are the GlobalCom² options from the command line.
     """
-    from ..methods import METHODS
     from ..viz.overlay import render_grid
     from ..workflows import render_plan
 
     ratios = args.ratios or (args.ratio,)
-    note = " (random LLM)" if args.model == "standin" else ""
     panels, records = [], []
     for ratio in ratios:
         for method in methods:
             plan = method_plan(model, processor, image, method, ratio, question=args.question,
                                **_options_for(method, gc_options))  # fmt: skip
-            stage = METHODS[method].stage
-            extra = (
-                note if stage != "vision" else " (averaged, nothing discarded)" if method == "pooling" else ""
+            title = (
+                f"{Path(args.image).name}: {method_label(method, ratio, random_llm=args.model == 'standin')}"
             )
-            label = f"{method}{extra}, R = {ratio:.0%}"
-            title = f"{Path(args.image).name}: {label}"
-            panels.append((label, render_plan(image, plan, model, title)))
-            records.append({"method": method, "stage": stage, "ratio": ratio, **plan.summary()})
+            panels.append((None, render_plan(image, plan, model, title)))  # the panel's title names it
+            records.append(method_record(method, ratio, plan))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one row per ratio; a single ratio wraps after three panels so each stays readable
@@ -100,7 +122,11 @@ def visualize_methods(
         print(json.dumps({"out": str(out), "plans": records}, indent=2))
     else:
         for r in records:
+            if r["reduction"] == "averaged":
+                crops = f"per crop {r['crop_cells']} tokens averaged into {r['crop_tokens']}"
+            else:
+                crops = f"kept per crop {r['crop_tokens']} of {r['crop_cells']}"
             print(f"{r['method']:<18} R={r['ratio']:.0%}: {r['num_tokens']}/{r['num_tokens_full']} image tokens, "
-                  f"kept per crop {r['crop_keep_counts']} of {r['crop_valid_counts']}")  # fmt: skip
+                  f"{crops}")  # fmt: skip
         print(f"wrote {out}")
     return 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..apply import apply
 from ..config import GlobalComConfig
+from ..extras import MissingDependencyError, install_command, optional_imports
 
 try:
     from lmms_eval.api.instance import Instance
@@ -38,8 +39,9 @@ try:
     from lmms_eval.models.simple.llava_hf import LlavaHf as _HostSimple
     from loguru import logger as eval_logger
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "globalcom2.plugins.lmms_eval needs lmms-eval (>=0.7.3,<0.8): pip install 'globalcom2[lmms-eval]'"
+    raise MissingDependencyError(
+        f"globalcom2.plugins.lmms_eval needs lmms-eval (>=0.7.3,<0.8): {install_command('lmms_eval')}",
+        name="lmms_eval",
     ) from exc
 
 #: ``--model_args`` keys that belong to GlobalCom² (everything else goes to lmms-eval's ``llava_hf``).
@@ -59,7 +61,8 @@ def split_model_args(kwargs: dict[str, Any]) -> tuple[GlobalComConfig, dict[str,
 
 
 def _num_processes() -> int:
-    from accelerate import PartialState
+    with optional_imports("the lmms-eval plugin"):
+        from accelerate import PartialState
 
     return int(PartialState().num_processes)
 

@@ -46,6 +46,7 @@ from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres
 from ..config import GlobalComConfig
 from ..core.plan import Plan
 from ..core.scores import cls_attention_scores, cosine_scores
+from ..extras import MissingDependencyError, install_command
 
 try:
     from vllm.config import VllmConfig
@@ -64,8 +65,8 @@ try:
     from vllm.model_executor.models.vision import is_vit_use_data_parallel
     from vllm.multimodal import MULTIMODAL_REGISTRY
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "globalcom2.plugins.vllm needs vLLM (>=0.32,<0.33): pip install 'globalcom2[vllm]'"
+    raise MissingDependencyError(
+        f"globalcom2.plugins.vllm needs vLLM (>=0.32,<0.33): {install_command('vllm')}", name="vllm"
     ) from exc
 
 from . import VLLM_ARCHITECTURE as ARCHITECTURE

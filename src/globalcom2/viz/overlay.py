@@ -4,7 +4,10 @@ A LLaVA-NeXT "anyres" image is shown the way the vision tower sees it: the thumb
 to ``tile_size x tile_size``) next to the padded crop canvas (the image resized to fit the best resolution,
 aspect ratio kept, centred). Kept tokens keep their original colours; discarded tokens are desaturated and
 lightened, so the photo stays readable while the retained regions stand out. Crop borders are drawn every
-``g`` patch cells and each crop is labelled with its retention ratio ``r_j`` and ``kept/N_j``.
+``g`` patch cells and each crop is labelled with its retention ratio ``r_j`` and ``kept/N_j`` (pooling, which
+averages instead of keeping: ``N_j → pooled tokens``). Every number and word on a panel comes from
+:func:`globalcom2.viz.numbers.panel_text`, the numbers from :func:`~globalcom2.viz.numbers.panel_numbers`, which
+the JSON summaries use too.
 
 Padding is **not shown**: the crop panel is cut to the unpadded area ``Plan.valid_box`` (in patch cells, times
 the patch pixel size), i.e. exactly the cells the model keeps after ``unpad_image``.
@@ -17,6 +20,7 @@ imported lazily (Agg canvas, no pyplot), so ``globalcom2.core`` never needs it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .numbers import _valid_box, panel_numbers, panel_text
+
 if TYPE_CHECKING:
     from globalcom2.core.plan import Plan
 
-__all__ = ["padded_canvas", "render_grid", "render_overlay", "shade_discarded"]
+__all__ = ["TITLE_KEY", "padded_canvas", "render_grid", "render_overlay", "shade_discarded"]
 
 _DPI = 100
 _MAX_WIDTH = 1400
@@ -37,6 +43,8 @@ _GAP = 24
 _HEADER = 30
 _TITLE_LINE = 26
 _BORDER_COLOR = "#ffd21f"
+#: Key of ``Image.info`` under which :func:`render_overlay` records its picture's title.
+TITLE_KEY = "globalcom2_title"
 
 
 # --------------------------------------------------------------------------------------------- pixel helpers
@@ -181,15 +189,6 @@ def _canvas_to_pil(canvas: Any, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(rgba[:height, :width, :3]), mode="RGB")
 
 
-def _valid_box(plan: Plan) -> tuple[int, int, int, int]:
-    rows, cols = plan.grid
-    g = plan.patches_per_side
-    top, bottom, left, right = (int(v) for v in plan.valid_box)
-    if bottom <= top or right <= left:  # not recorded: the whole padded grid
-        return 0, rows * g, 0, cols * g
-    return top, bottom, left, right
-
-
 def _compose(
     image: Image.Image,
     plan: Plan,
@@ -229,19 +228,10 @@ def _compose(
         v_left, v_right = round(vl * px_per_cell_x), round(vr * px_per_cell_x)
         crops = shaded[v_top:v_bottom, v_left:v_right]
 
-    # ---- texts (measured first: the layout must leave room for them)
-    pct = 100.0 * plan.num_tokens / max(plan.num_tokens_full, 1)
-    token_line = f"tokens: {plan.num_tokens}/{plan.num_tokens_full} ({pct:.1f} %)"
-    thumb_head = f"thumbnail: kept {int(thumb_mask.sum())}/{g * g}"
-    crops_head = ""
-    crops_mask = np.zeros((0, 0), dtype=bool)
-    if crops is not None:
-        crops_mask = _to_numpy(plan.crops_mask).astype(bool)
-        # Token counts when the plan has them: on a resampled grid (OneVision) tokens are not patch cells.
-        kept_j, valid_j = _to_numpy(plan.crop_keep_counts), _to_numpy(plan.crop_valid_counts)
-        kept = int(kept_j.sum()) if kept_j.size else int(crops_mask.sum())
-        total = int(valid_j.sum()) if valid_j.size else (vb - vt) * (vr - vl)
-        crops_head = f"crops {rows}x{cols}: kept {kept}/{total}"
+    # ---- texts (measured first: the layout must leave room for them); the same numbers as the JSON summary
+    text = panel_text(panel_numbers(plan))
+    token_line, thumb_head = text.token_line, text.thumbnail_header
+    crops_head = text.crops_header if crops is not None else ""
     title_w = max(_text_width(token_line, 13), _text_width(title, 15, bold=True) if title else 0.0)
 
     # ---- layout (pixels), scaled down uniformly if the natural size exceeds the limits
@@ -296,9 +286,12 @@ def _compose(
     frame(thumb_box, thumb_head)
     if crops_box is not None:
         frame(crops_box, crops_head)
-        _draw_crops(ax, plan, layout, tile_size, crops_mask, patheffects)
+        _draw_crops(ax, plan, layout, tile_size, text.crop_labels, patheffects)
 
-    return _canvas_to_pil(canvas, width, height), layout
+    picture = _canvas_to_pil(canvas, width, height)
+    if title:
+        picture.info[TITLE_KEY] = title  # render_grid leaves out a caption this title already states
+    return picture, layout
 
 
 def _draw_crops(
@@ -306,19 +299,16 @@ def _draw_crops(
     plan: Plan,
     layout: _Layout,
     tile_size: int,
-    crops_mask: np.ndarray,
+    labels: tuple[str, ...],
     patheffects: Any,
 ) -> None:
-    """Crop borders (every ``g`` cells) and per-crop ``r_j`` / ``kept/N_j`` labels on the crop panel."""
+    """Crop borders (every ``g`` cells) and the per-crop ``labels`` (:func:`~globalcom2.viz.numbers.panel_text`)."""
     assert layout.crops_box is not None
     rows, cols = plan.grid
     g = plan.patches_per_side
     top, left, h, w = layout.crops_box
     s = layout.scale
     o_top, o_left = layout.crop_origin
-    ratios = _to_numpy(plan.crop_ratios).astype(float).reshape(-1)
-    kept = _to_numpy(plan.crop_keep_counts).reshape(-1)
-    valid = _to_numpy(plan.crop_valid_counts).reshape(-1)
     vt, vb, vl, vr = _valid_box(plan)
     stroke = [patheffects.withStroke(linewidth=4.5, foreground="black", alpha=0.55)]
 
@@ -357,15 +347,12 @@ def _draw_crops(
         cell_c0, cell_c1 = max(c * g, vl), min((c + 1) * g, vr)
         if cell_r1 <= cell_r0 or cell_c1 <= cell_c0:
             continue  # crop lies entirely in the padding
-        k = int(kept[j]) if j < kept.size else int(crops_mask[r * g : (r + 1) * g, c * g : (c + 1) * g].sum())
-        n = int(valid[j]) if j < valid.size else (cell_r1 - cell_r0) * (cell_c1 - cell_c0)
-        ratio = float(ratios[j]) if j < ratios.size else (k / max(n, 1))
         x = to_x(cell_c0 * tile_size / g) + 6
         y = to_y(cell_r0 * tile_size / g) + 6
         ax.text(
             x,
             y,
-            f"$r_{{{j + 1}}}$ = {ratio:.2f}\n{k}/{n}",
+            labels[j],
             ha="left",
             va="top",
             fontsize=11,
@@ -391,8 +378,9 @@ def render_overlay(
 
     Left panel: the thumbnail (image squashed to ``tile_size x tile_size``). Right panel (multi-crop plans
     only): the LLaVA-NeXT crop canvas cut to the unpadded area, with crop borders and per-crop labels
-    ``r_j = 0.xx`` and ``kept/N_j``. Discarded tokens are greyed (desaturated and lightened); kept tokens keep
-    their colours. Padding is not shown. The suptitle carries ``title`` and the token budget.
+    ``r_j = 0.xxx`` and ``kept k/N_j`` (:func:`~globalcom2.viz.numbers.panel_text`). Discarded tokens are
+    greyed (desaturated and lightened); kept tokens keep their colours. Padding is not shown. The suptitle
+    carries ``title`` and the token budget; the title is also recorded in ``picture.info[TITLE_KEY]``.
 
     Args:
         image: the original photo.
@@ -414,8 +402,16 @@ def render_overlay(
     return picture
 
 
+def _caption(caption: str | None, picture: Image.Image) -> str | None:
+    """The caption to draw above ``picture``: None when the picture's own title already states it."""
+    if not caption:
+        return None
+    title = picture.info.get(TITLE_KEY)
+    return None if isinstance(title, str) and caption in title else caption
+
+
 def render_grid(
-    panels: list[tuple[str, Image.Image]],
+    panels: Sequence[tuple[str | None, Image.Image]],
     out_path: str | Path | None = None,
     ncols: int = 2,
     *,
@@ -424,7 +420,9 @@ def render_grid(
     """Stitch several rendered overlays, each under a caption, into one picture.
 
     Panels are scaled uniformly so that a row fits ``max_width``; each grid cell is as large as the largest
-    (scaled) panel and panels are centred in their cells.
+    (scaled) panel and panels are centred in their cells. A panel is shown once under one title: a caption that is
+    None, empty, or already part of the title :func:`render_overlay` drew on the panel is left out (and a row
+    without captions takes no caption space).
 
     Args:
         panels: ``(caption, picture)`` pairs, laid out row-major.
@@ -439,31 +437,33 @@ def render_grid(
         raise ValueError("render_grid needs at least one panel")
     ncols = max(1, min(ncols, len(panels)))
     nrows = math.ceil(len(panels) / ncols)
+    captions = [_caption(caption, picture) for caption, picture in panels]
     pics = [np.asarray(p.convert("RGB")) for _, p in panels]
     cell_w = max(p.shape[1] for p in pics)
     scale = min(1.0, (max_width - 2 * _MARGIN - (ncols - 1) * _GAP) / (ncols * cell_w))
     pics = [_resize_rgb(p, scale) for p in pics]
     cell_w = max(p.shape[1] for p in pics)
     row_h = [max(p.shape[0] for p in pics[r * ncols : (r + 1) * ncols]) for r in range(nrows)]
-    caption_h = 34
+    cap_h = [34 if any(captions[r * ncols : (r + 1) * ncols]) else 0 for r in range(nrows)]
     width = 2 * _MARGIN + ncols * cell_w + (ncols - 1) * _GAP
-    height = 2 * _MARGIN + nrows * caption_h + sum(row_h) + (nrows - 1) * _GAP
-    row_top = [_MARGIN + r * (caption_h + _GAP) + sum(row_h[:r]) for r in range(nrows)]
+    height = 2 * _MARGIN + sum(cap_h) + sum(row_h) + (nrows - 1) * _GAP
+    row_top = [_MARGIN + r * _GAP + sum(cap_h[:r]) + sum(row_h[:r]) for r in range(nrows)]
 
     fig, canvas, ax = _new_figure(width, height)
-    for i, ((caption, _), pic) in enumerate(zip(panels, pics, strict=True)):
+    for i, (caption, pic) in enumerate(zip(captions, pics, strict=True)):
         r, c = divmod(i, ncols)
         cell_left = _MARGIN + c * (cell_w + _GAP)
-        ax.text(
-            cell_left + cell_w / 2,
-            row_top[r] + caption_h / 2,
-            caption,
-            ha="center",
-            va="center",
-            fontsize=15,
-            fontweight="bold",
-        )
-        _place(fig, pic, row_top[r] + caption_h, cell_left + (cell_w - pic.shape[1]) // 2, height)
+        if caption:
+            ax.text(
+                cell_left + cell_w / 2,
+                row_top[r] + cap_h[r] / 2,
+                caption,
+                ha="center",
+                va="center",
+                fontsize=15,
+                fontweight="bold",
+            )
+        _place(fig, pic, row_top[r] + cap_h[r], cell_left + (cell_w - pic.shape[1]) // 2, height)
     picture = _canvas_to_pil(canvas, width, height)
     if out_path is not None:
         path = Path(out_path)
