@@ -227,3 +227,27 @@ def test_tie_rule_in_the_fastervlm_baseline(fam):
         block = (slice(r * g, (r + 1) * g), slice(c * g, (c + 1) * g))
         kept = plan.crops_mask[block]
         assert torch.equal(kept, _first_in_raster(kept, valid[block], int(kept.sum()))), j
+
+
+def test_error_classes(fam):
+    """The library's errors are its own classes and the builtins users already catch."""
+    family, model, processor = fam
+    images = family.images()[:1]
+    plain_inputs = inputs_for(family, processor, images)  # made before apply: uncompressed placeholder count
+    with pytest.raises(globalcom2.UnsupportedModelError) as err:
+        globalcom2.apply(model, processor.tokenizer, ratio=0.25)
+    assert isinstance(err.value, TypeError)
+    with globalcom2.apply(model, processor, ratio=0.25):
+        with pytest.raises(globalcom2.AlreadyAppliedError) as err:
+            globalcom2.apply(model, processor, ratio=0.5)
+        assert isinstance(err.value, ValueError)
+        if family.name == "internvl":  # inputs without tile grids pass through uncompressed (documented)
+            with pytest.warns(UserWarning, match="no tile grids"), torch.no_grad():
+                model(**plain_inputs)
+        else:
+            with pytest.raises(globalcom2.PlaceholderMismatchError, match="call the processor again") as err:
+                with torch.no_grad():
+                    model(**plain_inputs)
+            assert isinstance(err.value, ValueError)
+    with torch.no_grad():
+        model(**plain_inputs)  # removed: the plain inputs work again
