@@ -19,6 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image  # no
 
 from globalcom2.core.plan import Plan  # noqa: E402
 from globalcom2.viz.overlay import _compose, padded_canvas, render_grid, render_overlay  # noqa: E402
+from tests.core.reference_plain import unpad_box  # noqa: E402
 
 TILE = 336
 PATCH = 14
@@ -40,24 +41,11 @@ def _best_resolution(image: Image.Image, pinpoints: list[list[int]] = PINPOINTS)
     return int(best[0]), int(best[1])
 
 
-def _valid_box(orig_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Unpadded area of the (rows*g, cols*g) grid, same rule as HF ``unpad_image``."""
-    orig_h, orig_w = orig_hw
-    cur_h, cur_w = grid_hw
-    if orig_w / orig_h > cur_w / cur_h:
-        new_h = int(round(orig_h * (cur_w / orig_w), 7))
-        pad = (cur_h - new_h) // 2
-        return pad, cur_h - pad, 0, cur_w
-    new_w = int(round(orig_w * (cur_h / orig_h), 7))
-    pad = (cur_w - new_w) // 2
-    return 0, cur_h, pad, cur_w - pad
-
-
 def _left_half_plan(image: Image.Image, best: tuple[int, int]) -> Plan:
     """Keep the left half of the thumbnail and of every crop (valid cells only)."""
     rows, cols = best[0] // TILE, best[1] // TILE
     gh, gw = rows * G, cols * G
-    box = _valid_box((image.size[1], image.size[0]), (gh, gw))
+    box = unpad_box(image.size[1], image.size[0], gh, gw)
     valid = np.zeros((gh, gw), dtype=bool)
     valid[box[0] : box[1], box[2] : box[3]] = True
     keep = (np.arange(gw) % G < G // 2)[None, :] & valid
@@ -120,7 +108,7 @@ def test_valid_box_rule_matches_hf_unpad() -> None:
         unpadded = unpad_image(index, (image.size[1], image.size[0]))
         first = int(unpadded[0, 0, 0])
         top, left = divmod(first, gw)
-        box = _valid_box((image.size[1], image.size[0]), (gh, gw))
+        box = unpad_box(image.size[1], image.size[0], gh, gw)
         assert box == (top, top + unpadded.shape[1], left, left + unpadded.shape[2])
 
 
