@@ -19,10 +19,11 @@ from typing import Any
 from .cli_common import (
     CLIError,
     CLIParser,
+    add_budget_options,
     add_method_options,
+    budget_options,
     json_only_stdout,
     method_options,
-    parse_ratio,
     parse_ratios,
 )
 from .extras import missing_dependency
@@ -196,7 +197,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     full = processor(images=[image], text=[prompt], return_tensors="pt")
     num_full = int((full["input_ids"] == model.config.image_token_id).sum())
     prompt_full = int(full["input_ids"].shape[1])
-    with globalcom2.apply(model, processor, ratio=args.ratio, **method_options(args)) as handle:
+    with globalcom2.apply(model, processor, **budget_options(args), **method_options(args)) as handle:
         inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -209,9 +210,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     shown, clean = readable_answer(tokenizer, new_ids)
     # the prompt the LLM reads (reference mode shrinks the processor's prompt inside generate)
     prompt_kept = prompt_full - num_full + plan.num_tokens
+    budget = "" if args.max_image_tokens is None else f" (max image tokens {args.max_image_tokens})"
     counts = (
         f"image tokens {num_full} -> {plan.num_tokens} kept ({plan.num_tokens / max(num_full, 1):.1%}), "
-        f"prompt tokens {prompt_full} -> {prompt_kept}, R = {args.ratio:g}, mode {args.mode}"
+        f"prompt tokens {prompt_full} -> {prompt_kept}, R = {plan.ratio:.4g}{budget}, mode {args.mode}"
     )
     result = {
         "answer": answer,
@@ -222,7 +224,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "image_tokens": plan.num_tokens,
         "prompt_tokens_full": prompt_full,
         "prompt_tokens": prompt_kept,
-        "ratio": args.ratio,
+        "ratio": plan.ratio,
+        "max_image_tokens": args.max_image_tokens,
         **({"note": STANDIN_NOTE.removeprefix("note: ")} if standin else {}),
         **plan.summary(),
     }
@@ -241,6 +244,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if getattr(args, "methods", None):  # side-by-side comparison of methods
         from .evaluation.visual import parse_methods, visualize_methods
 
+        if args.max_image_tokens is not None:
+            raise CLIError("--max-image-tokens is not supported with --methods yet; use --ratio/--ratios")
         methods = parse_methods(args.methods)  # unknown names fail before anything loads
         image = load_image(args.image)
         model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
@@ -250,14 +255,22 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
-    ratios = args.ratios or (args.ratio,)
+    budgets = (
+        [{"ratio": None, "max_image_tokens": args.max_image_tokens}]
+        if args.max_image_tokens is not None
+        else [{"ratio": r, "max_image_tokens": None} for r in args.ratios or (args.ratio,)]
+    )
     panels: list[tuple[str | None, Any]] = []
     plans = []
-    for ratio in ratios:
-        plan = plan_for_image(model, processor, image, ratio=ratio, **method_options(args))
-        title = f"{Path(args.image).name} ({image.width}x{image.height}), R = {ratio:.0%}, {args.mode}"
-        panels.append((f"R = {ratio:.0%}", render_plan(image, plan, model, title)))
-        plans.append({"ratio": ratio, **plan.summary()})
+    for budget in budgets:
+        plan = plan_for_image(model, processor, image, **budget, **method_options(args))
+        ratio = float(plan.ratio if plan.ratio is not None else budget["ratio"])
+        label = f"R = {ratio:.0%}"
+        if budget["max_image_tokens"] is not None:
+            label = f"T = {budget['max_image_tokens']} tokens, R = {ratio:.1%}"
+        title = f"{Path(args.image).name} ({image.width}x{image.height}), {label}, {args.mode}"
+        panels.append((label, render_plan(image, plan, model, title)))
+        plans.append({**budget, **plan.summary(), "ratio": ratio})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if len(panels) == 1:
@@ -316,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "token counts on stderr.",
     )
     _add_model_args(p)
-    p.add_argument("--ratio", type=parse_ratio, required=True, help="retention ratio R in (0, 1]")
+    add_budget_options(p, required=True)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--json", action="store_true",
                    help="print the answer, token counts and plan as JSON (and nothing else) on stdout")  # fmt: skip
@@ -331,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         "r_j per crop), one panel per ratio or method.",
     )
     _add_model_args(p)
-    p.add_argument("--ratio", type=parse_ratio, default=0.25, help="retention ratio R in (0, 1]")
-    p.add_argument("--ratios", type=parse_ratios, default=None,
-                   help="several ratios, e.g. 0.5,0.25,0.1 (one panel each; replaces --ratio)")  # fmt: skip
+    budget = add_budget_options(p, ratio_default=0.25)
+    budget.add_argument("--ratios", type=parse_ratios, default=None,
+                        help="several ratios, e.g. 0.5,0.25,0.1 (one panel each; replaces --ratio)")  # fmt: skip
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--json", action="store_true", help="print the plans as JSON (and nothing else) on stdout")
     p.add_argument(

@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 
 from .config import ALLOCATIONS, IMPORTANCES, MODES, SCORE_KINDS, SCORINGS
 
-__all__ = ["CLIError", "CLIParser", "HelpFormatter", "add_method_options", "json_only_stdout", "method_options",
-           "parse_ratio", "parse_ratios"]  # fmt: skip
+__all__ = ["CLIError", "CLIParser", "HelpFormatter", "add_budget_options", "add_method_options", "budget_options",
+           "json_only_stdout", "method_options", "parse_max_image_tokens", "parse_ratio", "parse_ratios"]  # fmt: skip
 
 
 class CLIError(Exception):
@@ -133,6 +133,36 @@ def parse_ratios(text: str) -> tuple[float, ...]:
             f"expected comma-separated ratios in (0, 1], e.g. 0.5,0.25,0.1; got {text!r}"
         )
     return ratios
+
+
+def parse_max_image_tokens(text: str) -> int:
+    """argparse type: a per-image token budget T, a positive int."""
+    try:
+        value = int(text)
+    except ValueError:
+        message = f"max image tokens must be a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"max image tokens must be a positive integer, got {text}")
+    return value
+
+
+def add_budget_options(
+    p: argparse.ArgumentParser, *, required: bool = False, ratio_default: float | None = None
+) -> argparse._MutuallyExclusiveGroup:
+    """``--ratio R`` or ``--max-image-tokens T`` (one of them; returned so a command can add e.g. ``--ratios``)."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--ratio", type=parse_ratio, default=ratio_default, help="retention ratio R in (0, 1]")
+    group.add_argument("--max-image-tokens", type=parse_max_image_tokens, default=None, metavar="T",
+                       help="instead of --ratio: at most T tokens per image reach the LLM (newlines and image "
+                       "markers included), at the largest R that fits; smaller images are left whole")  # fmt: skip
+    return group
+
+
+def budget_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed :func:`add_budget_options` as keyword arguments (``ratio`` is None under ``--max-image-tokens``)."""
+    tokens = getattr(args, "max_image_tokens", None)
+    return {"ratio": None if tokens is not None else args.ratio, "max_image_tokens": tokens}
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:

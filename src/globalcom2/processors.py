@@ -17,6 +17,7 @@ instance's ``video_processor`` is ``None`` (a class attribute of the subclass). 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 #: stock processor class -> its subclass without a video processor (one per class, however often it is built)
@@ -25,6 +26,15 @@ _WITHOUT_VIDEO: dict[type, type] = {}
 
 def _has_video_processor(cls: type) -> bool:
     return "video_processor" in cls.get_attributes()  # type: ignore[attr-defined]
+
+
+def _required_video_position(cls: type) -> int | None:
+    """Position of ``video_processor`` among ``cls.__init__``'s positional arguments when it has no default."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    for i, p in enumerate(params):
+        if p.name == "video_processor" and p.default is inspect.Parameter.empty:
+            return i
+    return None
 
 
 def processor_class_without_video(cls: type) -> type:
@@ -50,6 +60,14 @@ def processor_class_without_video(cls: type) -> type:
         def get_attributes(klass) -> list[str]:
             return [a for a in super().get_attributes() if a != "video_processor"]
 
+        @classmethod
+        def _get_arguments_from_pretrained(klass, *args: Any, **kwargs: Any) -> list:
+            # The sub-processors, passed positionally; a stock class that requires video_processor (SmolVLMProcessor)
+            # gets None in its place.
+            found = super()._get_arguments_from_pretrained(*args, **kwargs)
+            at = _required_video_position(base)
+            return found if at is None or len(found) < at else [*found[:at], None, *found[at:]]
+
     WithoutVideo.__name__ = WithoutVideo.__qualname__ = cls.__name__
     WithoutVideo.__module__ = __name__
     WithoutVideo.__doc__ = (
@@ -63,6 +81,8 @@ def build_processor_without_video(cls: type, **kwargs: Any) -> Any:
     """``cls(**kwargs)`` (image processor, tokenizer, options) with no video processor and no torchvision needed."""
     if kwargs.pop("video_processor", None) is not None:
         raise ValueError("build_processor_without_video: pass no video_processor (or None)")
+    if _required_video_position(cls) is not None:
+        kwargs["video_processor"] = None  # a required argument of the stock __init__ (SmolVLMProcessor)
     return processor_class_without_video(cls)(**kwargs)
 
 

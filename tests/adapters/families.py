@@ -25,6 +25,10 @@ class Family:
     sizes: tuple[tuple[int, int], ...]
     # an image size whose crop grid is not down-sampled (for the tie-rule test)
     tie_size: tuple[int, int]
+    # inputs made before apply() carry no crop grid and pass through uncompressed (InternVL, Idefics3)
+    needs_grids: bool = False
+    # the processor wants one list of images per prompt (SmolVLM reads a flat list as one prompt's images)
+    nested_images: bool = False
 
     def build(self, out_dir: Path) -> Path:
         import importlib
@@ -45,7 +49,11 @@ FAMILIES = (
     Family("llava_onevision", "globalcom2.demo.tiny_families:build_tiny_llava_onevision", "<image>",
            ((84, 140), (150, 170), (140, 250), (46, 108)), (84, 140)),
     Family("internvl", "globalcom2.demo.tiny_families:build_tiny_internvl", "<IMG_CONTEXT>",
-           ((200, 300), (300, 200), (100, 180), (400, 130)), (200, 300)),
+           ((200, 300), (300, 200), (100, 180), (400, 130)), (200, 300), needs_grids=True),
+    Family("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
+           ((120, 200), (200, 90), (150, 150), (60, 190)), (120, 200), needs_grids=True),
+    Family("smolvlm", "globalcom2.demo.tiny_idefics3:build_tiny_smolvlm", "<image>",
+           ((200, 120), (90, 200), (150, 150), (190, 60)), (120, 200), needs_grids=True, nested_images=True),
 )  # fmt: skip
 FAMILY_IDS = [f.name for f in FAMILIES]
 
@@ -57,7 +65,8 @@ def load(path: Path) -> tuple[Any, Any]:
 
 
 def inputs_for(family: Family, processor: Any, images: list) -> dict:
-    return processor(images=images, text=[family.prompt()] * len(images), return_tensors="pt", padding=True)
+    batch = [[image] for image in images] if family.nested_images else images
+    return processor(images=batch, text=[family.prompt()] * len(images), return_tensors="pt", padding=True)
 
 
 def greedy(model: Any, inputs: dict, new_tokens: int = 4) -> torch.Tensor:
@@ -75,7 +84,8 @@ def make_scores_tie(model: Any) -> None:
     embedding's weights and the position embeddings are zeroed and the projector reads the embedding layer
     (``vision_feature_layer = 0``), so every token is the same bias vector and has the same cosine to the mean.
     """
-    tower = model.model.vision_tower
+    inner = model.model
+    tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model  # Idefics3: vision_model
     k_projs = [m for name, m in tower.named_modules() if name.endswith("k_proj")]
     has_cls = any("cls" in name or "class_embedding" in name for name, _ in tower.named_parameters())
     with torch.no_grad():

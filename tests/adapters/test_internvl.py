@@ -128,7 +128,7 @@ def test_kept_tokens_and_sequence_match_plain(iv, monkeypatch, mode, ratio):
         hs[-2], tower.encoder.layer[-1], tower.config.num_attention_heads
     )
     raw = _raw_features(model, inputs["pixel_values"])
-    used = spy(monkeypatch, family, "cls_attention_scores")  # per-patch scores, before the 2x2 merge
+    used = spy(monkeypatch, family, "cls_scores_from_qk")  # per-patch scores from the layer's own q/k
     for allocation in ALLOCATIONS:
         for scoring in ("holistic", "local", "global"):
             gc = globalcom2.apply(

@@ -328,7 +328,7 @@ def test_cls_tower_with_default_strategy(tmp_path, monkeypatch):
     heads = model.config.vision_config.num_attention_heads
     plain = plain_cls_logits(hs[-2], layer.layer_norm1, layer.self_attn.q_proj, layer.self_attn.k_proj, heads)
     g = _g(model)
-    used = spy(monkeypatch, family, "cls_attention_scores")  # the scoring hook every family shares
+    used = spy(monkeypatch, family, "cls_scores_from_qk")  # from the last layer's own q/k (it runs: layer -1)
     with globalcom2.apply(model, processor, ratio=0.25, mode="reference") as gc:
         assert gc.adapter.importance == "cls"
         with torch.no_grad():

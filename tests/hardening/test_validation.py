@@ -44,7 +44,6 @@ def _one_line(err: BaseException) -> str:
         (math.inf, ValueError, "`ratio` must be finite and in (0, 1], got inf"),
         (-math.inf, ValueError, "`ratio` must be finite and in (0, 1]"),
         ("0.5", TypeError, "`ratio` must be a real number in (0, 1], got str '0.5'"),
-        (None, TypeError, "`ratio` must be a real number in (0, 1], got NoneType"),
         (True, TypeError, "`ratio` must be a real number in (0, 1], got bool"),
         ([0.5], TypeError, "`ratio` must be a real number in (0, 1], got list"),
         (torch.tensor(0.5), TypeError, "`ratio` must be a real number in (0, 1], got Tensor"),

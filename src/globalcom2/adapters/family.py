@@ -21,6 +21,7 @@ What the base patches (on instances only; all recorded on the handle and undone 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import GlobalComConfig
-from ..core.scores import cls_attention_scores, cosine_scores
+from ..core.scores import cls_attention_scores, cls_scores_from_qk, cosine_scores
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError, UnsupportedModelError
 from .placeholders import check_placeholders, pad_token_id, placeholder_positions, shrink_placeholders
@@ -39,20 +40,28 @@ class FamilyAdapter:
     """Shared base of the family adapters; instantiated by :func:`globalcom2.apply`.
 
     Class attributes a family sets: ``family`` (registry name), ``model_class_name``, ``processor_class_name``,
-    ``wraps_calls`` (patch ``forward``/``generate`` in budget mode too, for :meth:`call_context`).
+    ``wraps_calls`` (patch ``forward``/``generate`` in budget mode too, for :meth:`call_context`),
+    ``encodes_first`` (budget mode also encodes before the call and resizes placeholder runs, as reference mode
+    does: for layouts whose per-crop runs depend on the scores), ``vision_tower_name`` (the inner model's
+    attribute holding the vision tower).
     """
 
     family: ClassVar[str]
     model_class_name: ClassVar[str]
     processor_class_name: ClassVar[str]
     wraps_calls: ClassVar[bool] = False
+    encodes_first: ClassVar[bool] = False
+    vision_tower_name: ClassVar[str] = "vision_tower"
+    #: the family computes a per-image R (:meth:`ratio_for_image`), so ``max_image_tokens`` works.
+    supports_max_image_tokens: ClassVar[bool] = False
+    _skips_last_layer: bool = False  # install_scoring made the last layer skippable
 
     def __init__(self, model: Any, processor: Any, config: GlobalComConfig) -> None:
         self.model = model
         self.processor = processor
         self.config = config
         self.inner = model.model
-        self.tower: TowerInfo = self.describe_tower(self.inner.vision_tower)
+        self.tower: TowerInfo = self.describe_tower(getattr(self.inner, self.vision_tower_name))
         self.importance = self._resolve_importance()
 
     def __deepcopy__(self, memo: dict) -> FamilyAdapter:
@@ -90,6 +99,10 @@ class FamilyAdapter:
     # -- checks (run before anything is patched) ---------------------------------------------------------------
     def check(self) -> None:
         """Every check, before anything is patched: the model's, then the processor's."""
+        if self.config.max_image_tokens is not None and not self.supports_max_image_tokens:
+            raise UnsupportedModelError(
+                f"max_image_tokens is not supported for {self.model_class_name} yet; pass ratio=..."
+            )
         self.check_model()
         if self.processor is None:
             if self.config.mode == "budget" or self.needs_processor():
@@ -129,33 +142,59 @@ class FamilyAdapter:
         self.install_scoring(handle)
         inner = self.inner
         handle.patch(inner, "get_image_features", self._encoding(handle, inner.get_image_features))
-        handle.patch(
-            inner, "get_placeholder_mask", self._placeholder_mask(handle, inner.get_placeholder_mask)
-        )
+        self.install_placeholder_check(handle)
         self.install_family(handle)
         if self.config.mode == "budget" and self.processor is not None:
             self.install_budget_counts(handle)
-        if self.config.mode == "reference" or self.wraps_calls:
+        if self.config.mode == "reference" or self.wraps_calls or self.encodes_first:
             for name in ("forward", "generate"):
                 handle.patch(self.model, name, self._model_call(handle, getattr(self.model, name), name))
 
     def install_scoring(self, handle: GlobalComHandle) -> None:
-        """The scoring hook: [CLS] row of the last layer (Eq. 1) or Eq. 7 on the projector's input."""
+        """The scoring hooks: [CLS] row of the last layer (Eq. 1) or Eq. 7 on the projector's input.
+
+        [CLS] scores where the last layer runs (features from it): forward hooks on the layer's own q/k projections
+        take q of [CLS] and the keys as the layer computes them, and one small matmul per tile scores them
+        (:meth:`_tap_hook`). Where the last layer's output is unused (features from an earlier layer), that layer is
+        skipped for the call (:meth:`_skippable`) and a pre-hook scores its input (:meth:`_cls_hook`). Everything
+        records only inside the patched ``get_image_features``, in the calling thread's state.
+        """
+        t = self.tower
         if self.importance == "cls":
-            hook = self.tower.last_layer.register_forward_pre_hook(
-                functools.partial(self._cls_hook, handle), with_kwargs=True
+            handle.add_hook(
+                t.last_layer.register_forward_pre_hook(functools.partial(self._cls_hook, handle), with_kwargs=True)
             )
+            if t.q_out is not None and t.k_out is not None:
+                for module in dict.fromkeys((t.q_out.module, t.k_out.module)):  # a fused qkv: one hook
+                    handle.add_hook(module.register_forward_hook(functools.partial(self._tap_hook, handle)))
         else:
-            hook = self.inner.multi_modal_projector.register_forward_pre_hook(
-                functools.partial(self._cosine_hook, handle)
+            handle.add_hook(
+                self.inner.multi_modal_projector.register_forward_pre_hook(
+                    functools.partial(self._cosine_hook, handle)
+                )
             )
-        handle.add_hook(hook)
+        if t.last_layer is not None:
+            handle.patch(t.last_layer, "forward", self._skippable(handle, t.last_layer.forward))
+            self._skips_last_layer = True
+
+    def install_placeholder_check(self, handle: GlobalComHandle) -> None:
+        """Check every image's placeholders before HF scatters the features (wraps ``get_placeholder_mask``)."""
+        inner = self.inner
+        handle.patch(
+            inner, "get_placeholder_mask", self._placeholder_mask(handle, inner.get_placeholder_mask)
+        )
 
     def install_family(self, handle: GlobalComHandle) -> None:
         """Family patches beyond the shared ones (e.g. the feature packing)."""
 
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
         """Patch the processor so that it emits the budget-mode placeholder count."""
+        raise NotImplementedError
+
+    def ratio_for_image(self, height: int, width: int) -> float:
+        """R of one ``height x width`` image in budget mode: ``config.ratio``, or under ``max_image_tokens`` the
+        largest R whose count (layout tokens included) fits (:meth:`globalcom2.GlobalComConfig.image_ratio`); the
+        processor's count and the selection of that image both use it."""
         raise NotImplementedError
 
     # -- scoring -----------------------------------------------------------------------------------------------
@@ -165,16 +204,65 @@ class FamilyAdapter:
 
     @torch.no_grad()
     def _cls_hook(self, handle: GlobalComHandle, module: Any, args: tuple, kwargs: dict) -> None:
+        """Eq. 1 from the last layer's input (norm + projections here): when the layer is skipped or not tapped."""
         state = handle.state
-        if not state.capturing:
+        t = self.tower
+        if not state.capturing or not (state.skip_last or t.q_out is None or t.k_out is None):
             return
         hidden = args[0] if args else kwargs["hidden_states"]
-        t = self.tower
         scores = cls_attention_scores(
             hidden, norm=t.norm, q_proj=t.q_proj, k_proj=t.k_proj, num_heads=t.num_heads,
             kind=self.config.score, num_prefix_tokens=t.num_prefix_tokens,
         )  # fmt: skip
         state.scores.append(self.pool_scores(scores))
+
+    @torch.no_grad()
+    def _tap_hook(self, handle: GlobalComHandle, module: Any, args: tuple, output: torch.Tensor) -> None:
+        """Eq. 1 from the q and k the running last layer computes itself: one ``(1 x S)`` matmul per tile and head."""
+        state = handle.state
+        if not state.capturing or state.skip_last:
+            return
+        t = self.tower
+        assert t.q_out is not None and t.k_out is not None
+        pending = state.pending
+        if module is t.q_out.module:
+            pending["q"] = t.q_out.take(output)[:, :1]  # the [CLS] query only
+        if module is t.k_out.module:
+            pending["k"] = t.k_out.take(output)
+        if len(pending) == 2:
+            q, k = pending.pop("q"), pending.pop("k")
+            scores = cls_scores_from_qk(
+                q, k, num_heads=t.num_heads, kind=self.config.score, num_prefix_tokens=t.num_prefix_tokens
+            )
+            state.scores.append(self.pool_scores(scores))
+
+    def _skippable(self, handle: GlobalComHandle, original: Callable) -> Callable:
+        """The last layer's ``forward``, which hands its input on unchanged while this thread's patched encode
+        takes its features from an earlier layer (the layer's output would be discarded); any other call, e.g.
+        the user's own tower call in this or another thread, runs the layer as usual."""
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state = handle.state
+            if state.capturing and state.skip_last:
+                return args[0] if args else kwargs["hidden_states"]
+            return original(*args, **kwargs)
+
+        return forward
+
+    def needs_last_layer(self, signature: inspect.Signature | None, args: tuple, kwargs: dict) -> bool:
+        """Whether this ``get_image_features`` call takes features from the tower's last layer (its
+        ``vision_feature_layer`` argument, else the model config's; an index ``l`` of the ``L + 1`` hidden states
+        is the last layer's when ``l % (L + 1) == L``). Unknown call shapes count as needing it."""
+        try:
+            layer = signature.bind_partial(*args, **kwargs).arguments.get("vision_feature_layer") if signature else None
+        except TypeError:
+            return True
+        if layer is None:
+            layer = getattr(self.model.config, "vision_feature_layer", -1)
+        num = int(getattr(getattr(self.model.config, "vision_config", None), "num_hidden_layers", 0) or 0)
+        layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        return num <= 0 or any(int(x) % (num + 1) == num for x in layers)
 
     @torch.no_grad()
     def _cosine_hook(self, handle: GlobalComHandle, module: Any, args: tuple) -> None:
@@ -196,19 +284,25 @@ class FamilyAdapter:
 
     # -- the capture scope (wraps get_image_features) ----------------------------------------------------------
     def _encoding(self, handle: GlobalComHandle, original: Callable) -> Callable:
+        try:
+            signature: inspect.Signature | None = inspect.signature(original)
+        except (TypeError, ValueError):
+            signature = None
+
         @functools.wraps(original)  # keeps the signature: generate() inspects it to pre-encode images
         def get_image_features(*args: Any, **kwargs: Any) -> Any:
             state = handle.state
             extra = self.pop_encode_inputs(kwargs)
-            saved = state.scores
-            state.scores = []
+            saved = state.scores, state.skip_last, state.pending
+            state.scores, state.pending = [], {}
+            state.skip_last = self._skips_last_layer and not self.needs_last_layer(signature, args, kwargs)
             state.capturing += 1
             try:
                 out = original(*args, **kwargs)
                 return self.after_encode(handle, out, extra)
             finally:
                 state.capturing -= 1
-                state.scores = saved
+                state.scores, state.skip_last, state.pending = saved
 
         return get_image_features
 
@@ -226,14 +320,23 @@ class FamilyAdapter:
         def get_placeholder_mask(input_ids: Any, inputs_embeds: Any = None, image_features: Any = None,
                                  **kwargs: Any) -> Any:  # fmt: skip
             if image_features is not None:
-                positions = placeholder_positions(
-                    self.inner, self.model.config.image_token_id, input_ids, inputs_embeds
-                )
-                rows = image_features.numel() // image_features.shape[-1]
-                check_placeholders(positions, rows, handle.state.plans or [], self.config)
+                self.check_image_tokens(handle, input_ids, inputs_embeds, image_features)
             return original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features, **kwargs)
 
         return get_placeholder_mask
+
+    def check_image_tokens(
+        self, handle: GlobalComHandle, input_ids: Any, inputs_embeds: Any, image_features: Any
+    ) -> None:
+        """Raise a clear error unless the prompts hold exactly the placeholder runs this thread's plans need."""
+        positions = placeholder_positions(self.inner, self.model.config.image_token_id, input_ids, inputs_embeds)
+        rows = image_features.numel() // image_features.shape[-1]
+        plans = handle.state.plans or []
+        check_placeholders(positions, rows, plans, self.config, run_counts=self.placeholder_run_counts(plans))
+
+    def placeholder_run_counts(self, plans: list[Any]) -> list[int]:
+        """Length of every placeholder run these plans need, in prompt order (one run per image by default)."""
+        return [p.num_tokens for p in plans]
 
     # -- forward / generate --------------------------------------------------------------------------------------
     @contextmanager
@@ -253,7 +356,7 @@ class FamilyAdapter:
         @functools.wraps(original)  # keeps the signature: generate() validates kwargs against forward's
         def call(*args: Any, **kwargs: Any) -> Any:
             with self.call_context(handle, kwargs):
-                if self.config.mode == "reference":
+                if self.config.mode == "reference" or self.encodes_first:
                     return self._reference_call(handle, original, name, args, kwargs)
                 return original(*args, **kwargs)
 
@@ -275,17 +378,10 @@ class FamilyAdapter:
         if encoder_outputs is None:
             return original(*args, **kwargs)
         plans = handle.state.plans or []
-        shrunk = shrink_placeholders(
+        shrunk = self.resize_placeholders(
             input_ids,
-            image_token_id=self.model.config.image_token_id,
-            full_counts=[p.num_tokens_full for p in plans],
-            new_counts=[p.num_tokens for p in plans],
-            pad_token_id=pad_token_id(self.model, self.processor),
-            extra={
-                k: kwargs[k]
-                for k in ("attention_mask", "labels", "token_type_ids")
-                if kwargs.get(k) is not None
-            },
+            plans,
+            {k: kwargs[k] for k in ("attention_mask", "labels", "token_type_ids") if kwargs.get(k) is not None},
         )
         kwargs.update(shrunk)
         kwargs["mm_encoder_outputs"] = encoder_outputs
@@ -294,6 +390,19 @@ class FamilyAdapter:
             # Hand back the caller's own prompt so `out[:, prompt_len:]` keeps working.
             out = torch.cat([input_ids, out[:, shrunk["input_ids"].shape[1] :]], dim=1)
         return out
+
+    def resize_placeholders(
+        self, input_ids: torch.Tensor, plans: list[Any], extra: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Resize every image's placeholder run from its uncompressed count to its plan's (re-padding the batch)."""
+        return shrink_placeholders(
+            input_ids,
+            image_token_id=self.model.config.image_token_id,
+            full_counts=[p.num_tokens_full for p in plans],
+            new_counts=[p.num_tokens for p in plans],
+            pad_token_id=pad_token_id(self.model, self.processor),
+            extra=extra,
+        )
 
     # -- vision side only (plans without the LLM) ----------------------------------------------------------------
     def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Any:

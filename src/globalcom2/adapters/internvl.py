@@ -17,7 +17,9 @@ thumbnail's regions, r_j (Eq. 3-4), holistic scores with the thumbnail map resiz
 top tokens per crop (Eq. 6) -- :func:`~globalcom2.core.select.select_tokens`; among equal scores the token earlier
 in the raster order of the pixel-shuffled grid wins. Kept tokens reach the LLM in
 InternVL's order: crop after crop (raster inside each), then the thumbnail. Budget mode keeps
-``int(N*R) + int(R*n*N)`` tokens for n crops of N tokens (a function of the tile count only); reference mode
+``int(N*R) + int(R*n*N)`` tokens for n crops of N tokens (a function of the tile count only; under
+``max_image_tokens=T`` R is the largest that keeps ``2 + int(N*R) + int(R*n*N) <= T``, the ``<img>``/``</img>``
+markers counted: :func:`internvl_image_ratio`); reference mode
 keeps int(N*r_j) per crop and the thumbnail in descending score order. An image InternVL encodes as one tile
 (small or near-square images; no thumbnail is added then) is its own global view: it keeps its top int(N*R) tokens
 by the thumbnail rule (Eq. 1-2), so R applies to every image.
@@ -59,7 +61,7 @@ from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .family import FamilyAdapter
 from .registry import register_adapter
-from .towers import TowerInfo, describe_tower
+from .towers import Tap, TowerInfo, describe_tower
 
 #: Processor output / model input carrying each image's crop grid (rows, cols).
 GRID_KEY = "globalcom2_tile_grids"
@@ -98,7 +100,10 @@ def describe_internvl_tower(tower: Any) -> TowerInfo:
     def k_proj(x: torch.Tensor) -> torch.Tensor:
         return att.k_norm(att.k_proj(x))
 
-    return TowerInfo("internvit", layer, layer.layernorm_before, q_proj, k_proj, int(att.num_heads), 1, True)
+    return TowerInfo(
+        "internvit", layer, layer.layernorm_before, q_proj, k_proj, int(att.num_heads), 1, True,
+        Tap(att.q_norm), Tap(att.k_norm),  # the layer's q and k after its q/k norms (Identity when absent)
+    )  # fmt: skip
 
 
 def tile_grid(
@@ -116,6 +121,83 @@ def num_tiles(rows: int, cols: int) -> int:
     return 1 if rows * cols == 1 else rows * cols + 1
 
 
+#: Layout tokens of one image besides its ``<IMG_CONTEXT>`` run: ``<img>`` and ``</img>`` (count towards T).
+IMAGE_MARKERS = 2
+
+
+def _thumbnail_and_crops(tiles: int, tokens_per_tile: int) -> tuple[int, int]:
+    """(N, sum_j N_j) of an image of ``tiles`` tiles: a lone tile is its own global view, without crops."""
+    return tokens_per_tile, (tiles - 1) * tokens_per_tile if tiles > 1 else 0
+
+
+def internvl_image_ratio(config: Any, tiles: int, tokens_per_tile: int) -> float:
+    """R of one InternVL image of ``tiles`` tiles (:meth:`globalcom2.GlobalComConfig.image_ratio`, markers counted).
+
+    Needs no model: the vLLM plugin calls it with the HF config's tokens per tile.
+    """
+    return float(config.image_ratio(*_thumbnail_and_crops(tiles, tokens_per_tile), IMAGE_MARKERS))
+
+
+def internvl_num_image_tokens(config: Any, tiles: int, tokens_per_tile: int) -> int:
+    """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (the markers not included)."""
+    n, s = _thumbnail_and_crops(tiles, tokens_per_tile)
+    return sum(budget_counts(n, s, internvl_image_ratio(config, tiles, tokens_per_tile)))
+
+
+def plan_internvl_tiles(
+    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, config: Any
+) -> tuple[Plan, torch.Tensor]:
+    """Plan one InternVL image from its per-tile merged-token scores (the adapter and the vLLM plugin share it).
+
+    Args:
+        tile_scores: ``(tiles, g*g)``: crops row-major, then the thumbnail (InternVL's tile order). A lone tile
+            (grid 1 x 1) is the whole image: its own global view, compressed by the thumbnail rule.
+        grid: ``(rows, cols)`` of crops.
+        g: merged tokens per tile side.
+        config: a :class:`~globalcom2.GlobalComConfig`.
+
+    Returns:
+        ``(plan, index)``; ``index`` picks the kept tokens from the image's ``tiles * g*g`` features.
+    """
+    cfg = config
+    n_tok = g * g
+    rows, cols = grid
+    n = rows * cols if num_tiles(rows, cols) > 1 else 0
+    ratio = internvl_image_ratio(cfg, n + 1, n_tok)
+    thumb = tile_scores[n].float()
+    device = thumb.device
+    # Crops are full g x g blocks of the pixel-shuffled grid: table row j is crop j in raster order.
+    global_map = bilinear_resize(thumb.reshape(g, g), (rows * g, cols * g)) if n else thumb.new_zeros(0, 0)
+    sel = select_tokens(
+        thumb, tile_scores[:n].double(), torch.ones(n, n_tok, dtype=torch.bool, device=device),
+        grid_to_tiles(global_map, rows, cols).reshape(n, n_tok) if n else thumb.new_zeros(0, n_tok),
+        thumbnail_region_map(g, rows, cols, device=device),
+        ratio=ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
+        tau=cfg.tau,
+    )  # fmt: skip
+    crop_index = torch.arange(n * n_tok, device=device).reshape(n, n_tok)[sel.crop_keep]
+    index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
+    plan = Plan(
+        grid=(rows, cols) if n else (0, 0),
+        thumbnail_mask=sel.thumbnail_keep.reshape(g, g),
+        crops_mask=tiles_to_grid(sel.crop_keep.reshape(n, g, g), rows, cols)
+        if n
+        else sel.crop_keep.reshape(0, 0),
+        crop_ratios=sel.crop_ratios,
+        num_tokens=int(index.numel()),
+        num_tokens_full=(n + 1) * n_tok,
+        valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
+        crop_keep_counts=sel.crop_keep_counts,
+        crop_valid_counts=sel.crop_valid_counts,
+        mode=cfg.mode,
+        thumbnail_order=sel.thumbnail_order,
+        ratio=ratio,
+    )
+    if cfg.mode == "budget" and plan.num_tokens != internvl_num_image_tokens(cfg, n + 1, n_tok):
+        raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
+    return plan, index
+
+
 @register_adapter
 class InternVLAdapter(FamilyAdapter):
     """GlobalCom² for ``InternVLForConditionalGeneration`` + ``InternVLProcessor``."""
@@ -124,6 +206,7 @@ class InternVLAdapter(FamilyAdapter):
     model_class_name = "InternVLForConditionalGeneration"
     processor_class_name = "InternVLProcessor"
     wraps_calls = True  # forward/generate take the tile grids off the inputs
+    supports_max_image_tokens = True
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         super().__init__(model, processor, config)
@@ -192,12 +275,10 @@ class InternVLAdapter(FamilyAdapter):
 
     def num_image_tokens_for_tiles(self, tiles: int) -> int:
         """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (a lone tile keeps int(N*R))."""
-        n = self.g * self.g
-        thumb, crops = budget_counts(n, (tiles - 1) * n if tiles > 1 else 0, self.config.ratio)
-        return thumb + crops
+        return internvl_num_image_tokens(self.config, tiles, self.g * self.g)
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Image tokens the LLM receives for one image of ``height x width`` pixels in budget mode."""
+    def tiles_for_image(self, height: int, width: int) -> int:
+        """Tiles the processor makes for one image of ``height x width`` pixels."""
         ip: Any = self.processor.image_processor
         crop = bool(ip.crop_to_patches) and int(ip.max_patches) > 1
         rows, cols = (
@@ -205,7 +286,14 @@ class InternVLAdapter(FamilyAdapter):
             if crop
             else (1, 1)
         )
-        return self.num_image_tokens_for_tiles(num_tiles(rows, cols))
+        return num_tiles(rows, cols)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image tokens the LLM receives for one image of ``height x width`` pixels in budget mode."""
+        return self.num_image_tokens_for_tiles(self.tiles_for_image(height, width))
+
+    def ratio_for_image(self, height: int, width: int) -> float:
+        return internvl_image_ratio(self.config, self.tiles_for_image(height, width), self.g * self.g)
 
     def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         p = self.processor
@@ -217,7 +305,7 @@ class InternVLAdapter(FamilyAdapter):
         patches = getattr(out, "num_image_patches", None)
         if patches is not None:
             out.num_image_tokens = [
-                2 + self.num_image_tokens_for_tiles(int(t)) for t in patches
+                IMAGE_MARKERS + self.num_image_tokens_for_tiles(int(t)) for t in patches
             ]  # +<img></img>
         return out
 
@@ -295,8 +383,8 @@ class InternVLAdapter(FamilyAdapter):
             handle.publish([])
             if not self._warned:
                 warnings.warn(
-                    "GlobalCom²: these InternVL inputs carry no tile grids (videos, or images processed before "
-                    "globalcom2.apply); they are left uncompressed",
+                    f"GlobalCom²: these {self.family} inputs carry no tile grids (videos, or images processed "
+                    "before globalcom2.apply); they are left uncompressed",
                     stacklevel=3,
                 )
                 self._warned = True
@@ -315,8 +403,8 @@ class InternVLAdapter(FamilyAdapter):
         if sum(counts) != features.shape[0]:
             raise NotImplementedError(
                 f"GlobalCom²: the tile grids account for {sum(counts)} tiles but pixel_values holds "
-                f"{features.shape[0]}; a call that mixes videos and images cannot be compressed on InternVL "
-                "(pass them in separate calls)"
+                f"{features.shape[0]}; a call that mixes videos and images cannot be compressed on "
+                f"{self.model_class_name} (pass them in separate calls)"
             )
         flat = features.reshape(-1, features.shape[-1])
         n_tok = self.g * self.g
@@ -330,53 +418,8 @@ class InternVLAdapter(FamilyAdapter):
         return flat[torch.cat(indices)].unsqueeze(1)
 
     def plan_tiles(self, tile_scores: torch.Tensor, grid: tuple[int, int]) -> tuple[Plan, torch.Tensor]:
-        """Plan one image from its per-tile merged-token scores.
-
-        Args:
-            tile_scores: ``(tiles, g*g)``: crops row-major, then the thumbnail (InternVL's tile order). A lone tile
-                (grid 1 x 1) is the whole image: its own global view, compressed by the thumbnail rule.
-            grid: ``(rows, cols)`` of crops.
-
-        Returns:
-            ``(plan, index)``; ``index`` picks the kept tokens from the image's ``tiles * g*g`` features.
-        """
-        cfg = self.config
-        g, n_tok = self.g, self.g * self.g
-        rows, cols = grid
-        n = rows * cols if num_tiles(rows, cols) > 1 else 0
-        thumb = tile_scores[n].float()
-        device = thumb.device
-        # Crops are full g x g blocks of the pixel-shuffled grid: table row j is crop j in raster order.
-        global_map = (
-            bilinear_resize(thumb.reshape(g, g), (rows * g, cols * g)) if n else thumb.new_zeros(0, 0)
-        )
-        sel = select_tokens(
-            thumb, tile_scores[:n].double(), torch.ones(n, n_tok, dtype=torch.bool, device=device),
-            grid_to_tiles(global_map, rows, cols).reshape(n, n_tok) if n else thumb.new_zeros(0, n_tok),
-            thumbnail_region_map(g, rows, cols, device=device),
-            ratio=cfg.ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
-            tau=cfg.tau,
-        )  # fmt: skip
-        crop_index = torch.arange(n * n_tok, device=device).reshape(n, n_tok)[sel.crop_keep]
-        index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
-        plan = Plan(
-            grid=(rows, cols) if n else (0, 0),
-            thumbnail_mask=sel.thumbnail_keep.reshape(g, g),
-            crops_mask=tiles_to_grid(sel.crop_keep.reshape(n, g, g), rows, cols)
-            if n
-            else sel.crop_keep.reshape(0, 0),
-            crop_ratios=sel.crop_ratios,
-            num_tokens=int(index.numel()),
-            num_tokens_full=(n + 1) * n_tok,
-            valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
-            crop_keep_counts=sel.crop_keep_counts,
-            crop_valid_counts=sel.crop_valid_counts,
-            mode=cfg.mode,
-            thumbnail_order=sel.thumbnail_order,
-        )
-        if cfg.mode == "budget" and plan.num_tokens != self.num_image_tokens_for_tiles(n + 1):
-            raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
-        return plan, index
+        """Plan one image from its per-tile merged-token scores (:func:`plan_internvl_tiles`)."""
+        return plan_internvl_tiles(tile_scores, grid, self.g, self.config)
 
     # -- reference mode and the vision side --------------------------------------------------------------------
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:

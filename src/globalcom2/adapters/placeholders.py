@@ -25,7 +25,11 @@ def placeholder_positions(inner: Any, token_id: int, input_ids: Any, inputs_embe
 
 
 def check_placeholders(
-    is_img: torch.Tensor, num_features: int, plans: list[Plan], config: GlobalComConfig
+    is_img: torch.Tensor,
+    num_features: int,
+    plans: list[Plan],
+    config: GlobalComConfig,
+    run_counts: list[int] | None = None,
 ) -> None:
     """Raise a clear ValueError unless the prompts hold exactly one placeholder per image feature, image by image.
 
@@ -35,6 +39,8 @@ def check_placeholders(
         plans: the plans of the pack that produced the features (their ``num_tokens`` are the per-image counts);
             if they do not add up to ``num_features`` (features from elsewhere) only the total is checked.
         config: for the message.
+        run_counts: the length of every placeholder run, in prompt order, when an image has several runs
+            (Idefics3: one per crop, between text markers); default: one run per image.
 
     HF fills placeholders in row-major order, so every image's features must land on one run of placeholders of
     its own length (adjacent images may share a run). A mismatch raises instead of scattering wrong tokens.
@@ -42,7 +48,7 @@ def check_placeholders(
     counts = [p.num_tokens for p in plans]
     per_image = sum(counts) == num_features
     n = int(is_img.sum())
-    where = f"GlobalCom² (mode={config.mode!r}, ratio={config.ratio})"
+    where = f"GlobalCom² (mode={config.mode!r}, {config.budget_label})"
     if n != num_features:
         full = sum(p.num_tokens_full for p in plans) if per_image else -1
         if n == full and config.mode == "budget":
@@ -70,7 +76,7 @@ def check_placeholders(
             f"{where}: the prompts hold {n} image tokens but the images give {num_features} features; {hint}"
         )
     if per_image and counts:
-        check_runs(is_img, counts, where)
+        check_runs(is_img, counts if run_counts is None else run_counts, where)
 
 
 def check_runs(is_img: torch.Tensor, counts: list[int], where: str) -> None:
@@ -138,19 +144,88 @@ def shrink_placeholders(
     reps_flat = reps_flat + torch.where(within == full[image_of] - 1, grow, torch.zeros_like(grow))
     reps = torch.ones_like(input_ids, dtype=torch.long)
     reps[is_img] = reps_flat
-    attn = extra.get("attention_mask")
+    return _repeat_tokens({"input_ids": input_ids, **extra}, reps, pad_token_id=pad_token_id)
+
+
+def _repeat_tokens(
+    tensors: dict[str, torch.Tensor],
+    reps: torch.Tensor,
+    *,
+    pad_token_id: int,
+    inserted: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Repeat every token ``reps`` times (0 drops it) in each of ``tensors`` and re-pad the batch.
+
+    Padding keeps the side the batch used (left if any row starts with attention_mask == 0). With ``inserted``,
+    the copies after a token's first take the given value in the named tensors instead of repeating the token.
+    """
+    device = reps.device
+    attn = tensors.get("attention_mask")
     left_pad = attn is not None and bool((attn[:, 0] == 0).any())
-    lengths = reps.sum(1)
-    width = int(lengths.max())
+    width = int(reps.sum(1).max())
     out: dict[str, torch.Tensor] = {}
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
-    for key, tensor in {"input_ids": input_ids, **extra}.items():
+    for key, tensor in tensors.items():
         res = torch.full((tensor.shape[0], width), fills.get(key, 0), dtype=tensor.dtype, device=device)
         for b in range(tensor.shape[0]):  # one slice per sample, not per token
             row = tensor[b].repeat_interleave(reps[b])
+            if inserted is not None and key in inserted:
+                first = torch.cumsum(reps[b], 0) - reps[b]  # where each token's first copy lands
+                copy = torch.ones(row.numel(), dtype=torch.bool, device=device)
+                copy[first[reps[b] > 0]] = False
+                row = row.masked_fill(copy, inserted[key])
             if left_pad:
                 res[b, width - row.numel() :] = row
             else:
                 res[b, : row.numel()] = row
         out[key] = res
     return out
+
+
+def resize_marked_runs(
+    input_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    anchor_ids: torch.Tensor,
+    old_counts: list[int],
+    new_counts: list[int],
+    pad_token_id: int,
+    extra: dict[str, torch.Tensor],
+    hint: str,
+) -> dict[str, torch.Tensor]:
+    """Give every placeholder run that follows a marker token a new length, then re-pad the batch.
+
+    For layouts with one run per crop, each right after its own text marker (Idefics3: ``<row_r_col_c>`` and
+    ``<global-img>``): the marker, not the run, locates the crop, so a run may be empty before or after. Runs
+    are matched to ``old_counts``/``new_counts`` in row-major order; the markers and all other tokens are kept.
+
+    Args:
+        anchor_ids: Long ``(m,)`` ids of the marker tokens a run follows.
+        old_counts: the length of every run in ``input_ids`` (checked), one per marker in prompt order.
+        new_counts: the length every run gets.
+        extra: attention_mask, labels, ...: resized alike (new placeholders: label -100, the marker's mask).
+        hint: how to fix the inputs, for the error message.
+
+    Returns:
+        ``input_ids`` and the resized tensors of ``extra``.
+    """
+    is_img = input_ids == image_token_id
+    anchor = torch.isin(input_ids, anchor_ids.to(input_ids.device))
+    before = torch.zeros_like(is_img)
+    before[:, 1:] = is_img[:, :-1] | anchor[:, :-1]
+    stray = bool((is_img & ~before).any())  # a placeholder that follows no marker
+    run_of = torch.cumsum(anchor.reshape(-1).long(), 0) - 1  # the marker each token follows, row-major
+    found_counts = (
+        [] if stray else torch.bincount(run_of[is_img.reshape(-1)], minlength=int(anchor.sum())).tolist()
+    )
+    if stray or found_counts != list(old_counts):
+        raise PlaceholderMismatchError(
+            f"GlobalCom²: the prompts' placeholder runs (lengths {found_counts}, one after each image marker) are "
+            f"not the ones these images were processed with ({list(old_counts)}); {hint}"
+        )
+    reps = (~is_img).long()
+    reps[anchor] += torch.tensor(new_counts, dtype=torch.long, device=input_ids.device)
+    return _repeat_tokens(
+        {"input_ids": input_ids, **extra}, reps, pad_token_id=pad_token_id,
+        inserted={"input_ids": image_token_id, "labels": -100},
+    )  # fmt: skip

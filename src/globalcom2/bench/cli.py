@@ -59,7 +59,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="auto: float32 on CPU, float16 on CUDA")  # fmt: skip
-    p.add_argument("--vision-layers", type=_positive, default=None, help="CLIP tower depth (default 24)")
+    p.add_argument("--vision-layers", "--layers", type=_positive, default=None, help="CLIP tower depth (default 24)")
+    p.add_argument("--vision-stage", action="store_true",
+                   help="plain vs compressed vision stage, scoring/selection share and prefill per family")  # fmt: skip
+    p.add_argument("--families", default=None, help="--vision-stage: comma-separated families (default: all)")
     p.add_argument(
         "--llm-layers", type=_positive, default=None, help="LLM depth (default 1 on CPU, 32 on CUDA)"
     )
@@ -168,6 +171,10 @@ def settings_command(settings: Any, tiny: bool = False) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .report import analytic, format_analytic, format_measured, markdown_report
 
+    if getattr(args, "vision_stage", False):
+        from .vision_stage import cmd_vision_stage
+
+        return cmd_vision_stage(args)
     if args.mode != "budget":
         raise CLIError(
             "bench measures budget mode (the token count is known before the forward); drop --mode"

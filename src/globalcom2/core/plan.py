@@ -34,6 +34,10 @@ class Plan:
         token_mask: family extra: Bool ``(H, W)`` kept crop tokens on the grid the LLM receives, when that grid
             is not ``crops_mask``'s (a family that down-samples large crop grids); None otherwise.
         token_grid: family extra: ``(H, W)`` of ``token_mask``; None otherwise.
+        ratio: the retention ratio R this image was compressed at: the configured one, or its own under
+            ``max_image_tokens`` (1.0: left whole); None where a method has no single R (LLM-side pruning).
+        layer_tokens: LLM-side methods: the image tokens of this image that each LLM layer sees (length L; the
+            masks record the tokens that reach the last layer); None for pre-LLM methods.
     """
 
     grid: tuple[int, int]
@@ -49,6 +53,8 @@ class Plan:
     thumbnail_order: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     token_grid: tuple[int, int] | None = None
+    ratio: float | None = None
+    layer_tokens: tuple[int, ...] | None = None
 
     @property
     def patches_per_side(self) -> int:
@@ -80,4 +86,9 @@ class Plan:
         }
         if self.token_grid is not None:
             out["token_grid"] = list(self.token_grid)
+        if self.ratio is not None:
+            out["ratio"] = self.ratio
+        if self.layer_tokens is not None:
+            out["layer_tokens"] = list(self.layer_tokens)
+            out["mean_layer_tokens"] = round(sum(self.layer_tokens) / max(len(self.layer_tokens), 1), 4)
         return out

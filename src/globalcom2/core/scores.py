@@ -1,8 +1,9 @@
 """Token importance scores: [CLS]-row attention (paper Eq. 1-2) and the [CLS]-free score of Eq. 7.
 
-Computed from the *input* of the vision tower's last layer, under any attention implementation: we apply that
-layer's pre-norm and its query/key projections ourselves, for the [CLS] query only. Cost O(T*N*D); no (N+1)^2 map
-is ever materialised and the model never needs ``output_attentions=True`` (which forces eager attention).
+Computed under any attention implementation from the vision tower's last layer: from the query/key projections the
+layer computes itself (:func:`cls_scores_from_qk`), or, where the layer is not run, from its *input* with its
+pre-norm and projections applied here (:func:`cls_attention_scores`), for the [CLS] query only. Cost O(T*N*D); no
+(N+1)^2 map is ever materialised and the model never needs ``output_attentions=True`` (which forces eager attention).
 """
 
 from __future__ import annotations
@@ -38,15 +39,41 @@ def cls_attention_scores(
     Returns:
         ``(T, N)`` float32 scores, one row per tile.
     """
+    x = norm(hidden)
+    q = q_proj(x[:, :1])  # (T, 1, D): the [CLS] query only
+    return cls_scores_from_qk(
+        q, k_proj(x), num_heads=num_heads, kind=kind, num_prefix_tokens=num_prefix_tokens
+    )
+
+
+def cls_scores_from_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    num_heads: int,
+    kind: str = "logits",
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Head-mean [CLS]-row attention (paper Eq. 1) from the layer's query of [CLS] and its keys.
+
+    The one matmul GlobalCom² adds where the layer computes q and k itself: the adapters take them from the
+    layer's own projections (forward hooks) when the layer runs anyway, so scoring costs ``T*H*S*dh`` multiply-adds.
+
+    Args:
+        q: ``(T, 1, D)`` (or ``(T, S, D)``, of which the first row is used): the [CLS] query, heads concatenated.
+        k: ``(T, S, D)`` keys of all tokens (prefix tokens first).
+        num_heads, kind, num_prefix_tokens: as :func:`cls_attention_scores`.
+
+    Returns:
+        ``(T, N)`` float32 scores, one row per tile.
+    """
     if kind not in SCORE_KINDS:
         raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {kind!r}")
-    x = norm(hidden)
-    q = q_proj(x[:, :1]).float()  # (T, 1, D): the [CLS] query only
-    k = k_proj(x).float()  # (T, P + N, D)
+    q, k = q[:, :1].float(), k.float()
     t, s, d = k.shape
     dh = d // num_heads
-    q = q.view(t, 1, num_heads, dh).transpose(1, 2)  # (T, H, 1, dh)
-    k = k.view(t, s, num_heads, dh).transpose(1, 2)  # (T, H, S, dh)
+    q = q.reshape(t, 1, num_heads, dh).transpose(1, 2)  # (T, H, 1, dh)
+    k = k.reshape(t, s, num_heads, dh).transpose(1, 2)  # (T, H, S, dh)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * dh**-0.5  # (T, H, S)
     if kind == "softmax":
         logits = logits.softmax(dim=-1)

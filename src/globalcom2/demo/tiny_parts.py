@@ -123,7 +123,8 @@ def save_random_checkpoint(
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if vision_tower is not None:
-        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+        inner = model.model  # Idefics3 / SmolVLM name their tower vision_model
+        (getattr(inner, "vision_tower", None) or inner.vision_model).load_state_dict(vision_tower.state_dict())
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

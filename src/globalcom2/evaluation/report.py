@@ -12,9 +12,10 @@ from typing import Any
 METRICS = ("llm_share", "thumb_mass", "crop_mass", "feat_cos", "feat_cos_centred", "share_cv", "share_min", "share_max",
            "share_mass_corr")  # fmt: skip
 KEYS = ("group", "method", "ratio", "allocation", "scoring", "score")
-METHOD_ORDER = ("globalcom2", "fastervlm", "random", "pooling", "fastv", "globalcom2+fastv")
+METHOD_ORDER = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+", "fastv",
+                "globalcom2+fastv")  # fmt: skip
 COLORS = {"globalcom2": "#d62728", "fastervlm": "#1f77b4", "random": "#7f7f7f", "pooling": "#2ca02c",
-          "fastv": "#9467bd", "globalcom2+fastv": "#ff7f0e"}  # fmt: skip
+          "fastv": "#9467bd", "globalcom2+fastv": "#ff7f0e", "prumerge": "#8c564b", "prumerge+": "#e377c2"}  # fmt: skip
 
 
 def _nanmean(values: list[float]) -> float:

@@ -30,6 +30,7 @@ from ..core.allocation import ALLOCATIONS
 from ..core.plan import Plan
 from ..core.scores import SCORE_KINDS, cls_attention_scores
 from ..core.select import SCORINGS
+from ..methods.prumerge import plan_prumerge, prumerge_attention
 from ..methods.vision import FASTERVLM, RANDOM, plan_pooling, random_tile_scores
 from .metrics import Reference, build_reference, plan_metrics
 
@@ -39,7 +40,7 @@ STANDIN_LABEL = (
     "of the uncompressed image: they are fidelity measures, NOT accuracy. FastV and GlobalCom²+FastV run inside a "
     "tiny randomly initialised LLM: mechanism only."
 )
-VISION_METHODS = ("globalcom2", "fastervlm", "random", "pooling")
+VISION_METHODS = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+")
 LLM_METHODS = ("fastv", "globalcom2+fastv")
 QUESTION = "What is shown in this image?"
 
@@ -52,7 +53,7 @@ class PhotoData:
     image: Any
     size: tuple[int, int]  # (height, width)
     geometry: AnyresGeometry  # LLaVA-NeXT tiling of the image (grid, g, valid box)
-    scores: dict[str, torch.Tensor]  # kind -> (1 + n, g*g) [CLS] scores (logits / softmax)
+    scores: dict[str, torch.Tensor]  # kind -> (1 + n, g*g) [CLS] scores (logits / softmax / prumerge)
     reference: Reference
     image_sizes: torch.Tensor  # (1, 2), as the processor gives it
     encoder_output: Any = None  # the unpatched model's image features, reused by FastV's prefills
@@ -92,6 +93,7 @@ def photo_data(model: Any, processor: Any, name: str, image: Any) -> PhotoData:
         )  # fmt: skip
         for kind in SCORE_KINDS
     }
+    scores["prumerge"] = prumerge_attention(hidden[-2], info)[0]  # PruMerge's own (default) [CLS] attention
     feats = hidden[cfg.vision_feature_layer][:, info.num_prefix_tokens :]
     soft = scores["softmax"]
     ref = build_reference(soft[0], soft[1:], feats[1:], grid=grid, valid_box=geo.box)
@@ -104,7 +106,8 @@ def vision_plans(data: PhotoData, ratio: float, *, random_draws: int, seed: int)
     GlobalCom² and FasterVLM-style are :func:`~globalcom2.adapters.anyres.plan_anyres` with their configs
     (FasterVLM: :data:`~globalcom2.methods.vision.FASTERVLM` on the softmax scores); random draw ``k`` ranks the
     scores of :func:`~globalcom2.methods.vision.random_tile_scores` with seed ``seed * random_draws + k`` (the
-    random method's tokens at that seed); pooling is :func:`~globalcom2.methods.vision.plan_pooling`.
+    random method's tokens at that seed); pooling is :func:`~globalcom2.methods.vision.plan_pooling`; PruMerge(+)
+    is :func:`~globalcom2.methods.prumerge.plan_prumerge` on its own attention (adaptive: the same plan at every R).
     """
     geo = data.geometry
 
@@ -120,6 +123,8 @@ def vision_plans(data: PhotoData, ratio: float, *, random_draws: int, seed: int)
             for k in range(random_draws)
         ],
         "pooling": [plan_pooling(geo, ratio)],
+        "prumerge": [plan_prumerge(data.scores["prumerge"], geo, plus=False)[0]],
+        "prumerge+": [plan_prumerge(data.scores["prumerge"], geo, plus=True)[0]],
     }
 
 

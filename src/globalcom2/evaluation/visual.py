@@ -52,6 +52,8 @@ def method_label(method: str, ratio: float, *, random_llm: bool = False) -> str:
     notes = []
     if method == "pooling":
         notes.append("averaged, nothing discarded")
+    if not spec.uses_ratio:
+        notes.append("adaptive count, R not used")
     if spec.stage != "vision":
         notes.append(f"pruned in the LLM at layer {spec.options.get('layer', 2)}")
         if random_llm:

@@ -14,6 +14,18 @@ pipeline with one step swapped:
 | ``pooling`` | vision | each tile average-pooled to about R of its tokens | count and packing |
 | ``fastv`` | LLM | from layer K on, the image tokens the last prompt token attends to most | LLM-side pruning |
 | ``globalcom2+fastv`` | vision + LLM | GlobalCom²'s per-crop counts, FastV's choice inside each crop (Fig. 8) | selection in crops |
+| ``pdrop`` | LLM | stage by stage, the image tokens the last instruction token attends to most (PyramidDrop) | LLM-side pruning |
+| ``sparsevlm`` | LLM | stage by stage, the image tokens the text raters attend to most; dropped ones recycled | LLM-side pruning |
+| ``globalcom2+sparsevlm`` | vision + LLM | GlobalCom²'s per-crop counts, SparseVLM's choice inside each crop (Fig. 8) | selection in crops |
+
+The LLM-side methods prune on the schedule of :mod:`globalcom2.methods.schedule`: ``pdrop`` and ``sparsevlm`` keep
+the layer average of the image tokens equal to R (the paper's "equivalent token count"); ``fastv`` keeps the share R
+from its layer K on unless ``equivalent=True``. ``Plan.layer_tokens`` records every layer's count.
+| ``prumerge`` | vision | per tile, the [CLS]-attention outliers (IQR rule), pruned tokens merged in by key kNN | all |
+| ``prumerge+`` | vision | ``prumerge`` plus spatially uniform samples per tile | all |
+
+PruMerge's count is adaptive (set by the image's attention, not by R): ``MethodSpec.uses_ratio`` is False and R is
+only recorded (:mod:`globalcom2.methods.prumerge`).
 
 The baselines are written for LLaVA-NeXT; other families get a TypeError before anything is patched.
 """
@@ -29,7 +41,7 @@ from ..adapters import adapter_for
 from ..adapters.base import GlobalComHandle, install
 from ..adapters.errors import UnsupportedModelError
 from ..adapters.llava_next import LlavaNextAdapter
-from ..config import GlobalComConfig
+from ..config import DEFAULT_RATIO, GlobalComConfig
 
 __all__ = ["METHODS", "MethodSpec", "apply_method", "available_methods", "register_method"]
 
@@ -40,6 +52,8 @@ class MethodSpec:
 
     ``adapter(model, processor, ratio=..., **options)`` returns the adapter that
     :func:`~globalcom2.adapters.base.install` installs; None means :func:`globalcom2.apply` itself.
+    ``max_image_tokens``: the adapter also takes ``max_image_tokens=T`` (then ``ratio=None``), a per-image token
+    budget; methods without it refuse T with a TypeError.
     """
 
     name: str
@@ -47,6 +61,8 @@ class MethodSpec:
     description: str
     options: dict[str, Any]
     adapter: Callable[..., Any] | None
+    max_image_tokens: bool = False
+    uses_ratio: bool = True  # False: the method's count does not depend on R (PruMerge), R is only recorded
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -80,28 +96,32 @@ def _integer(name: str, value: Any) -> int:
     return int(value)
 
 
-def _fastervlm(model: Any, processor: Any, *, ratio: float, **options: Any) -> LlavaNextAdapter:
+def _fastervlm(model: Any, processor: Any, *, ratio: float | None, max_image_tokens: int | None = None,
+               **options: Any) -> LlavaNextAdapter:  # fmt: skip
     from .vision import FASTERVLM
 
     family = _llava_next(model, "fastervlm")
-    return family(
-        model, processor, GlobalComConfig.from_kwargs(None, ratio=ratio, **{**FASTERVLM, **options})
-    )
+    budget = {"ratio": ratio, "max_image_tokens": max_image_tokens}
+    cfg = GlobalComConfig.from_kwargs(None, **budget, **{**FASTERVLM, **options})
+    return family(model, processor, cfg)
 
 
-def _random(model: Any, processor: Any, *, ratio: float, seed: int = 0) -> LlavaNextAdapter:
+def _random(model: Any, processor: Any, *, ratio: float | None, max_image_tokens: int | None = None,
+            seed: int = 0) -> LlavaNextAdapter:  # fmt: skip
     from .vision import RANDOM, RandomAdapter
 
     _llava_next(model, "random")
     seed = _integer("seed", seed)
-    return RandomAdapter(model, processor, GlobalComConfig(ratio=ratio, **RANDOM), seed=seed)
+    cfg = GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens, **RANDOM)
+    return RandomAdapter(model, processor, cfg, seed=seed)
 
 
-def _pooling(model: Any, processor: Any, *, ratio: float) -> LlavaNextAdapter:
+def _pooling(model: Any, processor: Any, *, ratio: float | None,
+             max_image_tokens: int | None = None) -> LlavaNextAdapter:  # fmt: skip
     from .vision import PoolingAdapter
 
     _llava_next(model, "pooling")
-    return PoolingAdapter(model, processor, GlobalComConfig(ratio=ratio))
+    return PoolingAdapter(model, processor, GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens))
 
 
 def _fastv(model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False) -> Any:
@@ -120,19 +140,33 @@ def _globalcom2_fastv(model: Any, processor: Any, *, ratio: float, layer: int = 
     return GlobalComFastVAdapter(model, processor, cfg, layer=_integer("layer", layer))
 
 
+def _prumerge(plus: bool) -> Callable[..., Any]:
+    def build(model: Any, processor: Any, *, ratio: float, **options: Any) -> Any:
+        from .prumerge import PRUMERGE_OPTIONS, PruMergeAdapter
+
+        _llava_next(model, "prumerge+" if plus else "prumerge")
+        # mode="reference": the adaptive count is known after the vision tower only (see methods/prumerge.py)
+        cfg = GlobalComConfig(ratio=ratio, mode="reference")
+        return PruMergeAdapter(model, processor, cfg, plus=plus, **{**PRUMERGE_OPTIONS, **options})
+
+    return build
+
+
 _GC_OPTIONS = {"mode": "budget", "allocation": "softmax-sum", "scoring": "holistic", "alpha": 0.5, "tau": 10.0,
                "score": "logits", "importance": "auto"}  # fmt: skip
 
-register_method(MethodSpec("globalcom2", "vision", "GlobalCom² (paper Sec. 4)", dict(_GC_OPTIONS), None))
+register_method(MethodSpec("globalcom2", "vision", "GlobalCom² (paper Sec. 4)", dict(_GC_OPTIONS), None,
+                           max_image_tokens=True))  # fmt: skip
 register_method(MethodSpec(
     "fastervlm", "vision", "per-tile [CLS]-attention top-k at uniform R (FasterVLM-style)",
-    {"mode": "budget", "score": "softmax", "importance": "auto"}, _fastervlm,
+    {"mode": "budget", "score": "softmax", "importance": "auto"}, _fastervlm, max_image_tokens=True,
 ))  # fmt: skip
 register_method(MethodSpec(
-    "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0}, _random
+    "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0}, _random,
+    max_image_tokens=True,
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
-                           _pooling))  # fmt: skip
+                           _pooling, max_image_tokens=True))  # fmt: skip
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
                            {"layer": 2, "equivalent": False}, _fastv))  # fmt: skip
 register_method(MethodSpec(
@@ -140,10 +174,74 @@ register_method(MethodSpec(
     {"layer": 2, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
     _globalcom2_fastv,
 ))  # fmt: skip
+def _layers(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"`layers` must be a sequence of ints or None, got {type(value).__name__} {value!r}")
+    return tuple(_integer("layers", v) for v in value)
+
+
+def _pdrop(model: Any, processor: Any, *, ratio: float, stages: int = 4, lam: float = 0.5,
+           layers: Any = None) -> Any:  # fmt: skip
+    from .pdrop import PDropAdapter
+
+    _llava_next(model, "pdrop")
+    return PDropAdapter(model, processor, GlobalComConfig(ratio=ratio), stages=_integer("stages", stages),
+                        lam=lam, layers=_layers(layers))  # fmt: skip
+
+
+def _sparsevlm(model: Any, processor: Any, *, ratio: float, **options: Any) -> Any:
+    from .sparsevlm import SparseVLMAdapter
+
+    _llava_next(model, "sparsevlm")
+    options["layers"] = _layers(options.get("layers"))
+    return SparseVLMAdapter(model, processor, GlobalComConfig(ratio=ratio), **options)
+
+
+def _globalcom2_sparsevlm(model: Any, processor: Any, *, ratio: float, **options: Any) -> Any:
+    from .sparsevlm import SPARSEVLM_OPTIONS, GlobalComSparseVLMAdapter
+
+    _llava_next(model, "globalcom2+sparsevlm")
+    ours = {k: options.pop(k) for k in list(options) if k in SPARSEVLM_OPTIONS}
+    ours["layers"] = _layers(ours.get("layers"))
+    cfg = GlobalComConfig.from_kwargs(None, ratio=ratio, mode="budget", **options)
+    return GlobalComSparseVLMAdapter(model, processor, cfg, **ours)
+
+
+_SV_OPTIONS = {"layers": None, "budget": "schedule", "scale": 13.5, "recycle": 0.3}  # = sparsevlm.SPARSEVLM_OPTIONS
+register_method(MethodSpec(
+    "pdrop", "llm", "PyramidDrop: stage-wise drops by last-instruction-token attention, layer average R",
+    {"stages": 4, "lam": 0.5, "layers": None}, _pdrop,
+))  # fmt: skip
+register_method(MethodSpec(
+    "sparsevlm", "llm", "SparseVLM: text raters' attention, staged drops at layer average R, token recycling",
+    dict(_SV_OPTIONS), _sparsevlm,
+))  # fmt: skip
+register_method(MethodSpec(
+    "globalcom2+sparsevlm", "vision+llm", "GlobalCom² per-crop budgets r_j, SparseVLM token choice inside each crop",
+    {**_SV_OPTIONS, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
+    _globalcom2_sparsevlm,
+))  # fmt: skip
+_PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
+register_method(MethodSpec(
+    "prumerge", "vision", "PruMerge: per-tile [CLS]-attention outliers (IQR), pruned tokens merged by key kNN",
+    dict(_PM_OPTIONS), _prumerge(plus=False), uses_ratio=False,
+))  # fmt: skip
+register_method(MethodSpec(
+    "prumerge+", "vision", "PruMerge+: PruMerge plus spatially uniform samples per tile",
+    dict(_PM_OPTIONS), _prumerge(plus=True), uses_ratio=False,
+))  # fmt: skip
 
 
 def apply_method(
-    model: Any, processor: Any = None, method: str = "globalcom2", *, ratio: float = 0.25, **options: Any
+    model: Any,
+    processor: Any = None,
+    method: str = "globalcom2",
+    *,
+    ratio: float | None = None,
+    max_image_tokens: int | None = None,
+    **options: Any,
 ) -> GlobalComHandle:
     """Patch ``model``/``processor`` in place for ``method`` at retention ratio ``ratio``; return the handle.
 
@@ -153,7 +251,9 @@ def apply_method(
         processor: its ``LlavaNextProcessor`` (needed by the pre-LLM methods, which change the placeholder count;
             optional for the LLM-side ones).
         method: one of :func:`available_methods`.
-        ratio: R in (0, 1].
+        ratio: R in (0, 1] (default 0.25 unless ``max_image_tokens`` is given).
+        max_image_tokens: instead of ``ratio``, at most T tokens per image at the largest R that fits (methods
+            with ``METHODS[method].max_image_tokens``; the others raise a TypeError). Passing both is an error.
         options: the method's options (see ``METHODS[method].options``); unknown names are a TypeError.
 
     Returns:
@@ -171,7 +271,15 @@ def apply_method(
     if spec.adapter is None:
         from ..apply import apply
 
-        return apply(model, processor, ratio=ratio, **options)
-    adapter = spec.adapter(model, processor, ratio=ratio, **options)
-    return install(adapter, method=method, method_options={"ratio": adapter.config.ratio, **spec.options,
-                                                           **options})  # fmt: skip
+        return apply(model, processor, ratio=ratio, max_image_tokens=max_image_tokens, **options)
+    budget: dict[str, Any] = {"ratio": DEFAULT_RATIO if ratio is None and max_image_tokens is None else ratio}
+    if max_image_tokens is not None:
+        if not spec.max_image_tokens:
+            supported = ", ".join(repr(m) for m, s in METHODS.items() if s.max_image_tokens)
+            raise TypeError(
+                f"method {method!r} does not support max_image_tokens (supported: {supported}); pass ratio=..."
+            )
+        budget["max_image_tokens"] = max_image_tokens
+    adapter = spec.adapter(model, processor, **budget, **options)
+    return install(adapter, method=method, method_options={**budget, "ratio": adapter.config.ratio,
+                                                           **spec.options, **options})  # fmt: skip

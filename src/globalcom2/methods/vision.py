@@ -18,7 +18,8 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
   kept and :class:`PoolingPlan` records which pooled token covers each cell. Count (its own, replacing
   ``count_tokens``): a0*a0 (thumbnail) + (sum_r a_r) * (sum_c b_c) (crop grid) + sum_r a_r (one newline per pooled
   row), close to but not always equal to the budget count (R = 10 %, g = 24: 8*8 = 64 thumbnail tokens vs
-  int(57.6) = 57).
+  int(57.6) = 57). Under ``max_image_tokens=T`` an image's R is the largest whose pooling count fits T
+  (:func:`~globalcom2.core.budget.largest_fitting_ratio` on this count, which never falls as R grows).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from ..adapters.anyres import AnyresGeometry
 from ..adapters.base import GlobalComHandle
 from ..adapters.llava_next import LlavaNextAdapter
+from ..core.budget import largest_fitting_ratio
 from ..core.layout import grid_to_tiles
 from ..core.plan import Plan
 
@@ -162,6 +164,7 @@ def plan_pooling(geo: AnyresGeometry, ratio: float, newline: bool = True) -> Poo
         crop_valid_counts=valid_counts,
         mode="pooling",
         thumbnail_order=None,
+        ratio=ratio,
         thumbnail_cover=tb[:, None] * a0 + tb[None, :],
         crops_cover=crops_cover,
         pooled_shape=(sum(a), width),
@@ -216,7 +219,14 @@ class PoolingAdapter(LlavaNextAdapter):
         """Pooling ranks nothing: no scoring hook."""
 
     def count_tokens(self, geo: AnyresGeometry, newline: bool = True) -> int:
-        return pooling_counts(geo, self.config.ratio, newline)
+        return pooling_counts(geo, self.image_ratio(geo, newline), newline)
+
+    def image_ratio(self, geo: AnyresGeometry, newline: bool = True) -> float:
+        """R of one image: ``ratio``, or the largest R whose *pooling* count fits ``max_image_tokens``."""
+        limit = self.config.max_image_tokens
+        if limit is None:
+            return geo.image_ratio(self.config, newline)  # the configured R
+        return largest_fitting_ratio(lambda r: pooling_counts(geo, r, newline), limit)
 
     def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
                       arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
@@ -231,7 +241,8 @@ class PoolingAdapter(LlavaNextAdapter):
                 _check_packed(seq, plan, (h, w))
                 out.append(seq[index])
             else:
-                pooling = plan_pooling(self.geometry((h, w), **options), self.config.ratio, newline)
+                geo = self.geometry((h, w), **options)
+                pooling = plan_pooling(geo, self.image_ratio(geo, newline), newline)
                 _check_packed(seq, pooling, (h, w))
                 out.append(pool_packed(seq, pooling, newline))
                 plan = pooling

@@ -6,8 +6,9 @@ calls it (and the host is then installed by definition).
 
 - ``lmms_eval.models`` -> :func:`lmms_eval_manifests`: model names ``globalcom2_llava_hf`` (and its alias
   ``globalcom2_llava_hf_chat``), built on lmms-eval's ``llava_hf``; see :mod:`globalcom2.plugins.lmms_eval`.
-- ``vllm.general_plugins`` -> :func:`register_vllm`: the architecture ``GlobalCom2LlavaNextForConditionalGeneration``
-  (budget mode), switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm`.
+- ``vllm.general_plugins`` -> :func:`register_vllm`: the architectures ``GlobalCom2LlavaNextForConditionalGeneration``,
+  ``GlobalCom2LlavaOnevisionForConditionalGeneration`` and ``GlobalCom2InternVLForConditionalGeneration`` (budget
+  mode), switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm`.
 """
 
 from __future__ import annotations
@@ -40,34 +41,54 @@ def lmms_eval_manifests() -> list[Any]:
     ]
 
 
-#: vLLM architecture name to put in ``--hf-overrides '{"architectures": [...]}'``.
+#: vLLM architecture name -> (vLLM's stock architecture it replaces, class in :mod:`globalcom2.plugins.vllm`).
+VLLM_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "GlobalCom2LlavaNextForConditionalGeneration": (
+        "LlavaNextForConditionalGeneration",
+        "GlobalComLlavaNextForConditionalGeneration",
+    ),
+    "GlobalCom2LlavaOnevisionForConditionalGeneration": (
+        "LlavaOnevisionForConditionalGeneration",
+        "GlobalComLlavaOnevisionForConditionalGeneration",
+    ),
+    "GlobalCom2InternVLForConditionalGeneration": (
+        "InternVLForConditionalGeneration",
+        "GlobalComInternVLForConditionalGeneration",
+    ),
+}
+#: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.
 VLLM_ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
 #: HF-config attribute holding the vLLM options (a dict of ``GlobalComConfig`` fields), set by ``--hf-overrides``.
 VLLM_CONFIG_KEY = "globalcom2"
-#: Environment variable with JSON options; when set, vLLM's stock LLaVA-NeXT architecture is replaced too.
+#: Environment variable with JSON options; when set, vLLM's stock architectures of the three families are replaced.
 VLLM_ENV_VAR = "GLOBALCOM2_VLLM"
-_VLLM_STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
-_VLLM_CLASS_PATH = "globalcom2.plugins.vllm:GlobalComLlavaNextForConditionalGeneration"
+_VLLM_MODULE = "globalcom2.plugins.vllm"
 
 
 def register_vllm() -> None:
-    """Register the GlobalCom² LLaVA-NeXT variant with vLLM (entry-point group ``vllm.general_plugins``).
+    """Register the GlobalCom² models with vLLM (entry-point group ``vllm.general_plugins``).
 
     Runs in every vLLM process; idempotent. The model module is named by string, so vLLM imports it (and its
-    CUDA-touching dependencies) only when a model actually uses it.
+    CUDA-touching dependencies) only when a model actually uses it. With ``GLOBALCOM2_VLLM`` set, the stock names
+    (``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+    ``InternVLForConditionalGeneration``) resolve to the GlobalCom² classes too.
     """
     import os
 
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(VLLM_ARCHITECTURE, _VLLM_CLASS_PATH)
-    if os.environ.get(VLLM_ENV_VAR):
-        ModelRegistry.register_model(_VLLM_STOCK_ARCHITECTURE, _VLLM_CLASS_PATH)
+    replace_stock = bool(os.environ.get(VLLM_ENV_VAR))
+    for name, (stock, class_name) in VLLM_ARCHITECTURES.items():
+        path = f"{_VLLM_MODULE}:{class_name}"
+        ModelRegistry.register_model(name, path)
+        if replace_stock:
+            ModelRegistry.register_model(stock, path)
 
 
 __all__ = [
     "LMMS_EVAL_MODELS",
     "VLLM_ARCHITECTURE",
+    "VLLM_ARCHITECTURES",
     "VLLM_CONFIG_KEY",
     "VLLM_ENV_VAR",
     "lmms_eval_manifests",

@@ -9,6 +9,9 @@ still works; our options ride along in ``--model_args``::
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,ratio=0.25,allocation=softmax-sum \\
         --tasks pope --batch_size 1
 
+``max_image_tokens=T`` instead of ``ratio=R`` caps every image at T visual tokens (newlines included) at the
+largest retention that fits (:class:`globalcom2.GlobalComConfig`); passing both is an error.
+
 Data parallelism is lmms-eval's own (one model per process, each process applies GlobalCom² to its copy). The
 options are validated before the checkpoint is loaded, so a typo fails in seconds.
 
@@ -105,8 +108,14 @@ class _GlobalComMixin:
     def _globalcom_log(self) -> None:
         s = self.globalcom_stats
         if s["images"]:
+            cfg = self.globalcom.config
+            budget = (
+                f"R={cfg.ratio}"
+                if cfg.max_image_tokens is None
+                else f"max_image_tokens={cfg.max_image_tokens}"
+            )
             eval_logger.info(
-                f"GlobalCom² (R={self.globalcom.config.ratio}): {s['images']} images, visual tokens "
+                f"GlobalCom² ({budget}): {s['images']} images, visual tokens "
                 f"{s['visual_tokens_full']} -> {s['visual_tokens']} ({s['visual_tokens'] / s['visual_tokens_full']:.1%})"
             )
 
@@ -171,8 +180,9 @@ class _GlobalComMixin:
 class GlobalComLlavaHf(_GlobalComMixin, _HostSimple):
     """lmms-eval's simple ``llava_hf`` with GlobalCom² (``--model globalcom2_llava_hf --force_simple``).
 
-    Accepts every ``llava_hf`` argument plus the GlobalCom² options (``ratio``, ``mode``, ``allocation``,
-    ``scoring``, ``alpha``, ``tau``, ``score``, ``importance``; see :class:`globalcom2.GlobalComConfig`).
+    Accepts every ``llava_hf`` argument plus the GlobalCom² options (``ratio`` or ``max_image_tokens``, ``mode``,
+    ``allocation``, ``scoring``, ``alpha``, ``tau``, ``score``, ``importance``; see
+    :class:`globalcom2.GlobalComConfig`).
     The handle is ``self.globalcom`` (``.plans`` of the last forward, ``.remove()``).
     """
 

@@ -9,7 +9,10 @@ The words follow what the method does with the tokens:
   :class:`~globalcom2.methods.vision.PoolingPlan`), so "kept 576/576" would be wrong: its panels say "576 tokens
   averaged into 64";
 - FastV (and GlobalCom² + FastV) hand every token to the LLM and prune inside it: their counts are the tokens that
-  reach the layers after the pruning layer.
+  reach the layers after the pruning layer;
+- PruMerge(+) **merges**: it keeps some tokens, each carrying its key-nearest neighbours, and may hand on one more
+  token per tile made of the pruned rest (a :class:`~globalcom2.methods.prumerge.PruMergePlan`): its panels say
+  "kept 12 of 64 tokens, the other 52 merged into them" and its token line counts those "merged remainders".
 
 Ratios are printed by :func:`format_ratio`, one rounding rule for every label.
 """
@@ -29,6 +32,7 @@ __all__ = ["PanelNumbers", "PanelText", "figure_summary", "format_ratio", "panel
 
 KEPT = "kept"
 AVERAGED = "averaged"
+MERGED = "merged"
 
 
 def format_ratio(value: float, places: int = 3) -> str:
@@ -48,7 +52,8 @@ class PanelNumbers:
 
     Attributes:
         grid: ``(rows, cols)`` of crops; ``(0, 0)`` for a single-tile image.
-        reduction: ``"kept"`` (a selection: tokens kept, the rest dropped) or ``"averaged"`` (pooling).
+        reduction: ``"kept"`` (a selection: tokens kept, the rest dropped), ``"averaged"`` (pooling) or
+            ``"merged"`` (PruMerge: tokens kept, the rest merged into them).
         stage: ``"vision"`` (tokens reduced before the LLM) or ``"llm"`` (FastV: pruned inside the LLM; the counts
             are the tokens that reach the layers after the pruning layer).
         num_tokens: image tokens handed on (see ``stage``), newlines included.
@@ -58,6 +63,7 @@ class PanelNumbers:
         crop_tokens: per crop, tokens handed on (kept, or pooled tokens).
         crop_cells: per crop, its valid tokens N_j before compression.
         crop_ratios: per crop, the plan's r_j (pooling: pooled / valid tokens).
+        extra_tokens: tokens handed on that sit in no cell (PruMerge's merged remainder of each tile), else 0.
     """
 
     grid: tuple[int, int]
@@ -70,6 +76,7 @@ class PanelNumbers:
     crop_tokens: tuple[int, ...]
     crop_cells: tuple[int, ...]
     crop_ratios: tuple[float, ...]
+    extra_tokens: int = 0
 
     @property
     def crops_tokens(self) -> int:
@@ -82,7 +89,7 @@ class PanelNumbers:
     @property
     def newline_tokens(self) -> int:
         """Layout tokens handed on besides thumbnail and crops (LLaVA's newline per row; 0 for InternVL)."""
-        return self.num_tokens - self.thumbnail_tokens - self.crops_tokens
+        return self.num_tokens - self.thumbnail_tokens - self.crops_tokens - self.extra_tokens
 
     def summary(self) -> dict[str, Any]:
         """The JSON form: exactly the numbers :func:`panel_text` prints."""
@@ -96,6 +103,7 @@ class PanelNumbers:
             "crops_tokens": self.crops_tokens,
             "crops_cells": self.crops_cells,
             "newline_tokens": self.newline_tokens,
+            "extra_tokens": self.extra_tokens,
             "crop_tokens": list(self.crop_tokens),
             "crop_cells": list(self.crop_cells),
             "crop_ratios": [round(r, 6) for r in self.crop_ratios],
@@ -123,6 +131,13 @@ def _is_pooling(plan: Plan) -> bool:
     return isinstance(plan, PoolingPlan)
 
 
+def _merged_extra(plan: Plan) -> int | None:
+    """Merged-remainder tokens of a PruMerge plan; None for any other plan."""
+    from ..methods.prumerge import PruMergePlan
+
+    return int(plan.extra_tokens) if isinstance(plan, PruMergePlan) else None
+
+
 def panel_numbers(plan: Plan) -> PanelNumbers:
     """The counts of one plan's figure and JSON summary: THE function both derive from.
 
@@ -133,6 +148,7 @@ def panel_numbers(plan: Plan) -> PanelNumbers:
     rows, cols = plan.grid
     n = rows * cols
     pooling = _is_pooling(plan)
+    merged_extra = _merged_extra(plan)
     if pooling:  # every cell is averaged into one pooled token: count the pooled tokens, not the cells
         cover = _to_numpy(plan.thumbnail_cover)  # type: ignore[attr-defined]
         thumbnail_tokens = int(cover.max()) + 1 if cover.size else 0
@@ -155,7 +171,7 @@ def panel_numbers(plan: Plan) -> PanelNumbers:
         ratios = np.array([k / max(v, 1) for k, v in zip(kept, valid, strict=True)], dtype=float)
     return PanelNumbers(
         grid=(rows, cols),
-        reduction=AVERAGED if pooling else KEPT,
+        reduction=AVERAGED if pooling else KEPT if merged_extra is None else MERGED,
         stage="llm" if plan.mode == "fastv" else "vision",
         num_tokens=int(plan.num_tokens),
         num_tokens_full=int(plan.num_tokens_full),
@@ -164,6 +180,7 @@ def panel_numbers(plan: Plan) -> PanelNumbers:
         crop_tokens=tuple(int(k) for k in kept[:n]),
         crop_cells=tuple(int(v) for v in valid[:n]),
         crop_ratios=tuple(float(r) for r in ratios[:n]),
+        extra_tokens=merged_extra or 0,
     )
 
 
@@ -182,6 +199,8 @@ def panel_text(numbers: PanelNumbers) -> PanelText:
 
     - kept: ``thumbnail: kept 57 of 576 tokens``; crop label ``r_1 = 0.075`` / ``kept 43/576``;
     - averaged (pooling): ``thumbnail: 576 tokens averaged into 64``; crop label ``averaged`` / ``576 → 64``;
+    - merged (PruMerge): ``thumbnail: kept 12 of 576 tokens, the other 564 merged into them``; the token line adds
+      ``merged remainders N`` (one token per tile made of its pruned rest);
     - FastV: the token line counts the tokens in the LLM's layers after pruning.
     """
     nb = numbers
@@ -192,6 +211,8 @@ def panel_text(numbers: PanelNumbers) -> PanelText:
         parts.append(f"crops {nb.crops_tokens}")
     if nb.newline_tokens:
         parts.append(f"newlines {nb.newline_tokens}")
+    if nb.extra_tokens:
+        parts.append(f"merged remainders {nb.extra_tokens}")
     token_line = f"{where}: {nb.num_tokens} of {nb.num_tokens_full} ({pct:.1f} %) = " + " + ".join(parts)
     rows, cols = nb.grid
     if nb.reduction == AVERAGED:
@@ -201,6 +222,9 @@ def panel_text(numbers: PanelNumbers) -> PanelText:
     else:
         thumb = f"thumbnail: kept {nb.thumbnail_tokens} of {nb.thumbnail_cells} tokens"
         crops = f"crops {rows}x{cols}: kept {nb.crops_tokens} of {nb.crops_cells} tokens"
+        if nb.reduction == MERGED:
+            thumb += f", the other {nb.thumbnail_cells - nb.thumbnail_tokens} merged into them"
+            crops += f", the other {nb.crops_cells - nb.crops_tokens} merged into them"
         labels = tuple(
             f"$r_{{{j + 1}}}$ = {format_ratio(r)}\nkept {k}/{v}"
             for j, (r, k, v) in enumerate(zip(nb.crop_ratios, nb.crop_tokens, nb.crop_cells, strict=True))
@@ -218,7 +242,7 @@ def figure_summary(plan: Plan) -> dict[str, Any]:
     numbers = panel_numbers(plan)
     out = plan.summary()
     out.update(numbers.summary())
-    if numbers.reduction == KEPT:
+    if numbers.reduction in (KEPT, MERGED):
         out["thumbnail_kept"] = numbers.thumbnail_tokens
         out["crops_kept"] = numbers.crops_tokens
         out["crop_keep_counts"] = list(numbers.crop_tokens)

@@ -1,0 +1,298 @@
+"""Idefics3 / SmolVLM adapter: GlobalCom² (paper Eq. 2-7) on HF ``Idefics3ForConditionalGeneration`` and
+``SmolVLMForConditionalGeneration``, written as the diff from the InternVL adapter.
+
+Idefics3's processor resizes an image (longest edge ``size``), stretches it to a multiple of the crop size
+``max_image_size``, cuts it into ``rows x cols`` crops and appends the **global image last** (the whole image
+squashed to one crop: the thumbnail). Images that fit one crop (and every image with ``do_image_splitting=False``)
+are encoded as the global image alone. A SigLIP tower encodes every crop; the connector's pixel shuffle merges
+each ``s x s`` group of patches into one LLM token (``image_seq_len = (g/s)**2`` per crop). The prompt frames every
+crop's run of ``<image>`` tokens with text markers::
+
+    <fake_token_around_image><row_1_col_1><image>...<fake_token_around_image><row_1_col_2><image>...\\n
+    ...\\n\\n<fake_token_around_image><global-img><image>...<fake_token_around_image>
+
+So the geometry is InternVL's (crops row-major, raster inside each, thumbnail last; no padding, no newlines), and
+the adapter inherits its selection (:func:`~globalcom2.adapters.internvl.plan_internvl_tiles`), its tile-grid
+channel and its lone-tile rule. What differs:
+
+**Scores.** SigLIP has no [CLS]: Eq. 7 (s_i = -cos(x_i, mean of the tile's tokens)) on the features the
+connector receives (the tower's ``post_layernorm`` output, one per patch), then **summed over each s x s
+pixel-shuffle group** (:func:`~globalcom2.adapters.internvl.merge_pool`), as InternVL pools its [CLS] row.
+
+**Per-crop runs.** Every crop keeps its markers; only its run of ``<image>`` tokens changes length, to the crop's
+k_j. In reference mode the model's ``forward``/``generate`` shrink each run of the plain processor's prompt from
+``image_seq_len`` to int(N*r_j) (thumbnail: int(N*R), in descending score order). In budget mode the processor
+emits exactly the compressed count per image, ``int(N*R) + int(R*n*N)`` (a function of the crop grid and R only;
+:meth:`num_image_tokens_for_tiles`), but how that count splits over the crops depends on the scores (Eq. 3-4),
+which the processor cannot know: it writes a provisional split (thumbnail int(N*R), the crop budget spread evenly)
+and the model's ``forward``/``generate`` encode the images first and move each marker to the head of its crop's
+real run (:func:`~globalcom2.adapters.placeholders.resize_marked_runs`; the sequence keeps its length). Calls that
+bypass the model's own ``forward``/``generate`` with budget-mode prompts are refused by the placeholder check
+rather than mislabelled. An image encoded as the global image alone keeps its top int(N*R) tokens.
+
+**Inputs.** The patched processor passes each image's crop grid on (``globalcom2_tile_grids``, from the image
+processor's own ``rows``/``cols``); inputs without it (videos: SmolVLM's frames are single global images; or
+images processed before :func:`globalcom2.apply`) pass through uncompressed with a warning, and a call that mixes
+videos and images is refused, as on InternVL.
+
+What is patched (recorded on the handle, undone by ``remove()``): a pre-hook on the connector,
+``get_image_features``, ``inputs_merger`` (Idefics3) or ``get_placeholder_mask`` (SmolVLM) for the placeholder
+check, the processor's ``_process_images`` (grids), ``replace_image_token`` and, where it exists,
+``_get_num_multimodal_tokens`` (budget counts), and ``forward``/``generate``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..core.budget import budget_counts, split_budget
+from ..core.plan import Plan
+from ..core.scores import cosine_scores
+from .base import GlobalComHandle
+from .errors import IncompatibleProcessorError
+from .family import FamilyAdapter
+from .internvl import GRID_KEY, InternVLAdapter, internvl_image_ratio, merge_pool, num_tiles
+from .placeholders import pad_token_id, resize_marked_runs
+from .registry import register_adapter
+from .towers import TowerInfo, describe_tower
+
+#: Idefics3's crop markers go up to ``<row_6_col_6>`` in released tokenizers.
+MAX_MARKER_SIDE = 6
+
+
+class _OneTokenRuns:
+    """A processor seen with ``image_seq_len = 1``: its own ``replace_image_token`` then writes HF's exact layout
+    (markers, newlines) with one placeholder per run, which :meth:`Idefics3Adapter._replace_image_token` widens."""
+
+    image_seq_len = 1
+
+    def __init__(self, processor: Any) -> None:
+        self._processor = processor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
+
+
+@register_adapter
+class Idefics3Adapter(InternVLAdapter):
+    """GlobalCom² for ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``."""
+
+    family = "idefics3"
+    model_class_name = "Idefics3ForConditionalGeneration"
+    processor_class_name = "Idefics3Processor"
+    vision_tower_name = "vision_model"
+    encodes_first = True  # budget mode too: the scores decide where each crop's markers go
+    supports_max_image_tokens = False
+
+    def __init__(self, model: Any, processor: Any, config: Any) -> None:
+        FamilyAdapter.__init__(self, model, processor, config)
+        vcfg = model.config.vision_config
+        self.tile_hw = (int(vcfg.image_size),) * 2
+        self.patch = int(vcfg.patch_size)
+        self.factor = int(model.config.scale_factor)
+        self.patches_per_side = self.tile_hw[0] // self.patch
+        self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per crop side
+        self._warned = False
+        self.anchor_ids = torch.zeros(0, dtype=torch.long)  # marker ids a run follows (set by check_processor)
+
+    def describe_tower(self, tower: Any) -> TowerInfo:
+        if type(tower).__name__ in ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"):
+            return TowerInfo("siglip", None, None, None, None, int(tower.config.num_attention_heads), 0, False)
+        return describe_tower(tower)
+
+    # -- checks ----------------------------------------------------------------------------------------------
+    def check_model(self) -> None:
+        if self.factor < 1 or self.patches_per_side % self.factor:
+            raise ValueError(
+                f"scale_factor={self.model.config.scale_factor} must be a positive integer dividing the "
+                f"{self.patches_per_side} patches per crop side"
+            )
+
+    def processor_needed_because(self) -> str:
+        return "the model never sees the crop grid, so the patched processor passes it on (`globalcom2_tile_grids`)"
+
+    def check_processor(self) -> None:
+        processor: Any = self.processor
+        if int(processor.image_seq_len) != self.g * self.g:
+            raise IncompatibleProcessorError(
+                f"processor/model mismatch: image_seq_len {processor.image_seq_len} vs {self.g}x{self.g} merged "
+                "tokens per crop"
+            )
+        crop = int(processor.image_processor.max_image_size["longest_edge"])
+        if crop != self.tile_hw[0]:
+            raise IncompatibleProcessorError(
+                f"processor/model mismatch: crop size max_image_size={crop} vs the tower's image_size "
+                f"{self.tile_hw[0]}"
+            )
+        tok = processor.tokenizer
+        glob = getattr(processor, "global_image_token", None) or processor.global_image_tag
+        markers = [glob] + [
+            f"<row_{r}_col_{c}>" for r in range(1, MAX_MARKER_SIDE + 1) for c in range(1, MAX_MARKER_SIDE + 1)
+        ]
+        ids = [tok.convert_tokens_to_ids(m) for m in markers]
+        if any(i is None or i == tok.unk_token_id for i in ids[:2]):
+            raise IncompatibleProcessorError(
+                f"the tokenizer has no single tokens for the image markers {markers[:2]}; GlobalCom² locates each "
+                "crop's placeholders by its marker"
+            )
+        self.anchor_ids = torch.tensor([i for i in ids if i is not None and i != tok.unk_token_id])
+
+    # -- scores: Eq. 7 on the connector's input, summed per pixel-shuffle group --------------------------------
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        handle.add_hook(
+            self.inner.connector.register_forward_pre_hook(functools.partial(self._connector_hook, handle))
+        )
+
+    @torch.no_grad()
+    def _connector_hook(self, handle: GlobalComHandle, module: Any, args: tuple) -> None:
+        state = handle.state
+        if state.capturing:
+            state.scores.append(merge_pool(cosine_scores(args[0]), self.factor))
+
+    # -- placeholder check: Idefics3 merges in inputs_merger, SmolVLM through get_placeholder_mask -------------
+    def install_placeholder_check(self, handle: GlobalComHandle) -> None:
+        if hasattr(self.inner, "get_placeholder_mask"):
+            super().install_placeholder_check(handle)
+            return
+        original = self.inner.inputs_merger
+
+        @functools.wraps(original)
+        def inputs_merger(input_ids: Any, inputs_embeds: Any, image_hidden_states: Any) -> Any:
+            self.check_image_tokens(handle, input_ids, inputs_embeds, image_hidden_states)
+            return original(input_ids, inputs_embeds, image_hidden_states)
+
+        handle.patch(self.inner, "inputs_merger", inputs_merger)
+
+    def placeholder_run_counts(self, plans: list[Any]) -> list[int]:
+        """Every run the plans need, in prompt order: each crop's kept tokens, then the thumbnail's."""
+        runs: list[int] = []
+        for p in plans:
+            runs += [int(k) for k in p.crop_keep_counts] + [int(p.thumbnail_mask.sum())]
+        return runs
+
+    # -- processor side ----------------------------------------------------------------------------------------
+    def install_budget_counts(self, handle: GlobalComHandle) -> None:
+        proc = self.processor
+        handle.patch(
+            proc, "replace_image_token", functools.partial(self._replace_image_token, proc.replace_image_token)
+        )
+        if hasattr(proc, "_get_num_multimodal_tokens"):  # Idefics3Processor only
+            handle.patch(
+                proc,
+                "_get_num_multimodal_tokens",
+                functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),
+            )
+
+    def emitted_runs(self, tiles: int) -> list[int]:
+        """Placeholders the budget-mode processor writes per run for an image of ``tiles`` tiles: the thumbnail's
+        int(N*R) and the crop budget int(R*n*N) spread evenly (the model moves the markers to the real split)."""
+        n_tok = self.g * self.g
+        if tiles == 1:
+            return [self.num_image_tokens_for_tiles(1)]
+        n = tiles - 1
+        thumb, crops = budget_counts(
+            n_tok, n * n_tok, internvl_image_ratio(self.config, tiles, n_tok)
+        )
+        even = torch.full((n,), n_tok, dtype=torch.long)
+        return [*split_budget(crops, even.double(), even).tolist(), thumb]
+
+    @staticmethod
+    def _tiles_of(rows: int, cols: int) -> int:
+        return num_tiles(max(rows, 1), max(cols, 1))  # rows = cols = 0: the global image alone
+
+    def _replace_image_token(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]
+        cols = [c for sample in image_inputs["cols"] for c in sample][image_idx]
+        counts = self.emitted_runs(self._tiles_of(int(rows), int(cols)))
+        token = self.processor.image_token
+        parts = original.__func__(_OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs).split(token)
+        if len(parts) != len(counts) + 1:
+            raise RuntimeError(f"GlobalCom²: expected {len(counts)} placeholder runs, found {len(parts) - 1}")
+        return "".join(part + token * c for part, c in zip(parts, counts, strict=False)) + parts[-1]
+
+    def _num_multimodal_tokens(self, original: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
+        out = original(image_sizes=image_sizes, **kwargs)
+        patches = getattr(out, "num_image_patches", None)
+        if patches is not None:  # HF's count (markers included) less the uncompressed runs plus the budget ones
+            n_tok = self.g * self.g
+            tiles = [max(int(t), 1) for t in patches]
+            out.num_image_tokens = [
+                int(c) - t * n_tok + self.num_image_tokens_for_tiles(t)
+                for c, t in zip(out.num_image_tokens, tiles, strict=True)
+            ]
+        return out
+
+    def _process_images(self, original: Any, images: Any, **kwargs: Any) -> Any:
+        processed, replacements = original(images, **kwargs)
+        if "rows" in processed:  # the image processor's own split; (0, 0) = the global image alone
+            processed[GRID_KEY] = [
+                [max(int(r), 1), max(int(c), 1)]
+                for rs, cs in zip(processed["rows"], processed["cols"], strict=True)
+                for r, c in zip(rs, cs, strict=True)
+            ]
+        return processed, replacements
+
+    # -- model side --------------------------------------------------------------------------------------------
+    def _select(
+        self, handle: GlobalComHandle, features: Any, scores: torch.Tensor, grids: Any
+    ) -> list[torch.Tensor]:
+        """Keep each image's selected tokens; one ``(kept, D)`` tensor per sample (HF's ``pooler_output``)."""
+        n_tok = self.g * self.g
+        per_sample = list(features)
+        flat = torch.cat(per_sample).reshape(-1, n_tok, per_sample[0].shape[-1])
+        kept = super()._select(handle, flat, scores, grids)[:, 0]
+        plans: list[Plan] = handle.state.plans or []
+        # Images fill the samples in order: split the kept tokens where each sample's tiles end.
+        tiles = torch.tensor([int(f.shape[0]) // n_tok for f in per_sample])
+        image_tiles = torch.tensor([num_tiles(*p.grid) if p.num_crops else 1 for p in plans])
+        image_end = torch.cumsum(image_tiles, 0)
+        sample_of = torch.searchsorted(torch.cumsum(tiles, 0), image_end - 1, right=True)
+        tokens = torch.zeros(len(per_sample), dtype=torch.long).index_add_(
+            0, sample_of, torch.tensor([p.num_tokens for p in plans], dtype=torch.long)
+        )
+        return list(kept.split(tokens.tolist()))
+
+    def resize_placeholders(
+        self, input_ids: torch.Tensor, plans: list[Any], extra: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Give every crop's run its plan's length; the markers stay (module docstring)."""
+        n_tok = self.g * self.g
+        old: list[int] = []
+        for p in plans:
+            tiles = p.num_crops + 1 if p.num_crops else 1
+            old += self.emitted_runs(tiles) if self.config.mode == "budget" else [n_tok] * tiles
+        hint = (
+            "make the inputs with the processor patched by this apply() (call it again after apply())"
+            if self.config.mode == "budget"
+            else "in reference mode make the inputs with the plain processor"
+        )
+        return resize_marked_runs(
+            input_ids, image_token_id=self.model.config.image_token_id, anchor_ids=self.anchor_ids,
+            old_counts=old, new_counts=self.placeholder_run_counts(plans),
+            pad_token_id=pad_token_id(self.model, self.processor), extra=extra, hint=hint,
+        )  # fmt: skip
+
+    def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
+        if handle.state.context.get(GRID_KEY) is None:
+            return None  # no crop grids: left uncompressed (see the module docstring)
+        features = self.inner.get_image_features(
+            pixel_values=kwargs.pop("pixel_values"),
+            pixel_attention_mask=kwargs.pop("pixel_attention_mask", None),
+            return_dict=True,
+        )
+        return {"image": features}
+
+
+@register_adapter
+class SmolVLMAdapter(Idefics3Adapter):
+    """GlobalCom² for ``SmolVLMForConditionalGeneration`` + ``SmolVLMProcessor`` (Idefics3's layout)."""
+
+    family = "smolvlm"
+    model_class_name = "SmolVLMForConditionalGeneration"
+    processor_class_name = "SmolVLMProcessor"
+
+
+ADAPTER = Idefics3Adapter

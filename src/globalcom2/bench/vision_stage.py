@@ -1,0 +1,426 @@
+"""`globalcom2 bench --vision-stage`: what GlobalCom²'s scoring and selection cost on top of the vision stage.
+
+Per family, side by side in one process, on random-weight towers of the real widths (built offline): CLIP ViT-L/14
+at 336 px for LLaVA-NeXT (features from layer -2), InternViT-300M at 448 px for InternVL and SigLIP-so400m at 384 px
+for LLaVA-OneVision (features from the last layer), each with ``layers`` encoder layers and a tiny LLM. Reported:
+
+- ``plain_ms`` / ``compressed_ms``: ``get_image_features`` on one image's tiles (tower + projector + packing),
+  without instrumentation, plain model vs :func:`globalcom2.apply` (budget mode); their ratio.
+- ``scoring_ms`` and ``selection_ms``: time inside GlobalCom²'s scoring hooks (every hook the handle registered,
+  each wrapped by a timer) and inside its selection (the adapter's ``select_packed`` / ``_select``), from separate
+  instrumented runs (the timers synchronise a GPU); ``share`` = their sum over ``plain_ms``.
+- ``selection_1thread_ms``: that selection replayed on the same inputs with one CPU thread (median of many).
+- ``prefill_plain_ms`` / ``prefill_compressed_ms``: end-to-end prefill, ``model(**inputs)`` (vision stage + LLM
+  forward over the prompt), plain vs compressed.
+
+Timed runs alternate their order round by round (plain first, then compressed first, ...) and the medians are
+reported, so drift on a shared machine hits both alike. Targets are printed next to the figures, never asserted:
+
+- LLaVA-NeXT: compressed vision stage <= 0.97x plain with CLIP-L's 24 layers, i.e. skipping the unused last layer
+  must save 0.72 of a layer's time; with L layers the same saving gives ``1 - 0.72 / L``;
+- families that need the last layer: scoring + selection <= 1 % of the vision stage at 24 layers (``24 / L`` %
+  with L layers: the stage shrinks with L, GlobalCom²'s work does not);
+- selection of a 5-tile image <= 2 ms on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..apply import apply
+from .measure import _DTYPES, _sync, _time_ms, bench_image
+
+FAMILIES = ("llava_next", "internvl", "llava_onevision")
+TARGET_NEXT_24 = 0.97  # compressed / plain vision stage, 24-layer CLIP-L
+TARGET_SHARE_24 = 0.01  # scoring + selection / vision stage, 24-layer tower
+TARGET_SELECTION_MS = 2.0  # one 5-tile image, one CPU thread
+REAL_DEPTH = 24
+
+
+@dataclass
+class StageSettings:
+    """One ``--vision-stage`` run."""
+
+    families: tuple[str, ...] = FAMILIES
+    layers: int = REAL_DEPTH
+    device: str = "cpu"
+    dtype: str = "float32"
+    ratio: float = 0.25
+    repeats: int = 5
+    instrumented: int = 3
+    selection_repeats: int = 50
+    threads: int | None = None
+    seed: int = 0
+    image_sizes: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {
+            "llava_next": (700, 1000),
+            "internvl": (896, 896),
+            "llava_onevision": (768, 768),
+        }
+    )
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+def _llava_next(layers: int):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from ..demo.tiny_model import build_tokenizer, llava_next_config_and_processor
+    from ..demo.tiny_parts import llm_config
+
+    tok = build_tokenizer()
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                              num_hidden_layers=layers, num_attention_heads=16, hidden_act="quick_gelu")  # fmt: skip
+    text = llm_config(LlamaConfig, tok, 64, 1, 2, max_positions=16384)
+    config, processor = llava_next_config_and_processor(tok, vision, text, 336, 14)
+    return config, processor, "LlavaNextForConditionalGeneration", "<image>"
+
+
+def _internvl(layers: int):
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLProcessor, InternVLVisionConfig
+
+    from ..demo.tiny_families import _INTERNVL_SPECIALS, _qwen2
+    from ..demo.tiny_parts import CLIP_MEAN, CLIP_STD, build_family_tokenizer
+    from ..processors import build_processor_without_video
+
+    tok = build_family_tokenizer(_INTERNVL_SPECIALS)
+    vision = InternVLVisionConfig(
+        image_size=448, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+        num_attention_heads=16, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+        use_mean_pooling=False,
+    )  # fmt: skip
+    config = InternVLConfig(  # type: ignore[call-arg]
+        vision_config=vision, text_config=_qwen2(tok, 64, 1, 2), image_seq_length=256, downsample_ratio=0.5,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )  # fmt: skip
+    ip = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
+                                  max_patches=12, image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
+    processor = build_processor_without_video(InternVLProcessor, image_processor=ip, tokenizer=tok,
+                                              image_seq_length=256)  # fmt: skip
+    return config, processor, "InternVLForConditionalGeneration", "<IMG_CONTEXT>"
+
+
+def _onevision(layers: int):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        SiglipVisionConfig,
+    )
+
+    from ..demo.tiny_families import _ONEVISION_SPECIALS, _qwen2, onevision_pinpoints
+    from ..demo.tiny_parts import build_family_tokenizer
+    from ..processors import build_processor_without_video
+
+    tok = build_family_tokenizer(_ONEVISION_SPECIALS)
+    vision = SiglipVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=layers, num_attention_heads=16, vision_use_head=False)  # fmt: skip
+    pinpoints = onevision_pinpoints(384)
+    config = LlavaOnevisionConfig(  # type: ignore[call-arg]
+        vision_config=vision, text_config=_qwen2(tok, 64, 1, 2), image_grid_pinpoints=pinpoints,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=pinpoints,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    processor = build_processor_without_video(
+        LlavaOnevisionProcessor, image_processor=ip, tokenizer=tok, num_image_tokens=729,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    return config, processor, "LlavaOnevisionForConditionalGeneration", "<image>"
+
+
+_BUILDERS: dict[str, Callable[[int], tuple]] = {
+    "llava_next": _llava_next, "internvl": _internvl, "llava_onevision": _onevision,
+}  # fmt: skip
+
+
+def build_family_model(family: str, layers: int, device: str = "cpu", dtype: str = "float32"):
+    """``(model, processor, image_token)``: a random-weight model of ``family`` at real tower width, tiny LLM."""
+    import transformers
+
+    config, processor, cls_name, token = _BUILDERS[family](layers)
+    with torch.device(device):
+        model = getattr(transformers, cls_name)._from_config(config, dtype=_DTYPES[dtype]).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor, token
+
+
+# -- instrumentation ---------------------------------------------------------------------------------------------
+class _Timers:
+    """Times GlobalCom²'s scoring hooks and its selection during a call (instance-level wrappers, undone on exit)."""
+
+    SELECTIONS = ("select_packed", "_select")
+
+    def __init__(self, handle: Any, device: torch.device) -> None:
+        self.handle, self.device = handle, device
+        self.scoring_ms = self.selection_ms = 0.0
+        self._undo: list[Callable[[], None]] = []
+
+    def _timed(self, fn: Callable, kind: str) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _sync(self.device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                ms = (time.perf_counter() - start) * 1e3
+                setattr(self, kind, getattr(self, kind) + ms)
+
+        return wrapper
+
+    def __enter__(self) -> _Timers:
+        for hook in self.handle._hooks:  # every module hook GlobalCom² registered: the scoring
+            table = hook.hooks_dict_ref()
+            if table is not None and hook.id in table:
+                fn = table[hook.id]
+                table[hook.id] = self._timed(fn, "scoring_ms")
+                self._undo.append(lambda t=table, i=hook.id, f=fn: t.__setitem__(i, f))
+        adapter = self.handle.adapter
+        for name in self.SELECTIONS:
+            if hasattr(adapter, name):
+                setattr(adapter, name, self._timed(getattr(adapter, name), "selection_ms"))
+                self._undo.append(lambda n=name: delattr(adapter, n))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for undo in reversed(self._undo):
+            undo()
+
+
+def _selection_replay(handle: Any, encode: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``encode`` once, recording the selection's inputs; returns a function that replays the selection."""
+    adapter = handle.adapter
+    name = next(n for n in _Timers.SELECTIONS if hasattr(adapter, n))
+    original = getattr(adapter, name)
+    seen: dict[str, Any] = {}
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        seen["args"], seen["kwargs"] = args, kwargs
+        seen["scores"] = list(handle.state.scores)
+        return original(*args, **kwargs)
+
+    setattr(adapter, name, record)
+    try:
+        encode()
+    finally:
+        delattr(adapter, name)
+
+    def replay() -> Any:
+        handle.state.scores = list(seen["scores"])
+        return original(*seen["args"], **seen["kwargs"])
+
+    return replay
+
+
+# -- the benchmark -----------------------------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def next_target(layers: int) -> float:
+    """LLaVA-NeXT's target ratio with ``layers`` tower layers (0.97 at 24: 0.72 of a layer saved)."""
+    return 1.0 - (1.0 - TARGET_NEXT_24) * REAL_DEPTH / layers
+
+
+def share_target(layers: int) -> float:
+    """The scoring + selection share target with ``layers`` tower layers (1 % at 24)."""
+    return TARGET_SHARE_24 * REAL_DEPTH / layers
+
+
+def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every figure of one family (see the module docstring)."""
+    device = torch.device(s.device)
+    dtype = _DTYPES[s.dtype]
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    model, processor, token = build_family_model(family, s.layers, s.device, s.dtype)
+    log(f"[{family}] built in {time.perf_counter() - t0:.1f} s")
+    image = bench_image(*s.image_sizes[family], seed=s.seed)
+    prompt = f"USER: {token}\nIs there a dog in the image? ASSISTANT:"
+
+    def process() -> dict[str, Any]:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return dict(inputs)
+
+    plain_inputs = process()
+    with apply(model, processor, ratio=s.ratio):
+        comp_inputs = process()
+    vision_keys = [k for k in comp_inputs if k not in ("input_ids", "attention_mask")]
+    num_tiles = int(
+        plain_inputs["pixel_values"].reshape(-1, *plain_inputs["pixel_values"].shape[-3:]).shape[0]
+    )
+
+    def vision(inputs: dict) -> Any:
+        return model.model.get_image_features(**{k: inputs[k] for k in vision_keys if k in inputs})
+
+    def prefill(inputs: dict) -> Any:
+        return model(**inputs, logits_to_keep=1)
+
+    runs: dict[str, list[float]] = {
+        k: [] for k in ("plain", "compressed", "prefill_plain", "prefill_compressed")
+    }
+    with torch.inference_mode():
+        for inputs in (plain_inputs, comp_inputs):  # warm-up, untimed
+            ctx = (
+                apply(model, processor, ratio=s.ratio) if inputs is comp_inputs else contextlib.nullcontext()
+            )
+            with ctx:
+                vision(inputs)
+                prefill(inputs)
+        for rep in range(s.repeats):
+            log(f"[{family}] round {rep + 1}/{s.repeats}")
+            order = ("plain", "compressed") if rep % 2 == 0 else ("compressed", "plain")
+            for setting in order:
+                inputs = plain_inputs if setting == "plain" else comp_inputs
+                ctx = (
+                    apply(model, processor, ratio=s.ratio)
+                    if setting == "compressed"
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    runs[setting].append(_time_ms(lambda i=inputs: vision(i), device)[1])
+                    runs[f"prefill_{setting}"].append(_time_ms(lambda i=inputs: prefill(i), device)[1])
+        scoring, selection = [], []
+        with apply(model, processor, ratio=s.ratio) as handle:
+            for _ in range(s.instrumented):
+                with _Timers(handle, device) as timers:
+                    vision(comp_inputs)
+                scoring.append(timers.scoring_ms)
+                selection.append(timers.selection_ms)
+            replay = _selection_replay(handle, lambda: vision(comp_inputs))
+            with _threads(1):
+                replay()
+                one_thread = [_time_ms(replay, device)[1] for _ in range(s.selection_repeats)]
+    plain, comp = _median(runs["plain"]), _median(runs["compressed"])
+    score_ms, select_ms = _median(scoring), _median(selection)
+    rec: dict[str, Any] = {
+        "family": family, "layers": s.layers, "tiles": num_tiles, "image_size": list(s.image_sizes[family]),
+        "needs_last_layer": model.config.vision_feature_layer in (-1, [-1]),
+        "plain_ms": plain, "compressed_ms": comp, "ratio": comp / plain,
+        "scoring_ms": score_ms, "selection_ms": select_ms, "share": (score_ms + select_ms) / plain,
+        "selection_1thread_ms": _median(one_thread),
+        "prefill_plain_ms": _median(runs["prefill_plain"]), "prefill_compressed_ms": _median(runs["prefill_compressed"]),
+        "runs": runs, "scoring_runs": scoring, "selection_runs": selection, "selection_1thread_runs": one_thread,
+    }  # fmt: skip
+    rec["prefill_ratio"] = rec["prefill_compressed_ms"] / rec["prefill_plain_ms"]
+    return rec
+
+
+def run_vision_stage(s: StageSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole ``--vision-stage`` benchmark: one record per family, then the targets."""
+    import platform
+
+    import transformers
+
+    t0 = time.perf_counter()
+    with _threads(s.threads):
+        records = [bench_family(f, s, log) for f in s.families]
+        threads = torch.get_num_threads()
+    device = (
+        torch.cuda.get_device_name(torch.device(s.device))
+        if s.device.startswith("cuda")
+        else f"CPU ({platform.processor() or platform.machine()}), {threads} thread{'s' * (threads != 1)}"
+    )
+    meta = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+            "settings": asdict(s), "seconds": time.perf_counter() - t0,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+    return {"meta": meta, "records": records, "targets": evaluate_stage_targets(records, s.layers)}
+
+
+def evaluate_stage_targets(records: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
+    """The issue's targets judged on the records (reported, never asserted)."""
+    out = []
+    for r in records:
+        if r["family"] == "llava_next":
+            t = next_target(layers)
+            out.append({"target": f"llava_next: compressed / plain vision stage <= {t:.3f} "
+                        f"(0.97 at 24 layers; {layers} here)", "value": r["ratio"], "unit": "x", "met": r["ratio"] <= t})  # fmt: skip
+        if r["needs_last_layer"]:
+            t = share_target(layers)
+            out.append({"target": f"{r['family']}: scoring + selection <= {100 * t:.2f} % of the vision stage "
+                        f"(1 % at 24 layers; {layers} here)", "value": r["share"], "unit": "%", "met": r["share"] <= t})  # fmt: skip
+        if r["tiles"] == 5:
+            out.append({"target": f"{r['family']}: selection of a 5-tile image <= 2 ms on one CPU thread",
+                        "value": r["selection_1thread_ms"], "unit": "ms", "met": r["selection_1thread_ms"] <= TARGET_SELECTION_MS})  # fmt: skip
+    return out
+
+
+def format_stage(result: dict[str, Any]) -> str:
+    """The side-by-side table and the targets as text."""
+    meta = result["meta"]
+    s = meta["settings"]
+    lines = [
+        f"Vision stage, plain vs GlobalCom² (R = {s['ratio']:g}, budget mode): {meta['device']}, {s['dtype']}, "
+        f"{s['layers']}-layer towers, median of {s['repeats']} interleaved runs (ms)",
+        "",
+        "| family | tiles | plain | compressed | ratio | scoring | selection | share | selection, 1 thread "
+        "| prefill plain | prefill compressed | prefill ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        lines.append(
+            f"| {r['family']} | {r['tiles']} | {r['plain_ms']:.1f} | {r['compressed_ms']:.1f} | {r['ratio']:.3f} | "
+            f"{r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {100 * r['share']:.2f} % | "
+            f"{r['selection_1thread_ms']:.2f} | {r['prefill_plain_ms']:.1f} | {r['prefill_compressed_ms']:.1f} | "
+            f"{r['prefill_ratio']:.3f} |"
+        )
+    lines += ["", "Targets (reported, not asserted):"]
+    for t in result["targets"]:
+        value = t["value"]
+        unit = t["unit"]
+        shown = (
+            f"{100 * value:.2f} %" if unit == "%" else f"{value:.3f}x" if unit == "x" else f"{value:.2f} ms"
+        )
+        lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {shown}")
+    return "\n".join(lines)
+
+
+def cmd_vision_stage(args: Any) -> int:
+    """``globalcom2 bench --vision-stage`` (options shared with ``bench``: device, dtype, layers, repeats, ...)."""
+    from .cli import _resolve_device
+
+    device = _resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    families = tuple(args.families.split(",")) if getattr(args, "families", None) else FAMILIES
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        from ..cli_common import CLIError
+
+        raise CLIError(f"unknown --families {unknown}; choose from {', '.join(FAMILIES)}")
+    settings = StageSettings(
+        families=families, layers=args.vision_layers or REAL_DEPTH, device=device, dtype=dtype,
+        ratio=args.ratios[0] if len(args.ratios) == 1 else 0.25, repeats=args.repeats or 5, threads=args.threads,
+    )  # fmt: skip
+    result = run_vision_stage(settings, log=lambda m: print(m, flush=True))
+    print()
+    print(format_stage(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    return 0

@@ -1,0 +1,438 @@
+"""PruMerge and PruMerge+ (Shang et al., "LLaVA-PruMerge", ICCV 2025), per tile of a LLaVA-NeXT image.
+
+The rule (paper Sec. 3.2-3.3 and Algorithm 1, with the defaults of the authors' public code):
+
+1. **[CLS] attention** (Sec. 3.2, Eq. 2): a = softmax(q_cls K^T / sqrt(d)) of the vision tower's last layer, computed
+   from that layer's input -- the penultimate-layer features LLaVA reads -- with the layer's own pre-norm and
+   query/key projections. ``attention="full"`` (default) is the public code's form: one attention over the whole
+   width (d = hidden size, all heads together); ``attention="heads"`` is the layer's real multi-head attention,
+   softmax per head then the mean over heads (FasterVLM's score). The softmax runs over every key ([CLS] included);
+   a keeps the patch columns.
+2. **Adaptive selection by outliers** (Sec. 3.2, AITS): the tokens with a_i > Q3 + 1.5 * IQR (interquartile range of
+   the tile's a, quartiles by linear interpolation as ``numpy.percentile``) are kept. Their number is adaptive: it
+   is *not* set by R. A tile without outliers keeps its top token (ties by :mod:`globalcom2.core.ranking`).
+3. **PruMerge+** adds spatially uniform samples: with m outliers among N tokens, step s = max(1, floor(N / m) // 3)
+   and the tokens at raster positions 0, s, 2s, ... below N - 1 (the public code's ``arange(0, 575, s)`` for
+   N = 576) are kept too (so about 4 m tokens).
+4. **Merge** (Sec. 3.3, TS, Algorithm 1 lines 4-8): every kept token y_p takes its k nearest tokens among all
+   *other* tokens of the tile (kept or pruned) by cosine similarity of the last layer's keys (k = 32, ties: the
+   earlier token wins) and becomes y'_p = y_p + sum_q a_q y_q (the public code's unnormalised weighted sum).
+   With ``extra_token=True`` (public code) each tile also hands on one more token, sum over its pruned tokens of
+   a_j y_j.
+
+Applied per tile: the thumbnail and every crop separately, each crop on its valid (unpadded) tokens only, which
+then play the role of the tile (N = the crop's valid tokens, raster positions in its valid-token list). The merge
+acts on the projector's input (CLIP space, as in the public code); the merged tokens are projected by the model's
+own projector. An image encoded as a single tile is not compressed (as by every method here).
+
+**Counts and R.** PruMerge's count depends on the image's attention, not on R: ``ratio`` is recorded on the handle
+but not used (``METHODS["prumerge"].uses_ratio`` is False); the plans report what was kept. The count is only known
+after the vision tower has run, so the processor stays unpatched and ``forward``/``generate`` run as in reference
+mode: the call encodes the images first and resizes each image's placeholder run to its plan's count
+(:meth:`~globalcom2.adapters.family.FamilyAdapter._reference_call`).
+
+**Token order** handed to the LLM: the thumbnail's kept tokens in raster order (then its extra token), the kept
+crop tokens in raster order of the unpadded crop grid with one ``image_newline`` after every row (as HF packs),
+then the crops' extra tokens in crop order.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.anyres import AnyresGeometry, footprint, packed_positions
+from ..adapters.base import GlobalComHandle
+from ..adapters.llava_next import LlavaNextAdapter
+from ..adapters.towers import TowerInfo
+from ..core.layout import grid_to_tiles, tiles_to_grid
+from ..core.plan import Plan
+from ..core.ranking import descending_rank
+from .vision import image_sizes_list
+
+#: Options of ``prumerge`` / ``prumerge+`` and their defaults (the public code's).
+PRUMERGE_OPTIONS: dict[str, Any] = {"k": 32, "attention": "full", "extra_token": True}
+ATTENTIONS = ("full", "heads")
+
+__all__ = [
+    "ATTENTIONS",
+    "PRUMERGE_OPTIONS",
+    "PruMergeAdapter",
+    "PruMergePlan",
+    "iqr_outliers",
+    "merge_tokens",
+    "plan_prumerge",
+    "prumerge_attention",
+    "spatial_samples",
+    "tile_valid_mask",
+]
+
+
+def check_options(k: Any, attention: Any, extra_token: Any) -> tuple[int, str, bool]:
+    """Validate PruMerge's options (TypeError for a wrong type, ValueError for a wrong value)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"`k` must be an int, got {type(k).__name__} {k!r}")
+    if int(k) < 1:
+        raise ValueError(f"`k` (neighbours merged into each kept token) must be >= 1, got {k}")
+    if attention not in ATTENTIONS:
+        raise ValueError(
+            f"`attention` must be one of {', '.join(repr(a) for a in ATTENTIONS)}; got {attention!r}"
+        )
+    if not isinstance(extra_token, bool):
+        raise TypeError(f"`extra_token` must be a bool, got {type(extra_token).__name__} {extra_token!r}")
+    return int(k), str(attention), extra_token
+
+
+# -------------------------------------------------------------------------------------------- the rule
+
+
+@torch.no_grad()
+def prumerge_attention(
+    hidden: torch.Tensor, tower: TowerInfo, attention: str = "full"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] attention over the patches and the patches' keys of the tower's last layer (step 1).
+
+    Args:
+        hidden: ``(T, P + N, D)`` input of the last layer (P prefix tokens, [CLS] first).
+        tower: the tower's scoring pieces (norm, q/k projections, heads, prefix tokens).
+        attention: ``"full"`` (one attention over the whole width, scale D^-1/2) or ``"heads"`` (per-head softmax,
+            mean over heads).
+
+    Returns:
+        ``(scores, keys)``: float32 ``(T, N)`` attention probabilities of the patch keys and ``(T, N, D)`` keys.
+    """
+    x = tower.norm(hidden)
+    q = tower.q_proj(x[:, :1]).float()  # (T, 1, D): the [CLS] query only
+    k = tower.k_proj(x).float()  # (T, P + N, D)
+    t, s, d = k.shape
+    if attention == "full":
+        probs = ((q @ k.transpose(-1, -2)).squeeze(1) * d**-0.5).softmax(-1)
+    elif attention == "heads":
+        h = tower.num_heads
+        qh = q.view(t, 1, h, d // h).transpose(1, 2)  # (T, H, 1, dh)
+        kh = k.view(t, s, h, d // h).transpose(1, 2)  # (T, H, S, dh)
+        probs = ((qh @ kh.transpose(-1, -2)).squeeze(2) * (d // h) ** -0.5).softmax(-1).mean(1)
+    else:
+        raise ValueError(f"`attention` must be one of {ATTENTIONS}, got {attention!r}")
+    p = tower.num_prefix_tokens
+    return probs[:, p:], k[:, p:]
+
+
+def iqr_outliers(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool ``(T, N)``: the tokens with a > Q3 + 1.5 * IQR among each tile's valid tokens (step 2).
+
+    Quartiles by linear interpolation over the valid tokens (``numpy.percentile``'s default), in float64. A tile
+    with valid tokens but no outlier keeps its top token (the tie rule picks among equal scores).
+    """
+    x = scores.double().masked_fill(~valid, float("nan"))
+    q1 = torch.nanquantile(x, 0.25, dim=-1, keepdim=True)
+    q3 = torch.nanquantile(x, 0.75, dim=-1, keepdim=True)
+    out = (x > q3 + 1.5 * (q3 - q1)) & valid  # NaN compares False
+    top = descending_rank(scores.double().masked_fill(~valid, float("-inf"))) == 0
+    return out | (top & valid & ~out.any(-1, keepdim=True))
+
+
+def spatial_samples(outliers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool ``(T, N)``: PruMerge+'s spatially uniform samples (step 3), on each tile's valid-token list."""
+    n = valid.sum(-1, keepdim=True)
+    m = outliers.sum(-1, keepdim=True).clamp_min(1)
+    step = ((n // m) // 3).clamp_min(1)
+    pos = valid.long().cumsum(-1) - 1  # index in the tile's valid-token list
+    return valid & (pos % step == 0) & (pos < n - 1)
+
+
+def merge_tokens(
+    features: torch.Tensor,
+    keys: torch.Tensor,
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4: every kept token plus its k key-nearest tokens weighted by their attention; the pruned remainder.
+
+    Args:
+        features: ``(T, N, C)`` tokens y (the projector's input).
+        keys: ``(T, N, D)`` keys of the last layer.
+        scores: ``(T, N)`` [CLS] attention a.
+        keep: Bool ``(T, N)`` kept tokens; valid: Bool ``(T, N)`` the tile's tokens (padding excluded).
+        k: neighbours per kept token (fewer when the tile has fewer other tokens).
+
+    Returns:
+        ``(merged, extra)``: ``(T, N, C)`` with y'_p = y_p + sum_{q in kNN(p)} a_q y_q on every row (only the kept
+        rows are used), and ``(T, C)`` sum over pruned valid tokens of a_j y_j. Both in ``features``' dtype.
+    """
+    t, n, _ = keys.shape
+    unit = F.normalize(keys.float(), dim=-1)
+    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=keys.device)  # (T, N, N)
+    sim = (unit @ unit.transpose(-1, -2)).masked_fill(~others, float("-inf"))
+    neighbours = (descending_rank(sim) < k) & others  # stable sort: the earlier token wins a tie
+    a = scores.float()
+    y = features.float()
+    weights = neighbours.float() * a[:, None, :]  # (T, N, N): a_q where q is a neighbour of p
+    merged = y + weights @ y
+    extra = ((valid & ~keep).float() * a)[:, None, :] @ y  # (T, 1, C)
+    return merged.to(features.dtype), extra[:, 0].to(features.dtype)
+
+
+# -------------------------------------------------------------------------------------------- one image
+
+
+def tile_valid_mask(geo: AnyresGeometry, device: Any = None) -> torch.Tensor:
+    """Bool ``(1 + rows*cols, g*g)``: the thumbnail (all valid), then each crop's cells inside the valid box."""
+    rows, cols = geo.grid
+    g = geo.g
+    top, bottom, left, right = geo.box
+    grid = torch.zeros(rows * g, cols * g, dtype=torch.bool, device=device)
+    grid[top:bottom, left:right] = True
+    crops = grid_to_tiles(grid, rows, cols).reshape(rows * cols, g * g)
+    return torch.cat([torch.ones(1, g * g, dtype=torch.bool, device=device), crops])
+
+
+def _tile_positions(geo: AnyresGeometry, newline: bool, device: Any = None) -> torch.Tensor:
+    """Long ``(1 + rows*cols, g*g)``: each tile token's row in HF's packed sequence (-1 on padding)."""
+    rows, cols = geo.grid
+    g = geo.g
+    top, bottom, left, right = geo.box
+    grid = torch.full((rows * g, cols * g), -1, dtype=torch.long, device=device)
+    grid[top:bottom, left:right] = packed_positions(geo, newline, device)[:, : right - left]
+    crops = grid_to_tiles(grid, rows, cols).reshape(rows * cols, g * g)
+    return torch.cat([torch.arange(g * g, device=device)[None], crops])
+
+
+@dataclass
+class PruMergePlan(Plan):
+    """`Plan` of PruMerge(+): the masks mark the kept tokens, each of which carries its merged neighbours.
+
+    Attributes:
+        outlier_counts: Long ``(1 + rows*cols,)``: IQR outliers per tile (thumbnail first).
+        sample_counts: Long ``(1 + rows*cols,)``: tokens added by PruMerge+'s spatial sampling (0 for PruMerge).
+        extra_tokens: tokens made of each tile's pruned remainder (one per tile with ``extra_token``, else 0).
+        neighbours: k of the merge.
+    """
+
+    outlier_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    sample_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    extra_tokens: int = 0
+    neighbours: int = 0
+
+    def summary(self) -> dict:
+        out = super().summary()
+        out.update(
+            outlier_counts=[int(c) for c in self.outlier_counts],
+            sample_counts=[int(c) for c in self.sample_counts],
+            extra_tokens=self.extra_tokens,
+            neighbours=self.neighbours,
+        )
+        return out
+
+
+def prumerge_keep(scores: torch.Tensor, valid: torch.Tensor, plus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, outliers)``: Bool ``(T, N)`` kept tokens (outliers, plus PruMerge+'s samples) and the outliers."""
+    outliers = iqr_outliers(scores, valid)
+    keep = outliers | spatial_samples(outliers, valid) if plus else outliers
+    return keep, outliers
+
+
+def plan_prumerge(
+    tile_scores: torch.Tensor,
+    geo: AnyresGeometry,
+    *,
+    plus: bool,
+    newline: bool = True,
+    extra_token: bool = True,
+    k: int = 32,
+) -> tuple[PruMergePlan, torch.Tensor, torch.Tensor]:
+    """Which tokens PruMerge(+) keeps in one tiled LLaVA-NeXT image, and where they go (steps 2-3).
+
+    Args:
+        tile_scores: ``(1 + rows*cols, g*g)`` [CLS] attention per tile, thumbnail first (:func:`prumerge_attention`).
+        geo: the image's geometry (crop tokens = the valid box: LLaVA-NeXT).
+        plus: PruMerge+ (add the spatial samples).
+        newline: whether HF appends ``image_newline`` after every crop row.
+        extra_token: whether each tile hands on its pruned remainder as one more token.
+        k: recorded in the plan.
+
+    Returns:
+        ``(plan, keep, valid)``: Bool ``(1 + rows*cols, g*g)`` kept and valid tile tokens.
+    """
+    if geo.resampled:
+        raise ValueError("plan_prumerge: the crop tokens must be the valid box (LLaVA-NeXT geometry)")
+    rows, cols = geo.grid
+    g = geo.g
+    device = tile_scores.device
+    valid = tile_valid_mask(geo, device)
+    keep, outliers = prumerge_keep(tile_scores, valid, plus)
+    top, bottom, left, right = geo.box
+    crop_grid = tiles_to_grid(keep[1:].reshape(rows * cols, g, g), rows, cols)
+    kept_counts = keep[1:].sum(-1)
+    valid_counts = valid[1:].sum(-1)
+    height = bottom - top
+    tiles = 1 + rows * cols
+    num_tokens = int(keep.sum()) + (height if newline else 0) + (tiles if extra_token else 0)
+    plan = PruMergePlan(
+        grid=geo.grid,
+        thumbnail_mask=keep[0].reshape(g, g),
+        crops_mask=footprint(crop_grid[top:bottom, left:right], geo.box, (rows * g, cols * g)),
+        crop_ratios=kept_counts.float() / valid_counts.clamp_min(1).float(),
+        num_tokens=num_tokens,
+        num_tokens_full=geo.num_tokens(None, newline),
+        valid_box=geo.box,
+        crop_keep_counts=kept_counts,
+        crop_valid_counts=valid_counts,
+        mode="prumerge+" if plus else "prumerge",
+        thumbnail_order=keep[0].nonzero().reshape(-1),
+        outlier_counts=outliers.sum(-1),
+        sample_counts=(keep & ~outliers).sum(-1),
+        extra_tokens=tiles if extra_token else 0,
+        neighbours=k,
+    )
+    return plan, keep, valid
+
+
+def emit_image(
+    seq: torch.Tensor,
+    projected: torch.Tensor,
+    extra: torch.Tensor | None,
+    keep: torch.Tensor,
+    geo: AnyresGeometry,
+    newline: bool,
+) -> torch.Tensor:
+    """The token run of one image handed to the LLM (order in the module docstring).
+
+    Args:
+        seq: HF's packed sequence of the image (thumbnail, then the crop rows with their newlines).
+        projected: ``(keep.sum(), C)`` projected merged tokens, in ``keep.nonzero()`` order (tile by tile).
+        extra: ``(1 + rows*cols, C)`` projected remainder tokens, or None.
+        keep: Bool ``(1 + rows*cols, g*g)``.
+    """
+    positions = _tile_positions(geo, newline, seq.device)
+    merged_seq = seq.clone()
+    merged_seq[positions[keep]] = projected.to(seq.dtype)
+    g2 = geo.g**2
+    thumb = merged_seq[:g2][keep[0]]
+    row_keep = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    row_keep[positions[1:][keep[1:]]] = True
+    crops = packed_positions(geo, newline, seq.device)
+    width = geo.token_grid[1]
+    crops_keep = torch.cat(
+        [row_keep[crops[:, :width]], row_keep.new_ones(crops.shape[0], int(newline))], dim=1
+    )
+    if extra is None:
+        return torch.cat([thumb, merged_seq[crops[crops_keep]]])
+    extra = extra.to(seq.dtype)
+    return torch.cat([thumb, extra[:1], merged_seq[crops[crops_keep]], extra[1:]])
+
+
+# -------------------------------------------------------------------------------------------- the adapter
+
+
+class PruMergeAdapter(LlavaNextAdapter):
+    """PruMerge / PruMerge+ on LLaVA-NeXT (see the module docstring).
+
+    What it swaps in the shared pipeline: its own last-layer hook (the [CLS] attention of step 1 and the keys), a
+    pre-hook on the projector that records the tokens y, and the rows of each packed image (merged, projected
+    tokens instead of a selection of HF's rows). The config runs in ``mode="reference"`` so that ``forward`` /
+    ``generate`` resize the placeholder runs to the adaptive counts.
+    """
+
+    def __init__(self, model: Any, processor: Any, config: Any, *, plus: bool, k: int = 32,
+                 attention: str = "full", extra_token: bool = True) -> None:  # fmt: skip
+        self.k, self.attention, self.extra_token = check_options(k, attention, extra_token)
+        self.plus = bool(plus)
+        self._handle: GlobalComHandle | None = None  # the one handle this adapter is installed on
+        super().__init__(model, processor, config)
+        if not self.tower.has_cls:
+            raise ValueError(
+                f"PruMerge ranks tokens by [CLS] attention; the {self.tower.name} vision tower has no [CLS] token"
+            )
+
+    # -- per-encode stash (this thread's ForwardState) ---------------------------------------------------------
+    @staticmethod
+    def _stash(handle: GlobalComHandle) -> dict[str, list[torch.Tensor]]:
+        return handle.state.context.setdefault("prumerge", {"keys": [], "inputs": []})
+
+    def pop_encode_inputs(self, kwargs: dict) -> dict:
+        """A new encode starts: forget the keys and tokens of the previous one."""
+        if self._handle is not None:
+            self._stash(self._handle).update(keys=[], inputs=[])
+        return super().pop_encode_inputs(kwargs)
+
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        self._handle = handle
+        t = self.tower
+        hook = t.last_layer.register_forward_pre_hook(functools.partial(self._attention_hook, handle),
+                                                      with_kwargs=True)  # fmt: skip
+        handle.add_hook(hook)
+        hook = self.inner.multi_modal_projector.register_forward_pre_hook(
+            functools.partial(self._projector_hook, handle)
+        )
+        handle.add_hook(hook)
+
+    @torch.no_grad()
+    def _attention_hook(self, handle: GlobalComHandle, module: Any, args: tuple, kwargs: dict) -> None:
+        state = handle.state
+        if not state.capturing:
+            return
+        scores, keys = prumerge_attention(
+            args[0] if args else kwargs["hidden_states"], self.tower, self.attention
+        )
+        state.scores.append(scores)
+        self._stash(handle)["keys"].append(keys)
+
+    @torch.no_grad()
+    def _projector_hook(self, handle: GlobalComHandle, module: Any, args: tuple) -> None:
+        if handle.state.capturing:
+            self._stash(handle)["inputs"].append(args[0])
+
+    # -- the packed rows of every image --------------------------------------------------------------------------
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        scores = self.take_scores(handle)
+        stash = self._stash(handle)
+        keys, inputs = torch.cat(stash["keys"]), torch.cat(stash["inputs"])
+        stash.update(keys=[], inputs=[])
+        if not keys.shape[0] == inputs.shape[0] == scores.shape[0]:
+            raise RuntimeError(
+                f"PruMerge: {scores.shape[0]} tiles were scored but the projector saw {inputs.shape[0]}"
+            )
+        newline = arguments.get("image_newline") is not None
+        projector = self.inner.multi_modal_projector
+        plans: list[Plan] = []
+        out, offset = [], 0
+        for feats, seq, size in zip(arguments["image_features"], packed, image_sizes_list(arguments["image_sizes"]),
+                                    strict=True):  # fmt: skip
+            tiles = slice(offset, offset + int(feats.shape[0]))
+            offset = tiles.stop
+            if tiles.stop - tiles.start == 1:  # a single tile is not compressed (as by every method here)
+                plan, index = self.plan_single_tile(newline, seq.device)
+                out.append(seq[index])
+                plans.append(plan)
+                continue
+            geo = self.geometry(size)
+            s = scores[tiles].to(seq.device)
+            plan, keep, valid = plan_prumerge(s, geo, plus=self.plus, newline=newline,
+                                              extra_token=self.extra_token, k=self.k)  # fmt: skip
+            if seq.shape[0] != plan.num_tokens_full:
+                raise RuntimeError(
+                    f"PruMerge: HF packed {seq.shape[0]} tokens for an image of {size[0]}x{size[1]}, the geometry "
+                    f"gives {plan.num_tokens_full}; this transformers version packs differently"
+                )
+            y = inputs[tiles].to(seq.device)
+            merged, extra = merge_tokens(y, keys[tiles].to(seq.device), s, keep, valid, self.k)
+            rows = torch.cat([merged[keep], extra]) if self.extra_token else merged[keep]
+            proj = projector.forward(rows)  # .forward: not through the recording pre-hook
+            n_kept = int(keep.sum())
+            out.append(emit_image(seq, proj[:n_kept], proj[n_kept:] if self.extra_token else None, keep, geo,
+                                  newline))  # fmt: skip
+            if out[-1].shape[0] != plan.num_tokens:
+                raise RuntimeError("PruMerge: emitted tokens and plan disagree")  # guards the invariant
+            plans.append(plan)
+        if offset != scores.shape[0]:
+            raise RuntimeError(f"PruMerge: {scores.shape[0]} tiles were scored but {offset} were packed")
+        return plans, out

@@ -1,0 +1,836 @@
+"""Multi-stage pruning of image tokens inside a Hugging Face LLM, on forward pre-hooks (FastV, PDrop, SparseVLM).
+
+A method prunes in stages (:class:`~globalcom2.methods.schedule.Schedule`): layer K_s is the first layer of stage s
+and sees a smaller set of image tokens than layer K_s - 1. A stage's tokens are ranked by the attention of a few
+query rows (FastV and PDrop: the last prompt token; SparseVLM: its text raters) in one layer: K_s - 1 (FastV,
+SparseVLM) or K_s (PDrop). Only those rows are computed (:func:`query_attention`: the layer's own norm,
+projections and rotary embedding on the layer's input, the [CLS]-row trick of :mod:`globalcom2.core.scores`
+applied to the LLM), so every layer keeps SDPA / Flash attention and nothing asks for ``output_attentions``.
+
+Everything runs on forward pre-hooks of the decoder layers (no copy of ``LlamaModel.forward``):
+
+- **prefill** (the call whose ``input_ids`` hold image placeholders): at K_s the hook gathers the surviving entries
+  of the current sequence (hidden states, rotary ``(cos, sin)``, ``position_ids``) and builds the causal mask of
+  the shorter sequence against layer K_s's cache; later layers reuse them until the next boundary. Layers of stage
+  s store only stage s's tokens in the KV cache. A method may also *insert* tokens at a boundary (SparseVLM's
+  recycled tokens). A forward hook on the last layer scatters the outputs back to the full length, each dropped
+  token carrying its hidden state from the layer where it was dropped ("early exit"), so ``forward`` returns
+  logits for every input position and ``generate`` sees the last token as usual.
+- **decode** (later calls on the same cache object): each boundary rebuilds the mask from its stage's pruned
+  prompt plus the new tokens, sized against its own cache.
+
+Positions: ``"keep"`` (FastV's code) leaves every surviving token its original position; ``"compact"`` (PDrop's
+and SparseVLM's code) renumbers each stage's sequence without gaps, so a token's position drops by the number of
+tokens removed before it (and grows by the tokens inserted before it); decode tokens are shifted by the stage's
+total, as PDrop's code does.
+
+Samples of a batch keep different numbers of tokens; the pruned batch is padded with masked filler entries that
+are restored afterwards, so every sample's result equals its result alone. Per-forward values live in a per-thread
+state, so several threads can run ``generate`` on one patched model. Beam search (cache reordering) is not
+supported.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..adapters.base import GlobalComHandle
+from ..adapters.llava_next import LlavaNextAdapter
+from ..core.plan import Plan
+from ..core.ranking import topk_mask
+from .layout import ImageTokenLayout, image_token_layout, plan_from_keep, single_tile_layout
+from .schedule import Schedule
+from .vision import image_sizes_list
+
+# -------------------------------------------------------------------------------------------- pure pieces
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(attn: Any):
+    """The rotary function of the attention module's own modelling file (Llama-style fallback)."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if fn is not None:
+        return fn
+
+    def apply(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    return apply
+
+
+def pack_rows(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of every row, in order, padded: ``(index (B, M), valid (B, M))``.
+
+    A compaction, not a ranking (stable sort of a 0/1 key). ``width`` defaults to the longest row.
+    """
+    m = int(mask.sum(1).max()) if width is None else width
+    index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :m]
+    return index, mask.gather(1, index)
+
+
+def query_attention(
+    attn: Any,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean softmax attention of a few query rows over all keys, in one layer (causal, keys up to the query).
+
+    Computed from the attention module's input with its own projections and rotary embedding: O(Q*S*D) work, no
+    (S x S) map.
+
+    Args:
+        attn: the decoder layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
+        hidden: ``(B, S, D)`` the module's input (after the layer's input norm).
+        position_embeddings: ``(cos, sin)``, each ``(B or 1, S, head_dim)``.
+        query_index: Long ``(B, Q)`` sequence index of each query row.
+        key_mask: optional Bool ``(B, S)`` (True = visible key, e.g. not padding).
+
+    Returns:
+        ``(B, Q, S)`` float32 attention probabilities (each row sums to 1 over its visible keys).
+    """
+    b, s, _ = hidden.shape
+    nq = query_index.shape[1]
+    dh = int(attn.head_dim)
+    pos = torch.arange(s, device=hidden.device)
+    visible = pos[None, None, :] <= query_index[:, :, None]  # (B, Q, S)
+    if key_mask is not None:
+        visible = visible & key_mask.to(device=hidden.device, dtype=torch.bool)[:, None, :]
+    rows = torch.arange(b, device=hidden.device)[:, None]
+    q = attn.q_proj(hidden[rows, query_index]).view(b, nq, -1, dh).transpose(1, 2)  # (B, Hq, Q, dh)
+    k = attn.k_proj(hidden).view(b, s, -1, dh).transpose(1, 2)  # (B, Hkv, S, dh)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = position_embeddings
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    rope = _rope(attn)
+    q, _ = rope(q, q, cos[rows, query_index], sin[rows, query_index])
+    _, k = rope(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, Q, S)
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def last_token_attention(
+    attn: Any,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean softmax attention of each sample's last (non-padding) token over all tokens, in one layer.
+
+    :func:`query_attention` with one query row per sample: the last True entry of ``attention_mask``.
+
+    Returns:
+        ``(B, S)`` float32 attention probabilities.
+    """
+    b, s, _ = hidden.shape
+    pos = torch.arange(s, device=hidden.device)
+    if attention_mask is None:
+        last = torch.full((b,), s - 1, device=hidden.device)
+    else:
+        m = attention_mask.to(device=hidden.device, dtype=torch.bool)
+        last = torch.where(m, pos, -1).amax(dim=1).clamp_min(0)
+    return query_attention(attn, hidden, position_embeddings, last[:, None], attention_mask)[:, 0]
+
+
+def group_topk_keep(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep the ``counts[g]`` highest-scoring entries of every group g; entries with group -1 are always kept.
+
+    The groups become rows of a table (entries in position order) and :func:`~globalcom2.core.select.topk_mask`
+    picks the top ``counts[g]`` of row g (paper Eq. 6 applied per group), so ties keep the earlier position.
+    Vectorised over the batch and groups.
+
+    Args:
+        scores: ``(B, S)``.
+        groups: Long ``(B, S)``: group id >= 0 (ids unique across the batch), or -1 = always kept.
+        counts: Long ``(G,)`` entries to keep per group.
+
+    Returns:
+        Bool ``(B, S)``.
+    """
+    flat_g = groups.reshape(-1)
+    keep = flat_g < 0
+    sel = (~keep).nonzero().reshape(-1)  # selectable positions, in position order
+    if sel.numel() == 0:
+        return keep.reshape(groups.shape)
+    g = flat_g[sel]
+    by_group = torch.sort(g, stable=True).indices  # grouped; position order inside each group
+    g_sorted = g[by_group]
+    size = torch.bincount(g_sorted, minlength=counts.numel())
+    col = torch.arange(sel.numel(), device=sel.device) - (torch.cumsum(size, 0) - size)[g_sorted]
+    num_groups, width = int(size.numel()), int(size.max())
+    table = scores.new_full((num_groups, width), float("-inf"), dtype=torch.float32)
+    table[g_sorted, col] = scores.reshape(-1)[sel[by_group]].float()
+    valid = torch.zeros(num_groups, width, dtype=torch.bool, device=sel.device)
+    valid[g_sorted, col] = True
+    k = torch.zeros(num_groups, dtype=torch.long, device=sel.device)
+    k[: counts.numel()] = counts.to(sel.device)
+    chosen = topk_mask(table, k, valid)
+    keep = keep.clone()
+    keep[sel[by_group]] = chosen[g_sorted, col]
+    return keep.reshape(groups.shape)
+
+
+def image_ids(
+    image_mask: torch.Tensor, layouts: list[ImageTokenLayout]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image index and region of every position, -1 / -2 off images; images fill placeholders in row-major order."""
+    dev = image_mask.device
+    image_of = torch.full(image_mask.shape, -1, dtype=torch.long, device=dev)
+    region = torch.full(image_mask.shape, -2, dtype=torch.long, device=dev)
+    lens = torch.tensor([lay.num_tokens for lay in layouts], device=dev)
+    image_of[image_mask] = torch.repeat_interleave(torch.arange(len(layouts), device=dev), lens)
+    region[image_mask] = torch.cat([lay.region for lay in layouts]).to(dev)
+    return image_of, region
+
+
+# -------------------------------------------------------------------------------------------- state
+
+
+RECYCLED = -3  # region id of a token a method inserted (SparseVLM's recycled tokens)
+
+
+@dataclass
+class Selection:
+    """What a method decides at a stage boundary.
+
+    Attributes:
+        keep: Bool ``(B, L)`` over the current sequence: True = the image entry survives (non-image entries are
+            always kept; the pruner enforces it).
+        extras: optional ``(B, C, D)`` hidden states of inserted tokens (they count as image tokens).
+        extras_valid: Bool ``(B, C)`` which of ``extras`` exist.
+        extras_after: Long ``(B,)`` current-sequence index after which the extras are inserted (a kept entry).
+    """
+
+    keep: torch.Tensor
+    extras: torch.Tensor | None = None
+    extras_valid: torch.Tensor | None = None
+    extras_after: torch.Tensor | None = None
+
+
+@dataclass
+class _Call:
+    """What the hooks know about the current language-model call.
+
+    During a pruned prefill, ``entries`` holds per-entry attributes of the current (pruned) sequence, each
+    ``(B, L)``: ``origin`` (full position, -1 for inserted tokens), ``valid`` (False on fillers), ``image``,
+    ``owner`` (image index in the batch, -1 off images), ``region`` (layout region; -2 off images), ``attn``
+    (the caller's padding mask), ``position`` (position id), plus any a method adds (e.g. ``rater``).
+    """
+
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    cache: Any = None
+    active: bool = False  # a pruned prefill is running
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> (B, L) scores
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific per-call values
+    replace: dict[str, Any] = field(default_factory=dict)  # kwargs for the layers of the current stage
+    full: torch.Tensor | None = None  # (B, S + 1, D) hidden states at drop time (last column: trash)
+    num_image: torch.Tensor | None = None  # (B,) image tokens per sample in the unpruned prompt
+    layouts: list[ImageTokenLayout] | None = None
+    stage_counts: list[torch.Tensor] = field(default_factory=list)  # per stage: (num_images,) counts
+    stages: list[_Stage] = field(default_factory=list)
+
+
+@dataclass
+class _Stage:
+    """What decode steps need from one stage of the pruned prefill."""
+
+    pruned_len: int  # length of the stage's pruned prompt (its layers' cache)
+    prompt_mask: torch.Tensor | None  # (B, L_s) 2D mask of that prompt; None = all visible
+    shift: torch.Tensor | None  # (B,) compact positions: decode positions are lowered by this
+
+
+@dataclass
+class _Prefill:
+    cache: Any  # weakref to the cache object
+    prompt_len: int  # S, the unpruned prompt length
+    stages: list[_Stage]
+
+
+class PrunerState(threading.local):
+    """Per-forward state, one instance per thread (several threads may run one patched model).
+
+    Attributes:
+        call: the current language-model call (set by the LM's pre-hook, read by the layer hooks).
+        pending_ids: ``input_ids`` of the current outer call, until the LM's pre-hook takes them.
+        prefill: the last pruned prefill of this thread, for its decode steps.
+        layouts: token layouts of the images of this thread's last encode (batch order).
+        vision_plans: GlobalCom²'s plans of those images (the GlobalCom² combinations only).
+        stage_scores: the scores of each stage of this thread's last pruned prefill.
+    """
+
+    def __init__(self) -> None:
+        self.call = _Call()
+        self.pending_ids: torch.Tensor | None = None
+        self.prefill: _Prefill | None = None
+        self.layouts: list[ImageTokenLayout] | None = None
+        self.vision_plans: list[Plan] | None = None
+        self.stage_scores: list[torch.Tensor] = []
+
+
+class StageMethod(Protocol):
+    """What a method gives the pruner (the adapters of FastV, PDrop, SparseVLM and the combinations)."""
+
+    schedule: Schedule
+    score_offset: int  # the scores of stage s come from layer K_s - score_offset (0 or 1)
+    plan_mode: str  # recorded in Plan.mode
+
+    def prepare(self, pruner: StagedPruner, hidden: torch.Tensor, call: _Call) -> None: ...
+
+    def score(
+        self, pruner: StagedPruner, stage: int, attn: Any, hidden: torch.Tensor, kwargs: dict, call: _Call
+    ) -> torch.Tensor: ...
+
+    def select(self, pruner: StagedPruner, stage: int, hidden: torch.Tensor, call: _Call) -> Selection: ...
+
+    def plan_ratios(self, image: int) -> torch.Tensor | None: ...
+
+
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict) -> Any:
+    for key in _CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+def _attn2d(mask: Any) -> torch.Tensor | None:
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+# -------------------------------------------------------------------------------------------- the pruner
+
+
+class StagedPruner:
+    """Pruning hooks on the language model of a LLaVA-NeXT model (see the module docstring).
+
+    Args:
+        model: ``LlavaNextForConditionalGeneration``.
+        method: the :class:`StageMethod` (scores, selection, schedule).
+        layouts_from_sizes: image sizes -> token layouts, for calls with precomputed image features.
+        positions: ``"keep"`` or ``"compact"`` (module docstring).
+        name: the method's name in warnings and errors.
+    """
+
+    def __init__(self, model: Any, method: StageMethod,
+                 layouts_from_sizes: Callable[[Any], list[ImageTokenLayout]], *, positions: str = "keep",
+                 name: str = "FastV") -> None:  # fmt: skip
+        if positions not in ("keep", "compact"):
+            raise ValueError(f"`positions` must be 'keep' or 'compact', got {positions!r}")
+        self.model = model
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.method = method
+        self.name = name
+        self.positions = positions
+        sched = method.schedule
+        num_layers = len(self.layers)
+        if sched.num_layers != num_layers:
+            raise ValueError(f"{name}: schedule for {sched.num_layers} layers, the LLM has {num_layers}")
+        self.boundaries = tuple(sched.boundaries)
+        self.score_layers = tuple(k - method.score_offset for k in self.boundaries)
+        for j in self.score_layers:
+            attn = getattr(self.layers[j], "self_attn", None)
+            missing = [a for a in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, a)]
+            if missing or not hasattr(self.layers[j], "input_layernorm"):
+                raise TypeError(
+                    f"{name} needs Llama-style decoder layers (input_layernorm, self_attn with q_proj, k_proj, "
+                    f"head_dim, scaling); {type(self.lm).__name__} layer {j} lacks {missing or ['input_layernorm']}"
+                )
+        self.layouts_from_sizes = layouts_from_sizes
+        self.image_token_id = int(model.config.image_token_id)
+        self.state = PrunerState()
+        self.handle: GlobalComHandle | None = None
+        from transformers.masking_utils import create_causal_mask
+
+        self._create_mask = create_causal_mask
+        self._warned: set[str] = set()
+
+    @property
+    def k(self) -> int:
+        """K_1, the first pruned layer."""
+        return self.boundaries[0]
+
+    @property
+    def last_scores(self) -> torch.Tensor | None:
+        """``(B, S)`` first-stage scores of the calling thread's last pruned prefill."""
+        return self.state.stage_scores[0] if self.state.stage_scores else None
+
+    # -- installation --------------------------------------------------------------------------------------
+    def install(self, handle: GlobalComHandle) -> None:
+        self.handle = handle
+        handle.add_hook(self.model.model.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+        handle.add_hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        for j, layer in enumerate(self.layers):
+            hook = (lambda j: lambda m, a, kw: self._layer_pre(j, m, a, kw))(j)
+            handle.add_hook(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        handle.add_hook(self.layers[-1].register_forward_hook(self._scatter_back))
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- per-call context ----------------------------------------------------------------------------------
+    def record_images(self, layouts: list[ImageTokenLayout], vision_plans: list[Plan] | None = None) -> None:
+        """Token layouts (and GlobalCom²'s plans) of the images this thread just encoded."""
+        self.state.layouts, self.state.vision_plans = layouts, vision_plans
+
+    def _outer_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state.pending_ids = ids if isinstance(ids, torch.Tensor) else None
+        if kwargs.get("pixel_values") is None and isinstance(kwargs.get("image_sizes"), torch.Tensor):
+            # precomputed image features (mm_encoder_outputs): the sizes come with the call, not the packing
+            self.record_images(self.layouts_from_sizes(kwargs["image_sizes"]))
+
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        embeds = kwargs.get("inputs_embeds")
+        ids, state.pending_ids = state.pending_ids, None
+        if ids is not None and embeds is not None and ids.shape != embeds.shape[:2]:
+            ids = None
+        state.call = _Call(input_ids=ids, attention_mask=_attn2d(kwargs.get("attention_mask")),
+                           cache=_cache_of(kwargs))  # fmt: skip
+        if ids is None and embeds is not None and state.prefill is None:
+            self.warn_once(
+                "embeds", f"{self.name}: the model was called with inputs_embeds only; image positions are unknown, "
+                "nothing is pruned (call it with input_ids)",
+            )  # fmt: skip
+
+    def _start(self, hidden: torch.Tensor, kwargs: dict) -> bool:
+        """At layer 0 of a prefill with images: set up the entries of the full sequence."""
+        call = self.state.call
+        ids = call.input_ids
+        if ids is None or hidden.shape[1] != ids.shape[1]:
+            return False
+        image = ids.to(hidden.device) == self.image_token_id
+        if not bool(image.any()):
+            return False
+        if call.cache is not None and call.cache.get_seq_length(self.k) > 0:
+            self.warn_once("cache", f"{self.name}: prompt with images on a non-empty cache; nothing is pruned")
+            return False
+        b, s, _ = hidden.shape
+        dev = hidden.device
+        layouts = self._layouts(image)
+        if layouts is not None:
+            owner, region = image_ids(image, layouts)
+        else:
+            owner = torch.where(image, torch.arange(b, device=dev)[:, None], -1)
+            region = torch.where(image, 0, -2)
+        pos = kwargs.get("position_ids")
+        pos = torch.arange(s, device=dev)[None] if pos is None else pos
+        attn = call.attention_mask
+        call.entries = {
+            "origin": torch.arange(s, device=dev)[None].expand(b, s),
+            "valid": torch.ones(b, s, dtype=torch.bool, device=dev),
+            "image": image,
+            "owner": owner,
+            "region": region,
+            "attn": torch.ones(b, s, dtype=torch.bool, device=dev) if attn is None else attn.to(dev, torch.bool),
+            "position": pos.to(dev).expand(b, s),
+        }
+        call.num_image = image.sum(1)
+        call.layouts = layouts
+        call.active = True
+        self.state.stage_scores = []
+        return True
+
+    def key_mask(self, call: _Call) -> torch.Tensor:
+        """``(B, L)`` visible keys of the current sequence (not a filler, not padding)."""
+        return call.entries["valid"] & call.entries["attn"]
+
+    # -- every layer -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _layer_pre(self, j: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self.state
+        call = state.call
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None:
+            return None
+        if j == 0 and self._start(hidden, kwargs):
+            self.method.prepare(self, hidden, call)
+        if call.replace:
+            kwargs.update(call.replace)
+        if call.active:
+            # a stage scored in its own first layer (PDrop) ranks before that layer prunes; a stage scored in
+            # the layer before its first (FastV, SparseVLM) sees that layer's own stage, pruned first
+            prune_first = self.method.score_offset > 0
+            if prune_first and j in self.boundaries:
+                hidden = self._prune(self.boundaries.index(j), hidden, kwargs)
+            if j in self.score_layers:
+                s = self.score_layers.index(j)
+                normed = module.input_layernorm(hidden)
+                call.scores[s] = self.method.score(self, s, module.self_attn, normed, kwargs, call)
+                if s == len(state.stage_scores):
+                    state.stage_scores.append(call.scores[s])
+            if not prune_first and j in self.boundaries:
+                hidden = self._prune(self.boundaries.index(j), hidden, kwargs)
+        elif j in self.boundaries:
+            self._decode_mask(self.boundaries.index(j), hidden, kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _mask(self, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any, layer: int) -> Any:
+        # position_ids are not passed: kept positions jump, which the mask code would read as packed sequences.
+        return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=layer)
+
+    def _decode_mask(self, s: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        state = self.state
+        call = state.call
+        pre = state.prefill
+        cache = _cache_of(kwargs)
+        if pre is None or cache is None or pre.cache() is not cache or s >= len(pre.stages):
+            return
+        stage = pre.stages[s]
+        layer = self.boundaries[s]
+        b, q = hidden.shape[:2]
+        cache_len = cache.get_seq_length(layer)
+        attn2d = call.attention_mask
+        lp = stage.pruned_len
+        if attn2d is None and stage.prompt_mask is None:
+            mask2d = None
+        else:
+            prompt = stage.prompt_mask
+            if prompt is None:
+                prompt = torch.ones(b, lp, dtype=torch.bool, device=hidden.device)
+            after = (
+                attn2d[:, pre.prompt_len :].to(torch.bool)
+                if attn2d is not None
+                else torch.ones(b, cache_len + q - lp, dtype=torch.bool, device=hidden.device)
+            )
+            mask2d = torch.cat([prompt.to(hidden.device), after.to(hidden.device)], dim=1)
+            if mask2d.shape[1] != cache_len + q:
+                raise RuntimeError(
+                    f"{self.name}: the cache of layer {layer} holds {cache_len} tokens but the attention mask "
+                    f"implies {mask2d.shape[1] - q}; was the cache reordered (beam search is not supported)?"
+                )
+        call.replace["attention_mask"] = self._mask(hidden, mask2d, cache, layer)
+        if stage.shift is not None:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(cache_len, cache_len + q, device=hidden.device)[None]
+            pos = pos.to(hidden.device).expand(b, -1) - stage.shift[:, None]
+            call.replace["position_ids"] = pos
+            call.replace["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+        kwargs.update(call.replace)
+
+    # -- a stage boundary in prefill -------------------------------------------------------------------------
+    def _prune(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        call = self.state.call
+        ent = call.entries
+        b, length, d = hidden.shape
+        dev = hidden.device
+        sel = self.method.select(self, s, hidden, call)
+        valid, image = ent["valid"], ent["image"]
+        keep = valid & (sel.keep | ~image)
+        removed = valid & ~keep
+        if call.full is None:  # first boundary: the full-length record of hidden states (+ a trash column)
+            call.full = torch.cat([hidden, hidden.new_zeros(b, 1, d)], dim=1)
+        else:
+            full_len = call.full.shape[1] - 1
+            dest = torch.where(removed & (ent["origin"] >= 0), ent["origin"], full_len)
+            call.full.scatter_(1, dest[..., None].expand(-1, -1, d), hidden)
+        # new order: kept entries in order, inserted tokens right after ``extras_after``, then fillers
+        big = 4 * length + 4
+        ar = torch.arange(length, device=dev)
+        key = torch.where(keep, 2 * ar[None], big)
+        num_extra = torch.zeros(b, dtype=torch.long, device=dev)
+        cat = dict(ent)
+        hid = hidden
+        if sel.extras is not None and sel.extras_valid is not None and sel.extras_after is not None:
+            if self.positions != "compact":
+                raise RuntimeError(f"{self.name}: inserted tokens need positions='compact'")
+            c = sel.extras.shape[1]
+            ev = sel.extras_valid.to(dev)
+            after = sel.extras_after.to(dev)
+            num_extra = ev.sum(1)
+            key = torch.cat([key, torch.where(ev, 2 * after[:, None] + 1, big)], dim=1)
+            hid = torch.cat([hidden, sel.extras.to(hidden.dtype)], dim=1)
+            last_owner = torch.where(image, ent["owner"], -1).amax(dim=1)
+            fill = {"origin": -1, "image": True, "region": RECYCLED, "attn": True}
+            for name, t in ent.items():
+                if name == "valid":
+                    cat[name] = torch.cat([keep, ev], dim=1)
+                elif name == "owner":
+                    cat[name] = torch.cat([t, last_owner[:, None].expand(b, c)], dim=1)
+                elif name != "position":
+                    cat[name] = torch.cat([t, torch.full((b, c), fill.get(name, 0), dtype=t.dtype, device=dev)], 1)
+        else:
+            cat["valid"] = keep
+            after = None
+        new_len = int((keep.sum(1) + num_extra).max())
+        order = torch.sort(key, dim=1, stable=True).indices[:, :new_len]
+        new_pos = self._positions(ent["position"], removed, num_extra, after, ar, sel, order)
+        new = {name: t.gather(1, order) for name, t in cat.items() if name != "position"}
+        new["position"] = new_pos
+        hidden_p = hid.gather(1, order[..., None].expand(-1, -1, d))
+        call.entries = new
+        # what the layers of this stage see
+        mask2d: torch.Tensor | None = new["valid"] & new["attn"]
+        if call.attention_mask is None and bool(new["valid"].all()):
+            mask2d = None
+        cache = _cache_of(kwargs)
+        if self.positions == "keep":
+            cos, sin = kwargs["position_embeddings"]
+            g3 = order[..., None].expand(-1, -1, cos.shape[-1])
+            pos_emb = (cos.expand(b, -1, -1).gather(1, g3), sin.expand(b, -1, -1).gather(1, g3))
+        else:
+            pos_emb = self.lm.rotary_emb(hidden_p, new_pos)
+        call.replace = {
+            "attention_mask": self._mask(hidden_p, mask2d, cache, self.boundaries[s]),
+            "position_embeddings": pos_emb,
+            "position_ids": new_pos,
+        }
+        kwargs.update(call.replace)
+        shift = None
+        if self.positions == "compact":
+            prev = call.stages[-1].shift if call.stages else torch.zeros(b, dtype=torch.long, device=dev)
+            shift = prev + removed.sum(1) - num_extra
+        call.stages.append(_Stage(pruned_len=new_len, prompt_mask=mask2d, shift=shift))
+        call.stage_counts.append(self._image_counts(new))
+        if s == len(self.boundaries) - 1:
+            self._finish_prefill(cache, length if s == 0 else call.full.shape[1] - 1)
+        return hidden_p
+
+    def _positions(self, position: torch.Tensor, removed: torch.Tensor, num_extra: torch.Tensor,
+                   after: torch.Tensor | None, ar: torch.Tensor, sel: Selection,
+                   order: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Position ids of the new sequence (``keep``: gathered; ``compact``: renumbered without gaps)."""
+        if self.positions == "keep":
+            return position.gather(1, order)
+        pos = position - torch.cumsum(removed.long(), dim=1)
+        if after is None or sel.extras_valid is None:
+            return pos.gather(1, order)
+        c = sel.extras_valid.shape[1]
+        extra_pos = pos.gather(1, after[:, None]) + 1 + torch.arange(c, device=pos.device)[None]
+        pos = pos + num_extra[:, None] * (ar[None] > after[:, None])
+        return torch.cat([pos, extra_pos], dim=1).gather(1, order)
+
+    def _image_counts(self, entries: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Image tokens of every image in the current sequence (inserted ones counted with their owner)."""
+        owner = entries["owner"][entries["valid"] & entries["image"]]
+        num = len(self.state.call.layouts) if self.state.call.layouts is not None else 0
+        return torch.bincount(owner.clamp_min(0), minlength=num).cpu()
+
+    def _finish_prefill(self, cache: Any, prompt_len: int) -> None:
+        state = self.state
+        call = state.call
+        state.prefill = (
+            _Prefill(weakref.ref(cache), prompt_len=prompt_len, stages=list(call.stages))
+            if cache is not None
+            else None
+        )
+        plans = self._plans()
+        if plans is not None and self.handle is not None:
+            self.handle.publish(plans)
+
+    def _plans(self) -> list[Plan] | None:
+        """One `Plan` per image: the tokens that reach the last stage, and the image tokens of every layer."""
+        call = self.state.call
+        layouts = call.layouts
+        if layouts is None:
+            return None
+        ent = call.entries
+        b = ent["valid"].shape[0]
+        full_len = int(call.entries["origin"].amax()) + 1 if call.full is None else call.full.shape[1] - 1
+        alive = torch.zeros(b, full_len + 1, dtype=torch.bool, device=ent["valid"].device)
+        dest = torch.where(ent["valid"] & (ent["origin"] >= 0), ent["origin"], full_len)
+        alive.scatter_(1, dest, True)
+        image = call.input_ids.to(alive.device) == self.image_token_id if call.input_ids is not None else None
+        if image is None:
+            return None
+        flat = alive[:, :full_len][image].cpu()
+        counts = torch.stack(call.stage_counts, dim=1) if call.stage_counts else None  # (images, stages)
+        plans, start = [], 0
+        sched = self.method.schedule
+        for i, lay in enumerate(layouts):  # one step per image
+            plan = plan_from_keep(
+                lay, flat[start : start + lay.num_tokens], self.method.plan_ratios(i), mode=self.method.plan_mode
+            )
+            if counts is not None:
+                per_stage = [int(v) for v in counts[i]]
+                plan.num_tokens = per_stage[-1]
+                plan.layer_tokens = tuple(
+                    lay.num_tokens if j < self.boundaries[0]
+                    else per_stage[max(t for t, k in enumerate(self.boundaries) if k <= j)]
+                    for j in range(sched.num_layers)
+                )  # fmt: skip
+            plans.append(plan)
+            start += lay.num_tokens
+        return plans
+
+    # -- the last layer: back to full length -----------------------------------------------------------------
+    def _scatter_back(self, module: Any, args: tuple, output: Any) -> Any:
+        call = self.state.call
+        if not call.active or call.full is None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        ent = call.entries
+        full = call.full
+        full_len = full.shape[1] - 1
+        dest = torch.where(ent["valid"] & (ent["origin"] >= 0), ent["origin"], full_len)
+        full = full.scatter(1, dest[..., None].expand(-1, -1, full.shape[-1]), out.to(full.dtype))[:, :full_len]
+        call.active = False
+        call.full = None
+        call.entries = {}
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # -- images ----------------------------------------------------------------------------------------------
+    def _layouts(self, image_mask: torch.Tensor) -> list[ImageTokenLayout] | None:
+        """Token layouts of the images of this call, in batch order (None when they do not fit the call)."""
+        layouts = self.state.layouts
+        if layouts is None or sum(lay.num_tokens for lay in layouts) != int(image_mask.sum()):
+            self.warn_once(
+                "layout", f"{self.name}: the images seen by the vision tower do not account for the image tokens "
+                "of this call; per-image plans are not recorded",
+            )  # fmt: skip
+            return None
+        return layouts
+
+    def stage_count(self, s: int, call: _Call) -> torch.Tensor:
+        """``(B,)`` image tokens each sample keeps in stage s: floor(n_b * share_s) of its unpruned n_b."""
+        assert call.num_image is not None
+        return (call.num_image.double() * self.method.schedule.shares[s]).floor().long()
+
+
+# -------------------------------------------------------------------------------------------- the adapter base
+
+
+class LLMPruningAdapter(LlavaNextAdapter):
+    """The shared LLaVA-NeXT side of every LLM-side method: all tokens reach the LLM, their layouts are recorded.
+
+    The diff from :class:`~globalcom2.adapters.llava_next.LlavaNextAdapter`: no vision-side scoring and no
+    processor patch (the LLM receives every token, so the plain processor's prompts fit); the packing hands HF's
+    packed rows on unchanged and records each image's token layout for :class:`StagedPruner`, whose hooks prune
+    inside the LLM. A subclass sets ``schedule`` (before calling :meth:`build_pruner`) and overrides
+    :meth:`select` (and :meth:`score` / :meth:`prepare` where its scores are not the last prompt token's).
+    After a forward, ``handle.plans`` hold the tokens that reach the last stage and ``Plan.layer_tokens`` the
+    image tokens of every layer.
+    """
+
+    schedule: Schedule
+    score_offset = 1
+    plan_mode = "fastv"
+    positions = "keep"
+    display_name = "FastV"
+
+    def build_pruner(self) -> StagedPruner:
+        self.pruner = StagedPruner(self.model, self, self.layouts_from_sizes, positions=self.positions,
+                                   name=self.display_name)  # fmt: skip
+        return self.pruner
+
+    # -- checks and installation ---------------------------------------------------------------------------
+    def check(self) -> None:
+        if self.processor is None:  # the LLM receives every token: the processor is not patched
+            self.check_model()
+        else:
+            super().check()
+
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        """The scores come from inside the LLM: no vision-side scoring hook."""
+
+    def install_budget_counts(self, handle: GlobalComHandle) -> None:
+        """The LLM receives every token: the processor keeps HF's count."""
+
+    def install_family(self, handle: GlobalComHandle) -> None:
+        super().install_family(handle)
+        self.pruner.install(handle)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        return self.geometry((height, width)).num_tokens(None)
+
+    # -- the vision side: every token goes on, the layouts are recorded -------------------------------------
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        layouts = self.image_layouts(packed, arguments)
+        self.pruner.record_images(layouts, self.vision_plans(handle, packed, arguments))
+        everything = [plan_from_keep(lay, torch.ones(lay.num_tokens, dtype=torch.bool), mode=self.plan_mode)
+                      for lay in layouts]  # fmt: skip
+        return everything, list(packed)
+
+    def vision_plans(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                     arguments: dict[str, Any]) -> list[Plan] | None:  # fmt: skip
+        """Vision-side plans the LLM-side selection needs (none for the LLM-side methods alone)."""
+        return None
+
+    def image_layouts(self, packed: list[torch.Tensor], arguments: dict[str, Any]) -> list[ImageTokenLayout]:
+        newline = arguments.get("image_newline") is not None
+        options = self.geometry_options(arguments)
+        sizes = image_sizes_list(arguments["image_sizes"])
+        layouts = []
+        for feats, seq, size in zip(arguments["image_features"], packed, sizes, strict=True):
+            if int(feats.shape[0]) == 1:
+                lay = single_tile_layout(self.g, newline)
+            else:
+                lay = image_token_layout(self.geometry(size, **options), newline)
+            if lay.num_tokens != int(seq.shape[0]):
+                raise RuntimeError(
+                    f"{self.display_name}: HF packed {seq.shape[0]} tokens for an image of {size[0]}x{size[1]}, "
+                    f"the geometry gives {lay.num_tokens}; this transformers version packs differently"
+                )
+            layouts.append(lay)
+        return layouts
+
+    def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout]:
+        """Layouts of tiled images from their sizes alone (calls with precomputed image features)."""
+        return [image_token_layout(self.geometry(size)) for size in image_sizes_list(image_sizes)]
+
+    # -- the LLM side -----------------------------------------------------------------------------------------
+    def prepare(self, pruner: StagedPruner, hidden: torch.Tensor, call: _Call) -> None:
+        """Called at layer 0 of a pruned prefill with the input embeddings (SparseVLM picks its raters here)."""
+
+    def score(self, pruner: StagedPruner, stage: int, attn: Any, hidden: torch.Tensor, kwargs: dict,
+              call: _Call) -> torch.Tensor:  # fmt: skip
+        """``(B, L)`` head-mean attention of the last prompt token (FastV, PDrop)."""
+        return last_token_attention(attn, hidden, kwargs["position_embeddings"], pruner.key_mask(call))
+
+    def select(self, pruner: StagedPruner, stage: int, hidden: torch.Tensor, call: _Call) -> Selection:
+        """Per sample, the ``floor(n_b * share_s)`` image entries with the highest scores (ties: earlier first)."""
+        ent = call.entries
+        b = hidden.shape[0]
+        cand = ent["image"] & ent["valid"]
+        groups = torch.where(cand, torch.arange(b, device=hidden.device)[:, None], -1)
+        keep = group_topk_keep(call.scores[stage], groups, pruner.stage_count(stage, call))
+        return Selection(keep & cand)
+
+    def plan_ratios(self, image: int) -> torch.Tensor | None:
+        """r_j recorded in image ``image``'s plan (None: the achieved share per crop)."""
+        return None
+
+
+__all__ = [
+    "LLMPruningAdapter",
+    "PrunerState",
+    "Selection",
+    "StageMethod",
+    "StagedPruner",
+    "group_topk_keep",
+    "image_ids",
+    "last_token_attention",
+    "pack_rows",
+    "query_attention",
+]

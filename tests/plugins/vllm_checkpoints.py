@@ -1,0 +1,146 @@
+"""Tiny checkpoints of the three families for the vLLM tests, and the image-token counts they must get.
+
+Built offline with the demo builders (real transformers classes, random weights), then made loadable by vLLM 0.32:
+
+- a video processor config (vLLM's OneVision and InternVL processors insist on one; the builders leave it out so that
+  the main venv needs no torchvision), written with the venv's own video processor class;
+- a chat template (``chat_template.jinja``, string content: vLLM puts the image placeholder before the text), so that
+  ``vllm serve`` answers ``/v1/chat/completions`` as for a released checkpoint;
+- for the LLaVA families a second copy whose vision keys are ``vision_tower.vision_model.*`` (transformers 5.19 writes
+  ``vision_tower.*``; vLLM 0.32 reads the released checkpoints' names). transformers loads the first copy.
+
+The expected counts come from the library's geometry and count functions (the formula), never from the plugin.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% else %}ASSISTANT: {{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class VllmFamily:
+    name: str
+    builder: str  # "module:function"
+    image_token: str  # the prompt placeholder vLLM expands
+    architecture: str  # GlobalCom² architecture name (--hf-overrides)
+    stock: str  # vLLM's own architecture name
+    sizes: tuple[tuple[int, int], ...]  # (height, width): several grids, padding and (InternVL) a lone tile
+    max_image_tokens: int  # a budget T under which the first size stays whole and the others are compressed
+    video_processor: str | None  # transformers class of the video processor vLLM wants
+
+    def build(self, root: Path) -> tuple[Path, Path]:
+        """``(hf_dir, vllm_dir)`` under ``root`` (the same dir for InternVL: its key names need no change)."""
+        import importlib
+
+        module, function = self.builder.split(":")
+        hf_dir = getattr(importlib.import_module(module), function)(root / f"{self.name}_hf")
+        if self.video_processor is not None:
+            _add_video_processor(hf_dir, self.video_processor)
+        (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if self.name == "internvl":
+            return hf_dir, hf_dir
+        vllm_dir = root / f"{self.name}_vllm"
+        vllm_dir.mkdir()
+        for f in hf_dir.iterdir():
+            (vllm_dir / f.name).write_bytes(f.read_bytes())
+        _rename_vision_keys(vllm_dir)
+        return hf_dir, vllm_dir
+
+    def prompt(self, text: str) -> str:
+        return f"USER: {self.image_token}\n{text}\nASSISTANT:"
+
+
+FAMILIES: dict[str, VllmFamily] = {
+    f.name: f
+    for f in (
+        VllmFamily("llava_next", "globalcom2.demo.tiny_model:build_tiny_llava_next", "<image>",
+                   "GlobalCom2LlavaNextForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                   ((60, 60), (100, 60), (50, 110), (150, 64), (130, 130)), 150, None),
+        VllmFamily("llava_onevision", "globalcom2.demo.tiny_families:build_tiny_llava_onevision", "<image>",
+                   "GlobalCom2LlavaOnevisionForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                   ((40, 50), (84, 140), (150, 170), (140, 250), (300, 120)), 150,
+                   "LlavaOnevisionVideoProcessor"),
+        VllmFamily("internvl", "globalcom2.demo.tiny_families:build_tiny_internvl", "<IMG_CONTEXT>",
+                   "GlobalCom2InternVLForConditionalGeneration", "InternVLForConditionalGeneration",
+                   ((112, 112), (200, 300), (300, 200), (100, 180), (400, 130)), 120,
+                   "InternVLVideoProcessor"),
+    )
+}  # fmt: skip
+
+
+def _add_video_processor(path: Path, class_name: str) -> None:
+    import transformers
+
+    ip = json.loads((path / "processor_config.json").read_text())["image_processor"]
+    cls = getattr(transformers, class_name)
+    cls(size=ip["size"], image_mean=ip["image_mean"], image_std=ip["image_std"]).save_pretrained(path)
+
+
+def _rename_vision_keys(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    prefix, new = "vision_tower.", "vision_tower.vision_model."
+    for f in path.glob("*.safetensors"):
+        state = load_file(f)
+        state = {
+            (new + k[len(prefix) :] if k.startswith(prefix) and not k.startswith(new) else k): v
+            for k, v in state.items()
+        }
+        save_file(state, f, metadata={"format": "pt"})
+
+
+def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, options: dict | None) -> int:
+    """Prompt tokens one image becomes: uncompressed (``options`` None) or under GlobalCom² ``options``.
+
+    LLaVA families: the ``<image>`` run (thumbnail + crop tokens + one newline per row). InternVL: ``<img>`` + the
+    ``<IMG_CONTEXT>`` run + ``</img>``.
+    """
+    from globalcom2 import GlobalComConfig
+
+    config = json.loads((model_dir / "config.json").read_text())
+    budget = GlobalComConfig.from_kwargs(**options) if options is not None else None
+    if family.name == "internvl":
+        from globalcom2.adapters.internvl import (
+            IMAGE_MARKERS,
+            internvl_num_image_tokens,
+            num_tiles,
+            tile_grid,
+        )
+
+        ip = json.loads((model_dir / "processor_config.json").read_text())
+        tile = ip["image_processor"]["size"]
+        rows, cols = tile_grid(
+            height, width, (tile["height"], tile["width"]), ip["image_processor"]["min_patches"],
+            ip["image_processor"]["max_patches"],
+        )  # fmt: skip
+        tiles, per_tile = num_tiles(rows, cols), int(ip["image_seq_length"])
+        run = tiles * per_tile if budget is None else internvl_num_image_tokens(budget, tiles, per_tile)
+        return IMAGE_MARKERS + run
+    geo = anyres_geometry(config, height, width)
+    return geo.num_tokens(None) if budget is None else geo.num_budget_tokens(budget)
+
+
+def anyres_geometry(config: dict, height: int, width: int) -> Any:
+    """The LLaVA-NeXT / OneVision geometry of one image from a config.json (OneVision down-samples large grids)."""
+    from globalcom2.adapters.anyres import anyres_geometry as geometry
+    from globalcom2.adapters.llava_onevision import anyres_max_shape, parse_anyres_max
+
+    tile, patch = config["vision_config"]["image_size"], config["vision_config"]["patch_size"]
+    token_grid: Callable[..., tuple[int, int]] | None = None
+    if "vision_aspect_ratio" in config:
+        max_tiles = parse_anyres_max(config["vision_aspect_ratio"])
+
+        def token_grid(box: tuple[int, int, int, int], g: int) -> tuple[int, int]:
+            return anyres_max_shape(box[1] - box[0], box[3] - box[2], g, max_tiles)
+
+    return geometry((height, width), config["image_grid_pinpoints"], tile, tile // patch, token_grid)
