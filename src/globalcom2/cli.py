@@ -189,6 +189,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .workflows import default_prompt
 
     standin = str(args.model) == "standin"
+    # bad options fail before the checkpoint loads
+    globalcom2.GlobalComConfig(**budget_options(args), **method_options(args))
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
     if standin:
@@ -250,9 +252,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         image = load_image(args.image)
         model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
         return visualize_methods(args, methods, image, model, processor, method_options(args))
+    from .config import GlobalComConfig
     from .viz.overlay import render_grid
     from .workflows import plan_for_image, render_plan
 
+    GlobalComConfig(**budget_options(args), **method_options(args))  # bad options fail before loading
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
     budgets = (

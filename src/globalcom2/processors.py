@@ -30,7 +30,7 @@ def _has_video_processor(cls: type) -> bool:
 
 def _required_video_position(cls: type) -> int | None:
     """Position of ``video_processor`` among ``cls.__init__``'s positional arguments when it has no default."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    params = list(inspect.signature(cls).parameters.values())  # the constructor's, less self
     for i, p in enumerate(params):
         if p.name == "video_processor" and p.default is inspect.Parameter.empty:
             return i

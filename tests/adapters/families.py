@@ -85,7 +85,7 @@ def make_scores_tie(model: Any) -> None:
     (``vision_feature_layer = 0``), so every token is the same bias vector and has the same cosine to the mean.
     """
     inner = model.model
-    tower = inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model  # Idefics3: vision_model
+    tower = getattr(inner, "vision_tower", None) or inner.vision_model  # Idefics3 / SmolVLM: vision_model
     k_projs = [m for name, m in tower.named_modules() if name.endswith("k_proj")]
     has_cls = any("cls" in name or "class_embedding" in name for name, _ in tower.named_parameters())
     with torch.no_grad():

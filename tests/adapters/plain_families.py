@@ -169,3 +169,33 @@ def plain_internvl_sequence(t_order, keep, grid, g):
                 if keep[cr * g + y, cc * g + x]:
                     seq.append(j * g * g + y * g + x)
     return seq + [n * g * g + int(i) for i in t_order]
+
+
+def plain_pool(scores: np.ndarray, factor: int) -> np.ndarray:
+    """Sum each ``factor x factor`` group of a (T, p*p) raster score map into (T, (p/factor)**2), cell by cell
+    (the patches Idefics3's ``pixel_shuffle`` folds into one token)."""
+    t, pp = scores.shape
+    p = int(round(math.sqrt(pp)))
+    m = p // factor
+    out = np.zeros((t, m * m), dtype=np.float64)
+    for i in range(t):
+        for y in range(p):
+            for x in range(p):
+                out[i, (y // factor) * m + x // factor] += scores[i, y * p + x]
+    return out.astype(np.float32)
+
+
+def plain_idefics3_image_text(grid, crop_counts, thumb_count, image_token="<image>") -> str:
+    """One image's expansion in an Idefics3 / SmolVLM prompt with the given run lengths, written out from HF's
+    documented layout: per crop ``<fake_token_around_image><row_r_col_c>`` and its run, a newline after each crop
+    row, then a newline and the framed global image; an unsplit image is the framed global image alone."""
+    fake, glob = "<fake_token_around_image>", "<global-img>"
+    rows, cols = grid
+    text = ""
+    if rows and cols:
+        for r in range(rows):
+            for c in range(cols):
+                text += f"{fake}<row_{r + 1}_col_{c + 1}>" + image_token * int(crop_counts[r * cols + c])
+            text += "\n"
+        text += "\n"
+    return text + f"{fake}{glob}" + image_token * int(thumb_count) + fake

@@ -27,7 +27,8 @@ from tests.test_cli import run_cli
 
 SUPPORTED = [f for f in FAMILIES if f.name in ("llava_next", "llava_onevision", "internvl")]
 # Wide, tall, square, tiny and large images: 1 to many crops, padded and unpadded, down-sampled (OneVision).
-SIZES = ((30, 40), (61, 183), (100, 180), (180, 100), (150, 150), (233, 90), (90, 260), (300, 300), (400, 130))
+SIZES = ((30, 40), (61, 183), (100, 180), (180, 100), (150, 150), (233, 90), (90, 260), (300, 300),
+         (400, 130))  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=SUPPORTED, ids=[f.name for f in SUPPORTED])
@@ -132,16 +133,24 @@ def test_generate_on_a_mixed_batch_and_whole_images_match_the_plain_model(fam):
 
 
 # -- exactly one budget ----------------------------------------------------------------------------------------------
+BOTH = "pass either `ratio` or `max_image_tokens`, not both"
+POSITIVE = "`max_image_tokens` must be a positive int, got"
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, words",
     [
-        ({"ratio": 0.5, "max_image_tokens": 100}, ValueError, "pass either `ratio` or `max_image_tokens`, not both"),
-        ({"max_image_tokens": 0}, ValueError, "`max_image_tokens` must be a positive int, got 0"),
-        ({"max_image_tokens": -5}, ValueError, "`max_image_tokens` must be a positive int, got -5"),
-        ({"max_image_tokens": 100.0}, TypeError, "`max_image_tokens` must be a positive int, got float 100.0"),
-        ({"max_image_tokens": "100"}, TypeError, "`max_image_tokens` must be a positive int, got str '100'"),
-        ({"max_image_tokens": True}, TypeError, "`max_image_tokens` must be a positive int, got bool"),
-        ({"max_image_tokens": 100, "mode": "reference"}, ValueError, "`max_image_tokens` needs mode='budget'"),
+        ({"ratio": 0.5, "max_image_tokens": 100}, ValueError, BOTH),
+        ({"max_image_tokens": 0}, ValueError, f"{POSITIVE} 0"),
+        ({"max_image_tokens": -5}, ValueError, f"{POSITIVE} -5"),
+        ({"max_image_tokens": 100.0}, TypeError, f"{POSITIVE} float 100.0"),
+        ({"max_image_tokens": "100"}, TypeError, f"{POSITIVE} str '100'"),
+        ({"max_image_tokens": True}, TypeError, f"{POSITIVE} bool"),
+        (
+            {"max_image_tokens": 100, "mode": "reference"},
+            ValueError,
+            "`max_image_tokens` needs mode='budget'",
+        ),
     ],
 )
 def test_config_errors_are_one_line(kwargs, exc, words):
@@ -221,7 +230,8 @@ def test_cli_ask_and_visualize_with_max_image_tokens(tiny_clip_dir, photo, tmp_p
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["max_image_tokens"] == 60 and data["image_tokens"] <= 60 < data["image_tokens_full"]
-    assert data["prompt_tokens_full"] - data["prompt_tokens"] == data["image_tokens_full"] - data["image_tokens"]
+    saved = data["image_tokens_full"] - data["image_tokens"]
+    assert data["prompt_tokens_full"] - data["prompt_tokens"] == saved
     model, processor = load(tiny_clip_dir)
     with globalcom2.apply(model, processor, max_image_tokens=60) as h:
         from PIL import Image
@@ -253,3 +263,23 @@ def test_cli_budget_errors_are_one_line(tiny_clip_dir, photo, args, words):
     res = run_cli("ask", "--model", str(tiny_clip_dir), "--image", str(photo), *args, "What?")
     assert res.returncode == 2, res.stderr
     assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# -- the documented table ----------------------------------------------------------------------------------------------
+def test_docs_table_is_the_code_output_and_follows_the_rule():
+    from pathlib import Path
+
+    from globalcom2.evaluation.budget_table import FAMILIES as TABLE_FAMILIES
+    from globalcom2.evaluation.budget_table import SIZES as TABLE_SIZES
+    from globalcom2.evaluation.budget_table import all_tables, image_counts
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "max_image_tokens.md").read_text(encoding="utf-8")
+    assert all_tables() in doc  # regenerate with `python scripts/budget_table.py`
+    for family in TABLE_FAMILIES:
+        for size in TABLE_SIZES:
+            full = image_counts(family, size, None).tokens
+            for t in (288, 576, 1200):
+                cell = image_counts(family, size, GlobalComConfig(max_image_tokens=t))
+                assert cell.tokens == full if full <= t else t - 1 <= cell.tokens <= t
+    with pytest.raises(ValueError, match="max_image_tokens=30 is too small .* gives it 48 tokens"):
+        image_counts("LLaVA-NeXT-7B", (1024, 1024), GlobalComConfig(max_image_tokens=30))

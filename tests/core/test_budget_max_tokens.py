@@ -81,7 +81,8 @@ def test_image_under_budget_is_left_whole_and_overhead_over_budget_is_an_error()
     assert ratio_for_max_tokens(576, 2304, 576 + 2304 + 48, 48) == 1.0
     assert ratio_for_max_tokens(576, 2304, 10**6, 48) == 1.0
     r = ratio_for_max_tokens(576, 2304, 48, 48)  # only the newlines fit: no visual token
-    assert budget_counts(576, 2304, r) == (0, 0) and budget_counts(576, 2304, math.nextafter(r, 1.0)) != (0, 0)
+    assert budget_counts(576, 2304, r) == (0, 0)
+    assert budget_counts(576, 2304, math.nextafter(r, 1.0)) != (0, 0)
     with pytest.raises(ValueError) as err:
         ratio_for_max_tokens(576, 2304, 47, 48)
     assert "max_image_tokens=47 is too small" in str(err.value) and ">= 48" in str(err.value)

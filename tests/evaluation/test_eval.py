@@ -21,7 +21,8 @@ def test_eval_quick_writes_tables_and_plots(tmp_path):
     assert data["ratios"] == [0.25, 0.1] and list(data["photos"]) == ["astronaut"]
     rows = list(csv.DictReader((out / "results.csv").open()))
     methods = {(r["group"], r["method"]) for r in rows}
-    assert {("method", m) for m in ("globalcom2", "fastervlm", "random", "pooling")} <= methods
+    vision = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+")
+    assert {("method", m) for m in vision} <= methods
     assert {("llm", "fastv"), ("llm", "globalcom2+fastv"), ("ablation", "globalcom2")} <= methods
     by = {(r["group"], r["method"], r["ratio"], r["allocation"], r["scoring"]): r for r in rows}
     for ratio in ("0.25", "0.1"):

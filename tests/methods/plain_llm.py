@@ -144,7 +144,9 @@ def staged_forward(
         n = seq.h.shape[1]
         cos, sin = lm.rotary_emb(seq.h, positions[None])
         mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-        seq.h = layer(seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None])
+        seq.h = layer(
+            seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None]
+        )
     for i, o in enumerate(seq.origin):
         if o >= 0:
             full[0, o] = seq.h[0, i]

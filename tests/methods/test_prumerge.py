@@ -9,6 +9,7 @@ sets and the same features.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from globalcom2.methods.prumerge import (
     PruMergeAdapter,
     PruMergePlan,
     iqr_outliers,
+    plan_prumerge,
     spatial_samples,
 )
 from globalcom2.viz.numbers import panel_numbers, panel_text
@@ -133,19 +135,19 @@ def _plain_image(
     size = tuple(inputs["image_sizes"][0].tolist())
     tiles = _tiles(model, size)
     a, keys, y = _plain_tower(model, inputs, attention)
-    keeps, outliers, merged, extras = [], [], [], []
+    keeps, outliers, merged, extras = [], [], [], []  # extras: None for a tile that pruned nothing
     for t, valid in enumerate(tiles):
         keep, m = _plain_keep(a[t], valid, plus)
         mt, et = _plain_merge(a[t], keys[t], y[t], valid, keep, k)
         keeps.append(keep)
         outliers.append(m)
         merged.append(mt)
-        extras.append(et)
+        extras.append(et if extra_token and len(keep) < len(valid) else None)
     proj = model.model.multi_modal_projector
     g = _g(model)
     rows, cols = image_grid(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
     top, bottom, left, right = valid_box(size[0], size[1], rows * g, cols * g)
-    seq = [merged[0][p] for p in sorted(keeps[0])] + ([extras[0]] if extra_token else [])
+    seq = [merged[0][p] for p in sorted(keeps[0])] + [e for e in extras[:1] if e is not None]
     newline = model.model.image_newline.double()
     for yy in range(top, bottom):
         for xx in range(left, right):
@@ -153,7 +155,7 @@ def _plain_image(
             if p in keeps[t]:
                 seq.append(merged[t][p])
         seq.append(None)  # newline (not projected)
-    seq += extras[1:] if extra_token else []
+    seq += [e for e in extras[1:] if e is not None]
     with torch.no_grad():
         rows_out = [newline if s is None else proj(s.float()[None]).double()[0] for s in seq]
     return keeps, outliers, torch.stack(rows_out)
@@ -229,6 +231,23 @@ def test_rule_pieces_on_hand_made_scores():
     outliers[0, :32] = True
     samples = spatial_samples(outliers, torch.ones(1, n, dtype=torch.bool))
     assert samples[0].nonzero().reshape(-1).tolist() == list(range(0, 575, 6))
+
+
+def test_a_tile_that_prunes_nothing_hands_on_no_remainder_token():
+    """PruMerge+ with m > N/6 outliers samples every position (step 1): nothing is pruned, so no (zero) token."""
+    from globalcom2.adapters.anyres import AnyresGeometry
+
+    geo = AnyresGeometry((1, 2), 4, (0, 4, 0, 8), (4, 8))
+    scores = torch.zeros(3, 16)
+    scores[:, 12:] = 1.0  # 4 outliers in every tile (Q1 = 0, Q3 = 0.25): step = (16 // 4) // 3 = 1
+    plan, keep, valid = plan_prumerge(scores, geo, plus=True)
+    assert keep.all() and plan.extra_tiles.tolist() == [False, False, False] and plan.extra_tokens == 0
+    assert (
+        plan.outlier_counts.tolist() == [4, 4, 4] and plan.num_tokens == 3 * 16 + 4
+    )  # + one newline per row
+    plan, keep, _ = plan_prumerge(scores, geo, plus=False)
+    assert keep.sum(-1).tolist() == [4, 4, 4] and plan.extra_tokens == 3
+    assert plan.num_tokens == 12 + 4 + 3
 
 
 def test_generate_and_forward_use_the_merged_tokens(sharp):
@@ -381,7 +400,14 @@ def test_panel_numbers_count_merged_tokens(tiny):
     text = panel_text(nb)
     rows, cols = plan.grid
     top, bottom, _, _ = plan.valid_box
-    assert nb.reduction == "merged" and nb.extra_tokens == 1 + rows * cols
+    pruned_some = [
+        len(k) < v
+        for k, v in zip(
+            _plan_keeps(plan, _g(model)), [_g(model) ** 2, *plan.crop_valid_counts.tolist()], strict=True
+        )
+    ]
+    assert plan.extra_tiles.tolist() == pruned_some and any(pruned_some)
+    assert nb.reduction == "merged" and nb.extra_tokens == sum(pruned_some)
     assert nb.newline_tokens == bottom - top  # the remainder tokens are not counted as newlines
     assert nb.thumbnail_tokens + nb.crops_tokens + nb.newline_tokens + nb.extra_tokens == plan.num_tokens
     assert text.thumbnail_header.endswith(
@@ -408,3 +434,25 @@ def test_eval_plans_equal_plans_through_the_model(tiny_clip_dir):
         assert torch.equal(ours.crops_mask, theirs.crops_mask), method
         assert torch.equal(ours.thumbnail_mask, theirs.thumbnail_mask), method
         assert ours.num_tokens == theirs.num_tokens, method
+
+
+def test_visualize_methods_cli_takes_the_names(tiny_clip_dir, tmp_path):
+    """`globalcom2 visualize --methods prumerge,prumerge+` as a real subprocess: panels, labels and records."""
+    from tests.test_cli import run_cli
+
+    img = tmp_path / "photo.png"
+    random_image(120, 200, seed=3).save(img)
+    out = tmp_path / "grid.png"
+    res = run_cli("visualize", "--model", str(tiny_clip_dir), "--image", str(img), "--methods",
+                  "globalcom2,prumerge,prumerge+", "--ratio", "0.25", "--out", str(out), "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = {r["method"]: r for r in json.loads(res.stdout)["plans"]}
+    for method in ("prumerge", "prumerge+"):
+        r = records[method]
+        assert r["reduction"] == "merged" and r["mode"] == method and r["extra_tokens"] >= 1
+        assert (
+            r["num_tokens"]
+            == r["thumbnail_tokens"] + r["crops_tokens"] + r["newline_tokens"] + r["extra_tokens"]
+        )
+    assert records["prumerge+"]["crops_tokens"] >= records["prumerge"]["crops_tokens"]
+    assert out.exists()

@@ -216,11 +216,32 @@ def test_reference_mode_runs_both_request_types(ckpt, docs):
     assert all(p.mode == "reference" and p.num_tokens < p.num_tokens_full for p in lm.globalcom.plans)
 
 
+def test_max_image_tokens_in_model_args_caps_every_image(ckpt, docs):
+    whole = _load("globalcom2_llava_hf", ckpt, ratio=1.0).globalcom.adapter
+    full = [whole.num_image_tokens(h, w) for h, w in SIZES]  # R = 1: the uncompressed counts
+    t = sorted(full)[1]  # the smaller images fit, the largest is compressed to at most t tokens
+    assert t < max(full)
+    lm = _with_docs(_load("globalcom2_llava_hf", ckpt, max_image_tokens=t), docs)
+    assert lm.globalcom.config.max_image_tokens == t and lm.globalcom.config.ratio is None
+    for req, (h, w), f in zip(_gen_requests(docs), SIZES, full, strict=True):
+        (out,) = lm.generate_until([req])
+        assert out  # "" would mean the host swallowed an error
+        (plan,) = lm.globalcom.plans
+        assert plan.num_tokens == lm.globalcom.adapter.num_image_tokens(h, w) and plan.num_tokens_full == f
+        assert plan.num_tokens == f if f <= t else t - 1 <= plan.num_tokens <= t
+        assert plan.ratio == lm.globalcom.adapter.ratio_for_image(h, w)
+    assert lm.globalcom_stats["visual_tokens"] < lm.globalcom_stats["visual_tokens_full"]
+
+
 def test_bad_option_fails_before_loading(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(ValueError, match="`ratio` must be in"):
         get_model("globalcom2_llava_hf", force_simple=True).create_from_arg_string(
             f"pretrained={missing},ratio=1.5", {"device": "cpu"}
+        )
+    with pytest.raises(ValueError, match="pass either `ratio` or `max_image_tokens`, not both"):
+        get_model("globalcom2_llava_hf").create_from_arg_string(
+            f"pretrained={missing},ratio=0.5,max_image_tokens=300", {"device": "cpu"}
         )
     with pytest.raises(ValueError, match="`allocation` must be one of"):
         get_model("globalcom2_llava_hf").create_from_arg_string(

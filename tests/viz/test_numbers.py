@@ -32,6 +32,9 @@ def tiny4(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- format_ratio
 
+# Multi-stage LLM-side methods keep a layer average of R: on the tiny 4-layer LLM only R = 0.5 is reachable.
+STAGED = ("pdrop", "sparsevlm", "globalcom2+sparsevlm")
+
 
 def test_format_ratio_rounds_halves_up_whatever_the_binary_value() -> None:
     # float32 stores 0.075 just above and 0.175 just below the half: "%.2f" gave "0.08" and "0.17".
@@ -122,7 +125,7 @@ def test_every_panel_states_the_numbers_of_its_json_record(tiny4, tmp_path, monk
         return text
 
     monkeypatch.setattr(overlay, "panel_text", recording_panel_text)
-    methods = list(METHODS)
+    methods = [m for m in METHODS if m not in STAGED]
     args = argparse.Namespace(ratio=0.1, ratios=None, model="tiny", image="photo.png", question=QUESTION,
                               out=str(tmp_path / "grid.png"), json=True)  # fmt: skip
     assert visualize_methods(args, methods, image, model, processor, {}) == 0
@@ -140,6 +143,13 @@ def test_every_panel_states_the_numbers_of_its_json_record(tiny4, tmp_path, monk
     for method in ("fastv", "globalcom2+fastv"):
         assert by_method[method]["stage"] != "vision"
     assert drawn[methods.index("fastv")].token_line.startswith("image tokens in the LLM after pruning")
+    staged = argparse.Namespace(**{**vars(args), "ratio": 0.5})  # the 4-layer LLM averages R = 0.5, not 0.1
+    drawn.clear()
+    assert visualize_methods(staged, list(STAGED), image, model, processor, {}) == 0
+    staged_records = json.loads(capsys.readouterr().out)["plans"]
+    for text, record in zip(drawn, staged_records, strict=True):
+        _check_text_against_record(text, record)
+        assert record["stage"] != "vision" and len(record["layer_tokens"]) == 4
 
 
 def test_method_record_is_the_panel_numbers(tiny4) -> None:
@@ -147,8 +157,9 @@ def test_method_record_is_the_panel_numbers(tiny4) -> None:
     model, processor = tiny4
     image = random_image(100, 180, seed=1)
     for method in METHODS:
-        plan = method_plan(model, processor, image, method, 0.25, question=QUESTION)
-        record = method_record(method, 0.25, plan)
+        ratio = 0.5 if method in STAGED else 0.25
+        plan = method_plan(model, processor, image, method, ratio, question=QUESTION)
+        record = method_record(method, ratio, plan)
         _check_text_against_record(panel_text(panel_numbers(plan)), record)
         assert record["num_tokens"] == plan.num_tokens
 

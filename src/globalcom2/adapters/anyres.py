@@ -29,6 +29,7 @@ import torch
 from ..core.budget import budget_counts
 from ..core.layout import CropLayout, thumbnail_region_map, tiles_to_grid
 from ..core.plan import Plan
+from ..core.ranking import true_indices
 from ..core.resize import bilinear_resize
 from ..core.select import Selection, select_tokens
 from .base import GlobalComHandle
@@ -182,16 +183,32 @@ def select_anyres(
         top:bottom, left:right
     ]
     local = bilinear_resize(crops, geo.token_grid) if geo.resampled else crops.double()
-    row_block, col_block = resample_blocks(geo.box, geo.token_grid, g)
-    layout = CropLayout.from_blocks(row_block.to(device), col_block.to(device), geo.grid)
+    layout = crop_layout(geo.box, geo.token_grid, g, geo.grid)
     thumb = tile_scores[0].float()
     global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
     sel = select_tokens(
         thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(device), layout.to_table(global_map),
         thumbnail_region_map(g, rows, cols, device=device), ratio=ratio, mode=config.mode,
         allocation=config.allocation, scoring=config.scoring, alpha=config.alpha, tau=config.tau,
+        num_crop_tokens=geo.token_grid[0] * geo.token_grid[1],
     )  # fmt: skip
     return sel, layout
+
+
+@functools.lru_cache(maxsize=512)
+def crop_layout(box: Box, token_grid: tuple[int, int], g: int, grid: tuple[int, int]) -> CropLayout:
+    """The :class:`CropLayout` of one geometry (host-side, built once per image shape and reused: its tensors are
+    never written, and building it reads block sizes on the host, which must not wait for the device)."""
+    row_block, col_block = resample_blocks(box, token_grid, g)
+    return CropLayout.from_blocks(row_block, col_block, grid)
+
+
+def kept_crop_count(sel: Selection, geo: AnyresGeometry, config: Any, ratio: float) -> int:
+    """Crop tokens ``sel`` keeps: known from the geometry in budget mode (no host synchronisation); in reference
+    mode the sum of the data-dependent ``int(N_j * r_j)``, read once from the device."""
+    if config.mode == "budget":
+        return budget_counts(geo.g**2, geo.token_grid[0] * geo.token_grid[1], ratio)[1]
+    return int(sel.crop_keep_counts.sum())
 
 
 def packed_positions(geo: AnyresGeometry, newline: bool, device: Any = None) -> torch.Tensor:
@@ -202,7 +219,7 @@ def packed_positions(geo: AnyresGeometry, newline: bool, device: Any = None) -> 
 
 
 def official_crop_order(
-    sel: Selection, layout: CropLayout, geo: AnyresGeometry, newline: bool
+    sel: Selection, layout: CropLayout, geo: AnyresGeometry, newline: bool, count: int | None = None
 ) -> torch.Tensor:
     """Crop tokens in the official packed-slot layout (LLaVA-NeXT reference mode).
 
@@ -226,7 +243,9 @@ def official_crop_order(
     # after HF's packed sequence (HF's own sequence has none when the valid box has no rows).
     newline_col = torch.full((rows * g, int(newline)), geo.num_tokens(None, newline), device=device)
     seq = torch.cat([grid, newline_col], dim=1).reshape(-1)
-    return seq[seq >= 0]
+    if count is None:  # ``count``: kept crop tokens, when known (then no host synchronisation)
+        return seq[seq >= 0]
+    return seq[true_indices(seq >= 0, count + rows * g * int(newline))]
 
 
 def plan_anyres(
@@ -255,12 +274,14 @@ def plan_anyres(
     """
     ratio = geo.image_ratio(config, newline)
     sel, layout = select_anyres(tile_scores, geo, config, ratio)
+    count = kept_crop_count(sel, geo, config, ratio)
     keep = layout.from_table(sel.crop_keep)  # (H, W)
     if official_order and config.mode == "reference":
-        crops = official_crop_order(sel, layout, geo, newline)
+        crops = official_crop_order(sel, layout, geo, newline, count)
     else:
         row_mask = torch.cat([keep, keep.new_ones(keep.shape[0], int(newline))], dim=1)
-        crops = packed_positions(geo, newline, keep.device)[row_mask]
+        kept = true_indices(row_mask.reshape(-1), count + geo.token_grid[0] * int(newline))
+        crops = packed_positions(geo, newline, keep.device).reshape(-1)[kept]
     index = torch.cat([sel.thumbnail_order.to(keep.device), crops])
     rows, cols = geo.grid
     plan = Plan(
@@ -469,6 +490,7 @@ __all__ = [
     "AnyresGeometry",
     "anyres_geometry",
     "anyres_grid",
+    "crop_layout",
     "footprint",
     "official_crop_order",
     "packed_positions",

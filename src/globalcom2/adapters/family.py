@@ -6,10 +6,13 @@ scores become a :func:`~globalcom2.core.select.select_tokens` call and a token o
 
 What the base patches (on instances only; all recorded on the handle and undone by ``remove()``):
 
-- a forward pre-hook on the vision tower's **last** layer computes the [CLS]-row scores of paper Eq. 1 from that
-  layer's input under any attention implementation (SDPA/Flash stay on; no ``output_attentions``); for
-  ``importance="cosine"`` a pre-hook on the projector computes Eq. 7 on its input instead. Both record only while
-  the patched ``get_image_features`` runs, into the calling thread's :class:`~globalcom2.adapters.base.ForwardState`;
+- the [CLS]-row scores of paper Eq. 1 (any attention implementation; no ``output_attentions``): where the features
+  come from the tower's **last** layer, forward hooks on that layer's own q/k projections take the [CLS] query and
+  the keys it computes anyway (one small matmul per tile); where they come from an earlier layer (LLaVA-NeXT's -2),
+  the last layer's ``forward`` is wrapped on the instance so that it hands its input on without running, and a
+  pre-hook scores that input. For ``importance="cosine"`` a pre-hook on the projector computes Eq. 7 on its input.
+  All of it acts only while the patched ``get_image_features`` runs, in the calling thread's
+  :class:`~globalcom2.adapters.base.ForwardState`: a direct call of the tower, from any thread, is untouched;
 - ``get_image_features`` (opens that capture scope; families may post-process its output);
 - ``get_placeholder_mask``: first checks, image by image, that the prompts hold exactly the placeholders the plans
   need, and says how to fix it when they do not;
@@ -329,7 +332,8 @@ class FamilyAdapter:
         self, handle: GlobalComHandle, input_ids: Any, inputs_embeds: Any, image_features: Any
     ) -> None:
         """Raise a clear error unless the prompts hold exactly the placeholder runs this thread's plans need."""
-        positions = placeholder_positions(self.inner, self.model.config.image_token_id, input_ids, inputs_embeds)
+        token = self.model.config.image_token_id
+        positions = placeholder_positions(self.inner, token, input_ids, inputs_embeds)
         rows = image_features.numel() // image_features.shape[-1]
         plans = handle.state.plans or []
         check_placeholders(positions, rows, plans, self.config, run_counts=self.placeholder_run_counts(plans))
@@ -381,7 +385,11 @@ class FamilyAdapter:
         shrunk = self.resize_placeholders(
             input_ids,
             plans,
-            {k: kwargs[k] for k in ("attention_mask", "labels", "token_type_ids") if kwargs.get(k) is not None},
+            {
+                k: kwargs[k]
+                for k in ("attention_mask", "labels", "token_type_ids")
+                if kwargs.get(k) is not None
+            },
         )
         kwargs.update(shrunk)
         kwargs["mm_encoder_outputs"] = encoder_outputs

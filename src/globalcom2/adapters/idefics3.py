@@ -65,7 +65,7 @@ MAX_MARKER_SIDE = 6
 
 class _OneTokenRuns:
     """A processor seen with ``image_seq_len = 1``: its own ``replace_image_token`` then writes HF's exact layout
-    (markers, newlines) with one placeholder per run, which :meth:`Idefics3Adapter._replace_image_token` widens."""
+    (markers, newlines) with one placeholder per run, which :meth:`Idefics3Adapter._replace_image_runs` widens."""
 
     image_seq_len = 1
 
@@ -96,11 +96,13 @@ class Idefics3Adapter(InternVLAdapter):
         self.patches_per_side = self.tile_hw[0] // self.patch
         self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per crop side
         self._warned = False
-        self.anchor_ids = torch.zeros(0, dtype=torch.long)  # marker ids a run follows (set by check_processor)
+        self.anchor_ids = torch.zeros(0, dtype=torch.long)  # ids of the markers runs follow (check_processor)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         if type(tower).__name__ in ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"):
-            return TowerInfo("siglip", None, None, None, None, int(tower.config.num_attention_heads), 0, False)
+            return TowerInfo(
+                "siglip", None, None, None, None, int(tower.config.num_attention_heads), 0, False
+            )
         return describe_tower(tower)
 
     # -- checks ----------------------------------------------------------------------------------------------
@@ -177,7 +179,9 @@ class Idefics3Adapter(InternVLAdapter):
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
         proc = self.processor
         handle.patch(
-            proc, "replace_image_token", functools.partial(self._replace_image_token, proc.replace_image_token)
+            proc,
+            "replace_image_token",
+            functools.partial(self._replace_image_runs, proc.replace_image_token),
         )
         if hasattr(proc, "_get_num_multimodal_tokens"):  # Idefics3Processor only
             handle.patch(
@@ -193,9 +197,7 @@ class Idefics3Adapter(InternVLAdapter):
         if tiles == 1:
             return [self.num_image_tokens_for_tiles(1)]
         n = tiles - 1
-        thumb, crops = budget_counts(
-            n_tok, n * n_tok, internvl_image_ratio(self.config, tiles, n_tok)
-        )
+        thumb, crops = budget_counts(n_tok, n * n_tok, internvl_image_ratio(self.config, tiles, n_tok))
         even = torch.full((n,), n_tok, dtype=torch.long)
         return [*split_budget(crops, even.double(), even).tolist(), thumb]
 
@@ -203,12 +205,13 @@ class Idefics3Adapter(InternVLAdapter):
     def _tiles_of(rows: int, cols: int) -> int:
         return num_tiles(max(rows, 1), max(cols, 1))  # rows = cols = 0: the global image alone
 
-    def _replace_image_token(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    def _replace_image_runs(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]
         cols = [c for sample in image_inputs["cols"] for c in sample][image_idx]
         counts = self.emitted_runs(self._tiles_of(int(rows), int(cols)))
         token = self.processor.image_token
-        parts = original.__func__(_OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs).split(token)
+        layout = original.__func__(_OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs)
+        parts = layout.split(token)
         if len(parts) != len(counts) + 1:
             raise RuntimeError(f"GlobalCom²: expected {len(counts)} placeholder runs, found {len(parts) - 1}")
         return "".join(part + token * c for part, c in zip(parts, counts, strict=False)) + parts[-1]
@@ -216,7 +219,9 @@ class Idefics3Adapter(InternVLAdapter):
     def _num_multimodal_tokens(self, original: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
         out = original(image_sizes=image_sizes, **kwargs)
         patches = getattr(out, "num_image_patches", None)
-        if patches is not None:  # HF's count (markers included) less the uncompressed runs plus the budget ones
+        if (
+            patches is not None
+        ):  # HF's count (markers included), the uncompressed runs swapped for budget ones
             n_tok = self.g * self.g
             tiles = [max(int(t), 1) for t in patches]
             out.num_image_tokens = [
@@ -236,10 +241,9 @@ class Idefics3Adapter(InternVLAdapter):
         return processed, replacements
 
     # -- model side --------------------------------------------------------------------------------------------
-    def _select(
-        self, handle: GlobalComHandle, features: Any, scores: torch.Tensor, grids: Any
-    ) -> list[torch.Tensor]:
-        """Keep each image's selected tokens; one ``(kept, D)`` tensor per sample (HF's ``pooler_output``)."""
+    def _select(self, handle: GlobalComHandle, features: Any, scores: torch.Tensor, grids: Any) -> Any:
+        """Keep each image's selected tokens: a list of one ``(kept, D)`` tensor per sample, the shape of HF's
+        ``pooler_output`` here (InternVL's is one tensor)."""
         n_tok = self.g * self.g
         per_sample = list(features)
         flat = torch.cat(per_sample).reshape(-1, n_tok, per_sample[0].shape[-1])

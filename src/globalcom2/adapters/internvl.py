@@ -5,8 +5,9 @@ stretched to the grid), appends the **thumbnail last**, and hands the LLM ``(g/2
 ``pixel_shuffle`` merges every 2 x 2 patches into one token (256 for 448 px tiles of 14 px patches).
 
 **Importance.** InternViT has a [CLS] token: its row of the *last* layer's attention scores the patches (Eq. 1,
-logits or softmax as for LLaVA-NeXT), computed from that layer's input by a forward pre-hook (its
-``layernorm_before``, ``q_proj``/``k_proj`` and, when the checkpoint has them, ``q_norm``/``k_norm``). The patch
+logits or softmax as for LLaVA-NeXT). The features come from that layer, so it runs anyway: forward hooks take the
+[CLS] query and the keys it computes itself (the outputs of its ``q_norm``/``k_norm``, which are Identity when the
+checkpoint has no q/k norms) and one small matmul per tile scores them. The patch
 scores are **summed over each 2 x 2 pixel-shuffle group** (:func:`merge_pool`): a
 merged token carries the share of the [CLS] row of the four patches it is made of, so crop richness S_j (Eq. 2)
 is the same sum over the crop's patches as without merging, and inside a tile the ranking equals the mean's.
@@ -37,8 +38,8 @@ cannot tell them apart). Compressed image features come back as ``pooler_output`
 ``(num_kept_tokens, 1, D)``: tiles no longer hold equal token counts, and one row per token keeps
 ``generate``'s per-sample expansion (beam search, ``num_return_sequences``) correct.
 
-What is patched (recorded on the handle, undone by ``remove()``): a pre-hook on the tower's last layer (or on the
-projector for cosine), ``InternVLModel.get_image_features``, ``InternVLProcessor._process_images`` (grids),
+What is patched (recorded on the handle, undone by ``remove()``): the scoring hooks on the tower's last layer (or a
+pre-hook on the projector for cosine), ``InternVLModel.get_image_features``, ``InternVLProcessor._process_images`` (grids),
 ``replace_image_token`` and ``_get_num_multimodal_tokens`` (budget counts), and ``forward``/``generate``.
 """
 
@@ -55,6 +56,7 @@ import torch
 from ..core.budget import budget_counts
 from ..core.layout import grid_to_tiles, thumbnail_region_map, tiles_to_grid
 from ..core.plan import Plan
+from ..core.ranking import true_indices
 from ..core.resize import bilinear_resize
 from ..core.select import select_tokens
 from .base import GlobalComHandle
@@ -173,9 +175,10 @@ def plan_internvl_tiles(
         grid_to_tiles(global_map, rows, cols).reshape(n, n_tok) if n else thumb.new_zeros(0, n_tok),
         thumbnail_region_map(g, rows, cols, device=device),
         ratio=ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
-        tau=cfg.tau,
+        tau=cfg.tau, num_crop_tokens=n * n_tok,
     )  # fmt: skip
-    crop_index = torch.arange(n * n_tok, device=device).reshape(n, n_tok)[sel.crop_keep]
+    kept = budget_counts(n_tok, n * n_tok, ratio)[1] if cfg.mode == "budget" else int(sel.crop_keep_counts.sum())
+    crop_index = true_indices(sel.crop_keep.reshape(-1), kept)  # count known: no host synchronisation
     index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
     plan = Plan(
         grid=(rows, cols) if n else (0, 0),

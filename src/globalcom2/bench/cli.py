@@ -84,6 +84,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--throughput-repeats", type=_positive, default=None,
                    help="timed throughput runs per setting (default 1 on CPU, 3 on CUDA)")  # fmt: skip
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--table4", action="store_true",
+                   help="Table-4-style rows instead: SparseVLM, FasterVLM, GlobalCom², FastV, PDrop at the smallest "
+                        "--ratios R on one model and image (LLM depth default 32; see docs/bench.md)")  # fmt: skip
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument(
         "--text-tokens", type=int, default=64, help="text tokens assumed by the analytic config table"
@@ -179,6 +182,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(
             "bench measures budget mode (the token count is known before the forward); drop --mode"
         )
+    if getattr(args, "table4", False):
+        return _cmd_table4(args)
     if args.from_json:
         from .measure import evaluate_targets
 
@@ -215,5 +220,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_rel = os.path.relpath(Path(args.plot).resolve(), out.parent.resolve()) if args.plot else ""
         out.write_text(markdown_report(result, command=result["meta"].get("command", ""), plot=plot_rel))
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_table4(args: argparse.Namespace) -> int:
+    """`globalcom2 bench --table4`: :mod:`globalcom2.bench.table4` at the smallest of ``--ratios``."""
+    from .table4 import format_table4, run_table4
+
+    if args.llm_layers is None:
+        args.llm_layers = 32  # the paper's depth: multi-stage methods need it to average R = 10 %
+    settings = settings_from_args(args)
+    try:
+        result = run_table4(settings, ratio=min(settings.ratios),
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    result["meta"]["command"] = settings_command(settings, tiny=args.tiny) + " --table4"
+    print(format_table4(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
     return 0

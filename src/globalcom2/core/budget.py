@@ -107,42 +107,79 @@ def ratio_for_max_tokens(
     )
 
 
-def split_budget(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    """Split ``total`` tokens over crops in proportion to ``weights``, at most ``capacity`` each.
+_GRID_BITS = 51  # weights as integers below 2^51: sums of up to 1024 stay below 2^61
+_LIMB = 32
+_MASK = (1 << _LIMB) - 1
 
-    Water-filling on the real line (a_j = min(capacity_j, lam * w_j) with sum a_j = total), then largest
-    remainders to reach integers. Fixed number of tensor passes (<= number of crops); no ``.item()``.
+
+def _integer_weights(w: torch.Tensor) -> torch.Tensor:
+    """Weights as int64 on the grid ``max(w) * 2^-51`` (a power-of-two scaling, so exact for every weight that is a
+    multiple of that grid: always for r_j * N_j with float32 r_j >= 2^-17 and N_j <= 1024; finer bits are cut)."""
+    _, exponent = torch.frexp(w.amax(dim=-1, keepdim=True))
+    return torch.ldexp(w, (_GRID_BITS - exponent).to(w.dtype)).floor().long()
+
+
+def _mul(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a * x`` as two int64 limbs ``(hi, lo)``, value ``hi * 2^32 + lo``, for ``0 <= a < 2^31``, ``0 <= x < 2^62``."""
+    low = a * (x & _MASK)
+    return a * (x >> _LIMB) + (low >> _LIMB), low & _MASK
+
+
+def _greater(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return (x[0] > y[0]) | ((x[0] == y[0]) & (x[1] > y[1]))
+
+
+def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Split ``total`` tokens over crops in proportion to ``weights``, at most ``capacity`` each, exactly.
+
+    Water-filling on the real line (a_j = min(capacity_j, lam * w_j) with sum a_j = total; crops with room but zero
+    weight share what is left by capacity once every weighted crop is full), then floors, and the remaining tokens to
+    the largest fractional parts among crops with room, the lower crop index first on equal parts.
+
+    Every decision is taken in exact integer arithmetic: the weights become int64 on a power-of-two grid
+    (:func:`_integer_weights`), sums are integer sums (no float reduction whose rounding depends on the machine's
+    summation order), each comparison ``left * w_j > cap_j * sum_free w`` is made on two-limb products, and the
+    fractional parts are compared as exact remainders over a common denominator. So the counts equal the rational
+    computation on every machine and device. Vectorised: a fixed number of tensor passes (<= number of crops), no
+    host synchronisation; leading dimensions are independent splits (e.g. the images of a batch).
 
     Args:
-        total: tokens to hand out, ``0 <= total <= capacity.sum()``.
-        weights: ``(n,)`` non-negative weights (r_j * N_j).
-        capacity: ``(n,)`` Long, N_j.
+        total: tokens to hand out, ``0 <= total <= capacity.sum(-1)``, < 2^31; an int or a tensor of the leading
+            shape.
+        weights: ``(..., n)`` non-negative weights (r_j * N_j); n <= 1024.
+        capacity: ``(..., n)`` Long, N_j < 2^31.
 
     Returns:
-        ``(n,)`` Long counts summing to ``total``.
+        ``(..., n)`` Long counts summing to ``total``.
     """
-    w = weights.double().clamp_min(0) * (capacity > 0)
-    cap = capacity.double()
-    # Crops with room but zero weight only receive tokens once every weighted crop is full.
-    w = torch.where(w.sum() > 0, w, cap)
-    capped = torch.zeros_like(w, dtype=torch.bool)
-    alloc = torch.zeros_like(w)
-    for _ in range(w.numel()):
-        free_w = (w * ~capped).sum()
-        lam = (total - (cap * capped).sum()) / free_w.clamp_min(1e-300)
-        alloc = torch.where(capped, cap, lam * w)
-        newly = (alloc > cap) & ~capped
-        capped = capped | newly
-        alloc = alloc.clamp(max=cap)
-    # Once every weighted crop is full, what is left goes to the zero-weight crops with room, by capacity
-    # (rest is 0 unless that happens; it never exceeds their capacity because total <= capacity.sum()).
-    zero_room = (w == 0) & (cap > 0)
-    rest = (total - alloc.sum()).clamp_min(0)
-    alloc = torch.where(zero_room, rest / (cap * zero_room).sum().clamp_min(1e-300) * cap, alloc)
-    counts = alloc.floor().long()
-    left = total - counts.sum()
-    frac = torch.where(counts < capacity, alloc - counts, torch.full_like(alloc, -1.0))
-    order = torch.sort(frac, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts = counts + ((rank < left) & (counts < capacity)).long()
-    return counts
+    cap = capacity.long()
+    tot = torch.as_tensor(total, dtype=torch.long, device=cap.device).expand(cap.shape[:-1]).unsqueeze(-1)
+    w = _integer_weights(weights.double().clamp_min(0)) * (cap > 0)
+    w = torch.where(w.sum(-1, keepdim=True) > 0, w, cap)  # no weight at all: split by capacity
+    capped = torch.zeros_like(cap, dtype=torch.bool)
+    for _ in range(cap.shape[-1]):  # a crop is capped once lam * w_j > cap_j; at most n rounds
+        free = (w * ~capped).sum(-1, keepdim=True)
+        left = (tot - (cap * capped).sum(-1, keepdim=True)).clamp_min(0)
+        capped = capped | (~capped & _greater(_mul(left, w), _mul(cap, free)))
+    free = (w * ~capped).sum(-1, keepdim=True)
+    left = (tot - (cap * capped).sum(-1, keepdim=True)).clamp_min(0)
+    # Uncapped weighted crops: floor(left * w_j / free) and its exact remainder (denominator free). The float
+    # estimate is within one of the floor; the two-limb remainder corrects it.
+    den = free.clamp_min(1)
+    q = (left.double() * w.double() / den.double()).floor().long().clamp(min=0)
+    q = torch.minimum(q, cap)
+    (ph, pl), (qh, ql) = _mul(left, w), _mul(q, den)
+    rem = (ph - qh) * (1 << _LIMB) + (pl - ql)
+    q, rem = torch.where(rem < 0, q - 1, q), torch.where(rem < 0, rem + den, rem)
+    q, rem = torch.where(rem >= den, q + 1, q), torch.where(rem >= den, rem - den, rem)
+    # Zero-weight crops with room share what is left once no weighted crop has room (free == 0), by capacity.
+    room = (w == 0) & (cap > 0) & (free == 0)
+    room_den = (cap * room).sum(-1, keepdim=True).clamp_min(1)
+    share = left * cap
+    counts = torch.where(capped, cap, torch.where(room, share // room_den, torch.where(free > 0, q, 0)))
+    key = torch.where(room, share % room_den, torch.where(free > 0, rem, 0))
+    key = torch.where(capped | (counts >= cap), -1, key)  # only crops with room may take one more
+    short = tot - counts.sum(-1, keepdim=True)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return counts + ((rank < short) & (key >= 0)).long()

@@ -26,3 +26,12 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None 
     """Bool mask of the ``k[j]`` highest scores of every row ``j`` (paper Eq. 6), ties by the tie rule."""
     keep = descending_rank(scores) < k.reshape(-1, *([1] * (scores.dim() - 1)))
     return keep if valid is None else keep & valid
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of a 1-D Bool mask, ascending, given that it holds ``count`` of them.
+
+    ``mask.nonzero()`` must read the mask on the host to size its output (a device synchronisation); with the count
+    known from the geometry, a stable sort gives the same indices without waiting for the device.
+    """
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]

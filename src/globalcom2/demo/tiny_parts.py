@@ -123,8 +123,9 @@ def save_random_checkpoint(
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if vision_tower is not None:
-        inner = model.model  # Idefics3 / SmolVLM name their tower vision_model
-        (getattr(inner, "vision_tower", None) or inner.vision_model).load_state_dict(vision_tower.state_dict())
+        inner = model.model
+        tower = getattr(inner, "vision_tower", None) or inner.vision_model  # Idefics3 / SmolVLM: vision_model
+        tower.load_state_dict(vision_tower.state_dict())
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -42,6 +42,8 @@ STANDIN_LABEL = (
 )
 VISION_METHODS = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+")
 LLM_METHODS = ("fastv", "globalcom2+fastv")
+# Multi-stage LLM-side methods (layer-average R): skipped at an R the demo's shallow LLM cannot average.
+STAGED_METHODS = ("pdrop", "sparsevlm", "globalcom2+sparsevlm")
 QUESTION = "What is shown in this image?"
 
 
@@ -158,9 +160,14 @@ def llm_plans(model: Any, processor: Any, data: PhotoData, ratio: float, layer: 
             inputs["pixel_values"], inputs["image_sizes"], return_dict=True
         )
     out = {}
-    for method in LLM_METHODS:
-        with apply_method(model, processor, method, ratio=ratio, layer=layer) as handle:
-            if method == "fastv":
+    for method in LLM_METHODS + STAGED_METHODS:
+        try:
+            patched = apply_method(model, processor, method, ratio=ratio,
+                                   **({"layer": layer} if method in LLM_METHODS else {}))  # fmt: skip
+        except ValueError:  # a layer-average schedule out of reach at this R (methods.schedule)
+            continue
+        with patched as handle:
+            if method in ("fastv", "pdrop", "sparsevlm"):
                 text = {k: v for k, v in inputs.items() if k != "pixel_values"}
                 model(**text, mm_encoder_outputs={"image": data.encoder_output}, logits_to_keep=1)
             else:  # GlobalCom²'s allocation needs the [CLS] scores of the tower pass

@@ -54,7 +54,9 @@ def method_label(method: str, ratio: float, *, random_llm: bool = False) -> str:
         notes.append("averaged, nothing discarded")
     if not spec.uses_ratio:
         notes.append("adaptive count, R not used")
-    if spec.stage != "vision":
+    if spec.stage != "vision" and "layer" not in spec.options:
+        notes.append("pruned in the LLM in stages, layer average R")
+    elif spec.stage != "vision":
         notes.append(f"pruned in the LLM at layer {spec.options.get('layer', 2)}")
         if random_llm:
             notes.append("random LLM")
@@ -76,7 +78,7 @@ def _options_for(method: str, gc_options: dict[str, Any]) -> dict[str, Any]:
     if method == "globalcom2":
         return dict(gc_options)
     allowed = set(METHODS[method].options) - {"mode"}
-    return {k: v for k, v in gc_options.items() if k in allowed and method == "globalcom2+fastv"}
+    return {k: v for k, v in gc_options.items() if k in allowed and method.startswith("globalcom2+")}
 
 
 def parse_methods(text: str) -> list[str]:

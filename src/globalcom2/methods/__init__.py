@@ -174,6 +174,8 @@ register_method(MethodSpec(
     {"layer": 2, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
     _globalcom2_fastv,
 ))  # fmt: skip
+
+
 def _layers(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -209,7 +211,8 @@ def _globalcom2_sparsevlm(model: Any, processor: Any, *, ratio: float, **options
     return GlobalComSparseVLMAdapter(model, processor, cfg, **ours)
 
 
-_SV_OPTIONS = {"layers": None, "budget": "schedule", "scale": 13.5, "recycle": 0.3}  # = sparsevlm.SPARSEVLM_OPTIONS
+# = sparsevlm.SPARSEVLM_OPTIONS (tested)
+_SV_OPTIONS = {"layers": None, "budget": "schedule", "scale": 13.5, "recycle": 0.3}
 register_method(MethodSpec(
     "pdrop", "llm", "PyramidDrop: stage-wise drops by last-instruction-token attention, layer average R",
     {"stages": 4, "lam": 0.5, "layers": None}, _pdrop,

@@ -113,7 +113,9 @@ class GlobalComFastVAdapter(FastVAdapter):
     display_name = "GlobalCom² + FastV"
 
     def install_scoring(self, handle: Any) -> None:
-        super(LLMPruningAdapter, self).install_scoring(handle)  # GlobalCom²'s hook, which FastV alone leaves out
+        super(LLMPruningAdapter, self).install_scoring(
+            handle
+        )  # GlobalCom²'s hook, which FastV alone leaves out
 
     def vision_plans(self, handle: Any, packed: list[torch.Tensor],
                      arguments: dict[str, Any]) -> list | None:  # fmt: skip

@@ -18,7 +18,7 @@ The rule (paper Sec. 3.2-3.3 and Algorithm 1, with the defaults of the authors' 
    *other* tokens of the tile (kept or pruned) by cosine similarity of the last layer's keys (k = 32, ties: the
    earlier token wins) and becomes y'_p = y_p + sum_q a_q y_q (the public code's unnormalised weighted sum).
    With ``extra_token=True`` (public code) each tile also hands on one more token, sum over its pruned tokens of
-   a_j y_j.
+   a_j y_j (a tile that pruned nothing hands on none: the public code would add a zero vector).
 
 Applied per tile: the thumbnail and every crop separately, each crop on its valid (unpadded) tokens only, which
 then play the role of the tile (N = the crop's valid tokens, raster positions in its valid-token list). The merge
@@ -164,20 +164,29 @@ def merge_tokens(
         k: neighbours per kept token (fewer when the tile has fewer other tokens).
 
     Returns:
-        ``(merged, extra)``: ``(T, N, C)`` with y'_p = y_p + sum_{q in kNN(p)} a_q y_q on every row (only the kept
-        rows are used), and ``(T, C)`` sum over pruned valid tokens of a_j y_j. Both in ``features``' dtype.
+        ``(merged, extra)``: ``(keep.sum(), C)`` the kept tokens y'_p = y_p + sum_{q in kNN(p)} a_q y_q in
+        ``keep.nonzero()`` order (tile by tile, raster order), and ``(T, C)`` the sum over each tile's pruned valid
+        tokens of a_j y_j. Both in ``features``' dtype. Only the kept rows of the similarity matrix are formed
+        (``(T, M, N)`` with M the largest kept count of a tile), not all N x N.
     """
     t, n, _ = keys.shape
+    counts = keep.sum(-1)
+    m = int(counts.max()) if t else 0
+    rows = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[
+        :, :m
+    ]  # kept, ascending
+    slot = torch.arange(m, device=keep.device)[None, :] < counts[:, None]  # (T, M): a real kept token
     unit = F.normalize(keys.float(), dim=-1)
-    others = valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=keys.device)  # (T, N, N)
-    sim = (unit @ unit.transpose(-1, -2)).masked_fill(~others, float("-inf"))
+    pick = unit.gather(1, rows[..., None].expand(-1, -1, unit.shape[-1]))  # (T, M, D)
+    others = valid[:, None, :] & (rows[..., None] != torch.arange(n, device=keys.device))  # (T, M, N)
+    sim = (pick @ unit.transpose(-1, -2)).masked_fill(~others, float("-inf"))
     neighbours = (descending_rank(sim) < k) & others  # stable sort: the earlier token wins a tie
     a = scores.float()
     y = features.float()
-    weights = neighbours.float() * a[:, None, :]  # (T, N, N): a_q where q is a neighbour of p
-    merged = y + weights @ y
+    weights = neighbours.float() * a[:, None, :]  # (T, M, N): a_q where q is a neighbour of p
+    merged = y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1])) + weights @ y
     extra = ((valid & ~keep).float() * a)[:, None, :] @ y  # (T, 1, C)
-    return merged.to(features.dtype), extra[:, 0].to(features.dtype)
+    return merged[slot].to(features.dtype), extra[:, 0].to(features.dtype)
 
 
 # -------------------------------------------------------------------------------------------- one image
@@ -212,12 +221,15 @@ class PruMergePlan(Plan):
     Attributes:
         outlier_counts: Long ``(1 + rows*cols,)``: IQR outliers per tile (thumbnail first).
         sample_counts: Long ``(1 + rows*cols,)``: tokens added by PruMerge+'s spatial sampling (0 for PruMerge).
-        extra_tokens: tokens made of each tile's pruned remainder (one per tile with ``extra_token``, else 0).
+        extra_tiles: Bool ``(1 + rows*cols,)``: the tiles that hand on a remainder token (``extra_token`` and at
+            least one token pruned).
+        extra_tokens: their number.
         neighbours: k of the merge.
     """
 
     outlier_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     sample_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    extra_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     extra_tokens: int = 0
     neighbours: int = 0
 
@@ -273,8 +285,8 @@ def plan_prumerge(
     kept_counts = keep[1:].sum(-1)
     valid_counts = valid[1:].sum(-1)
     height = bottom - top
-    tiles = 1 + rows * cols
-    num_tokens = int(keep.sum()) + (height if newline else 0) + (tiles if extra_token else 0)
+    extra_tiles = (valid & ~keep).any(-1) & extra_token
+    num_tokens = int(keep.sum()) + (height if newline else 0) + int(extra_tiles.sum())
     plan = PruMergePlan(
         grid=geo.grid,
         thumbnail_mask=keep[0].reshape(g, g),
@@ -289,7 +301,8 @@ def plan_prumerge(
         thumbnail_order=keep[0].nonzero().reshape(-1),
         outlier_counts=outliers.sum(-1),
         sample_counts=(keep & ~outliers).sum(-1),
-        extra_tokens=tiles if extra_token else 0,
+        extra_tiles=extra_tiles,
+        extra_tokens=int(extra_tiles.sum()),
         neighbours=k,
     )
     return plan, keep, valid
@@ -298,7 +311,8 @@ def plan_prumerge(
 def emit_image(
     seq: torch.Tensor,
     projected: torch.Tensor,
-    extra: torch.Tensor | None,
+    extra: torch.Tensor,
+    plan: PruMergePlan,
     keep: torch.Tensor,
     geo: AnyresGeometry,
     newline: bool,
@@ -308,8 +322,8 @@ def emit_image(
     Args:
         seq: HF's packed sequence of the image (thumbnail, then the crop rows with their newlines).
         projected: ``(keep.sum(), C)`` projected merged tokens, in ``keep.nonzero()`` order (tile by tile).
-        extra: ``(1 + rows*cols, C)`` projected remainder tokens, or None.
-        keep: Bool ``(1 + rows*cols, g*g)``.
+        extra: ``(plan.extra_tokens, C)`` projected remainder tokens of the tiles in ``plan.extra_tiles``.
+        plan: the image's plan; keep: Bool ``(1 + rows*cols, g*g)`` its kept tokens.
     """
     positions = _tile_positions(geo, newline, seq.device)
     merged_seq = seq.clone()
@@ -323,10 +337,9 @@ def emit_image(
     crops_keep = torch.cat(
         [row_keep[crops[:, :width]], row_keep.new_ones(crops.shape[0], int(newline))], dim=1
     )
-    if extra is None:
-        return torch.cat([thumb, merged_seq[crops[crops_keep]]])
+    head = int(plan.extra_tiles[0])  # the thumbnail's remainder token comes right after its kept tokens
     extra = extra.to(seq.dtype)
-    return torch.cat([thumb, extra[:1], merged_seq[crops[crops_keep]], extra[1:]])
+    return torch.cat([thumb, extra[:head], merged_seq[crops[crops_keep]], extra[head:]])
 
 
 # -------------------------------------------------------------------------------------------- the adapter
@@ -425,11 +438,10 @@ class PruMergeAdapter(LlavaNextAdapter):
                 )
             y = inputs[tiles].to(seq.device)
             merged, extra = merge_tokens(y, keys[tiles].to(seq.device), s, keep, valid, self.k)
-            rows = torch.cat([merged[keep], extra]) if self.extra_token else merged[keep]
+            rows = torch.cat([merged, extra[plan.extra_tiles]])
             proj = projector.forward(rows)  # .forward: not through the recording pre-hook
             n_kept = int(keep.sum())
-            out.append(emit_image(seq, proj[:n_kept], proj[n_kept:] if self.extra_token else None, keep, geo,
-                                  newline))  # fmt: skip
+            out.append(emit_image(seq, proj[:n_kept], proj[n_kept:], plan, keep, geo, newline))
             if out[-1].shape[0] != plan.num_tokens:
                 raise RuntimeError("PruMerge: emitted tokens and plan disagree")  # guards the invariant
             plans.append(plan)

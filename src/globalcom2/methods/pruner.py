@@ -32,6 +32,7 @@ supported.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import warnings
@@ -187,9 +188,7 @@ def group_topk_keep(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Te
     return keep.reshape(groups.shape)
 
 
-def image_ids(
-    image_mask: torch.Tensor, layouts: list[ImageTokenLayout]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def image_ids(image_mask: torch.Tensor, layouts: list[ImageTokenLayout]) -> tuple[torch.Tensor, torch.Tensor]:
     """Image index and region of every position, -1 / -2 off images; images fill placeholders in row-major order."""
     dev = image_mask.device
     image_of = torch.full(image_mask.shape, -1, dtype=torch.long, device=dev)
@@ -382,7 +381,7 @@ class StagedPruner:
         handle.add_hook(self.model.model.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         handle.add_hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         for j, layer in enumerate(self.layers):
-            hook = (lambda j: lambda m, a, kw: self._layer_pre(j, m, a, kw))(j)
+            hook = functools.partial(self._layer_pre, j)
             handle.add_hook(layer.register_forward_pre_hook(hook, with_kwargs=True))
         handle.add_hook(self.layers[-1].register_forward_hook(self._scatter_back))
 
@@ -428,7 +427,9 @@ class StagedPruner:
         if not bool(image.any()):
             return False
         if call.cache is not None and call.cache.get_seq_length(self.k) > 0:
-            self.warn_once("cache", f"{self.name}: prompt with images on a non-empty cache; nothing is pruned")
+            self.warn_once(
+                "cache", f"{self.name}: prompt with images on a non-empty cache; nothing is pruned"
+            )
             return False
         b, s, _ = hidden.shape
         dev = hidden.device
@@ -447,7 +448,9 @@ class StagedPruner:
             "image": image,
             "owner": owner,
             "region": region,
-            "attn": torch.ones(b, s, dtype=torch.bool, device=dev) if attn is None else attn.to(dev, torch.bool),
+            "attn": torch.ones(b, s, dtype=torch.bool, device=dev)
+            if attn is None
+            else attn.to(dev, torch.bool),
             "position": pos.to(dev).expand(b, s),
         }
         call.num_image = image.sum(1)
@@ -468,8 +471,12 @@ class StagedPruner:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
             return None
-        if j == 0 and self._start(hidden, kwargs):
-            self.method.prepare(self, hidden, call)
+        if j == 0:
+            call.extra["position_ids"] = kwargs.get(
+                "position_ids"
+            )  # the caller's, before any stage shifts them
+            if self._start(hidden, kwargs):
+                self.method.prepare(self, hidden, call)
         if call.replace:
             kwargs.update(call.replace)
         if call.active:
@@ -530,7 +537,7 @@ class StagedPruner:
                 )
         call.replace["attention_mask"] = self._mask(hidden, mask2d, cache, layer)
         if stage.shift is not None:
-            pos = kwargs.get("position_ids")
+            pos = call.extra.get("position_ids")
             if pos is None:
                 pos = torch.arange(cache_len, cache_len + q, device=hidden.device)[None]
             pos = pos.to(hidden.device).expand(b, -1) - stage.shift[:, None]
@@ -578,7 +585,9 @@ class StagedPruner:
                 elif name == "owner":
                     cat[name] = torch.cat([t, last_owner[:, None].expand(b, c)], dim=1)
                 elif name != "position":
-                    cat[name] = torch.cat([t, torch.full((b, c), fill.get(name, 0), dtype=t.dtype, device=dev)], 1)
+                    cat[name] = torch.cat(
+                        [t, torch.full((b, c), fill.get(name, 0), dtype=t.dtype, device=dev)], 1
+                    )
         else:
             cat["valid"] = keep
             after = None
@@ -608,8 +617,8 @@ class StagedPruner:
         kwargs.update(call.replace)
         shift = None
         if self.positions == "compact":
-            prev = call.stages[-1].shift if call.stages else torch.zeros(b, dtype=torch.long, device=dev)
-            shift = prev + removed.sum(1) - num_extra
+            prev = call.stages[-1].shift if call.stages else None
+            shift = (0 if prev is None else prev) + removed.sum(1) - num_extra
         call.stages.append(_Stage(pruned_len=new_len, prompt_mask=mask2d, shift=shift))
         call.stage_counts.append(self._image_counts(new))
         if s == len(self.boundaries) - 1:
@@ -669,7 +678,10 @@ class StagedPruner:
         sched = self.method.schedule
         for i, lay in enumerate(layouts):  # one step per image
             plan = plan_from_keep(
-                lay, flat[start : start + lay.num_tokens], self.method.plan_ratios(i), mode=self.method.plan_mode
+                lay,
+                flat[start : start + lay.num_tokens],
+                self.method.plan_ratios(i),
+                mode=self.method.plan_mode,
             )
             if counts is not None:
                 per_stage = [int(v) for v in counts[i]]
@@ -693,7 +705,9 @@ class StagedPruner:
         full = call.full
         full_len = full.shape[1] - 1
         dest = torch.where(ent["valid"] & (ent["origin"] >= 0), ent["origin"], full_len)
-        full = full.scatter(1, dest[..., None].expand(-1, -1, full.shape[-1]), out.to(full.dtype))[:, :full_len]
+        full = full.scatter(1, dest[..., None].expand(-1, -1, full.shape[-1]), out.to(full.dtype))[
+            :, :full_len
+        ]
         call.active = False
         call.full = None
         call.entries = {}

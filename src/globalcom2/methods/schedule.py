@@ -91,7 +91,9 @@ class Schedule:
     def layer_counts(self, num_tokens: int) -> list[int]:
         """Image tokens each layer sees for an image of ``num_tokens`` tokens."""
         counts = self.counts(num_tokens)
-        return [num_tokens if j < self.boundaries[0] else counts[self._stage(j)] for j in range(self.num_layers)]
+        return [
+            num_tokens if j < self.boundaries[0] else counts[self._stage(j)] for j in range(self.num_layers)
+        ]
 
     def _stage(self, layer: int) -> int:
         return max(s for s, k in enumerate(self.boundaries) if k <= layer)
@@ -117,7 +119,11 @@ def _check_ratio(ratio: float) -> float:
 
 def _check_boundaries(boundaries: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
     b = tuple(int(k) for k in boundaries)
-    if not b or any(not 1 <= k <= num_layers - 1 for k in b) or any(x >= y for x, y in zip(b, b[1:])):
+    if (
+        not b
+        or any(not 1 <= k <= num_layers - 1 for k in b)
+        or any(x >= y for x, y in zip(b, b[1:], strict=False))
+    ):
         raise ValueError(
             f"`{what}` must be increasing layers in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {list(b)}"
         )
@@ -126,10 +132,14 @@ def _check_boundaries(boundaries: Sequence[int], num_layers: int, what: str) -> 
 
 def _average(num_layers: int, boundaries: tuple[int, ...], shares: Sequence[float]) -> float:
     ends = (*boundaries[1:], num_layers)
-    return (boundaries[0] + sum((e - k) * s for k, e, s in zip(boundaries, ends, shares))) / num_layers
+    return (
+        boundaries[0] + sum((e - k) * s for k, e, s in zip(boundaries, ends, shares, strict=True))
+    ) / num_layers
 
 
-def solve_decay(num_layers: int, boundaries: Sequence[int], ratio: float, method: str = "the schedule") -> float:
+def solve_decay(
+    num_layers: int, boundaries: Sequence[int], ratio: float, method: str = "the schedule"
+) -> float:
     """The decay rho in (0, 1] whose shares rho, rho^2, ... over ``boundaries`` average ``ratio`` over all layers.
 
     The average grows monotonically with rho (from K_1/L at rho -> 0 to 1 at rho = 1); 100 bisection steps in
@@ -203,7 +213,9 @@ def pdrop_schedule(
             raise ValueError(f"`layers` {list(b)} gives {len(b) + 1} stages but `stages`={stages}")
     else:
         if num_layers < stages:
-            raise ValueError(f"pdrop with {stages} stages needs at least {stages} LLM layers, got {num_layers}")
+            raise ValueError(
+                f"pdrop with {stages} stages needs at least {stages} LLM layers, got {num_layers}"
+            )
         a = sum(lam**s for s in range(1, stages)) / (stages - 1)
         first = math.floor(num_layers * (ratio - a) / (1 - a) + 0.5)
         first = min(max(first, 1), num_layers - (stages - 1))

@@ -350,12 +350,13 @@ class AnyresGlobalComMixin:
                 f"this model uses {config.vision_feature_layer!r} ({built} of {num_layers} layers built). "
                 "Use importance='cosine'."
             )
-        towers = list(getattr(self, "_tower_model_names", []))
+        towers: list[str] = list(getattr(self, "_tower_model_names", []))
         with self._mark_tower_model(vllm_config, "image"):  # type: ignore[attr-defined]
             self.globalcom_scorer = ClsScorer(
                 vcfg, vllm_config.quant_config, prefix=maybe_prefix(prefix, "globalcom_scorer")
             )
-        self._tower_model_names = [*towers, *self._tower_model_names]  # the context replaces the list
+        added: list[str] = list(getattr(self, "_tower_model_names", []))
+        self._tower_model_names = [*towers, *added]  # the context replaced the list: keep vLLM's tower too
         # The last layer's weights (dropped by vLLM's tower, which stops before it) feed the scorer.
         self.hf_to_vllm_mapper = type(self).hf_to_vllm_mapper | WeightsMapper(
             orig_to_new_prefix={
@@ -593,7 +594,7 @@ class GlobalComInternVLForConditionalGeneration(InternS1ForConditionalGeneration
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
         image_input = super()._parse_and_validate_image_input(**kwargs)
-        grids = kwargs.get(GRID_KEY)
+        grids: Any = kwargs.get(GRID_KEY)
         if image_input is None or image_input["type"] != "pixel_values" or grids is None:
             return image_input
         if isinstance(grids, list):

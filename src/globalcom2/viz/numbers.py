@@ -172,7 +172,7 @@ def panel_numbers(plan: Plan) -> PanelNumbers:
     return PanelNumbers(
         grid=(rows, cols),
         reduction=AVERAGED if pooling else KEPT if merged_extra is None else MERGED,
-        stage="llm" if plan.mode == "fastv" else "vision",
+        stage="llm" if plan.mode == "fastv" or plan.layer_tokens is not None else "vision",
         num_tokens=int(plan.num_tokens),
         num_tokens_full=int(plan.num_tokens_full),
         thumbnail_tokens=thumbnail_tokens,

@@ -1,0 +1,96 @@
+"""Image tokens per image of the real checkpoints' geometries: uncompressed, at a ratio R, under a budget T.
+
+Pure geometry (no weights): the same functions the processors' patched counts and the vLLM plugin call
+(:func:`~globalcom2.adapters.anyres.anyres_geometry` + :meth:`~globalcom2.adapters.anyres.AnyresGeometry.num_budget_tokens`,
+:func:`~globalcom2.adapters.internvl.internvl_num_image_tokens`), so the table in docs/max_image_tokens.md is this
+module's output (``python scripts/budget_table.py``), not typed in. Counts include every token the image occupies in
+the prompt: LLaVA's newline per crop row, InternVL's ``<img>``/``</img>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..adapters.anyres import AnyresGeometry, Box, anyres_geometry
+from ..adapters.internvl import (
+    IMAGE_MARKERS,
+    internvl_image_ratio,
+    internvl_num_image_tokens,
+    num_tiles,
+    tile_grid,
+)
+from ..adapters.llava_onevision import anyres_max_shape
+from ..bench.flops import LLAVA_NEXT_PINPOINTS
+from ..config import GlobalComConfig
+
+#: ``image_grid_pinpoints`` of llava-hf/llava-onevision-qwen2-*-ov-hf: 384 px tiles, 1x1 up to 6x6.
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+#: (height, width) of the example images.
+SIZES: tuple[tuple[int, int], ...] = (
+    (336, 336),
+    (480, 640),
+    (720, 1280),
+    (1080, 1920),
+    (1024, 1024),
+    (336, 1008),
+)
+FAMILIES = ("LLaVA-NeXT-7B", "LLaVA-OneVision-7B", "InternVL3-8B")
+
+
+@dataclass(frozen=True)
+class Cell:
+    tokens: int
+    ratio: float
+
+
+def _onevision_grid(box: Box, g: int) -> tuple[int, int]:
+    return anyres_max_shape(box[1] - box[0], box[3] - box[2], g, 9)  # vision_aspect_ratio "anyres_max_9"
+
+
+def image_counts(family: str, size: tuple[int, int], config: GlobalComConfig | None) -> Cell:
+    """Tokens one ``(height, width)`` image occupies in the prompt (``config=None``: uncompressed) and its R."""
+    if family == "InternVL3-8B":  # 448 px tiles, 256 tokens each, 1..12 crops
+        tiles = num_tiles(*tile_grid(size[0], size[1], (448, 448), 1, 12))
+        if config is None:
+            return Cell(IMAGE_MARKERS + tiles * 256, 1.0)
+        return Cell(
+            IMAGE_MARKERS + internvl_num_image_tokens(config, tiles, 256),
+            internvl_image_ratio(config, tiles, 256),
+        )
+    geo: AnyresGeometry
+    if family == "LLaVA-NeXT-7B":  # CLIP-336/14: g = 24
+        geo = anyres_geometry(size, LLAVA_NEXT_PINPOINTS, 336, 24)
+    elif family == "LLaVA-OneVision-7B":  # SigLIP-384/14: g = 27
+        geo = anyres_geometry(size, ONEVISION_PINPOINTS, 384, 27, _onevision_grid)
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    if config is None:
+        return Cell(geo.num_tokens(None), 1.0)
+    return Cell(geo.num_budget_tokens(config), geo.image_ratio(config))
+
+
+def markdown_table(
+    family: str,
+    sizes: Sequence[tuple[int, int]] = SIZES,
+    ratio: float = 0.25,
+    budgets: Sequence[int] = (288, 576, 1200),
+) -> str:
+    """One family's table: image size, uncompressed, R = ``ratio``, and every T of ``budgets`` (with its R)."""
+    head = ["image (h x w)", "uncompressed", f"R = {ratio:g}", *(f"T = {t}" for t in budgets)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        row = [f"{size[0]} x {size[1]}", str(image_counts(family, size, None).tokens)]
+        row.append(str(image_counts(family, size, GlobalComConfig(ratio=ratio)).tokens))
+        for t in budgets:
+            cell = image_counts(family, size, GlobalComConfig(max_image_tokens=t))
+            row.append(
+                f"{cell.tokens} (R = {cell.ratio:.4f})" if cell.ratio < 1.0 else f"{cell.tokens} (whole)"
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def all_tables() -> str:
+    """The tables of docs/max_image_tokens.md, one per family."""
+    return "\n\n".join(f"**{family}**\n\n{markdown_table(family)}" for family in FAMILIES) + "\n"
