@@ -36,3 +36,38 @@ def random_image(height: int, width: int, seed: int = 0):
 
 
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+
+
+def batch_inputs(processor, sizes, seeds=None):
+    """A padded batch of ``PROMPT`` with one smooth random image per ``(height, width)`` (seed = its index)."""
+    images = [random_image(*s, seed=k if seeds is None else seeds[k]) for k, s in enumerate(sizes)]
+    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+
+
+def module_state(model) -> list:
+    """Instance attributes and hooks of every module (what a patch could leave behind)."""
+    hooks = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+    )
+    return [(name, sorted(vars(m)), [len(getattr(m, h)) for h in hooks]) for name, m in model.named_modules()]
+
+
+def assert_sweep_plans_match(model, processor, name, image, methods, ratio=0.1):
+    """``globalcom2 eval``'s shortcut (one tower pass, then each method's planner) gives the adapters' own plans."""
+    import torch
+
+    from globalcom2.evaluation.runner import photo_data, vision_plans
+    from globalcom2.methods import apply_method
+
+    plans = vision_plans(photo_data(model, processor, name, image), ratio, random_draws=1, seed=0)
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    for method in methods:
+        with apply_method(model, processor, method, ratio=ratio) as gc, torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+            ours, theirs = plans[method][0], gc.plans[0]
+        assert torch.equal(ours.crops_mask, theirs.crops_mask), method
+        assert torch.equal(ours.thumbnail_mask, theirs.thumbnail_mask), method
+        assert ours.num_tokens == theirs.num_tokens, method

@@ -23,6 +23,7 @@ from tests.adapters.families import (
     make_scores_tie,
     plan_key,
 )
+from tests.conftest import module_state
 
 MODES = ("budget", "reference")
 
@@ -40,24 +41,13 @@ def fam(family_dir):
     return family, model, processor
 
 
-def _module_state(model) -> list:
-    """Instance attributes and hooks of every module (what a patch could leave behind)."""
-    hooks = (
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-    )
-    return [(name, sorted(vars(m)), [len(getattr(m, h)) for h in hooks]) for name, m in model.named_modules()]
-
-
 def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
     family, model, processor = fam
     images = family.images()[:2]
     plain_inputs = inputs_for(family, processor, images)
     with torch.no_grad():
         before = model(**plain_inputs).logits
-    state, proc_attrs = _module_state(model), sorted(vars(processor))
+    state, proc_attrs = module_state(model), sorted(vars(processor))
     for mode in MODES:
         handle = globalcom2.apply(model, processor, ratio=0.25, mode=mode)
         greedy(model, inputs_for(family, processor, images))
@@ -67,7 +57,7 @@ def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
         )  # transformers deep-copies a processor for its repr
         handle.remove()
         handle.remove()  # twice is a no-op
-        assert _module_state(model) == state and sorted(vars(processor)) == proc_attrs
+        assert module_state(model) == state and sorted(vars(processor)) == proc_attrs
     with torch.no_grad():
         after = model(**inputs_for(family, processor, images)).logits
     assert torch.equal(before, after)

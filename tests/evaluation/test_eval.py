@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
+from tests.conftest import assert_sweep_plans_match
 from tests.test_cli import run_cli
 
 
@@ -58,22 +58,11 @@ def demo(tmp_path_factory):
 def test_eval_plans_equal_plans_through_the_model(demo):
     """The sweep's shortcut (one tower pass, then the planners) gives the adapters' plans."""
     from globalcom2.demo.photos import load_photo
-    from globalcom2.evaluation.runner import photo_data, vision_plans
-    from globalcom2.methods import apply_method
 
     model, processor = demo
-    image = load_photo("coffee")
-    data = photo_data(model, processor, "coffee", image)
-    plans = vision_plans(data, 0.1, random_draws=1, seed=0)
-    inputs = processor.image_processor(images=[image], return_tensors="pt")
     # random: the sweep's draw 0 at seed 0 is the random method's draw at its default seed 0
-    for method in ("globalcom2", "fastervlm", "random", "pooling"):
-        with apply_method(model, processor, method, ratio=0.1) as gc, torch.no_grad():
-            model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
-            ours, theirs = plans[method][0], gc.plans[0]
-        assert torch.equal(ours.crops_mask, theirs.crops_mask), method
-        assert torch.equal(ours.thumbnail_mask, theirs.thumbnail_mask), method
-        assert ours.num_tokens == theirs.num_tokens, method
+    methods = ("globalcom2", "fastervlm", "random", "pooling")
+    assert_sweep_plans_match(model, processor, "coffee", load_photo("coffee"), methods)
 
 
 def test_visualize_methods_grid(tiny_clip_dir, tmp_path):

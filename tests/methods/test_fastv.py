@@ -14,14 +14,10 @@ from globalcom2.core.layout import thumbnail_region_map
 from globalcom2.methods import apply_method
 from globalcom2.methods.fastv import FastVAdapter, GlobalComFastVAdapter, group_topk_keep, layer_ratio
 from globalcom2.methods.layout import image_token_layout
-from tests.conftest import PROMPT, random_image
+from tests.conftest import batch_inputs
+from tests.methods.conftest import assert_llm_batch_equals_alone
 
 K = 2
-
-
-def _inputs(processor, sizes, seeds=None):
-    images = [random_image(*s, seed=k if seeds is None else seeds[k]) for k, s in enumerate(sizes)]
-    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
 
 
 def _eager_scores(model_eager, inputs, layer):
@@ -72,7 +68,7 @@ def _plain_fastv_logits(model, inputs, keep_pos, layer=K):
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_scores_equal_eager_attention_row(tiny4, tiny4_eager, layer):
     model, processor = tiny4
-    inputs = _inputs(processor, [(100, 180), (150, 150)])
+    inputs = batch_inputs(processor, [(100, 180), (150, 150)])
     assert model.config.text_config._attn_implementation == "sdpa"
     with apply_method(model, processor, "fastv", ratio=0.25, layer=layer) as gc:
         with torch.no_grad():
@@ -85,7 +81,7 @@ def test_scores_equal_eager_attention_row(tiny4, tiny4_eager, layer):
 
 def test_prunes_only_at_layer_k_and_keeps_documented_count(tiny4):
     model, processor = tiny4
-    inputs = _inputs(processor, [(100, 180)])
+    inputs = batch_inputs(processor, [(100, 180)])
     ids = inputs["input_ids"]
     n_img = int((ids == model.config.image_token_id).sum())
     seen = []
@@ -115,7 +111,7 @@ def test_prunes_only_at_layer_k_and_keeps_documented_count(tiny4):
 @pytest.mark.parametrize("ratio", [0.5, 0.1])
 def test_forward_matches_plain_reimplementation(tiny4, tiny4_eager, ratio):
     model, processor = tiny4
-    inputs = _inputs(processor, [(120, 200)], seeds=[7])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[7])
     image_mask = inputs["input_ids"] == model.config.image_token_id
     keep = _plain_keep(_eager_scores(tiny4_eager[0], inputs, K), image_mask, ratio)
     plain = _plain_fastv_logits(model, inputs, keep[0].nonzero().reshape(-1))
@@ -133,7 +129,7 @@ def test_generate_follows_the_pruned_cache(tiny4, tiny4_eager):
     """Every decode step's logits equal the plain computation on prompt + generated tokens."""
     model, processor = tiny4
     ratio = 0.25
-    inputs = _inputs(processor, [(120, 200)], seeds=[3])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[3])
     image_mask = inputs["input_ids"] == model.config.image_token_id
     keep = _plain_keep(_eager_scores(tiny4_eager[0], inputs, K), image_mask, ratio)[0]
     with apply_method(model, processor, "fastv", ratio=ratio), torch.no_grad():
@@ -151,7 +147,7 @@ def test_generate_follows_the_pruned_cache(tiny4, tiny4_eager):
 def test_manual_decode_with_explicit_mask(tiny4, tiny4_eager):
     """Prefill without an attention mask, then decode steps that pass one: masks follow the pruned cache."""
     model, processor = tiny4
-    inputs = _inputs(processor, [(120, 200)], seeds=[5])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[5])
     image_mask = inputs["input_ids"] == model.config.image_token_id
     keep = _plain_keep(_eager_scores(tiny4_eager[0], inputs, K), image_mask, 0.1)[0]
     ids = inputs["input_ids"]
@@ -175,25 +171,15 @@ def test_manual_decode_with_explicit_mask(tiny4, tiny4_eager):
 def test_batch_equals_alone(tiny4):
     """Different image sizes keep different counts; the padded pruned batch gives each sample its own result."""
     model, processor = tiny4
-    sizes = [(100, 180), (200, 64)]
-    with apply_method(model, processor, "fastv", ratio=0.25) as gc, torch.no_grad():
-        batch = _inputs(processor, sizes)
-        out_b = model(**batch).logits[:, -1]
-        gen_b = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
-        counts_b = [p.num_tokens for p in gc.plans]
-        for i, size in enumerate(sizes):
-            alone = processor(images=[random_image(*size, seed=i)], text=[PROMPT], return_tensors="pt")
-            torch.testing.assert_close(model(**alone).logits[:, -1], out_b[i : i + 1], atol=2e-5, rtol=1e-4)
-            assert torch.equal(
-                model.generate(**alone, max_new_tokens=4, do_sample=False)[:, -4:], gen_b[i : i + 1]
-            )
-            assert gc.plans[0].num_tokens == counts_b[i]
-    assert counts_b[0] != counts_b[1]
+    counts = assert_llm_batch_equals_alone(
+        model, processor, "fastv", [(100, 180), (200, 64)], lambda p: p.num_tokens, ratio=0.25
+    )
+    assert counts[0] != counts[1]
 
 
 def test_remove_restores_outputs(tiny4):
     model, processor = tiny4
-    inputs = _inputs(processor, [(100, 180)])
+    inputs = batch_inputs(processor, [(100, 180)])
     with torch.no_grad():
         before = model(**inputs).logits
         gc = apply_method(model, processor, "fastv", ratio=0.1)
@@ -211,7 +197,7 @@ def test_globalcom2_fastv_uses_globalcom2_budgets(tiny4):
     model, processor = tiny4
     ratio = 0.25
     size = (120, 200)
-    inputs = _inputs(processor, [size])
+    inputs = batch_inputs(processor, [size])
     with globalcom2.apply(model, processor, ratio=ratio) as gc, torch.no_grad():
         model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
         ref = gc.plans[0]
@@ -254,7 +240,7 @@ def test_globalcom2_fastv_uses_globalcom2_budgets(tiny4):
 
 def test_generate_runs_for_globalcom2_fastv(tiny4):
     model, processor = tiny4
-    inputs = _inputs(processor, [(100, 180), (150, 150)])
+    inputs = batch_inputs(processor, [(100, 180), (150, 150)])
     with apply_method(model, processor, "globalcom2+fastv", ratio=0.1) as gc, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3 and len(gc.plans) == 2
@@ -299,7 +285,7 @@ def test_threads_share_one_patched_model(tiny4, method):
     """3 threads x 2 greedy generate calls on one patched model equal the same calls run one at a time."""
     model, processor = tiny4
     sizes = [(100, 180), (150, 150), (200, 64), (120, 200), (64, 64), (180, 100)]
-    jobs = [_inputs(processor, [size], seeds=[10 + i]) for i, size in enumerate(sizes)]
+    jobs = [batch_inputs(processor, [size], seeds=[10 + i]) for i, size in enumerate(sizes)]
     with apply_method(model, processor, method, ratio=0.25) as gc, torch.no_grad():
         assert type(gc.adapter) is {"fastv": FastVAdapter, "globalcom2+fastv": GlobalComFastVAdapter}[method]
 
@@ -338,7 +324,7 @@ def test_threads_share_one_patched_model(tiny4, method):
 def test_globalcom2_fastv_needs_the_vision_pass(tiny4):
     """Precomputed features skip GlobalCom²'s scoring: a clear error instead of stale per-crop counts."""
     model, processor = tiny4
-    inputs = _inputs(processor, [(100, 180)])
+    inputs = batch_inputs(processor, [(100, 180)])
     with torch.no_grad():
         feats = model.model.get_image_features(
             inputs["pixel_values"], inputs["image_sizes"], return_dict=True

@@ -7,7 +7,8 @@ import torch
 
 from globalcom2.methods import apply_method
 from globalcom2.methods.schedule import pdrop_schedule, schedule
-from tests.conftest import PROMPT, random_image
+from tests.conftest import batch_inputs
+from tests.methods.conftest import assert_llm_batch_equals_alone
 from tests.methods.plain_llm import head_mean_rows, staged_forward, top_by_score
 
 
@@ -17,11 +18,6 @@ def tiny8(tmp_path_factory):
     from globalcom2.demo.tiny_model import build_tiny_llava_next, load_tiny
 
     return load_tiny(build_tiny_llava_next(tmp_path_factory.mktemp("tiny8"), text_layers=8, seed=2))
-
-
-def _inputs(processor, sizes, seeds=None):
-    images = [random_image(*s, seed=k if seeds is None else seeds[k]) for k, s in enumerate(sizes)]
-    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
 
 
 def _plain_pdrop(model, inputs, sched, fixed=None):
@@ -75,7 +71,7 @@ def test_schedule_is_the_papers_and_averages_r():
 def test_matches_plain_reimplementation(tiny8, ratio):
     """Scores, kept sets per stage, per-layer counts and logits equal the plain rule's; layers stay on SDPA."""
     model, processor = tiny8
-    inputs = _inputs(processor, [(120, 200)], seeds=[7])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[7])
     seen = []
     hooks = [
         layer.self_attn.register_forward_pre_hook(
@@ -115,7 +111,7 @@ def test_matches_plain_reimplementation(tiny8, ratio):
 def test_generate_follows_the_pruned_caches(tiny8):
     """Each decode step equals the plain run on prompt + generated tokens with the prompt's drops replayed."""
     model, processor = tiny8
-    inputs = _inputs(processor, [(120, 200)], seeds=[3])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[3])
     with apply_method(model, processor, "pdrop", ratio=0.4) as gc, torch.no_grad():
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)  # fmt: skip
@@ -136,24 +132,10 @@ def test_generate_follows_the_pruned_caches(tiny8):
 
 def test_batch_equals_alone_and_remove(tiny8):
     model, processor = tiny8
-    sizes = [(100, 180), (200, 64)]
-    batch = _inputs(processor, sizes)
-    with torch.no_grad():
-        before = model(**batch).logits
-    with apply_method(model, processor, "pdrop", ratio=0.5) as gc, torch.no_grad():
-        out_b = model(**batch).logits[:, -1]
-        gen_b = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
-        layer_b = [p.layer_tokens for p in gc.plans]
-        for i, size in enumerate(sizes):
-            alone = processor(images=[random_image(*size, seed=i)], text=[PROMPT], return_tensors="pt")
-            torch.testing.assert_close(model(**alone).logits[:, -1], out_b[i : i + 1], atol=2e-5, rtol=1e-4)
-            assert torch.equal(
-                model.generate(**alone, max_new_tokens=4, do_sample=False)[:, -4:], gen_b[i : i + 1]
-            )
-            assert gc.plans[0].layer_tokens == layer_b[i]
-    assert layer_b[0] != layer_b[1]
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, before)  # remove() restored the model bit for bit
+    layers = assert_llm_batch_equals_alone(
+        model, processor, "pdrop", [(100, 180), (200, 64)], lambda p: p.layer_tokens, ratio=0.5
+    )
+    assert layers[0] != layers[1]
 
 
 def test_bad_options(tiny8):

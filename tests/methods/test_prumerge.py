@@ -30,7 +30,7 @@ from globalcom2.methods.prumerge import (
     spatial_samples,
 )
 from globalcom2.viz.numbers import panel_numbers, panel_text
-from tests.conftest import PROMPT, random_image
+from tests.conftest import PROMPT, assert_sweep_plans_match, module_state, random_image
 
 SIZES = [(100, 180), (120, 130), (180, 100)]
 SHARPEN = 12.0  # the tiny random tower's [CLS] attention is flat; a sharper one gives tiles several outliers
@@ -306,23 +306,13 @@ def test_batch_equals_each_alone(sharp):
             assert p1.num_tokens == pb.num_tokens
 
 
-def _module_state(model) -> list:
-    hooks = (
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-    )
-    return [(name, sorted(vars(m)), [len(getattr(m, h)) for h in hooks]) for name, m in model.named_modules()]
-
-
 @pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
 def test_remove_restores_bit_exactly(tiny, method):
     model, processor = tiny
     inputs = processor(images=[random_image(100, 180)], text=[PROMPT], return_tensors="pt")
     with torch.no_grad():
         before = model(**inputs).logits
-    state, proc_attrs = _module_state(model), sorted(vars(processor))
+    state, proc_attrs = module_state(model), sorted(vars(processor))
     with apply_method(model, processor, method, ratio=0.1) as gc:
         assert gc.method == method and type(gc.adapter) is PruMergeAdapter
         # the processor is not patched: the adaptive count is applied inside forward/generate
@@ -330,7 +320,7 @@ def test_remove_restores_bit_exactly(tiny, method):
         assert torch.equal(again["input_ids"], inputs["input_ids"])
         with torch.no_grad():
             assert model(**inputs).logits.shape[1] < before.shape[1]
-    assert _module_state(model) == state and sorted(vars(processor)) == proc_attrs
+    assert module_state(model) == state and sorted(vars(processor)) == proc_attrs
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, before)
 
@@ -375,11 +365,11 @@ def test_single_tile_image_is_not_compressed(tiny):
 )
 def test_bad_options_are_clear_errors_and_patch_nothing(tiny, options, error, match):
     model, processor = tiny
-    state = _module_state(model)
+    state = module_state(model)
     kwargs = {"ratio": 0.25, **options}
     with pytest.raises(error, match=match):
         apply_method(model, processor, "prumerge", **kwargs)
-    assert _module_state(model) == state and "_globalcom2_handle" not in vars(processor)
+    assert module_state(model) == state and "_globalcom2_handle" not in vars(processor)
 
 
 def test_other_families_get_a_type_error(tmp_path):
@@ -419,21 +409,12 @@ def test_panel_numbers_count_merged_tokens(tiny):
 def test_eval_plans_equal_plans_through_the_model(tiny_clip_dir):
     """`globalcom2 eval`'s shortcut (one tower pass, then plan_prumerge) gives the adapter's plans."""
     from globalcom2.demo.tiny_model import load_tiny
-    from globalcom2.evaluation.runner import photo_data, vision_plans
 
     model, processor = load_tiny(tiny_clip_dir)
     _sharpen(model)
-    image = random_image(120, 200, seed=5)
-    data = photo_data(model, processor, "random", image)
-    plans = vision_plans(data, 0.1, random_draws=1, seed=0)
-    inputs = processor.image_processor(images=[image], return_tensors="pt")
-    for method in ("prumerge", "prumerge+"):
-        with apply_method(model, processor, method, ratio=0.1) as gc, torch.no_grad():
-            model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
-            ours, theirs = plans[method][0], gc.plans[0]
-        assert torch.equal(ours.crops_mask, theirs.crops_mask), method
-        assert torch.equal(ours.thumbnail_mask, theirs.thumbnail_mask), method
-        assert ours.num_tokens == theirs.num_tokens, method
+    assert_sweep_plans_match(
+        model, processor, "random", random_image(120, 200, seed=5), ("prumerge", "prumerge+")
+    )
 
 
 def test_visualize_methods_cli_takes_the_names(tiny_clip_dir, tmp_path):

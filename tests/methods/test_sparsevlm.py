@@ -12,7 +12,8 @@ import globalcom2
 from globalcom2.methods import apply_method
 from globalcom2.methods.layout import image_token_layout
 from globalcom2.methods.schedule import sparsevlm_layers, sparsevlm_schedule
-from tests.conftest import PROMPT, random_image
+from tests.conftest import batch_inputs
+from tests.methods.conftest import assert_llm_batch_equals_alone
 from tests.methods.plain_llm import embed, head_mean_rows, staged_forward, top_by_score
 
 
@@ -22,11 +23,6 @@ def tiny8(tmp_path_factory):
     from globalcom2.demo.tiny_model import build_tiny_llava_next, load_tiny
 
     return load_tiny(build_tiny_llava_next(tmp_path_factory.mktemp("tiny8_sv"), text_layers=8, seed=4))
-
-
-def _inputs(processor, sizes, seeds=None):
-    images = [random_image(*s, seed=k if seeds is None else seeds[k]) for k, s in enumerate(sizes)]
-    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
 
 
 def _recycled(d: int) -> int:
@@ -130,7 +126,7 @@ def test_schedule():
 def test_matches_plain_reimplementation(tiny8, ratio):
     """Raters, scores, kept sets, recycled tokens, per-layer counts and logits equal the plain rule's."""
     model, processor = tiny8
-    inputs = _inputs(processor, [(120, 200)], seeds=[7])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[7])
     with apply_method(model, processor, "sparsevlm", ratio=ratio) as gc, torch.no_grad():
         ours = model(**inputs).logits
         sched = gc.adapter.schedule
@@ -159,7 +155,7 @@ def test_matches_plain_reimplementation(tiny8, ratio):
 def test_first_stage_scores_equal_eager_attention(tiny8):
     """Stage 1's rater rows are the eager model's attention maps of the pruning layer, averaged over raters."""
     model, processor = tiny8
-    inputs = _inputs(processor, [(100, 180)], seeds=[1])
+    inputs = batch_inputs(processor, [(100, 180)], seeds=[1])
     with apply_method(model, processor, "sparsevlm", ratio=0.5) as gc, torch.no_grad():
         model(**inputs)
         ours = gc.adapter.pruner.state.stage_scores[0][0]
@@ -177,7 +173,7 @@ def test_first_stage_scores_equal_eager_attention(tiny8):
 def test_rank_budget(tiny8):
     """budget='rank': kept = min(floor(scale * rank(P)), n - 1), P the raters' rows over the image tokens."""
     model, processor = tiny8
-    inputs = _inputs(processor, [(120, 200)], seeds=[5])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[5])
     with (
         apply_method(model, processor, "sparsevlm", ratio=0.5, budget="rank", scale=3.0) as gc,
         torch.no_grad(),
@@ -193,29 +189,13 @@ def test_rank_budget(tiny8):
     torch.testing.assert_close(ours, plain, atol=5e-5, rtol=1e-4)
 
 
-def test_generate_batch_and_remove(tiny8):
+@pytest.mark.parametrize("method", ["sparsevlm", "globalcom2+sparsevlm"])
+def test_generate_batch_and_remove(tiny8, method):
     model, processor = tiny8
-    sizes = [(100, 180), (200, 64)]
-    batch = _inputs(processor, sizes)
-    with torch.no_grad():
-        before = model(**batch).logits
-    for method in ("sparsevlm", "globalcom2+sparsevlm"):
-        with apply_method(model, processor, method, ratio=0.5) as gc, torch.no_grad():
-            out_b = model(**batch).logits[:, -1]
-            gen_b = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
-            layer_b = [p.layer_tokens for p in gc.plans]
-            for i, size in enumerate(sizes):
-                alone = processor(images=[random_image(*size, seed=i)], text=[PROMPT], return_tensors="pt")
-                torch.testing.assert_close(
-                    model(**alone).logits[:, -1], out_b[i : i + 1], atol=2e-5, rtol=1e-4
-                )
-                assert torch.equal(
-                    model.generate(**alone, max_new_tokens=4, do_sample=False)[:, -4:], gen_b[i : i + 1]
-                ), method
-                assert gc.plans[0].layer_tokens == layer_b[i]
-        assert layer_b[0] != layer_b[1]
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, before)
+    layers = assert_llm_batch_equals_alone(
+        model, processor, method, [(100, 180), (200, 64)], lambda p: p.layer_tokens, ratio=0.5
+    )
+    assert layers[0] != layers[1]
 
 
 def test_globalcom2_sparsevlm_budgets(tiny8):
@@ -224,7 +204,7 @@ def test_globalcom2_sparsevlm_budgets(tiny8):
     from globalcom2.core.budget import budget_counts, split_budget
 
     model, processor = tiny8
-    inputs = _inputs(processor, [(120, 200)], seeds=[2])
+    inputs = batch_inputs(processor, [(120, 200)], seeds=[2])
     ratio = 0.5
     with globalcom2.apply(model, processor, ratio=ratio) as gc, torch.no_grad():
         model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])

@@ -243,7 +243,10 @@ class Idefics3Adapter(InternVLAdapter):
     # -- model side --------------------------------------------------------------------------------------------
     def _select(self, handle: GlobalComHandle, features: Any, scores: torch.Tensor, grids: Any) -> Any:
         """Keep each image's selected tokens: a list of one ``(kept, D)`` tensor per sample, the shape of HF's
-        ``pooler_output`` here (InternVL's is one tensor)."""
+        ``pooler_output`` here (InternVL's is one tensor). transformers < 5.20 hands one ``(tiles, N, D)`` tensor:
+        then ``(num_kept_tokens, 1, D)`` as on InternVL."""
+        if isinstance(features, torch.Tensor):
+            return super()._select(handle, features, scores, grids)
         n_tok = self.g * self.g
         per_sample = list(features)
         flat = torch.cat(per_sample).reshape(-1, n_tok, per_sample[0].shape[-1])
