@@ -90,7 +90,8 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
     for split in (True, False):
         kwargs = {} if split else {"do_image_splitting": False}
         full = _inputs(name, processor, images, **kwargs)
-        serving = getattr(processor, "_get_num_multimodal_tokens", None)
+        # Idefics3's serving count; not with per-call kwargs: transformers 5.19 keeps them for later calls
+        serving = getattr(processor, "_get_num_multimodal_tokens", None) if split else None
         full_serving = serving(image_sizes=SIZES, **kwargs).num_image_tokens if serving else None
         with globalcom2.apply(model, processor, ratio=ratio) as gc:
             inputs = _inputs(name, processor, images, **kwargs)
@@ -102,7 +103,10 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
                 if serving
                 else None
             )
-        assert GRID_KEY not in full and len(plans) == len(SIZES) == len(feats)
+        assert GRID_KEY not in full and len(plans) == len(SIZES)
+        # one (kept, D) tensor per prompt (transformers < 5.20: one (all kept, 1, D) tensor)
+        rows_per_image = [f.shape[0] for f in feats] if isinstance(feats, (list, tuple)) else None
+        assert rows_per_image is not None or feats.shape[0] == sum(p.num_tokens for p in plans)
         counted = (inputs["input_ids"] == token).sum(1).tolist()
         full_counted = (full["input_ids"] == token).sum(1).tolist()
         saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
@@ -110,7 +114,8 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
             tiles = _tiles(rows, cols)
             expected = int(n * ratio) + (int(ratio * ((tiles - 1) * n)) if tiles > 1 else 0)
             plan = plans[k]
-            assert counted[k] == plan.num_tokens == expected == feats[k].shape[0], SIZES[k]
+            assert counted[k] == plan.num_tokens == expected, SIZES[k]
+            assert rows_per_image is None or rows_per_image[k] == expected
             assert full_counted[k] == plan.num_tokens_full == tiles * n, SIZES[k]
             assert saved[k] == plan.num_tokens_full - plan.num_tokens
             assert plan.grid == ((rows, cols) if tiles > 1 else (0, 0))
@@ -188,8 +193,9 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, mode, ratio):
                     raw = (
                         type(model.model)
                         .get_image_features(model.model, inputs["pixel_values"])
-                        .pooler_output[0]
+                        .pooler_output
                     )
+                    raw = torch.cat(list(raw)).reshape(-1, raw[0].shape[-1])  # (tiles * N, D), one image
                     if not checked_scores:  # Eq. 7 per patch on the tower's output, pooled per s x s group
                         tower_out = model.model.vision_model(pixel_values=pv).last_hidden_state
                         np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower_out), atol=2e-6)

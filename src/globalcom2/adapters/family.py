@@ -215,7 +215,7 @@ class FamilyAdapter:
         hidden = args[0] if args else kwargs["hidden_states"]
         scores = cls_attention_scores(
             hidden, norm=t.norm, q_proj=t.q_proj, k_proj=t.k_proj, num_heads=t.num_heads,
-            kind=self.config.score, num_prefix_tokens=t.num_prefix_tokens,
+            kind=self.config.score, num_prefix_tokens=t.num_prefix_tokens, k_linear=t.k_linear,
         )  # fmt: skip
         state.scores.append(self.pool_scores(scores))
 

@@ -105,6 +105,7 @@ def describe_internvl_tower(tower: Any) -> TowerInfo:
     return TowerInfo(
         "internvit", layer, layer.layernorm_before, q_proj, k_proj, int(att.num_heads), 1, True,
         Tap(att.q_norm), Tap(att.k_norm),  # the layer's q and k after its q/k norms (Identity when absent)
+        att.k_proj if isinstance(att.k_norm, torch.nn.Identity) else None,
     )  # fmt: skip
 
 

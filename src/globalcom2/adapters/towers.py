@@ -44,6 +44,7 @@ class TowerInfo:
     has_cls: bool
     q_out: Tap | None = None  # the layer's own q / k (post-norm where the layer has q/k norms); None: not tapped
     k_out: Tap | None = None
+    k_linear: Any = None  # nn.Linear when the keys are exactly k_linear(norm(x)) (no k-norm): scored without keys
 
 
 def describe_tower(tower: Any) -> TowerInfo:
@@ -60,7 +61,7 @@ def describe_tower(tower: Any) -> TowerInfo:
         att = layer.self_attn
         return TowerInfo(
             "clip", layer, layer.layer_norm1, att.q_proj, att.k_proj, int(cfg.num_attention_heads), 1, True,
-            Tap(att.q_proj), Tap(att.k_proj),
+            Tap(att.q_proj), Tap(att.k_proj), att.k_proj,
         )  # fmt: skip
     if cls_name == "Dinov2Model":
         layer = tower.encoder.layer[-1]
@@ -70,7 +71,7 @@ def describe_tower(tower: Any) -> TowerInfo:
         )
         return TowerInfo(
             "dinov2", layer, layer.norm1, q, k, int(cfg.num_attention_heads),
-            1 + int(getattr(cfg, "num_register_tokens", 0) or 0), True, Tap(q), Tap(k),
+            1 + int(getattr(cfg, "num_register_tokens", 0) or 0), True, Tap(q), Tap(k), k,
         )  # fmt: skip
     if cls_name in ("SiglipVisionModel", "SiglipVisionTransformer"):
         layer = getattr(tower, "vision_model", tower).encoder.layers[-1]  # skipped when its output is unused

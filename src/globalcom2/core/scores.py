@@ -25,8 +25,14 @@ def cls_attention_scores(
     num_heads: int,
     kind: str = "logits",
     num_prefix_tokens: int = 1,
+    k_linear: torch.nn.Linear | None = None,
 ) -> torch.Tensor:
     """Head-mean [CLS]-row attention of one transformer layer over the patch tokens.
+
+    With ``k_linear`` (the key projection, when the keys are that affine map of the normed input and nothing
+    else) the keys are never formed: per head, q_h . (W_h x_i + b_h) = (W_h^T q_h) . x_i + q_h . b_h, so one
+    ``(H x D)`` matrix per tile is applied to the tokens -- ``T*S*D*H`` multiply-adds instead of the key
+    projection's ``T*S*D*D`` (64x fewer for CLIP-L). Equal to the direct form within float tolerance.
 
     Args:
         hidden: ``(T, P + N, D)`` input of the layer (P prefix tokens, [CLS] first, then N patches).
@@ -35,12 +41,27 @@ def cls_attention_scores(
         kind: ``"logits"`` = (q_cls . k_i) / sqrt(d_head) before softmax (official code);
             ``"softmax"`` = attention probability (paper Eq. 1), softmax over all keys incl. prefix tokens.
         num_prefix_tokens: leading non-patch tokens ([CLS] and registers); dropped from the returned keys.
+        k_linear: optional ``nn.Linear`` equal to ``k_proj`` (see above).
 
     Returns:
         ``(T, N)`` float32 scores, one row per tile.
     """
     x = norm(hidden)
     q = q_proj(x[:, :1])  # (T, 1, D): the [CLS] query only
+    if k_linear is not None:
+        if kind not in SCORE_KINDS:
+            raise ValueError(f"`score` must be one of {SCORE_KINDS}, got {kind!r}")
+        t, s, d_in = x.shape
+        dh = q.shape[-1] // num_heads
+        qh = q.float().reshape(t, num_heads, dh)
+        u = torch.einsum("thd,hde->the", qh, k_linear.weight.float().reshape(num_heads, dh, d_in))  # W_h^T q_h
+        logits = torch.bmm(u, x.float().transpose(1, 2))  # (T, H, S)
+        if k_linear.bias is not None:
+            logits = logits + (qh * k_linear.bias.float().reshape(num_heads, dh)).sum(-1, keepdim=True)
+        logits = logits * dh**-0.5
+        if kind == "softmax":
+            logits = logits.softmax(dim=-1)
+        return logits.mean(dim=1)[:, num_prefix_tokens:]
     return cls_scores_from_qk(
         q, k_proj(x), num_heads=num_heads, kind=kind, num_prefix_tokens=num_prefix_tokens
     )

@@ -1,0 +1,84 @@
+"""`globalcom2 bench --vision-stage`: the side-by-side record is complete and its instrumentation leaves nothing behind.
+
+Behaviour only (no timing assertions): every figure is present and positive, the targets are judged on them, the
+instrumented scoring time is non-zero (the hooks really were timed) and the model is unpatched afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from globalcom2.bench.vision_stage import (
+    StageSettings,
+    bench_family,
+    build_family_model,
+    evaluate_stage_targets,
+    format_stage,
+    next_target,
+    share_target,
+)
+
+
+def test_targets_scale_with_depth():
+    assert abs(next_target(24) - 0.97) < 1e-12 and abs(share_target(24) - 0.01) < 1e-12
+    assert next_target(3) < next_target(24) and share_target(3) == 0.08
+
+
+def test_one_family_record():
+    settings = StageSettings(
+        families=("llava_next",), layers=2, repeats=1, instrumented=1, selection_repeats=2
+    )
+    rec = bench_family("llava_next", settings, log=lambda _: None)
+    assert rec["tiles"] == 5 and not rec["needs_last_layer"]
+    for key in ("plain_ms", "compressed_ms", "scoring_ms", "selection_ms", "selection_1thread_ms",
+                "prefill_plain_ms", "prefill_compressed_ms"):  # fmt: skip
+        assert rec[key] > 0, key
+    targets = evaluate_stage_targets([rec], 2)
+    assert [t["unit"] for t in targets] == ["x", "ms"]
+    table = format_stage(
+        {"meta": {"device": "cpu", "settings": vars(settings)}, "records": [rec], "targets": targets}
+    )
+    assert "| llava_next | 5 |" in table and "selection of a 5-tile image" in table
+
+
+def test_internvl_tower_is_tapped_not_recomputed():
+    """InternVL reads the last layer: its scores come from the layer's own q/k hooks (forward hooks on q_norm and
+    k_norm), and a direct tower call after removal equals one before."""
+    import globalcom2
+
+    model, processor, _ = build_family_model("internvl", 1)
+    tower = model.model.vision_tower
+    att = tower.encoder.layer[-1].attention
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        before = tower(x).last_hidden_state
+    with globalcom2.apply(model, processor, ratio=0.25):
+        assert len(att.q_norm._forward_hooks) == 1 and len(att.k_norm._forward_hooks) == 1
+        with torch.no_grad():
+            during = tower(x).last_hidden_state
+    with torch.no_grad():
+        after = tower(x).last_hidden_state
+    assert not att.q_norm._forward_hooks and torch.equal(before, during) and torch.equal(before, after)
+
+
+def test_cli_vision_stage_json(tmp_path):
+    out = tmp_path / "stage.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "globalcom2", "bench", "--vision-stage", "--layers", "1", "--repeats", "1",
+         "--families", "llava_next", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| llava_next |" in proc.stdout and "Targets" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [r["family"] for r in result["records"]] == ["llava_next"]
+    assert result["meta"]["settings"]["layers"] == 1
+    bad = subprocess.run(
+        [sys.executable, "-m", "globalcom2", "bench", "--vision-stage", "--families", "nope"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "unknown --families" in bad.stderr
