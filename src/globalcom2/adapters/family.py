@@ -165,7 +165,9 @@ class FamilyAdapter:
         t = self.tower
         if self.importance == "cls":
             handle.add_hook(
-                t.last_layer.register_forward_pre_hook(functools.partial(self._cls_hook, handle), with_kwargs=True)
+                t.last_layer.register_forward_pre_hook(
+                    functools.partial(self._cls_hook, handle), with_kwargs=True
+                )
             )
             if t.q_out is not None and t.k_out is not None:
                 for module in dict.fromkeys((t.q_out.module, t.k_out.module)):  # a fused qkv: one hook
@@ -258,14 +260,15 @@ class FamilyAdapter:
         ``vision_feature_layer`` argument, else the model config's; an index ``l`` of the ``L + 1`` hidden states
         is the last layer's when ``l % (L + 1) == L``). Unknown call shapes count as needing it."""
         try:
-            layer = signature.bind_partial(*args, **kwargs).arguments.get("vision_feature_layer") if signature else None
+            bound = signature.bind_partial(*args, **kwargs).arguments if signature else {}
+            layer = bound.get("vision_feature_layer")
         except TypeError:
             return True
         if layer is None:
             layer = getattr(self.model.config, "vision_feature_layer", -1)
         num = int(getattr(getattr(self.model.config, "vision_config", None), "num_hidden_layers", 0) or 0)
         layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
-        return num <= 0 or any(int(x) % (num + 1) == num for x in layers)
+        return num <= 0 or any(int(x) % (num + 1) == num for x in layers if x is not None)
 
     @torch.no_grad()
     def _cosine_hook(self, handle: GlobalComHandle, module: Any, args: tuple) -> None:

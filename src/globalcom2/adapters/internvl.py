@@ -178,7 +178,9 @@ def plan_internvl_tiles(
         ratio=ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
         tau=cfg.tau, num_crop_tokens=n * n_tok,
     )  # fmt: skip
-    kept = budget_counts(n_tok, n * n_tok, ratio)[1] if cfg.mode == "budget" else int(sel.crop_keep_counts.sum())
+    kept = (
+        budget_counts(n_tok, n * n_tok, ratio)[1] if cfg.mode == "budget" else int(sel.crop_keep_counts.sum())
+    )
     crop_index = true_indices(sel.crop_keep.reshape(-1), kept)  # count known: no host synchronisation
     index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
     plan = Plan(

@@ -42,9 +42,11 @@ class TowerInfo:
     num_heads: int
     num_prefix_tokens: int  # [CLS] + register tokens before the patches
     has_cls: bool
-    q_out: Tap | None = None  # the layer's own q / k (post-norm where the layer has q/k norms); None: not tapped
+    # the layer's own q / k (post-norm where the layer has q/k norms); None: not tapped
+    q_out: Tap | None = None
     k_out: Tap | None = None
-    k_linear: Any = None  # nn.Linear when the keys are exactly k_linear(norm(x)) (no k-norm): scored without keys
+    # nn.Linear when the keys are exactly k_linear(norm(x)) (no k-norm): then scored without forming the keys
+    k_linear: Any = None
 
 
 def describe_tower(tower: Any) -> TowerInfo:

@@ -59,7 +59,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="auto: float32 on CPU, float16 on CUDA")  # fmt: skip
-    p.add_argument("--vision-layers", "--layers", type=_positive, default=None, help="CLIP tower depth (default 24)")
+    p.add_argument(
+        "--vision-layers", "--layers", type=_positive, default=None, help="CLIP tower depth (default 24)"
+    )
     p.add_argument("--vision-stage", action="store_true",
                    help="plain vs compressed vision stage, scoring/selection share and prefill per family")  # fmt: skip
     p.add_argument("--families", default=None, help="--vision-stage: comma-separated families (default: all)")

@@ -26,6 +26,7 @@ reported, so drift on a shared machine hits both alike. Targets are printed next
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -186,12 +187,12 @@ class _Timers:
             if table is not None and hook.id in table:
                 fn = table[hook.id]
                 table[hook.id] = self._timed(fn, "scoring_ms")
-                self._undo.append(lambda t=table, i=hook.id, f=fn: t.__setitem__(i, f))
+                self._undo.append(functools.partial(table.__setitem__, hook.id, fn))
         adapter = self.handle.adapter
         for name in self.SELECTIONS:
             if hasattr(adapter, name):
                 setattr(adapter, name, self._timed(getattr(adapter, name), "selection_ms"))
-                self._undo.append(lambda n=name: delattr(adapter, n))
+                self._undo.append(functools.partial(delattr, adapter, name))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -302,8 +303,8 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
                     else contextlib.nullcontext()
                 )
                 with ctx:
-                    runs[setting].append(_time_ms(lambda i=inputs: vision(i), device)[1])
-                    runs[f"prefill_{setting}"].append(_time_ms(lambda i=inputs: prefill(i), device)[1])
+                    runs[setting].append(_time_ms(functools.partial(vision, inputs), device)[1])
+                    runs[f"prefill_{setting}"].append(_time_ms(functools.partial(prefill, inputs), device)[1])
         scoring, selection = [], []
         with apply(model, processor, ratio=s.ratio) as handle:
             for _ in range(s.instrumented):

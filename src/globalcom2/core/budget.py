@@ -181,5 +181,6 @@ def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: tor
     key = torch.where(capped | (counts >= cap), -1, key)  # only crops with room may take one more
     short = tot - counts.sum(-1, keepdim=True)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
     return counts + ((rank < short) & (key >= 0)).long()

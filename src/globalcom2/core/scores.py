@@ -54,7 +54,8 @@ def cls_attention_scores(
         t, s, d_in = x.shape
         dh = q.shape[-1] // num_heads
         qh = q.float().reshape(t, num_heads, dh)
-        u = torch.einsum("thd,hde->the", qh, k_linear.weight.float().reshape(num_heads, dh, d_in))  # W_h^T q_h
+        w_k = k_linear.weight.float().reshape(num_heads, dh, d_in)
+        u = torch.einsum("thd,hde->the", qh, w_k)  # (T, H, D): W_h^T q_h
         logits = torch.bmm(u, x.float().transpose(1, 2))  # (T, H, S)
         if k_linear.bias is not None:
             logits = logits + (qh * k_linear.bias.float().reshape(num_heads, dh)).sum(-1, keepdim=True)
