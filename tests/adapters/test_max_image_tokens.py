@@ -17,7 +17,8 @@ import torch
 
 import globalcom2
 from globalcom2 import GlobalComConfig
-from globalcom2.adapters.internvl import IMAGE_MARKERS, InternVLAdapter
+from globalcom2.adapters.idefics3 import idefics3_layout_tokens
+from globalcom2.adapters.internvl import IMAGE_MARKERS, InternVLAdapter, num_tiles
 from globalcom2.core.budget import budget_counts
 from globalcom2.methods import apply_method
 from globalcom2.methods.vision import pooling_counts
@@ -25,7 +26,8 @@ from tests.adapters.families import FAMILIES, greedy, inputs_for, load
 from tests.conftest import random_image
 from tests.test_cli import run_cli
 
-SUPPORTED = [f for f in FAMILIES if f.name in ("llava_next", "llava_onevision", "internvl")]
+IDEFICS3 = ("idefics3", "smolvlm")
+SUPPORTED = [f for f in FAMILIES if f.name in ("llava_next", "llava_onevision", "internvl", *IDEFICS3)]
 # Wide, tall, square, tiny and large images: 1 to many crops, padded and unpadded, down-sampled (OneVision).
 SIZES = ((30, 40), (61, 183), (100, 180), (180, 100), (150, 150), (233, 90), (90, 260), (300, 300),
          (400, 130))  # fmt: skip
@@ -45,9 +47,15 @@ def fam(family_dir):
 
 
 def _prompt_count(family, model, processor, image) -> int:
-    """Tokens the image occupies in the processor's prompt: its placeholders (plus InternVL's <img></img>)."""
+    """Tokens the image occupies in the processor's prompt: its placeholders (plus InternVL's <img></img>; for
+    Idefics3 the whole span from its first ``<fake_token_around_image>`` to its last: markers, newlines, runs)."""
     ids = inputs_for(family, processor, [image])["input_ids"][0]
     count = int((ids == model.config.image_token_id).sum())
+    if family.name in IDEFICS3:
+        fake = (ids == processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")).nonzero()
+        span = ids[int(fake[0]) : int(fake[-1]) + 1]
+        assert int((span == model.config.image_token_id).sum()) == count  # every placeholder inside the span
+        return int(span.numel())
     if family.name == "internvl":
         tok = processor.tokenizer
         for marker in (processor.start_image_token, processor.end_image_token):
@@ -58,13 +66,24 @@ def _prompt_count(family, model, processor, image) -> int:
 
 def _count_at(adapter, size: tuple[int, int], ratio: float) -> int:
     """The image's budget-mode count at ``ratio`` (layout tokens included), from its geometry."""
-    if isinstance(adapter, InternVLAdapter):
-        tiles, n = adapter.tiles_for_image(*size), adapter.g**2
-        return IMAGE_MARKERS + sum(budget_counts(n, (tiles - 1) * n if tiles > 1 else 0, ratio))
+    if isinstance(adapter, InternVLAdapter):  # and Idefics3 / SmolVLM
+        grid = adapter.grid_for_image(*size)
+        tiles, n = num_tiles(*grid), adapter.g**2
+        return adapter.layout_tokens(grid) + sum(budget_counts(n, (tiles - 1) * n if tiles > 1 else 0, ratio))
     return adapter.geometry(size).num_tokens(ratio)
 
 
-def _serving_count(processor, size: tuple[int, int]) -> int:
+def _layout(adapter, plan) -> int:
+    """Prompt tokens of a planned image besides its placeholders (0 for LLaVA: its newlines are features)."""
+    if isinstance(adapter, InternVLAdapter):
+        return adapter.layout_tokens(plan.grid if plan.num_crops else (1, 1))
+    return 0
+
+
+def _serving_count(processor, size: tuple[int, int]) -> int | None:
+    """What vLLM reads (``_get_num_multimodal_tokens``); None where the processor has none (SmolVLM)."""
+    if not hasattr(processor, "_get_num_multimodal_tokens"):
+        return None
     return int(processor._get_num_multimodal_tokens(image_sizes=[list(size)]).num_image_tokens[0])
 
 
@@ -81,8 +100,9 @@ def test_processor_count_equals_features_and_fits_the_budget(fam):
             with globalcom2.apply(model, processor, max_image_tokens=t) as h:
                 count = _prompt_count(family, model, processor, image)
                 plan = h.adapter.plan_for_image(h, image)
-                features = plan.num_tokens + (IMAGE_MARKERS if family.name == "internvl" else 0)
-                assert count == features == _serving_count(processor, size), (size, t)
+                features = plan.num_tokens + _layout(h.adapter, plan)
+                serving = _serving_count(processor, size)
+                assert count == features == (features if serving is None else serving) <= t, (size, t)
                 r = h.adapter.ratio_for_image(*size)
                 assert plan.ratio == r and plan.num_tokens_full + features - plan.num_tokens == full[size]
                 if full[size] <= t:  # fits: left whole
@@ -101,7 +121,7 @@ def test_budget_below_the_layout_tokens_is_one_clear_error(fam):
     with globalcom2.apply(model, processor, ratio=1e-9) as h:
         floor = _count_at(h.adapter, size, 1e-9)  # newlines / markers only
     assert floor >= 1
-    assert floor > 1  # newline rows (LLaVA) or <img></img> (InternVL)
+    assert floor > 1  # newline rows (LLaVA), <img></img> (InternVL), crop markers and newlines (Idefics3)
     with globalcom2.apply(model, processor, max_image_tokens=floor - 1):
         with pytest.raises(ValueError) as err:
             inputs_for(family, processor, [random_image(*size)])
@@ -122,14 +142,43 @@ def test_generate_on_a_mixed_batch_and_whole_images_match_the_plain_model(fam):
         inputs = inputs_for(family, processor, images)
         out = greedy(model, inputs)
         assert out.shape == (len(images), 4)
-        extra = IMAGE_MARKERS if family.name == "internvl" else 0
         counts = [_prompt_count(family, model, processor, im) for im in images]
-        assert [p.num_tokens + extra for p in h.plans] == counts
+        assert [p.num_tokens + _layout(h.adapter, p) for p in h.plans] == counts
         assert all(c == f if f <= t else t - 1 <= c <= t for c, f in zip(counts, full, strict=True))
         assert any(p.ratio == 1.0 for p in h.plans) and any(p.ratio < 1.0 for p in h.plans)
         with torch.no_grad():
             logits = model(**inputs_for(family, processor, [small])).logits
     assert torch.equal(logits, plain_logits)  # left whole: exactly the uncompressed model
+
+
+def test_idefics3_layout_counts_every_marker_as_tokenised_and_unsplit_images_fit(fam):
+    """Idefics3 / SmolVLM: the overhead is the processor's own layout as its tokenizer tokenises it (the pure formula
+    of the docs table, for every grid up to 6 x 6), it depends on the grid (2 x 3 and 3 x 2 differ), and an image the
+    processor does not split (the global image alone, 3 markers) follows the same rule."""
+    family, model, processor = fam
+    if family.name not in IDEFICS3:
+        pytest.skip("Idefics3 / SmolVLM layout")
+    pair = len(processor.tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    with globalcom2.apply(model, processor, max_image_tokens=100) as h:
+        for rows in range(1, 7):
+            for cols in range(1, 7):
+                assert h.adapter.layout_tokens((rows, cols)) == idefics3_layout_tokens(rows, cols, pair)
+        assert h.adapter.layout_tokens((2, 3)) + 1 == h.adapter.layout_tokens((3, 2))  # one more crop row
+        assert h.adapter.layout_tokens((1, 1)) == 3  # <fake><global-img> ... <fake>
+    processor.image_processor.do_image_splitting = False
+    image = random_image(120, 200)
+    full = _prompt_count(family, model, processor, image)
+    assert full == processor.image_seq_len + 3
+    for t in (3, 4, full - 1, full, full + 3):
+        with globalcom2.apply(model, processor, max_image_tokens=t) as h:
+            count = _prompt_count(family, model, processor, image)
+            plan = h.adapter.plan_for_image(h, image)
+            assert plan.num_crops == 0 and count == plan.num_tokens + 3 <= t
+            assert plan.ratio == h.adapter.ratio_for_image(120, 200)
+            assert count == (full if full <= t else t) and (plan.ratio == 1.0) == (full <= t)
+    with globalcom2.apply(model, processor, max_image_tokens=2):
+        with pytest.raises(ValueError, match="max_image_tokens=2 is too small .* gives it 3 tokens"):
+            inputs_for(family, processor, [image])
 
 
 # -- exactly one budget ----------------------------------------------------------------------------------------------

@@ -23,12 +23,19 @@ pixel-shuffle group** (:func:`~globalcom2.adapters.internvl.merge_pool`), as Int
 k_j. In reference mode the model's ``forward``/``generate`` shrink each run of the plain processor's prompt from
 ``image_seq_len`` to int(N*r_j) (thumbnail: int(N*R), in descending score order). In budget mode the processor
 emits exactly the compressed count per image, ``int(N*R) + int(R*n*N)`` (a function of the crop grid and R only;
-:meth:`num_image_tokens_for_tiles`), but how that count splits over the crops depends on the scores (Eq. 3-4),
+:meth:`num_image_tokens_for_grid`), but how that count splits over the crops depends on the scores (Eq. 3-4),
 which the processor cannot know: it writes a provisional split (thumbnail int(N*R), the crop budget spread evenly)
 and the model's ``forward``/``generate`` encode the images first and move each marker to the head of its crop's
 real run (:func:`~globalcom2.adapters.placeholders.resize_marked_runs`; the sequence keeps its length). Calls that
 bypass the model's own ``forward``/``generate`` with budget-mode prompts are refused by the placeholder check
 rather than mislabelled. An image encoded as the global image alone keeps its top int(N*R) tokens.
+
+**Token budget** (``max_image_tokens=T``). Every marker of the layout above counts towards T, as the tokenizer
+tokenises it (:meth:`layout_tokens`: the processor's own layout with one placeholder per run, tokenised once per crop
+grid; ``3 + rows * (2 * cols + 1)`` tokens plus one when the tokenizer splits ``"\\n\\n"``, 3 for the global image
+alone). So the overhead depends on the grid, not only on the tile count (2 x 3 crops: 18, 3 x 2: 19), and R is the
+largest with ``layout + int(N*R) + int(R*n*N) <= T`` (:func:`~globalcom2.core.budget.ratio_for_max_tokens`),
+computed from the grid alone by the processor's count and by the selection alike.
 
 **Inputs.** The patched processor passes each image's crop grid on (``globalcom2_tile_grids``, from the image
 processor's own ``rows``/``cols``); inputs without it (videos: SmolVLM's frames are single global images; or
@@ -54,13 +61,33 @@ from ..core.scores import cosine_scores
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .family import FamilyAdapter
-from .internvl import GRID_KEY, InternVLAdapter, internvl_image_ratio, merge_pool, num_tiles
+from .internvl import (
+    GRID_KEY,
+    InternVLAdapter,
+    merge_pool,
+    num_tiles,
+)
 from .placeholders import pad_token_id, resize_marked_runs
 from .registry import register_adapter
 from .towers import TowerInfo, describe_tower
 
 #: Idefics3's crop markers go up to ``<row_6_col_6>`` in released tokenizers.
 MAX_MARKER_SIDE = 6
+
+
+def idefics3_layout_tokens(rows: int, cols: int, newline_pair_tokens: int = 1) -> int:
+    """Prompt tokens of Idefics3's layout around one image's runs (module docstring), for a ``rows x cols`` crop
+    grid (``(1, 1)`` or ``(0, 0)``: the global image alone), the markers being single tokens (rows, cols <= 6).
+
+    ``<fake_token_around_image><row_r_col_c>`` per crop, a newline per crop row, ``"\\n"`` before and
+    ``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>`` around the global image; the last
+    row's newline and the global image's form ``"\\n\\n"``, ``newline_pair_tokens`` tokens (1 when the tokenizer
+    merges them). Pure: the count table of docs/max_image_tokens.md uses it; the adapter tokenises the processor's
+    own layout instead (:meth:`Idefics3Adapter.layout_tokens`, equal to this in the tests).
+    """
+    if rows * cols <= 1:
+        return 3
+    return 3 + rows * (2 * cols + 1) + newline_pair_tokens - 1
 
 
 class _OneTokenRuns:
@@ -85,7 +112,7 @@ class Idefics3Adapter(InternVLAdapter):
     processor_class_name = "Idefics3Processor"
     vision_tower_name = "vision_model"
     encodes_first = True  # budget mode too: the scores decide where each crop's markers go
-    supports_max_image_tokens = False
+    supports_max_image_tokens = True
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         FamilyAdapter.__init__(self, model, processor, config)
@@ -97,6 +124,7 @@ class Idefics3Adapter(InternVLAdapter):
         self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per crop side
         self._warned = False
         self.anchor_ids = torch.zeros(0, dtype=torch.long)  # ids of the markers runs follow (check_processor)
+        self._layout: dict[tuple[int, int], int] = {}  # layout tokens per crop grid (layout_tokens)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         if type(tower).__name__ in ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"):
@@ -190,25 +218,54 @@ class Idefics3Adapter(InternVLAdapter):
                 functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),
             )
 
-    def emitted_runs(self, tiles: int) -> list[int]:
-        """Placeholders the budget-mode processor writes per run for an image of ``tiles`` tiles: the thumbnail's
-        int(N*R) and the crop budget int(R*n*N) spread evenly (the model moves the markers to the real split)."""
+    # -- per-image counts: a function of the crop grid (and R or T) only --------------------------------------
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of crops the image processor makes for a ``height x width`` image; (1, 1): the global
+        image alone (the processor's ``rows = cols = 0``; a split image always has two crops or more)."""
+        _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
+        return max(int(rows), 1), max(int(cols), 1)
+
+    def layout_tokens(self, grid: tuple[int, int]) -> int:
+        """Prompt tokens of one image of this crop grid besides its ``<image>`` runs (they count towards
+        ``max_image_tokens``): the processor's own layout (``<fake_token_around_image>``, ``<row_r_col_c>``,
+        ``<global-img>``, the newlines) with one placeholder per run, tokenised by its tokenizer, the placeholders
+        left out. So a ``"\\n\\n"`` the tokenizer merges, or a marker it splits (rows or columns above 6), counts
+        as the prompt has it. Cached per grid."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid not in self._layout:
+            proc: Any = self.processor
+            rows, cols = grid if num_tiles(*grid) > 1 else (0, 0)  # the processor's "not split"
+            text = type(proc).replace_image_token(
+                _OneTokenRuns(proc), {"rows": [[rows]], "cols": [[cols]]}, 0
+            )
+            ids = torch.tensor(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+            runs = int((ids == self.model.config.image_token_id).sum())
+            if runs != num_tiles(*grid):
+                raise RuntimeError(f"GlobalCom²: expected {num_tiles(*grid)} placeholder runs, found {runs}")
+            self._layout[grid] = int(ids.numel()) - runs
+        return self._layout[grid]
+
+    def num_image_tokens_for_tiles(self, tiles: int) -> int:
+        raise TypeError(
+            "Idefics3's layout tokens depend on the crop grid (2 x 3 and 3 x 2 differ), not only the tile count: "
+            "use num_image_tokens_for_grid((rows, cols))"
+        )
+
+    def emitted_runs(self, grid: tuple[int, int]) -> list[int]:
+        """Placeholders the budget-mode processor writes per run for an image of this crop grid: the crop budget
+        int(R*n*N) spread evenly, then the thumbnail's int(N*R) (the model moves the markers to the real split)."""
         n_tok = self.g * self.g
-        if tiles == 1:
-            return [self.num_image_tokens_for_tiles(1)]
-        n = tiles - 1
-        thumb, crops = budget_counts(n_tok, n * n_tok, internvl_image_ratio(self.config, tiles, n_tok))
+        n = num_tiles(*grid) - 1
+        thumb, crops = budget_counts(n_tok, n * n_tok, self.ratio_for_grid(grid))
+        if not n:
+            return [thumb]
         even = torch.full((n,), n_tok, dtype=torch.long)
         return [*split_budget(crops, even.double(), even).tolist(), thumb]
-
-    @staticmethod
-    def _tiles_of(rows: int, cols: int) -> int:
-        return num_tiles(max(rows, 1), max(cols, 1))  # rows = cols = 0: the global image alone
 
     def _replace_image_runs(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]
         cols = [c for sample in image_inputs["cols"] for c in sample][image_idx]
-        counts = self.emitted_runs(self._tiles_of(int(rows), int(cols)))
+        counts = self.emitted_runs((max(int(rows), 1), max(int(cols), 1)))
         token = self.processor.image_token
         layout = original.__func__(_OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs)
         parts = layout.split(token)
@@ -218,15 +275,14 @@ class Idefics3Adapter(InternVLAdapter):
 
     def _num_multimodal_tokens(self, original: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
         out = original(image_sizes=image_sizes, **kwargs)
-        patches = getattr(out, "num_image_patches", None)
-        if (
-            patches is not None
-        ):  # HF's count (markers included), the uncompressed runs swapped for budget ones
-            n_tok = self.g * self.g
-            tiles = [max(int(t), 1) for t in patches]
+        if getattr(out, "num_image_patches", None) is not None:  # the prompt's count: markers + budget runs
+            proc: Any = self.processor
+            images_kwargs = proc._merge_kwargs(**kwargs)["images_kwargs"]  # as HF's own count reads them
+            ip = proc.image_processor
+            grids = [ip.get_number_of_image_patches(*size, images_kwargs)[1:] for size in image_sizes]
             out.num_image_tokens = [
-                int(c) - t * n_tok + self.num_image_tokens_for_tiles(t)
-                for c, t in zip(out.num_image_tokens, tiles, strict=True)
+                self.layout_tokens(g) + self.num_image_tokens_for_grid(g)
+                for g in ((max(int(r), 1), max(int(c), 1)) for r, c in grids)
             ]
         return out
 
@@ -269,8 +325,8 @@ class Idefics3Adapter(InternVLAdapter):
         n_tok = self.g * self.g
         old: list[int] = []
         for p in plans:
-            tiles = p.num_crops + 1 if p.num_crops else 1
-            old += self.emitted_runs(tiles) if self.config.mode == "budget" else [n_tok] * tiles
+            grid = p.grid if p.num_crops else (1, 1)
+            old += self.emitted_runs(grid) if self.config.mode == "budget" else [n_tok] * num_tiles(*grid)
         hint = (
             "make the inputs with the processor patched by this apply() (call it again after apply())"
             if self.config.mode == "budget"

@@ -133,22 +133,32 @@ def _thumbnail_and_crops(tiles: int, tokens_per_tile: int) -> tuple[int, int]:
     return tokens_per_tile, (tiles - 1) * tokens_per_tile if tiles > 1 else 0
 
 
-def internvl_image_ratio(config: Any, tiles: int, tokens_per_tile: int) -> float:
+def internvl_image_ratio(
+    config: Any, tiles: int, tokens_per_tile: int, overhead: int = IMAGE_MARKERS
+) -> float:
     """R of one InternVL image of ``tiles`` tiles (:meth:`globalcom2.GlobalComConfig.image_ratio`, markers counted).
 
     Needs no model: the vLLM plugin calls it with the HF config's tokens per tile.
+
+    Args:
+        overhead: the image's layout tokens besides its runs (they count towards ``max_image_tokens``):
+            InternVL's ``<img>``/``</img>`` by default; families with this tile layout but other markers (Idefics3's
+            per-crop markers) pass their own.
     """
-    return float(config.image_ratio(*_thumbnail_and_crops(tiles, tokens_per_tile), IMAGE_MARKERS))
+    return float(config.image_ratio(*_thumbnail_and_crops(tiles, tokens_per_tile), overhead))
 
 
-def internvl_num_image_tokens(config: Any, tiles: int, tokens_per_tile: int) -> int:
-    """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (the markers not included)."""
+def internvl_num_image_tokens(
+    config: Any, tiles: int, tokens_per_tile: int, overhead: int = IMAGE_MARKERS
+) -> int:
+    """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (the markers not included; ``overhead``
+    as in :func:`internvl_image_ratio`)."""
     n, s = _thumbnail_and_crops(tiles, tokens_per_tile)
-    return sum(budget_counts(n, s, internvl_image_ratio(config, tiles, tokens_per_tile)))
+    return sum(budget_counts(n, s, internvl_image_ratio(config, tiles, tokens_per_tile, overhead)))
 
 
 def plan_internvl_tiles(
-    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, config: Any
+    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, config: Any, overhead: int = IMAGE_MARKERS
 ) -> tuple[Plan, torch.Tensor]:
     """Plan one InternVL image from its per-tile merged-token scores (the adapter and the vLLM plugin share it).
 
@@ -158,6 +168,7 @@ def plan_internvl_tiles(
         grid: ``(rows, cols)`` of crops.
         g: merged tokens per tile side.
         config: a :class:`~globalcom2.GlobalComConfig`.
+        overhead: the image's layout tokens under ``max_image_tokens`` (:func:`internvl_image_ratio`).
 
     Returns:
         ``(plan, index)``; ``index`` picks the kept tokens from the image's ``tiles * g*g`` features.
@@ -166,7 +177,7 @@ def plan_internvl_tiles(
     n_tok = g * g
     rows, cols = grid
     n = rows * cols if num_tiles(rows, cols) > 1 else 0
-    ratio = internvl_image_ratio(cfg, n + 1, n_tok)
+    ratio = internvl_image_ratio(cfg, n + 1, n_tok, overhead)
     thumb = tile_scores[n].float()
     device = thumb.device
     # Crops are full g x g blocks of the pixel-shuffled grid: table row j is crop j in raster order.
@@ -199,7 +210,7 @@ def plan_internvl_tiles(
         thumbnail_order=sel.thumbnail_order,
         ratio=ratio,
     )
-    if cfg.mode == "budget" and plan.num_tokens != internvl_num_image_tokens(cfg, n + 1, n_tok):
+    if cfg.mode == "budget" and plan.num_tokens != internvl_num_image_tokens(cfg, n + 1, n_tok, overhead):
         raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
     return plan, index
 
@@ -283,23 +294,34 @@ class InternVLAdapter(FamilyAdapter):
         """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (a lone tile keeps int(N*R))."""
         return internvl_num_image_tokens(self.config, tiles, self.g * self.g)
 
-    def tiles_for_image(self, height: int, width: int) -> int:
-        """Tiles the processor makes for one image of ``height x width`` pixels."""
+    def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of crops the processor makes for one image of ``height x width`` pixels ((1, 1): one tile)."""
         ip: Any = self.processor.image_processor
         crop = bool(ip.crop_to_patches) and int(ip.max_patches) > 1
-        rows, cols = (
-            tile_grid(height, width, self.tile_hw, int(ip.min_patches), int(ip.max_patches))
-            if crop
-            else (1, 1)
+        if not crop:
+            return 1, 1
+        return tile_grid(height, width, self.tile_hw, int(ip.min_patches), int(ip.max_patches))
+
+    def tiles_for_image(self, height: int, width: int) -> int:
+        """Tiles the processor makes for one image of ``height x width`` pixels."""
+        return num_tiles(*self.grid_for_image(height, width))
+
+    def ratio_for_grid(self, grid: tuple[int, int]) -> float:
+        """R of one image of this crop grid (:func:`internvl_image_ratio`, :meth:`layout_tokens` as the overhead)."""
+        return internvl_image_ratio(self.config, num_tiles(*grid), self.g * self.g, self.layout_tokens(grid))
+
+    def num_image_tokens_for_grid(self, grid: tuple[int, int]) -> int:
+        """Placeholders of one image of this crop grid in budget mode (the layout tokens not included)."""
+        return internvl_num_image_tokens(
+            self.config, num_tiles(*grid), self.g * self.g, self.layout_tokens(grid)
         )
-        return num_tiles(rows, cols)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Image tokens the LLM receives for one image of ``height x width`` pixels in budget mode."""
-        return self.num_image_tokens_for_tiles(self.tiles_for_image(height, width))
+        return self.num_image_tokens_for_grid(self.grid_for_image(height, width))
 
     def ratio_for_image(self, height: int, width: int) -> float:
-        return internvl_image_ratio(self.config, self.tiles_for_image(height, width), self.g * self.g)
+        return self.ratio_for_grid(self.grid_for_image(height, width))
 
     def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         p = self.processor
@@ -425,7 +447,12 @@ class InternVLAdapter(FamilyAdapter):
 
     def plan_tiles(self, tile_scores: torch.Tensor, grid: tuple[int, int]) -> tuple[Plan, torch.Tensor]:
         """Plan one image from its per-tile merged-token scores (:func:`plan_internvl_tiles`)."""
-        return plan_internvl_tiles(tile_scores, grid, self.g, self.config)
+        return plan_internvl_tiles(tile_scores, grid, self.g, self.config, self.layout_tokens(grid))
+
+    def layout_tokens(self, grid: tuple[int, int]) -> int:
+        """Prompt tokens of one image of this crop grid besides its runs (they count towards ``max_image_tokens``):
+        ``<img>`` and ``</img>`` whatever the grid."""
+        return IMAGE_MARKERS
 
     # -- reference mode and the vision side --------------------------------------------------------------------
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:

@@ -4,15 +4,19 @@ Pure geometry (no weights): the same functions the processors' patched counts an
 (:func:`~globalcom2.adapters.anyres.anyres_geometry` + :meth:`~globalcom2.adapters.anyres.AnyresGeometry.num_budget_tokens`,
 :func:`~globalcom2.adapters.internvl.internvl_num_image_tokens`), so the table in docs/max_image_tokens.md is this
 module's output (``python scripts/budget_table.py``), not typed in. Counts include every token the image occupies in
-the prompt: LLaVA's newline per crop row, InternVL's ``<img>``/``</img>``.
+the prompt: LLaVA's newline per crop row, InternVL's ``<img>``/``</img>``, Idefics3's markers and newlines
+(:func:`~globalcom2.adapters.idefics3.idefics3_layout_tokens`, ``"\\n\\n"`` as one token) on the crop grid of HF's
+own image processor.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..adapters.anyres import AnyresGeometry, Box, anyres_geometry
+from ..adapters.idefics3 import idefics3_layout_tokens
 from ..adapters.internvl import (
     IMAGE_MARKERS,
     internvl_image_ratio,
@@ -35,7 +39,21 @@ SIZES: tuple[tuple[int, int], ...] = (
     (1024, 1024),
     (336, 1008),
 )
-FAMILIES = ("LLaVA-NeXT-7B", "LLaVA-OneVision-7B", "InternVL3-8B")
+FAMILIES = (
+    "LLaVA-NeXT-7B",
+    "LLaVA-OneVision-7B",
+    "InternVL3-8B",
+    "Idefics3-8B",
+    "SmolVLM-2B",
+    "SmolVLM-256M",
+)
+#: Idefics3 / SmolVLM: (image processor class, crop side ``max_image_size``, tokens per crop ``image_seq_len``);
+#: images are resized to a longest edge of 4 crops before the split, as in the released processors.
+IDEFICS3_GEOMETRIES = {
+    "Idefics3-8B": ("Idefics3ImageProcessorPil", 364, 169),  # SigLIP 364/14, 2 x 2 shuffle
+    "SmolVLM-2B": ("SmolVLMImageProcessorPil", 384, 81),  # SigLIP 384/14, 3 x 3 shuffle
+    "SmolVLM-256M": ("SmolVLMImageProcessorPil", 512, 64),  # SigLIP 512/16, 4 x 4 shuffle (also 500M)
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,8 @@ def image_counts(family: str, size: tuple[int, int], config: GlobalComConfig | N
             IMAGE_MARKERS + internvl_num_image_tokens(config, tiles, 256),
             internvl_image_ratio(config, tiles, 256),
         )
+    if family in IDEFICS3_GEOMETRIES:
+        return _idefics3_counts(family, size, config)
     geo: AnyresGeometry
     if family == "LLaVA-NeXT-7B":  # CLIP-336/14: g = 24
         geo = anyres_geometry(size, LLAVA_NEXT_PINPOINTS, 336, 24)
@@ -68,6 +88,31 @@ def image_counts(family: str, size: tuple[int, int], config: GlobalComConfig | N
     if config is None:
         return Cell(geo.num_tokens(None), 1.0)
     return Cell(geo.num_budget_tokens(config), geo.image_ratio(config))
+
+
+@functools.cache
+def _idefics3_grid(family: str, size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) HF's image processor splits the image into ((0, 0): the global image alone)."""
+    import transformers
+
+    name, crop, _ = IDEFICS3_GEOMETRIES[family]
+    processor = getattr(transformers, name)(
+        do_image_splitting=True, max_image_size={"longest_edge": crop}, size={"longest_edge": 4 * crop}
+    )
+    _, rows, cols = processor.get_number_of_image_patches(size[0], size[1], {})
+    return int(rows), int(cols)
+
+
+def _idefics3_counts(family: str, size: tuple[int, int], config: GlobalComConfig | None) -> Cell:
+    n_tok = IDEFICS3_GEOMETRIES[family][2]
+    rows, cols = _idefics3_grid(family, tuple(size))
+    tiles, layout = num_tiles(max(rows, 1), max(cols, 1)), idefics3_layout_tokens(rows, cols)
+    if config is None:
+        return Cell(layout + tiles * n_tok, 1.0)
+    return Cell(
+        layout + internvl_num_image_tokens(config, tiles, n_tok, layout),
+        internvl_image_ratio(config, tiles, n_tok, layout),
+    )
 
 
 def markdown_table(
