@@ -205,7 +205,10 @@ def test_readable_answer_shows_undecodable_bytes():
             ["ask", "--model", "m", "--image", "i", "--ratio", "1.5", "q"],
             "argument --ratio: ratio must be in (0, 1]",
         ),
-        (["ask", "--model", "m", "--image", "i", "q"], "the following arguments are required: --ratio"),
+        (
+            ["ask", "--model", "m", "--image", "i", "q"],
+            "one of the arguments --ratio --max-image-tokens is required",
+        ),
         (
             ["visualize", "--model", "m", "--image", "i", "--out", "o.png", "--nope"],
             "unrecognized arguments: --nope",

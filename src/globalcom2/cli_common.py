@@ -189,3 +189,17 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed :func:`add_method_options` as keyword arguments for ``globalcom2.apply``."""
     keys = ("mode", "allocation", "scoring", "score", "importance", "alpha", "tau")
     return {k: getattr(args, k) for k in keys}
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` picks CUDA when available; anything else is checked (a bad one is a CLIError)."""
+    import torch
+
+    from .loading import check_device
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return check_device(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from None

@@ -14,8 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import CLIError, add_method_options, method_options, parse_ratios
-from ..loading import check_device
+from ..cli_common import CLIError, add_method_options, method_options, parse_ratios, resolve_device
 
 # Defaults per device. CPU: small enough for ~5 min on 2 cores; CUDA: the real LLaVA-NeXT-7B depth.
 CPU_DEFAULTS = {"dtype": "float32", "vision_layers": 24, "llm_layers": 1, "repeats": 3, "throughput_repeats": 1,
@@ -102,17 +101,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return check_device(name)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-
-
 def settings_from_args(args: argparse.Namespace):
     """Turn parsed arguments into :class:`~globalcom2.bench.measure.BenchSettings`.
 
@@ -121,7 +109,7 @@ def settings_from_args(args: argparse.Namespace):
     """
     from .measure import REAL, BenchSettings
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     defaults: dict[str, Any] = dict(CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS)
     base = BenchSettings.tiny() if args.tiny else BenchSettings(geometry=REAL)
     if args.tiny:  # the preset's own sizes win over the device defaults

@@ -402,15 +402,13 @@ def format_stage(result: dict[str, Any]) -> str:
 
 def cmd_vision_stage(args: Any) -> int:
     """``globalcom2 bench --vision-stage`` (options shared with ``bench``: device, dtype, layers, repeats, ...)."""
-    from .cli import _resolve_device
+    from ..cli_common import CLIError, resolve_device
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     families = tuple(args.families.split(",")) if getattr(args, "families", None) else FAMILIES
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        from ..cli_common import CLIError
-
         raise CLIError(f"unknown --families {unknown}; choose from {', '.join(FAMILIES)}")
     settings = StageSettings(
         families=families, layers=args.vision_layers or REAL_DEPTH, device=device, dtype=dtype,
