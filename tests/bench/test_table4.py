@@ -17,8 +17,8 @@ def test_rows_follow_the_schedules():
     settings = BenchSettings.tiny(throughput=False)
     settings = settings.__class__(**{**settings.__dict__, "geometry": settings.geometry.__class__(
         **{**settings.geometry.__dict__, "llm_layers": 32})})  # fmt: skip
-    result = run_table4(settings, methods=("uncompressed", "sparsevlm", "fastervlm", "globalcom2"), ratio=0.1,
-                        log=lambda msg: None)  # fmt: skip
+    result = run_table4(settings, methods=("uncompressed", "sparsevlm", "fastervlm", "globalcom2", "prumerge"),
+                        ratio=0.1, log=lambda msg: None)  # fmt: skip
     rows = {r["method"]: r for r in result["rows"]}
     full = rows["uncompressed"]
     n = full["visual_tokens_in"]
@@ -33,7 +33,12 @@ def test_rows_follow_the_schedules():
         assert r["visual_tokens_in"] < n and len(set(r["layer_tokens"])) == 1
         assert r["tflops"] < full["tflops"] and r["peak_mem_mb"] < full["peak_mem_mb"]
     assert sv["tflops"] < full["tflops"] and sv["peak_mem_mb"] < full["peak_mem_mb"]
-    assert "sparsevlm" in format_table4(result)
+    pm = rows[
+        "prumerge"
+    ]  # adaptive count: full placeholders, resized inside forward; its plans give the count
+    assert pm["visual_tokens_in"] == n and len(set(pm["layer_tokens"])) == 1 and pm["mean_tokens"] < n
+    assert pm["tflops_7b"] is None and pm["tflops"] < full["tflops"]
+    assert "sparsevlm" in format_table4(result) and "prumerge" in format_table4(result)
 
 
 def test_cli_table4_json(tmp_path):
@@ -48,3 +53,12 @@ def test_cli_table4_json(tmp_path):
                                                     "pdrop"]  # fmt: skip
     assert data["meta"]["llm_layers"] == 32 and "--table4" in data["meta"]["command"]
     assert "Table-4-style rows at R = 10%" in res.stdout
+
+
+def test_cli_table4_unknown_method_is_one_line():
+    res = subprocess.run(
+        [sys.executable, "-m", "globalcom2", "bench", "--tiny", "--table4", "--methods", "sparsevlm,nope"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stdout == ""
+    assert "--methods: unknown method(s) ['nope']; choose from uncompressed, globalcom2" in res.stderr

@@ -88,6 +88,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--table4", action="store_true",
                    help="Table-4-style rows instead: SparseVLM, FasterVLM, GlobalCom², FastV, PDrop at the smallest "
                         "--ratios R on one model and image (LLM depth default 32; see docs/bench.md)")  # fmt: skip
+    p.add_argument("--methods", default=None,
+                   help="--table4: comma-separated rows, 'uncompressed' or any apply_method name "
+                        "(default: uncompressed,sparsevlm,fastervlm,globalcom2,fastv,pdrop)")  # fmt: skip
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument(
         "--text-tokens", type=int, default=64, help="text tokens assumed by the analytic config table"
@@ -216,17 +219,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_table4(args: argparse.Namespace) -> int:
     """`globalcom2 bench --table4`: :mod:`globalcom2.bench.table4` at the smallest of ``--ratios``."""
-    from .table4 import format_table4, run_table4
+    from .table4 import TABLE4_METHODS, check_table4_methods, format_table4, run_table4
 
+    try:
+        methods = check_table4_methods(
+            tuple(m for m in args.methods.split(",") if m) if args.methods else TABLE4_METHODS
+        )
+    except ValueError as err:
+        raise CLIError(f"--methods: {err}") from None
     if args.llm_layers is None:
         args.llm_layers = 32  # the paper's depth: multi-stage methods need it to average R = 10 %
     settings = settings_from_args(args)
     try:
-        result = run_table4(settings, ratio=min(settings.ratios),
+        result = run_table4(settings, methods=methods, ratio=min(settings.ratios),
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
     except ValueError as err:
         raise CLIError(str(err)) from None
-    result["meta"]["command"] = settings_command(settings, tiny=args.tiny) + " --table4"
+    result["meta"]["command"] = (
+        settings_command(settings, tiny=args.tiny)
+        + " --table4"
+        + (f" --methods {','.join(methods)}" if args.methods else "")
+    )
     print(format_table4(result))
     if args.json:
         out = Path(args.json)

@@ -58,9 +58,29 @@ class _Nothing:
         return None
 
 
-def _paper_tflops_7b(method: str, ratio: float) -> float:
-    """The paper's prefill formula over a 32-layer LLaVA-NeXT-7B, layer by layer over the method's schedule."""
+def check_table4_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` if every name is ``"uncompressed"`` or a registered method (ValueError naming the choices)."""
+    from ..methods import METHODS
+
+    unknown = [m for m in methods if m != "uncompressed" and m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; choose from uncompressed, {', '.join(METHODS)}")
+    return methods
+
+
+def _adaptive(method: str) -> bool:
+    """Methods whose count is set by the image, not by R (PruMerge): their rows use the measured counts."""
+    from ..methods import METHODS
+
+    return method in METHODS and not METHODS[method].uses_ratio
+
+
+def _paper_tflops_7b(method: str, ratio: float) -> float | None:
+    """The paper's prefill formula over a 32-layer LLaVA-NeXT-7B, layer by layer over the method's schedule
+    (None for adaptive-count methods, whose 7B count cannot be derived from R)."""
     full = 2880
+    if _adaptive(method):
+        return None
     if method == "uncompressed":
         counts = [full] * 32
     elif method in _SCHEDULED:
@@ -112,6 +132,8 @@ def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: C
         n_txt = int(ids.shape[0]) - n_vis
         if plan is not None and plan.layer_tokens is not None:
             layer_tokens = list(plan.layer_tokens)
+        elif _adaptive(method):  # placeholders resized inside forward: the plans hold what the LLM gets
+            layer_tokens = [plan.num_tokens if plan is not None else n_vis] * num_layers
         else:
             layer_tokens = [n_vis] * num_layers  # pre-LLM methods: the placeholders are already the kept ones
         tiles = int(one["pixel_values"].shape[1])
@@ -174,6 +196,7 @@ def format_table4(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         sps = f"{r['samples_per_s']:.2f}" if r.get("samples_per_s") else "-"
+        tflops_7b = f"{r['tflops_7b']:.2f}" if r["tflops_7b"] is not None else "-"
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         note = (
             f"full attention map would take {r['full_map_mb']:.1f} MB per layer"
@@ -181,10 +204,10 @@ def format_table4(result: dict[str, Any]) -> str:
             else ""
         )
         lines.append(
-            f"{r['method']:<14}{r['mean_tokens']:>9.1f}{r['tflops']:>10.4f}{r['tflops_7b']:>10.2f}"
+            f"{r['method']:<14}{r['mean_tokens']:>9.1f}{r['tflops']:>10.4f}{tflops_7b:>10}"
             f"{r['peak_mem_mb']:>10.1f}{sps:>11}{speed:>9}  {note}"
         )
     return "\n".join(lines)
 
 
-__all__ = ["TABLE4_METHODS", "TABLE4_RATIO", "format_table4", "run_table4"]
+__all__ = ["TABLE4_METHODS", "TABLE4_RATIO", "check_table4_methods", "format_table4", "run_table4"]
