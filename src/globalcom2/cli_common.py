@@ -203,3 +203,14 @@ def resolve_device(name: str) -> str:
         return check_device(name)
     except ValueError as err:
         raise CLIError(str(err)) from None
+
+
+def write_json(path: str, data: Any) -> None:
+    """``--json PATH``: write ``data`` (parent folders made) and say so on stdout."""
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(f"wrote {out}")

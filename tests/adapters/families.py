@@ -58,6 +58,24 @@ FAMILIES = (
 FAMILY_IDS = [f.name for f in FAMILIES]
 
 
+def family_fixtures(families: list) -> tuple[Any, Any]:
+    """The module's ``family_dir`` (one checkpoint per family, built once) and ``fam`` (a fresh (family, model,
+    processor) per test) fixtures over ``families``: ``family_dir, fam = family_fixtures(FAMILIES)``."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=families, ids=[f.name for f in families])
+    def family_dir(request: Any, tmp_path_factory: Any) -> tuple[Family, Path]:
+        family = request.param
+        return family, family.build(tmp_path_factory.mktemp(family.name))
+
+    @pytest.fixture()
+    def fam(family_dir: tuple[Family, Path]) -> tuple[Family, Any, Any]:
+        family, path = family_dir
+        return (family, *load(path))
+
+    return family_dir, fam
+
+
 def load(path: Path) -> tuple[Any, Any]:
     from globalcom2.loading import load_tiny_family
 

@@ -16,7 +16,7 @@ import torch
 import globalcom2
 from tests.adapters.families import (
     FAMILIES,
-    FAMILY_IDS,
+    family_fixtures,
     greedy,
     inputs_for,
     load,
@@ -28,17 +28,7 @@ from tests.conftest import module_state
 MODES = ("budget", "reference")
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=FAMILY_IDS)
-def family_dir(request, tmp_path_factory):
-    family = request.param
-    return family, family.build(tmp_path_factory.mktemp(family.name))
-
-
-@pytest.fixture()
-def fam(family_dir):
-    family, path = family_dir
-    model, processor = load(path)
-    return family, model, processor
+family_dir, fam = family_fixtures(FAMILIES)
 
 
 def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):

@@ -22,7 +22,7 @@ from globalcom2.adapters.internvl import IMAGE_MARKERS, InternVLAdapter, num_til
 from globalcom2.core.budget import budget_counts
 from globalcom2.methods import apply_method
 from globalcom2.methods.vision import pooling_counts
-from tests.adapters.families import FAMILIES, greedy, inputs_for, load
+from tests.adapters.families import FAMILIES, family_fixtures, greedy, inputs_for, load
 from tests.conftest import random_image
 from tests.test_cli import run_cli
 
@@ -33,17 +33,7 @@ SIZES = ((30, 40), (61, 183), (100, 180), (180, 100), (150, 150), (233, 90), (90
          (400, 130))  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=SUPPORTED, ids=[f.name for f in SUPPORTED])
-def family_dir(request, tmp_path_factory):
-    family = request.param
-    return family, family.build(tmp_path_factory.mktemp(family.name))
-
-
-@pytest.fixture()
-def fam(family_dir):
-    family, path = family_dir
-    model, processor = load(path)
-    return family, model, processor
+family_dir, fam = family_fixtures(SUPPORTED)
 
 
 def _prompt_count(family, model, processor, image) -> int:

@@ -14,7 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import CLIError, add_method_options, method_options, parse_ratios, resolve_device
+from ..cli_common import (
+    CLIError,
+    add_method_options,
+    method_options,
+    parse_ratios,
+    resolve_device,
+    write_json,
+)
 
 # Defaults per device. CPU: small enough for ~5 min on 2 cores; CUDA: the real LLaVA-NeXT-7B depth.
 CPU_DEFAULTS = {"dtype": "float32", "vision_layers": 24, "llm_layers": 1, "repeats": 3, "throughput_repeats": 1,
@@ -200,10 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_measured(result))
     if args.json and not args.from_json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        write_json(args.json, result)
     if args.plot and measured:
         from .plot import plot_results
 
@@ -242,8 +246,5 @@ def _cmd_table4(args: argparse.Namespace) -> int:
     )
     print(format_table4(result))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        write_json(args.json, result)
     return 0

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -402,7 +400,7 @@ def format_stage(result: dict[str, Any]) -> str:
 
 def cmd_vision_stage(args: Any) -> int:
     """``globalcom2 bench --vision-stage`` (options shared with ``bench``: device, dtype, layers, repeats, ...)."""
-    from ..cli_common import CLIError, resolve_device
+    from ..cli_common import CLIError, resolve_device, write_json
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
@@ -418,8 +416,5 @@ def cmd_vision_stage(args: Any) -> int:
     print()
     print(format_stage(result))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        write_json(args.json, result)
     return 0
