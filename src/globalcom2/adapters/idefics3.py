@@ -51,6 +51,7 @@ check, the processor's ``_process_images`` (grids), ``replace_image_token`` and,
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -88,6 +89,19 @@ def idefics3_layout_tokens(rows: int, cols: int, newline_pair_tokens: int = 1) -
     if rows * cols <= 1:
         return 3
     return 3 + rows * (2 * cols + 1) + newline_pair_tokens - 1
+
+
+def _processor_kwargs_class(proc: Any) -> Any:
+    """The processor's ``ProcessingKwargs`` class, which ``_merge_kwargs`` needs: ``valid_processor_kwargs``
+    (transformers >= 5.2x, where the argument is optional) or the ``<Processor>Kwargs`` class of its module (5.19)."""
+    found = getattr(proc, "valid_processor_kwargs", None)
+    for cls in type(proc).__mro__:
+        if found is not None:
+            break
+        found = getattr(sys.modules.get(cls.__module__), f"{cls.__name__}Kwargs", None)
+    if found is None:
+        raise TypeError(f"GlobalCom²: cannot find the processing kwargs class of {type(proc).__name__}")
+    return found
 
 
 class _OneTokenRuns:
@@ -277,7 +291,10 @@ class Idefics3Adapter(InternVLAdapter):
         out = original(image_sizes=image_sizes, **kwargs)
         if getattr(out, "num_image_patches", None) is not None:  # the prompt's count: markers + budget runs
             proc: Any = self.processor
-            images_kwargs = proc._merge_kwargs(**kwargs)["images_kwargs"]  # as HF's own count reads them
+            merged = proc._merge_kwargs(
+                _processor_kwargs_class(proc), **kwargs
+            )  # as HF's own count reads them
+            images_kwargs = merged["images_kwargs"]
             ip = proc.image_processor
             grids = [ip.get_number_of_image_patches(*size, images_kwargs)[1:] for size in image_sizes]
             out.num_image_tokens = [
