@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -412,7 +413,7 @@ def cmd_vision_stage(args: Any) -> int:
         families=families, layers=args.vision_layers or REAL_DEPTH, device=device, dtype=dtype,
         ratio=args.ratios[0] if len(args.ratios) == 1 else 0.25, repeats=args.repeats or 5, threads=args.threads,
     )  # fmt: skip
-    result = run_vision_stage(settings, log=lambda m: print(m, flush=True))
+    result = run_vision_stage(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     print()
     print(format_stage(result))
     if args.json:
