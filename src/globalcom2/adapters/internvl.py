@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,6 +122,33 @@ def tile_grid(
 def num_tiles(rows: int, cols: int) -> int:
     """Tiles in ``pixel_values`` for one image: the crops plus the thumbnail, or one tile when there is one crop."""
     return 1 if rows * cols == 1 else rows * cols + 1
+
+
+def tile_grids_for(
+    image_sizes: list[tuple[int, int]], counts: list[int], option: Callable[[str], Any]
+) -> list[list[int]]:
+    """(rows, cols) of every image by InternVL's tiling rule, checked against the tile counts HF produced.
+
+    ``option(name)`` reads the image processor's effective option (``size``, ``crop_to_patches``, ``min_patches``,
+    ``max_patches``): the call's value, else the processor's. The transformers adapter and the vLLM plugin share it.
+    """
+    size = option("size")
+    tile = (size["height"], size["width"]) if isinstance(size, Mapping) else (size.height, size.width)
+    crop = bool(option("crop_to_patches")) and int(option("max_patches")) > 1
+    grids = []
+    for (height, width), count in zip(image_sizes, counts, strict=True):
+        rows, cols = (
+            tile_grid(height, width, tile, int(option("min_patches")), int(option("max_patches")))
+            if crop
+            else (1, 1)
+        )
+        if num_tiles(rows, cols) != int(count):
+            raise RuntimeError(
+                f"GlobalCom²: the image processor made {count} tiles for a {height}x{width} image but its "
+                f"tiling rule gives a {rows}x{cols} grid; cannot recover the tile grid"
+            )
+        grids.append([rows, cols])
+    return grids
 
 
 #: Layout tokens of one image besides its ``<IMG_CONTEXT>`` run: ``<img>`` and ``</img>`` (count towards T).
@@ -353,34 +380,21 @@ class InternVLAdapter(FamilyAdapter):
 
         ip = self.processor.image_processor
 
-        def opt(name: str):
+        def opt(name: str) -> Any:
             value = images_kwargs.get(name)
             return getattr(ip, name) if value is None else value
 
-        size = opt("size")
-        tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
-        crop = bool(opt("crop_to_patches")) and int(opt("max_patches")) > 1
-        grids = []
         counts = [int(n) for n in (num_patches.tolist() if hasattr(num_patches, "tolist") else num_patches)]
+        sizes = []
         flat: list[Any] = list(make_flat_list_of_images(images))  # type: ignore[arg-type]
-        for image, count in zip(flat, counts, strict=True):
+        for image in flat:
             if hasattr(image, "size") and hasattr(image, "mode"):  # PIL
-                height, width = image.height, image.width
+                sizes.append((int(image.height), int(image.width)))
             else:
                 arr = to_numpy_array(image)
-                height, width = get_image_size(arr, infer_channel_dimension_format(arr))
-            rows, cols = (
-                tile_grid(height, width, tile, int(opt("min_patches")), int(opt("max_patches")))
-                if crop
-                else (1, 1)
-            )
-            if num_tiles(rows, cols) != count:
-                raise RuntimeError(
-                    f"GlobalCom²: the image processor made {count} tiles for a {height}x{width} image but its "
-                    f"tiling rule gives a {rows}x{cols} grid; cannot recover the tile grid"
-                )
-            grids.append([rows, cols])
-        return grids
+                h, w = get_image_size(arr, infer_channel_dimension_format(arr))
+                sizes.append((int(h), int(w)))
+        return tile_grids_for(sizes, counts, opt)
 
     # -- model side: the grids travel with the call, selection runs after get_image_features ----------------
     @contextmanager

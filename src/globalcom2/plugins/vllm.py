@@ -65,7 +65,7 @@ from ..adapters.internvl import (
     merge_pool,
     num_tiles,
     plan_internvl_tiles,
-    tile_grid,
+    tile_grids_for,
 )
 from ..adapters.llava_onevision import anyres_max_shape, parse_anyres_max
 from ..config import GlobalComConfig
@@ -507,23 +507,11 @@ class GlobalComInternVLMultiModalProcessor(InternS1MultiModalProcessor):
             value = merged.get(name)
             return getattr(ip, name) if value is None else value
 
-        size = opt("size")
-        tile = (size["height"], size["width"]) if isinstance(size, Mapping) else (size.height, size.width)
-        crop = bool(opt("crop_to_patches")) and int(opt("max_patches")) > 1
-        grids = []
-        for i, count in enumerate(counts):
+        sizes = []
+        for i in range(len(counts)):
             image_size = images.get_image_size(i)
-            h, w = int(image_size.height), int(image_size.width)
-            rows, cols = (
-                tile_grid(h, w, tile, int(opt("min_patches")), int(opt("max_patches"))) if crop else (1, 1)
-            )
-            if num_tiles(rows, cols) != int(count):
-                raise RuntimeError(
-                    f"GlobalCom²: the image processor made {count} tiles for a {h}x{w} image but its tiling rule "
-                    f"gives a {rows}x{cols} grid; cannot recover the tile grid"
-                )
-            grids.append([rows, cols])
-        return grids
+            sizes.append((int(image_size.height), int(image_size.width)))
+        return tile_grids_for(sizes, counts, opt)
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
