@@ -29,7 +29,7 @@ from globalcom2.adapters.anyres import anyres_geometry  # noqa: E402
 from globalcom2.core.budget import budget_counts  # noqa: E402
 from globalcom2.core.scores import cls_attention_scores  # noqa: E402
 from globalcom2.plugins import VLLM_ARCHITECTURE, VLLM_ARCHITECTURES, VLLM_ENV_VAR, register_vllm  # noqa: E402
-from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens  # noqa: E402
+from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens, lazy_checkpoints  # noqa: E402
 
 pv = pytest.importorskip("globalcom2.plugins.vllm")
 
@@ -261,14 +261,7 @@ def test_cls_scorer_head_mean_under_emulated_tensor_parallelism(monkeypatch, kin
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Family name -> (HF dir, vLLM dir) of the tiny checkpoint, built on first use (see vllm_checkpoints.py)."""
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            built[name] = FAMILIES[name].build(tmp_path_factory.mktemp(f"vllm_{name}"))
-        return built[name]
-
-    return get
+    return lazy_checkpoints(tmp_path_factory, "vllm")
 
 
 def _run_vllm(

@@ -45,7 +45,7 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai"
 
 import openai  # noqa: E402
 
-from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens  # noqa: E402
+from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens, lazy_checkpoints  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -118,14 +118,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    built: dict[str, tuple[Path, Path]] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in built:
-            built[name] = FAMILIES[name].build(tmp_path_factory.mktemp(f"serve_{name}"))
-        return built[name]
-
-    return get
+    return lazy_checkpoints(tmp_path_factory, "serve")
 
 
 @pytest.fixture(

@@ -144,3 +144,16 @@ def anyres_geometry(config: dict, height: int, width: int) -> Any:
             return anyres_max_shape(box[1] - box[0], box[3] - box[2], g, max_tiles)
 
     return geometry((height, width), config["image_grid_pinpoints"], tile, tile // patch, token_grid)
+
+
+def lazy_checkpoints(tmp_path_factory: Any, prefix: str) -> Callable[[str], tuple[Path, Path]]:
+    """Family name -> (HF dir, vLLM dir) of its tiny checkpoint, each built on first use under ``prefix_<name>``
+    (the body of the test modules' ``checkpoints`` fixtures)."""
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            built[name] = FAMILIES[name].build(tmp_path_factory.mktemp(f"{prefix}_{name}"))
+        return built[name]
+
+    return get
