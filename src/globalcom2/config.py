@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from .core.allocation import ALLOCATIONS
 from .core.budget import ratio_for_max_tokens
@@ -144,6 +145,14 @@ class GlobalComConfig:
         if self.max_image_tokens is not None:
             return f"max_image_tokens={self.max_image_tokens}"
         return f"ratio={self.ratio}"
+
+    @property
+    def selection_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~globalcom2.core.select.select_images` this config sets."""
+        return {
+            "mode": self.mode, "allocation": self.allocation, "scoring": self.scoring, "alpha": self.alpha,
+            "tau": self.tau,
+        }  # fmt: skip
 
     def image_ratio(self, num_thumbnail_tokens: int, num_crop_tokens: int, overhead: int = 0) -> float:
         """R for one image of N thumbnail tokens, S crop tokens and ``overhead`` layout tokens (paper Eq. 2-6 run at it).

@@ -74,7 +74,8 @@ def _encode(model, processor, images):
 @pytest.mark.parametrize("mode", ["budget", "reference"])
 def test_host_reads_per_batched_encode_do_not_grow_with_the_batch(tiny, monkeypatch, mode):
     """Budget mode: one host read per batch (its ``image_sizes``, which the geometry needs), whatever the number
-    of images; reference mode adds the one data-dependent count of each image (int(N_j * r_j) summed)."""
+    of images; reference mode adds one read of the data-dependent counts (int(N_j * r_j) summed) of all images.
+    And the selection itself runs once per batch, not once per image."""
     model, processor = tiny
     sizes = [(100, 180), (61, 183), (150, 150)]  # three different geometries (padding, 1x3, 2x2)
     images = [random_image(*s, seed=k) for k, s in enumerate(sizes)]
@@ -83,19 +84,25 @@ def test_host_reads_per_batched_encode_do_not_grow_with_the_batch(tiny, monkeypa
             model, processor, images
         )  # warm-up: each geometry's host-side layout is built once and cached
         calls = count_host_reads(monkeypatch)
+        batched = []
+        select_batch = globalcom2.core.select.select_batch
+
+        def counted(*args, **kwargs):
+            batched.append(args[0].shape[0])
+            return select_batch(*args, **kwargs)
+
+        monkeypatch.setattr(globalcom2.core.select, "select_batch", counted)
         per_batch = []
         for batch in (images[:1], images):
             calls.clear()
             _encode(model, processor, batch)
             per_batch.append(list(calls))
         monkeypatch.undo()
+    assert batched == [1, 3]  # one vectorised selection per encode, over all its images
     sizes_read = ("tolist", "globalcom2.adapters.anyres.select_packed")
-    for batch, got in zip((images[:1], images), per_batch, strict=True):
-        if mode == "budget":
-            assert got == [sizes_read], got
-        else:
-            assert got[0] == sizes_read and len(got) == 1 + len(batch), got
-            assert all(c == ("__int__", "globalcom2.adapters.anyres.kept_crop_count") for c in got[1:]), got
+    counts_read = ("tolist", "globalcom2.core.select.kept_crop_tokens")
+    for got in per_batch:
+        assert got == ([sizes_read] if mode == "budget" else [sizes_read, counts_read]), got
 
 
 # -- the exact budget split ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ The shared part of the two LLaVA families, written once:
   (LLaVA-OneVision may down-sample them, see its adapter) row by row, each row followed by ``image_newline``.
 - **Selection.** HF's own ``pack_image_features`` runs unchanged; the patched one then picks rows of its output:
   the kept thumbnail tokens, the kept crop tokens and the newlines, for every image of the batch
-  (:meth:`AnyresAdapter.plan_image` builds the :func:`~globalcom2.core.select.select_tokens` call).
+  (:func:`plan_anyres_batch`: one :func:`~globalcom2.core.select.select_images` call for all images).
 - **Budget count.** ``int(g*g*R) + int(R*H*W) + H`` for a crop token grid of ``H x W``
   (:func:`~globalcom2.core.budget.budget_counts` plus one newline per row); the processor's
   ``_get_number_of_features`` is patched on the instance to return it. Under ``max_image_tokens=T`` each image
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from ..core.layout import CropLayout, thumbnail_region_map, tiles_to_grid
 from ..core.plan import Plan
 from ..core.ranking import true_indices
 from ..core.resize import bilinear_resize
-from ..core.select import Selection, select_tokens
+from ..core.select import Selection, SelectionInput, kept_crop_tokens, select_images
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .family import FamilyAdapter
@@ -158,23 +158,21 @@ def resample_blocks(box: Box, token_grid: tuple[int, int], g: int) -> tuple[torc
     return anchor_rows // g, anchor_cols // g
 
 
-def select_anyres(
-    tile_scores: torch.Tensor, geo: AnyresGeometry, config: Any, ratio: float | None = None
-) -> tuple[Selection, CropLayout]:
-    """Reduce one anyres image to the core's inputs and run :func:`~globalcom2.core.select.select_tokens`.
+def anyres_selection_input(
+    tile_scores: torch.Tensor, geo: AnyresGeometry, ratio: float
+) -> tuple[SelectionInput, CropLayout]:
+    """Reduce one anyres image to the core's inputs (:class:`~globalcom2.core.select.SelectionInput`).
 
     The crop scores of the valid box are resized to the token grid when the family down-samples (as HF resizes
     the features), every token belongs to the crop of its anchor patch (:func:`resample_blocks`), and the
-    thumbnail map resized to the token grid gives the global sub-maps (Eq. 5).
+    thumbnail map resized to the token grid gives the global sub-maps (Eq. 5). Index and arithmetic work only:
+    nothing here reads the device.
 
     Args:
         tile_scores: ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major (HF's tile order).
         geo: the image's geometry.
-        config: a :class:`~globalcom2.GlobalComConfig` (ratio, mode, allocation, scoring, alpha, tau).
-        ratio: the image's R; default :meth:`AnyresGeometry.image_ratio` (newlines counted).
+        ratio: the image's R (:meth:`AnyresGeometry.image_ratio`).
     """
-    if ratio is None:
-        ratio = geo.image_ratio(config)
     rows, cols = geo.grid
     g = geo.g
     top, bottom, left, right = geo.box
@@ -186,13 +184,11 @@ def select_anyres(
     layout = crop_layout(geo.box, geo.token_grid, g, geo.grid)
     thumb = tile_scores[0].float()
     global_map = bilinear_resize(thumb.reshape(g, g), geo.token_grid)
-    sel = select_tokens(
+    image = SelectionInput(
         thumb, layout.to_table(local.to(global_map.dtype)), layout.valid(device), layout.to_table(global_map),
-        thumbnail_region_map(g, rows, cols, device=device), ratio=ratio, mode=config.mode,
-        allocation=config.allocation, scoring=config.scoring, alpha=config.alpha, tau=config.tau,
-        num_crop_tokens=geo.token_grid[0] * geo.token_grid[1],
+        thumbnail_region_map(g, rows, cols, device=device), ratio, geo.token_grid[0] * geo.token_grid[1],
     )  # fmt: skip
-    return sel, layout
+    return image, layout
 
 
 @functools.lru_cache(maxsize=512)
@@ -201,14 +197,6 @@ def crop_layout(box: Box, token_grid: tuple[int, int], g: int, grid: tuple[int, 
     never written, and building it reads block sizes on the host, which must not wait for the device)."""
     row_block, col_block = resample_blocks(box, token_grid, g)
     return CropLayout.from_blocks(row_block, col_block, grid)
-
-
-def kept_crop_count(sel: Selection, geo: AnyresGeometry, config: Any, ratio: float) -> int:
-    """Crop tokens ``sel`` keeps: known from the geometry in budget mode (no host synchronisation); in reference
-    mode the sum of the data-dependent ``int(N_j * r_j)``, read once from the device."""
-    if config.mode == "budget":
-        return budget_counts(geo.g**2, geo.token_grid[0] * geo.token_grid[1], ratio)[1]
-    return int(sel.crop_keep_counts.sum())
 
 
 def packed_positions(geo: AnyresGeometry, newline: bool, device: Any = None) -> torch.Tensor:
@@ -248,33 +236,51 @@ def official_crop_order(
     return seq[true_indices(seq >= 0, count + rows * g * int(newline))]
 
 
-def plan_anyres(
-    tile_scores: torch.Tensor,
-    geo: AnyresGeometry,
+def plan_anyres_batch(
+    tile_scores: Sequence[torch.Tensor],
+    geos: Sequence[AnyresGeometry],
     config: Any,
     *,
     newline: bool = True,
     official_order: bool = False,
-) -> tuple[Plan, torch.Tensor]:
-    """Plan one anyres image from its tile scores (the step every LLaVA family and the vLLM plugin share).
+) -> list[tuple[Plan, torch.Tensor]]:
+    """Plan the anyres images of a batch from their tile scores, with one vectorised selection for all of them
+    (the step every LLaVA family and the vLLM plugin share).
 
     Args:
-        tile_scores: ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major.
-        geo: the image's :class:`AnyresGeometry`.
+        tile_scores: per image ``(1 + rows*cols, g*g)``: thumbnail first, then the crops row-major.
+        geos: per image its :class:`AnyresGeometry`.
         config: a :class:`~globalcom2.GlobalComConfig`.
         newline: whether HF appends ``image_newline`` after each crop row.
         official_order: in reference mode, emit crop tokens in the official packed-slot layout
             (:func:`official_crop_order`) instead of raster order.
 
     Returns:
-        ``(plan, index)``; ``index`` picks the kept tokens from HF's packed sequence
+        ``(plan, index)`` per image; ``index`` picks the kept tokens from HF's packed sequence
         ``[g*g thumbnail tokens, then H rows of W crop tokens (+ newline)]`` (with ``image_newline`` appended as
         one more row, which the official order uses): thumbnail first, then the crop grid row by row with its
-        newlines.
+        newlines. Budget mode reads nothing from the device; reference mode reads the kept counts once.
     """
-    ratio = geo.image_ratio(config, newline)
-    sel, layout = select_anyres(tile_scores, geo, config, ratio)
-    count = kept_crop_count(sel, geo, config, ratio)
+    ratios = [geo.image_ratio(config, newline) for geo in geos]
+    prepared = [
+        anyres_selection_input(t, geo, r) for t, geo, r in zip(tile_scores, geos, ratios, strict=True)
+    ]
+    images = [image for image, _ in prepared]
+    selections = select_images(images, **config.selection_options)
+    counts = kept_crop_tokens(images, selections, config.mode)
+    return [
+        _anyres_plan(sel, layout, geo, config, ratio, count, newline, official_order)
+        for sel, (_, layout), geo, ratio, count in zip(
+            selections, prepared, geos, ratios, counts, strict=True
+        )
+    ]
+
+
+def _anyres_plan(
+    sel: Selection, layout: CropLayout, geo: AnyresGeometry, config: Any, ratio: float, count: int,
+    newline: bool, official_order: bool,
+) -> tuple[Plan, torch.Tensor]:  # fmt: skip
+    """One image's plan and packed-sequence index from its selection (``count``: its kept crop tokens)."""
     keep = layout.from_table(sel.crop_keep)  # (H, W)
     if official_order and config.mode == "reference":
         crops = official_crop_order(sel, layout, geo, newline, count)
@@ -301,6 +307,18 @@ def plan_anyres(
         ratio=ratio,
     )
     return plan, index
+
+
+def plan_anyres(
+    tile_scores: torch.Tensor,
+    geo: AnyresGeometry,
+    config: Any,
+    *,
+    newline: bool = True,
+    official_order: bool = False,
+) -> tuple[Plan, torch.Tensor]:
+    """Plan one anyres image: :func:`plan_anyres_batch` on a batch of one (same arguments, one image)."""
+    return plan_anyres_batch([tile_scores], [geo], config, newline=newline, official_order=official_order)[0]
 
 
 class AnyresAdapter(FamilyAdapter):
@@ -411,17 +429,24 @@ class AnyresAdapter(FamilyAdapter):
         )
         newline = arguments.get("image_newline") is not None
         options = self.geometry_options(arguments)
-        plans, out, offset = [], [], 0
-        for feats, seq, (h, w) in zip(features, packed, sizes, strict=True):
-            num_tiles = int(feats.shape[0])
-            tile_scores = scores[offset : offset + num_tiles].to(seq.device)
-            offset += num_tiles
-            if num_tiles == 1:  # a single tile (multi-image prompts, tiny images): never compressed
-                plan, index = self.plan_single_tile(newline, seq.device)
-            else:
-                plan, index = self.plan_image(
-                    tile_scores, self.geometry((int(h), int(w)), **options), newline
-                )
+        tiles = [int(feats.shape[0]) for feats in features]
+        if sum(tiles) != scores.shape[0]:
+            raise RuntimeError(
+                f"GlobalCom²: {scores.shape[0]} tiles were scored but {sum(tiles)} were packed"
+            )
+        per_image = scores.split(tiles)
+        # Every image of more than one tile is planned in one batched selection; a single tile (multi-image
+        # prompts, tiny images) is never compressed.
+        multi = [i for i, t in enumerate(tiles) if t > 1]
+        planned = self.plan_images(
+            [per_image[i].to(packed[i].device) for i in multi],
+            [self.geometry((int(sizes[i][0]), int(sizes[i][1])), **options) for i in multi],
+            newline,
+        )
+        by_image = dict(zip(multi, planned, strict=True))
+        plans, out = [], []
+        for i, (seq, (h, w)) in enumerate(zip(packed, sizes, strict=True)):
+            plan, index = by_image[i] if i in by_image else self.plan_single_tile(newline, seq.device)
             if seq.shape[0] != plan.num_tokens_full:
                 raise RuntimeError(
                     f"GlobalCom²: HF packed {seq.shape[0]} tokens for an image of {h}x{w}, the {self.family} "
@@ -431,8 +456,6 @@ class AnyresAdapter(FamilyAdapter):
                 seq = torch.cat([seq, arguments["image_newline"][None].to(seq)])
             out.append(seq[index])
             plans.append(plan)
-        if offset != scores.shape[0]:
-            raise RuntimeError(f"GlobalCom²: {scores.shape[0]} tiles were scored but {offset} were packed")
         return plans, out
 
     def geometry_options(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -455,16 +478,24 @@ class AnyresAdapter(FamilyAdapter):
         )
         return plan, torch.arange(n, device=device)
 
+    def plan_images(
+        self, tile_scores: Sequence[torch.Tensor], geos: Sequence[AnyresGeometry], newline: bool = True
+    ) -> list[tuple[Plan, torch.Tensor]]:
+        """Plan the multi-tile images of a batch at once (see :func:`plan_anyres_batch`); baselines override this."""
+        planned = plan_anyres_batch(
+            tile_scores, geos, self.config, newline=newline, official_order=self.official_order
+        )
+        if self.config.mode == "budget":
+            for (plan, _), geo in zip(planned, geos, strict=True):
+                if plan.num_tokens != self.count_tokens(geo, newline):  # guards the invariant
+                    raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")
+        return planned
+
     def plan_image(
         self, tile_scores: torch.Tensor, geo: AnyresGeometry, newline: bool = True
     ) -> tuple[Plan, torch.Tensor]:
-        """Plan one image (see :func:`plan_anyres`); baselines override this step."""
-        plan, index = plan_anyres(
-            tile_scores, geo, self.config, newline=newline, official_order=self.official_order
-        )
-        if self.config.mode == "budget" and plan.num_tokens != self.count_tokens(geo, newline):
-            raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
-        return plan, index
+        """Plan one image: :meth:`plan_images` on a batch of one."""
+        return self.plan_images([tile_scores], [geo], newline)[0]
 
     # -- reference mode and the vision side --------------------------------------------------------------------
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
@@ -494,8 +525,9 @@ __all__ = [
     "footprint",
     "official_crop_order",
     "packed_positions",
+    "anyres_selection_input",
     "plan_anyres",
+    "plan_anyres_batch",
     "resample_blocks",
-    "select_anyres",
     "valid_box",
 ]

@@ -12,7 +12,7 @@ crop's run of ``<image>`` tokens with text markers::
     ...\\n\\n<fake_token_around_image><global-img><image>...<fake_token_around_image>
 
 So the geometry is InternVL's (crops row-major, raster inside each, thumbnail last; no padding, no newlines), and
-the adapter inherits its selection (:func:`~globalcom2.adapters.internvl.plan_internvl_tiles`), its tile-grid
+the adapter inherits its selection (:func:`~globalcom2.adapters.internvl.plan_internvl_batch`), its tile-grid
 channel and its lone-tile rule. What differs:
 
 **Scores.** SigLIP has no [CLS]: Eq. 7 (s_i = -cos(x_i, mean of the tile's tokens)) on the features the

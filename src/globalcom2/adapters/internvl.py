@@ -46,8 +46,9 @@ pre-hook on the projector for cosine), ``InternVLModel.get_image_features``, ``I
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,7 +59,7 @@ from ..core.layout import grid_to_tiles, thumbnail_region_map, tiles_to_grid
 from ..core.plan import Plan
 from ..core.ranking import true_indices
 from ..core.resize import bilinear_resize
-from ..core.select import select_tokens
+from ..core.select import SelectionInput, kept_crop_tokens, select_images
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .family import FamilyAdapter
@@ -184,62 +185,91 @@ def internvl_num_image_tokens(
     return sum(budget_counts(n, s, internvl_image_ratio(config, tiles, tokens_per_tile, overhead)))
 
 
-def plan_internvl_tiles(
-    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, config: Any, overhead: int = IMAGE_MARKERS
-) -> tuple[Plan, torch.Tensor]:
-    """Plan one InternVL image from its per-tile merged-token scores (the adapter and the vLLM plugin share it).
-
-    Args:
-        tile_scores: ``(tiles, g*g)``: crops row-major, then the thumbnail (InternVL's tile order). A lone tile
-            (grid 1 x 1) is the whole image: its own global view, compressed by the thumbnail rule.
-        grid: ``(rows, cols)`` of crops.
-        g: merged tokens per tile side.
-        config: a :class:`~globalcom2.GlobalComConfig`.
-        overhead: the image's layout tokens under ``max_image_tokens`` (:func:`internvl_image_ratio`).
-
-    Returns:
-        ``(plan, index)``; ``index`` picks the kept tokens from the image's ``tiles * g*g`` features.
-    """
-    cfg = config
+def internvl_selection_input(
+    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, ratio: float
+) -> SelectionInput:
+    """Reduce one InternVL image to the core's inputs: crops are full g x g blocks of the pixel-shuffled grid, so
+    table row j is crop j in raster order (tile order: crops row-major, then the thumbnail; a lone tile is the
+    whole image, its own global view, without crops)."""
     n_tok = g * g
     rows, cols = grid
     n = rows * cols if num_tiles(rows, cols) > 1 else 0
-    ratio = internvl_image_ratio(cfg, n + 1, n_tok, overhead)
     thumb = tile_scores[n].float()
     device = thumb.device
-    # Crops are full g x g blocks of the pixel-shuffled grid: table row j is crop j in raster order.
     global_map = bilinear_resize(thumb.reshape(g, g), (rows * g, cols * g)) if n else thumb.new_zeros(0, 0)
-    sel = select_tokens(
+    return SelectionInput(
         thumb, tile_scores[:n].double(), torch.ones(n, n_tok, dtype=torch.bool, device=device),
         grid_to_tiles(global_map, rows, cols).reshape(n, n_tok) if n else thumb.new_zeros(0, n_tok),
-        thumbnail_region_map(g, rows, cols, device=device),
-        ratio=ratio, mode=cfg.mode, allocation=cfg.allocation, scoring=cfg.scoring, alpha=cfg.alpha,
-        tau=cfg.tau, num_crop_tokens=n * n_tok,
+        thumbnail_region_map(g, rows, cols, device=device), ratio, n * n_tok,
     )  # fmt: skip
-    kept = (
-        budget_counts(n_tok, n * n_tok, ratio)[1] if cfg.mode == "budget" else int(sel.crop_keep_counts.sum())
-    )
-    crop_index = true_indices(sel.crop_keep.reshape(-1), kept)  # count known: no host synchronisation
-    index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
-    plan = Plan(
-        grid=(rows, cols) if n else (0, 0),
-        thumbnail_mask=sel.thumbnail_keep.reshape(g, g),
-        crops_mask=tiles_to_grid(sel.crop_keep.reshape(n, g, g), rows, cols)
-        if n
-        else sel.crop_keep.reshape(0, 0),
-        crop_ratios=sel.crop_ratios,
-        num_tokens=int(index.numel()),
-        num_tokens_full=(n + 1) * n_tok,
-        valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
-        crop_keep_counts=sel.crop_keep_counts,
-        crop_valid_counts=sel.crop_valid_counts,
-        mode=cfg.mode,
-        thumbnail_order=sel.thumbnail_order,
-        ratio=ratio,
-    )
-    if cfg.mode == "budget" and plan.num_tokens != internvl_num_image_tokens(cfg, n + 1, n_tok, overhead):
-        raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
-    return plan, index
+
+
+def plan_internvl_batch(
+    tile_scores: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    g: int,
+    config: Any,
+    overheads: Sequence[int] | None = None,
+) -> list[tuple[Plan, torch.Tensor]]:
+    """Plan the InternVL images of a batch from their per-tile merged-token scores, with one vectorised selection
+    for all of them (the adapter and the vLLM plugin share it).
+
+    Args:
+        tile_scores: per image ``(tiles, g*g)``: crops row-major, then the thumbnail (InternVL's tile order). A
+            lone tile (grid 1 x 1) is the whole image: its own global view, compressed by the thumbnail rule.
+        grids: per image ``(rows, cols)`` of crops.
+        g: merged tokens per tile side.
+        config: a :class:`~globalcom2.GlobalComConfig`.
+        overheads: per image its layout tokens under ``max_image_tokens`` (:func:`internvl_image_ratio`;
+            default InternVL's two markers).
+
+    Returns:
+        ``(plan, index)`` per image; ``index`` picks the kept tokens from the image's ``tiles * g*g`` features.
+        Budget mode reads nothing from the device; reference mode reads the kept counts once.
+    """
+    cfg = config
+    n_tok = g * g
+    extra = [IMAGE_MARKERS] * len(grids) if overheads is None else list(overheads)
+    crops = [rows * cols if num_tiles(rows, cols) > 1 else 0 for rows, cols in grids]
+    ratios = [internvl_image_ratio(cfg, n + 1, n_tok, o) for n, o in zip(crops, extra, strict=True)]
+    images = [
+        internvl_selection_input(t, grid, g, r) for t, grid, r in zip(tile_scores, grids, ratios, strict=True)
+    ]
+    selections = select_images(images, **cfg.selection_options)
+    kept = kept_crop_tokens(images, selections, cfg.mode)
+    out = []
+    for sel, (rows, cols), n, ratio, count, overhead in zip(
+        selections, grids, crops, ratios, kept, extra, strict=True
+    ):
+        crop_index = true_indices(sel.crop_keep.reshape(-1), count)  # count known: no host synchronisation
+        index = torch.cat([crop_index, n * n_tok + sel.thumbnail_order])
+        plan = Plan(
+            grid=(rows, cols) if n else (0, 0),
+            thumbnail_mask=sel.thumbnail_keep.reshape(g, g),
+            crops_mask=tiles_to_grid(sel.crop_keep.reshape(n, g, g), rows, cols)
+            if n
+            else sel.crop_keep.reshape(0, 0),
+            crop_ratios=sel.crop_ratios,
+            num_tokens=int(index.numel()),
+            num_tokens_full=(n + 1) * n_tok,
+            valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
+            crop_keep_counts=sel.crop_keep_counts,
+            crop_valid_counts=sel.crop_valid_counts,
+            mode=cfg.mode,
+            thumbnail_order=sel.thumbnail_order,
+            ratio=ratio,
+        )
+        if cfg.mode == "budget" and plan.num_tokens != internvl_num_image_tokens(cfg, n + 1, n_tok, overhead):
+            raise RuntimeError("GlobalCom²: budget-mode selection and count disagree")  # guards the invariant
+        out.append((plan, index))
+    return out
+
+
+def plan_internvl_tiles(
+    tile_scores: torch.Tensor, grid: tuple[int, int], g: int, config: Any, overhead: int = IMAGE_MARKERS
+) -> tuple[Plan, torch.Tensor]:
+    """Plan one InternVL image: :func:`plan_internvl_batch` on a batch of one."""
+    return plan_internvl_batch([tile_scores], [grid], g, config, [overhead])[0]
 
 
 @register_adapter
@@ -438,9 +468,7 @@ class InternVLAdapter(FamilyAdapter):
         self, handle: GlobalComHandle, features: torch.Tensor, scores: torch.Tensor, grids: Any
     ) -> torch.Tensor:
         """Keep each image's selected tokens; ``(num_kept_tokens, 1, D)`` in LLM order."""
-        grid_list = [
-            tuple(int(v) for v in row) for row in (grids.tolist() if hasattr(grids, "tolist") else grids)
-        ]
+        grid_list = [(int(r), int(c)) for r, c in (grids.tolist() if hasattr(grids, "tolist") else grids)]
         counts = [num_tiles(r, c) for r, c in grid_list]
         if sum(counts) != features.shape[0]:
             raise NotImplementedError(
@@ -450,18 +478,20 @@ class InternVLAdapter(FamilyAdapter):
             )
         flat = features.reshape(-1, features.shape[-1])
         n_tok = self.g * self.g
-        plans, indices, offset = [], [], 0
-        for (rows, cols), count in zip(grid_list, counts, strict=True):
-            plan, index = self.plan_tiles(scores[offset : offset + count].to(features.device), (rows, cols))
-            indices.append(index + offset * n_tok)
-            plans.append(plan)
-            offset += count
-        handle.publish(plans)
+        per_image = scores.to(features.device).split(counts)
+        planned = self.plan_tiles_batch(list(per_image), grid_list)
+        starts = itertools.accumulate(counts[:-1], initial=0)
+        indices = [index + start * n_tok for (_, index), start in zip(planned, starts, strict=True)]
+        handle.publish([plan for plan, _ in planned])
         return flat[torch.cat(indices)].unsqueeze(1)
 
-    def plan_tiles(self, tile_scores: torch.Tensor, grid: tuple[int, int]) -> tuple[Plan, torch.Tensor]:
-        """Plan one image from its per-tile merged-token scores (:func:`plan_internvl_tiles`)."""
-        return plan_internvl_tiles(tile_scores, grid, self.g, self.config, self.layout_tokens(grid))
+    def plan_tiles_batch(
+        self, tile_scores: list[torch.Tensor], grids: list[tuple[int, int]]
+    ) -> list[tuple[Plan, torch.Tensor]]:
+        """Plan the images of one call from their per-tile merged-token scores (:func:`plan_internvl_batch`)."""
+        return plan_internvl_batch(
+            tile_scores, grids, self.g, self.config, [self.layout_tokens(g) for g in grids]
+        )
 
     def layout_tokens(self, grid: tuple[int, int]) -> int:
         """Prompt tokens of one image of this crop grid besides its runs (they count towards ``max_image_tokens``):

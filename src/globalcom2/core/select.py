@@ -10,17 +10,26 @@ thumbnail's raster order, and inside a crop that crop's raster order (its row of
 every family, mode, baseline and the vLLM plugin, ranks with that module's stable sort. The official code calls
 ``torch.topk``, whose order among exactly equal scores depends on the device and kernel; reference mode follows this
 rule instead.
+
+**Batches.** :func:`select_batch` runs the selection for all images of a forward at once: one set of tensor
+operations over ``(images, crops, tokens)`` tables padded to the batch's largest image, whatever each image's grid,
+valid box or R. Nothing in it reads the device (the counts come from the geometry), and an image gets the same
+selection alone as in any batch (the few sums over crops have a fixed order, see
+:mod:`globalcom2.core.allocation`). :func:`select_images` pads the per-image inputs into that batch;
+:func:`select_tokens` is the one-image call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .allocation import allocate_ratios
 from .budget import budget_counts, split_budget
-from .ranking import top_indices, topk_mask
+from .ranking import descending_rank
 
 SCORINGS = ("holistic", "local", "global")
 MODES = ("budget", "reference")
@@ -64,7 +73,7 @@ def holistic_scores(
 
 @dataclass
 class Selection:
-    """Kept tokens of one tiled image (the output of :func:`select_tokens`).
+    """Kept tokens of one tiled image (one image of :func:`select_images`).
 
     Attributes:
         thumbnail_keep: Bool ``(N,)`` in thumbnail raster order.
@@ -84,6 +93,217 @@ class Selection:
     crop_valid_counts: torch.Tensor
 
 
+@dataclass
+class SelectionInput:
+    """One tiled image reduced to tensors: the arguments of :func:`select_tokens` for one image.
+
+    Attributes:
+        thumbnail_scores: ``(N,)`` thumbnail token scores, raster order.
+        crop_scores: ``(n, M)`` each crop's own token scores s^L (table layout; invalid cells are ignored).
+        crop_valid: Bool ``(n, M)`` valid table cells.
+        global_scores: ``(n, M)`` each crop's thumbnail sub-map (Eq. 5).
+        region_map: Long ``(N,)`` crop index of every thumbnail token
+            (:func:`~globalcom2.core.layout.thumbnail_region_map`).
+        ratio: this image's R.
+        num_crop_tokens: sum_j N_j when the caller knows it from the geometry (then nothing waits for the
+            device); None: counted from ``crop_valid`` (one device read for the whole batch).
+    """
+
+    thumbnail_scores: torch.Tensor
+    crop_scores: torch.Tensor
+    crop_valid: torch.Tensor
+    global_scores: torch.Tensor
+    region_map: torch.Tensor
+    ratio: float
+    num_crop_tokens: int | None = None
+
+
+@dataclass
+class BatchSelection:
+    """Kept tokens of a batch of images (the output of :func:`select_batch`), padded to the largest image.
+
+    Attributes:
+        thumbnail_keep: Bool ``(B, N)``.
+        thumbnail_order: Long ``(B, N)``: every thumbnail index, the kept ones first in emission order.
+        thumbnail_counts: k0 of every image (host ints).
+        crop_keep: Bool ``(B, n, M)``; crop_ratios ``(B, n)``; crop_keep_counts, crop_valid_counts Long ``(B, n)``
+            (0 on padded crops).
+    """
+
+    thumbnail_keep: torch.Tensor
+    thumbnail_order: torch.Tensor
+    thumbnail_counts: list[int]
+    crop_keep: torch.Tensor
+    crop_ratios: torch.Tensor
+    crop_keep_counts: torch.Tensor
+    crop_valid_counts: torch.Tensor
+
+    def image(self, b: int, num_crops: int, width: int) -> Selection:
+        """Image ``b`` of the batch, cut back to its ``num_crops`` x ``width`` crop table (views, no copies)."""
+        n = num_crops
+        return Selection(
+            self.thumbnail_keep[b],
+            self.thumbnail_order[b, : self.thumbnail_counts[b]],
+            self.crop_keep[b, :n, :width],
+            self.crop_ratios[b, :n],
+            self.crop_keep_counts[b, :n],
+            self.crop_valid_counts[b, :n],
+        )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+
+
+def select_batch(
+    thumbnail_scores: torch.Tensor,
+    crop_scores: torch.Tensor,
+    crop_valid: torch.Tensor,
+    global_scores: torch.Tensor,
+    region_map: torch.Tensor,
+    *,
+    ratios: Sequence[float],
+    num_crops: Sequence[int],
+    num_crop_tokens: Sequence[int] | None = None,
+    mode: str = "budget",
+    allocation: str = "softmax-sum",
+    scoring: str = "holistic",
+    alpha: float = 0.5,
+    tau: float = 10.0,
+) -> BatchSelection:
+    """GlobalCom² on a batch of tiled images (paper Eq. 2-6), in budget or reference mode, vectorised.
+
+    1. Thumbnail: keep its top ``int(N * R_b)`` tokens (Eq. 1-2 scores).
+    2. r_j from the thumbnail scores over each crop's region (Eq. 2-4, ``allocation`` = Table 2).
+    3. Crop tokens scored by Eq. 5 (``scoring`` = Table 3) and the top k_j of crop j kept (Eq. 6), with
+       k_j = int(N_j * r_j) (reference mode, the official counts) or K = int(R * sum N_j) split by r_j * N_j
+       (budget mode, :func:`~globalcom2.core.budget.split_budget`).
+
+    Args:
+        thumbnail_scores: ``(B, N)`` thumbnail token scores, raster order.
+        crop_scores: ``(B, n, M)`` each crop's own token scores s^L (table layout, padded; invalid cells ignored).
+        crop_valid: Bool ``(B, n, M)`` valid table cells (False on padding).
+        global_scores: ``(B, n, M)`` each crop's thumbnail sub-map (Eq. 5).
+        region_map: Long ``(B, N)`` crop index of every thumbnail token (any value < n for an image without
+            crops).
+        ratios: R of every image (host floats).
+        num_crops: real crops of every image (the rest of its ``n`` rows are padding; 0: thumbnail only).
+        num_crop_tokens: sum_j N_j of every image, from the geometry; None: counted from ``crop_valid`` with one
+            device read for the batch.
+        mode, allocation, scoring, alpha, tau: see :class:`globalcom2.GlobalComConfig`.
+
+    Returns:
+        A :class:`BatchSelection`; ties are broken by the tie rule (module docstring).
+    """
+    _check_mode(mode)
+    thumb = thumbnail_scores.float()
+    device = thumb.device
+    batch, n_max = crop_scores.shape[0], crop_scores.shape[1]
+    num_valid = crop_valid.sum(-1)
+    if num_crop_tokens is None:
+        num_crop_tokens = num_valid.sum(-1).tolist()  # the one device read, for the whole batch
+    counts = [budget_counts(thumb.shape[-1], int(s), r) for s, r in zip(num_crop_tokens, ratios, strict=True)]
+    k0 = [c[0] for c in counts]
+    # The thumbnail's top int(N * R_b): one stable sort gives the reference order (descending score, earlier
+    # index first) and the rank of every token.
+    by_score = torch.sort(thumb, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(thumb.shape[-1], device=device).expand_as(by_score)
+    rank = torch.empty_like(by_score).scatter_(-1, by_score, positions)
+    thumbnail_keep = rank < torch.tensor(k0, dtype=torch.long).to(device)[:, None]
+    # Budget mode emits the kept tokens in raster order: a stable sort puts them first, in index order.
+    order = (
+        by_score if mode == "reference" else torch.sort((~thumbnail_keep).byte(), dim=-1, stable=True).indices
+    )
+    if n_max == 0:
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return BatchSelection(
+            thumbnail_keep, order, k0, crop_valid.clone(), thumb.new_zeros(batch, 0), empty, empty
+        )
+
+    crop_mask = torch.arange(n_max) < torch.tensor(list(num_crops), dtype=torch.long)[:, None]
+    crop_mask = crop_mask.to(device)
+    ratio = torch.tensor(list(ratios), dtype=torch.float64)  # host values; moved once
+    r = allocate_ratios(
+        thumb, region_map, n_max, ratio=ratio, allocation=allocation, tau=tau, crop_mask=crop_mask,
+        thumbnail_keep=thumbnail_keep,
+    )  # fmt: skip
+    s = holistic_scores(crop_scores, global_scores, crop_valid, scoring=scoring, alpha=alpha)
+    if mode == "reference":
+        # uniform keeps exactly int(N_j * R): a float32 copy of R loses a token where N_j * R is an integer.
+        r_exact = ratio.to(device)[:, None].expand_as(r) if allocation == "uniform" else r.double()
+        k = (num_valid.double() * r_exact).floor().long()  # padded crops: N_j = 0
+    else:
+        total = torch.tensor([c[1] for c in counts], dtype=torch.long).to(device)
+        k = split_budget(total, r.double() * num_valid, num_valid)
+    crop_keep = (descending_rank(s) < k[..., None]) & crop_valid  # Eq. 6 in every crop at once
+    return BatchSelection(thumbnail_keep, order, k0, crop_keep, r, k, num_valid)
+
+
+def select_images(
+    images: Sequence[SelectionInput],
+    *,
+    mode: str = "budget",
+    allocation: str = "softmax-sum",
+    scoring: str = "holistic",
+    alpha: float = 0.5,
+    tau: float = 10.0,
+) -> list[Selection]:
+    """GlobalCom² on several images at once: their inputs padded into one batch and :func:`select_batch` run once.
+
+    Images may differ in crop count, table width and R; they must share the thumbnail size N (one model).
+    Returns one :class:`Selection` per image, in order, equal to what that image gets alone.
+    """
+    _check_mode(mode)
+    if not images:
+        return []
+    n_max = max(x.crop_scores.shape[0] for x in images)
+    m_max = max(x.crop_scores.shape[1] for x in images)
+
+    def stack(name: str, fill: float | bool) -> torch.Tensor:
+        parts = []
+        for x in images:
+            t = getattr(x, name)
+            t = t.reshape(-1, t.shape[-1]) if t.numel() else t.new_zeros(0, m_max)
+            parts.append(F.pad(t, (0, m_max - t.shape[1], 0, n_max - t.shape[0]), value=fill))
+        return torch.stack(parts)
+
+    if any(x.thumbnail_scores.numel() != images[0].thumbnail_scores.numel() for x in images):
+        raise ValueError("select_images: every image of a batch must have the same thumbnail size N")
+    known = [x.num_crop_tokens for x in images]
+    wide = _wide(images[0].thumbnail_scores).dtype
+    batch = select_batch(
+        torch.stack([x.thumbnail_scores.float().reshape(-1) for x in images]),
+        stack("crop_scores", 0.0).to(wide),
+        stack("crop_valid", False),
+        stack("global_scores", 0.0).to(wide),
+        torch.stack([x.region_map.reshape(-1).to(images[0].thumbnail_scores.device) for x in images]),
+        ratios=[x.ratio for x in images],
+        num_crops=[x.crop_scores.shape[0] for x in images],
+        num_crop_tokens=None if any(v is None for v in known) else [int(v) for v in known],  # type: ignore[arg-type]
+        mode=mode, allocation=allocation, scoring=scoring, alpha=alpha, tau=tau,
+    )  # fmt: skip
+    return [batch.image(b, x.crop_scores.shape[0], x.crop_scores.shape[1]) for b, x in enumerate(images)]
+
+
+def kept_crop_tokens(
+    images: Sequence[SelectionInput], selections: Sequence[Selection], mode: str
+) -> list[int]:
+    """Crop tokens kept in each image, as host ints (to size each image's packed sequence).
+
+    Budget mode: ``int(R * sum_j N_j)`` from the geometry (:func:`~globalcom2.core.budget.budget_counts`, no device
+    read; every input must carry ``num_crop_tokens``). Reference mode: the data-dependent sums of
+    ``int(N_j * r_j)``, read from the device once for the whole batch.
+    """
+    if mode == "budget" and all(x.num_crop_tokens is not None for x in images):
+        return [
+            budget_counts(x.thumbnail_scores.numel(), int(x.num_crop_tokens or 0), x.ratio)[1] for x in images
+        ]
+    if not selections:
+        return []
+    return [int(v) for v in torch.stack([s.crop_keep_counts.sum() for s in selections]).tolist()]
+
+
 def select_tokens(
     thumbnail_scores: torch.Tensor,
     crop_scores: torch.Tensor,
@@ -99,54 +319,17 @@ def select_tokens(
     tau: float = 10.0,
     num_crop_tokens: int | None = None,
 ) -> Selection:
-    """GlobalCom² on one tiled image (paper Eq. 2-6), in budget or reference mode.
-
-    1. Thumbnail: keep its top ``int(N * R)`` tokens (Eq. 1-2 scores).
-    2. r_j from the thumbnail scores over each crop's region (Eq. 2-4, ``allocation`` = Table 2).
-    3. Crop tokens scored by Eq. 5 (``scoring`` = Table 3) and the top k_j of crop j kept (Eq. 6), with
-       k_j = int(N_j * r_j) (reference mode, the official counts) or K = int(R * sum N_j) split by r_j * N_j
-       (budget mode, :func:`~globalcom2.core.budget.split_budget`).
+    """GlobalCom² on one tiled image (paper Eq. 2-6): :func:`select_batch` on a batch of one.
 
     Args:
-        thumbnail_scores: ``(N,)`` thumbnail token scores, raster order.
-        crop_scores: ``(n, M)`` each crop's own token scores s^L (table layout; invalid cells are ignored).
-        crop_valid: Bool ``(n, M)`` valid table cells.
-        global_scores: ``(n, M)`` each crop's thumbnail sub-map (Eq. 5).
-        region_map: Long ``(N,)`` crop index of every thumbnail token
-            (:func:`~globalcom2.core.layout.thumbnail_region_map`).
+        thumbnail_scores, crop_scores, crop_valid, global_scores, region_map, num_crop_tokens: one image's
+            :class:`SelectionInput` fields. ``n = 0`` (no crops) selects the thumbnail only.
         ratio, mode, allocation, scoring, alpha, tau: see :class:`globalcom2.GlobalComConfig`.
-            ``n = 0`` (no crops) selects the thumbnail only.
-        num_crop_tokens: sum_j N_j (``crop_valid.sum()``) when the caller knows it from the geometry: then nothing
-            here waits for the device (no host synchronisation); computed from ``crop_valid`` when None.
 
     Returns:
         A :class:`Selection`; ties are broken by the tie rule (module docstring).
     """
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    thumb = thumbnail_scores.float().reshape(-1)
-    device = thumb.device
-    n = crop_scores.shape[0]
-    num_valid = crop_valid.sum(-1)
-    if num_crop_tokens is None:
-        num_crop_tokens = int(num_valid.sum())
-    k0, total = budget_counts(thumb.numel(), num_crop_tokens, ratio)
-    order = top_indices(thumb, k0)
-    thumbnail_keep = torch.zeros(thumb.numel(), dtype=torch.bool, device=device)
-    thumbnail_keep[order] = True
-    if mode == "budget":
-        order = order.sort().values  # raster order; k0 is known, so no data-dependent shape
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return Selection(thumbnail_keep, order, crop_valid.clone(), thumb.new_zeros(0), empty, empty)
-
-    r = allocate_ratios(thumb, region_map, n, ratio=ratio, allocation=allocation, tau=tau)
-    s = holistic_scores(crop_scores, global_scores, crop_valid, scoring=scoring, alpha=alpha)
-    if mode == "reference":
-        # uniform keeps exactly int(N_j * R): a float32 copy of R loses a token where N_j * R is an integer.
-        r_exact = torch.full_like(r, ratio, dtype=torch.float64) if allocation == "uniform" else r.double()
-        k = (num_valid.double() * r_exact).floor().long()
-    else:
-        k = split_budget(total, r.double() * num_valid, num_valid)
-    keep = topk_mask(s, k, crop_valid)
-    return Selection(thumbnail_keep, order, keep, r, k, num_valid)
+    image = SelectionInput(
+        thumbnail_scores, crop_scores, crop_valid, global_scores, region_map, ratio, num_crop_tokens
+    )
+    return select_images([image], mode=mode, allocation=allocation, scoring=scoring, alpha=alpha, tau=tau)[0]

@@ -25,6 +25,7 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +70,12 @@ class RandomAdapter(LlavaNextAdapter):
         super().__init__(model, processor, config)
         self.seed = int(seed)
 
-    def plan_image(
-        self, tile_scores: torch.Tensor, geo: AnyresGeometry, newline: bool = True
-    ) -> tuple[Plan, torch.Tensor]:
-        """The one swapped step: the [CLS] scores of the ``(1 + rows*cols, g*g)`` tiles become random ones."""
-        scores = random_tile_scores(tile_scores.shape, self.seed, tile_scores.device)
-        return super().plan_image(scores, geo, newline)
+    def plan_images(
+        self, tile_scores: Sequence[torch.Tensor], geos: Sequence[AnyresGeometry], newline: bool = True
+    ) -> list[tuple[Plan, torch.Tensor]]:
+        """The one swapped step: the [CLS] scores of each image's ``(1 + rows*cols, g*g)`` tiles become random."""
+        scores = [random_tile_scores(t.shape, self.seed, t.device) for t in tile_scores]
+        return super().plan_images(scores, geos, newline)
 
 
 # -------------------------------------------------------------------------------------------- pooling

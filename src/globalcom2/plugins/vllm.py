@@ -14,14 +14,15 @@ this module adds to vLLM's own model:
   adapters patch into HF's processors). The model computes tile features with vLLM's own tower and projector, scores
   them ([CLS] row of the tower's last layer, Eq. 1, or Eq. 7 for towers without [CLS] such as OneVision's SigLIP),
   packs each image with vLLM's own packing (unpadding, down-sampling, newlines) and keeps the rows
-  :func:`~globalcom2.adapters.anyres.plan_anyres` picks: allocation (Eq. 2-4), holistic scores (Eq. 5) and
-  selection (Eq. 6) by :func:`~globalcom2.core.select.select_tokens`, the same call as the transformers adapters.
+  :func:`~globalcom2.adapters.anyres.plan_anyres_batch` picks: allocation (Eq. 2-4), holistic scores (Eq. 5) and
+  selection (Eq. 6) by :func:`~globalcom2.core.select.select_images`, one batched call for all images of a forward,
+  the same call as the transformers adapters.
 - **InternVL** (:class:`GlobalComInternVLForConditionalGeneration`, on vLLM's class for the HF-format
   ``InternVLForConditionalGeneration``): the processor reports ``<img>`` + the budget count
   (:func:`~globalcom2.adapters.internvl.internvl_num_image_tokens`) + ``</img>`` per image and hands each image's tile
   grid to the model (``globalcom2_tile_grids``: the grid cannot be recovered from the tile count); the model scores
   the patches with the [CLS] row of InternViT's last layer (Eq. 1, summed over each 2x2 pixel-shuffle group) and keeps
-  the tokens :func:`~globalcom2.adapters.internvl.plan_internvl_tiles` picks, in InternVL's order.
+  the tokens :func:`~globalcom2.adapters.internvl.plan_internvl_batch` picks, in InternVL's order.
 
 **[CLS] scores without an attention map.** vLLM builds a CLIP tower only up to the feature layer
 (``vision_feature_layer=-2``: all layers but the last), so the last layer's *input* is the tower's output;
@@ -58,13 +59,13 @@ from typing import Annotated, Any
 import torch
 from torch import nn
 
-from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres
+from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres_batch
 from ..adapters.internvl import (
     GRID_KEY,
     internvl_num_image_tokens,
     merge_pool,
     num_tiles,
-    plan_internvl_tiles,
+    plan_internvl_batch,
     tile_grids_for,
 )
 from ..adapters.llava_onevision import anyres_max_shape, parse_anyres_max
@@ -385,48 +386,48 @@ class AnyresGlobalComMixin:
         image_sizes = image_input.get("image_sizes")
         if image_sizes is None:
             image_sizes = torch.tensor([[self.globalcom_tile, self.globalcom_tile]] * len(per_image))
-        out, plans = [], []
-        for tiles, tile_scores, size in zip(
-            embeds.split(num_tiles_per_image), scores.split(num_tiles_per_image), image_sizes, strict=True
-        ):
-            kept, plan = self._globalcom_pack(tiles, tile_scores, size)
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes  # one read
+        geos, packed = [], []
+        for tiles, (height, width) in zip(embeds.split(num_tiles_per_image), sizes, strict=True):
+            height, width = int(height), int(width)
+            geo = image_geometry(self.config, self.globalcom_tile, self.globalcom_grid, height, width)
+            n = 1 + geo.grid[0] * geo.grid[1]
+            if tiles.shape[0] < n:
+                raise ValueError(f"image {height}x{width} needs {n} tiles, got {tiles.shape[0]}")
+            geos.append(geo)
+            packed.append(self._globalcom_merge(torch.tensor([height, width]), tiles[:n]))
+        # One batched selection for all images (the rows plan_anyres_batch picks from vLLM's own packing).
+        tile_scores = [
+            s[: 1 + g.grid[0] * g.grid[1]]
+            for s, g in zip(scores.split(num_tiles_per_image), geos, strict=True)
+        ]
+        planned = plan_anyres_batch(tile_scores, geos, self.globalcom_config)
+        out = []
+        for seq, geo, (plan, index) in zip(packed, geos, planned, strict=True):
+            if seq.shape[0] != plan.num_tokens_full:
+                raise RuntimeError(
+                    f"GlobalCom²: vLLM packed {seq.shape[0]} embeddings for an image with a {geo.grid} grid and "
+                    f"valid box {geo.box}, the geometry gives {plan.num_tokens_full}; this vLLM version packs "
+                    "differently"
+                )
+            kept = seq[index.to(seq.device)]
+            reserved = geo.num_budget_tokens(
+                self.globalcom_config
+            )  # the processor's count (num_image_tokens)
+            if kept.shape[0] != reserved:
+                raise RuntimeError(f"GlobalCom²: kept {kept.shape[0]} embeddings for {reserved} positions")
             out.append(kept)
-            plans.append(plan)
-        self.globalcom_plans = plans
+        self.globalcom_plans = [plan for plan, _ in planned]
         return out
 
     def _globalcom_merge(self, size: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-        """vLLM's own packed sequence of one image (thumbnail, then the crop token grid row by row + newlines)."""
-        raise NotImplementedError
-
-    def _globalcom_pack(
-        self, tiles: torch.Tensor, scores: torch.Tensor, size: torch.Tensor
-    ) -> tuple[torch.Tensor, Plan]:
-        """Kept embeddings of one image: the rows :func:`~globalcom2.adapters.anyres.plan_anyres` picks from
-        vLLM's own packed sequence.
+        """vLLM's own packed sequence of one image (thumbnail, then the crop token grid row by row + newlines).
 
         Args:
-            tiles: ``(1 + n, N, H_llm)`` projected features (padding tiles beyond the image's grid allowed).
-            scores: ``(1 + n, N)`` importance per tile.
-            size: ``(2,)`` original (height, width).
+            size: ``(2,)`` original (height, width), on the host.
+            tiles: ``(1 + n, N, H_llm)`` projected features of the image's tiles.
         """
-        height, width = (int(v) for v in size.tolist())
-        geo = image_geometry(self.config, self.globalcom_tile, self.globalcom_grid, height, width)
-        n = 1 + geo.grid[0] * geo.grid[1]
-        if tiles.shape[0] < n:
-            raise ValueError(f"image {height}x{width} needs {n} tiles, got {tiles.shape[0]}")
-        packed = self._globalcom_merge(size, tiles[:n])
-        plan, index = plan_anyres(scores[:n], geo, self.globalcom_config)
-        if packed.shape[0] != plan.num_tokens_full:
-            raise RuntimeError(
-                f"GlobalCom²: vLLM packed {packed.shape[0]} embeddings for an image of {height}x{width}, the "
-                f"geometry gives {plan.num_tokens_full}; this vLLM version packs differently"
-            )
-        kept = packed[index.to(packed.device)]
-        reserved = geo.num_budget_tokens(self.globalcom_config)  # the processor's count (num_image_tokens)
-        if kept.shape[0] != reserved:
-            raise RuntimeError(f"GlobalCom²: kept {kept.shape[0]} embeddings for {reserved} positions")
-        return kept, plan
+        raise NotImplementedError
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -633,17 +634,18 @@ class GlobalComInternVLForConditionalGeneration(InternS1ForConditionalGeneration
         scores = torch.cat(recorded)
         grids = [(int(r), int(c)) for r, c in image_input["tile_grids"].tolist()]
         counts = [int(n) for n in image_input["num_patches"].tolist()]
-        out, plans, offset = [], [], 0
         for grid, count in zip(grids, counts, strict=True):
             if num_tiles(*grid) != count:
                 raise RuntimeError(f"GlobalCom²: tile grid {grid} does not match {count} tiles")
-            plan, index = plan_internvl_tiles(
-                scores[offset : offset + count], grid, self.globalcom_g, self.globalcom_config
-            )
-            out.append(embeds[offset : offset + count].reshape(-1, embeds.shape[-1])[index.to(embeds.device)])
-            plans.append(plan)
-            offset += count
-        self.globalcom_plans = plans
+        # One batched selection for all images of the call.
+        planned = plan_internvl_batch(
+            list(scores.split(counts)), grids, self.globalcom_g, self.globalcom_config
+        )
+        out = [
+            tiles.reshape(-1, embeds.shape[-1])[index.to(embeds.device)]
+            for tiles, (_, index) in zip(embeds.split(counts), planned, strict=True)
+        ]
+        self.globalcom_plans = [plan for plan, _ in planned]
         return tuple(out)
 
 
