@@ -4,9 +4,9 @@ Every crop j gets a retention ratio r_j from how much of the thumbnail's importa
 S_j (Eq. 2) -> sigma_j = softmax(S / tau) (Eq. 3) -> r_j = R * (1 + sigma_j - 1/n) (Eq. 4), capped at 1.
 
 Every function takes leading batch dimensions (the images of a batch, each with its own R and its own number of
-crops, padded to the batch's largest ``n``; ``crop_mask`` marks the real crops). The few sums over crops are taken
-in one fixed order, crop by crop (:func:`ordered_sum`), so an image gets the same bits alone, in any batch, with
-any padding and on every machine; the region sums of Eq. 2 are accumulated in float64 and rounded once.
+crops, padded to the batch's largest ``n``; ``crop_mask`` marks the real crops). Every sum (the region sums of
+Eq. 2, the softmax denominator of Eq. 3, the mean of Eq. 4) is order-free (:mod:`globalcom2.core.sums`), so an image
+gets the same bits alone, in any batch, with any padding and on every machine.
 """
 
 from __future__ import annotations
@@ -15,24 +15,9 @@ import torch
 
 from .budget import budget_counts
 from .ranking import descending_rank
+from .sums import exact_segment_sum, exact_sum
 
 ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
-
-
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-def ordered_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim, left to right, one element at a time (vectorised over the leading dims).
-
-    For the handful of crops of an image: a reduction kernel's order depends on the length (and so on padding)
-    and on the machine's vector width; this order does not. Shape ``(..., 1)``.
-    """
-    total = x[..., :1].clone() if x.shape[-1] else x.new_zeros(*x.shape[:-1], 1)
-    for j in range(1, x.shape[-1]):  # one step per crop, never per token
-        total = total + x[..., j : j + 1]
-    return total
 
 
 def _ratio_column(ratio: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -51,26 +36,19 @@ def crop_richness(
         region_map: Long ``(..., g*g)`` crop index per thumbnail cell
             (:func:`~globalcom2.core.layout.thumbnail_region_map`); leading dims broadcast to the scores'.
         num_crops: n (the padded count when batched; crops no cell maps to get 0 / -inf).
-        kind: ``"sum"`` (accumulated in float64, rounded to float32 once) or ``"max"``.
+        kind: ``"sum"`` (order-free: :func:`~globalcom2.core.sums.exact_segment_sum`) or ``"max"``.
 
     Returns:
         ``(..., n)`` float32.
     """
     s = thumb_scores.float()
-    lead = s.shape[:-1]
-    idx = region_map.to(s.device).expand_as(s).reshape(-1, s.shape[-1])
-    offset = torch.arange(idx.shape[0], device=s.device)[:, None] * num_crops
-    flat_idx, flat_s = (idx + offset).reshape(-1), s.reshape(-1)
-    size = max(idx.shape[0], 1) * num_crops
     if kind == "sum":
-        wide = _wide_dtype(s.device)
-        out = torch.zeros(size, dtype=wide, device=s.device).index_add_(0, flat_idx, flat_s.to(wide)).float()
-    elif kind == "max":
-        init = torch.full((size,), float("-inf"), device=s.device)
-        out = init.scatter_reduce(0, flat_idx, flat_s, reduce="amax", include_self=True)
-    else:
-        raise ValueError(f"richness kind must be 'sum' or 'max', got {kind!r}")
-    return out.reshape(*lead, num_crops)
+        return exact_segment_sum(s, region_map, num_crops)
+    if kind == "max":
+        idx = region_map.to(s.device).expand_as(s)
+        init = torch.full((*s.shape[:-1], num_crops), float("-inf"), device=s.device)
+        return init.scatter_reduce(-1, idx, s, reduce="amax", include_self=True)
+    raise ValueError(f"richness kind must be 'sum' or 'max', got {kind!r}")
 
 
 def _mask(x: torch.Tensor, crop_mask: torch.Tensor | None) -> torch.Tensor:
@@ -87,7 +65,7 @@ def ratios_from_sigma(
     """
     mask = _mask(sigma, crop_mask)
     count = mask.sum(-1, keepdim=True).clamp_min(1).to(sigma.dtype)
-    mean = ordered_sum(torch.where(mask, sigma, 0.0)) / count
+    mean = exact_sum(torch.where(mask, sigma, 0.0)) / count
     r = (_ratio_column(ratio, sigma) * (1.0 + sigma - mean)).clamp(max=1.0)
     return torch.where(mask, r, 0.0)
 
@@ -97,7 +75,7 @@ def softmax_sigma(richness: torch.Tensor, tau: float, crop_mask: torch.Tensor | 
     mask = _mask(richness, crop_mask)
     top = torch.where(mask, richness, float("-inf")).amax(-1, keepdim=True)
     e = torch.where(mask, torch.exp((richness - top) / tau), 0.0)
-    return e / (ordered_sum(e) + 1e-8)
+    return e / (exact_sum(e) + 1e-8)
 
 
 def allocate_ratios(
