@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -71,3 +75,59 @@ def assert_sweep_plans_match(model, processor, name, image, methods, ratio=0.1):
         assert torch.equal(ours.crops_mask, theirs.crops_mask), method
         assert torch.equal(ours.thumbnail_mask, theirs.thumbnail_mask), method
         assert ours.num_tokens == theirs.num_tokens, method
+
+
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def _ours(depth: int = 2) -> str | None:
+    frame = sys._getframe(depth)
+    name = frame.f_globals.get("__name__", "")
+    return f"{name}.{frame.f_code.co_name}" if name.startswith("globalcom2") else None
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[list[tuple[str, str]]]:
+    """Record ``(method, caller)`` of every host read of a tensor made from globalcom2 code inside the block.
+
+    Host reads are counted on the CPU by wrapping every ``Tensor`` method that must read a tensor's values on the
+    host (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``nonzero``, boolean-mask
+    indexing); on a GPU each is a device synchronisation.
+    """
+    calls: list[tuple[str, str]] = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _patch_host_reads(monkeypatch, calls)
+        yield calls
+
+
+def _patch_host_reads(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]]) -> None:
+    for name in _READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            caller = _ours()
+            if caller:
+                calls.append((_name, caller))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    getitem = torch.Tensor.__getitem__
+
+    def masked(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            caller = _ours()
+            if caller:
+                calls.append(("bool-index", caller))
+        return getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
+    nonzero = torch.nonzero
+
+    def nonzero_fn(*args, **kwargs):
+        caller = _ours()
+        if caller:
+            calls.append(("torch.nonzero", caller))
+        return nonzero(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", nonzero_fn)

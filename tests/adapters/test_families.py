@@ -23,7 +23,7 @@ from tests.adapters.families import (
     make_scores_tie,
     plan_key,
 )
-from tests.conftest import module_state
+from tests.conftest import count_host_reads, module_state
 
 MODES = ("budget", "reference")
 
@@ -64,6 +64,32 @@ def test_batch_of_mixed_sizes_equals_each_alone(fam, mode):
             alone = greedy(model, inputs_for(family, processor, [image]))
             assert torch.equal(batch[i], alone[0]), i
             assert plan_key(handle.plans[0]) == batch_plans[i], i
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_selection_and_no_more_host_reads_per_forward_whatever_the_batch(fam, mode, monkeypatch):
+    """A forward plans all its images with one vectorised selection, and the host reads made from globalcom2's code
+    (each a device synchronisation on a GPU) are as many for four images as for one."""
+    import globalcom2.core.select as select
+
+    family, model, processor = fam
+    images = family.images(seed=5)
+    calls: list[int] = []
+    original = select.select_batch
+    monkeypatch.setattr(
+        select, "select_batch", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    )
+    reads = []
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode), torch.no_grad():
+        for batch in (images[:1], images):
+            inputs = inputs_for(family, processor, batch)
+            model(**inputs)  # warm-up: host-side layouts are cached per geometry
+            calls.clear()
+            with count_host_reads() as got:
+                model(**inputs)
+            reads.append(got)
+    assert calls == [len(images)], calls  # the last forward: one selection over all images
+    assert len(reads[0]) == len(reads[1]), reads
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -35,7 +35,7 @@ def test_one_family_record():
     rec = bench_family("llava_next", settings, log=lambda _: None)
     assert rec["tiles"] == 5 and not rec["needs_last_layer"]
     for key in ("plain_ms", "compressed_ms", "scoring_ms", "selection_ms", "selection_1thread_ms",
-                "prefill_plain_ms", "prefill_compressed_ms"):  # fmt: skip
+                "batch_selection_ms", "loop_selection_ms", "prefill_plain_ms", "prefill_compressed_ms"):  # fmt: skip
         assert rec[key] > 0, key
     targets = evaluate_stage_targets([rec], 2)
     assert [t["unit"] for t in targets] == ["x", "ms"]
@@ -43,6 +43,26 @@ def test_one_family_record():
         {"meta": {"device": "cpu", "settings": vars(settings)}, "records": [rec], "targets": targets}
     )
     assert "| llava_next | 5 |" in table and "selection of a 5-tile image" in table
+    assert "batch of 8: batched / one call each" in table
+
+
+def test_batched_planning_replay_equals_one_call_per_image():
+    """What the batch column times: one plan_images call for 3 copies of an InternVL image (reference mode, a
+    data-dependent count) gives the plans and indices of three separate calls."""
+    import globalcom2
+    from globalcom2.bench.measure import bench_image
+    from globalcom2.bench.vision_stage import _batch_replay
+
+    model, processor, token = build_family_model("internvl", 1)
+    with globalcom2.apply(model, processor, ratio=0.3, mode="reference") as handle:
+        inputs = processor(images=[bench_image(600, 900)], text=[f"{token} hi"], return_tensors="pt")
+        vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            batched, loop = _batch_replay(handle, lambda: model.model.get_image_features(**vision), 3)
+            together, apart = batched(), loop()
+    assert len(together) == len(apart) == 3
+    for (p, i), (q, j) in zip(together, [r[0] for r in apart], strict=True):
+        assert torch.equal(i, j) and torch.equal(p.crops_mask, q.crops_mask) and p.num_tokens == q.num_tokens
 
 
 def test_internvl_tower_is_tapped_not_recomputed():

@@ -9,60 +9,16 @@ each is a device synchronisation.
 from __future__ import annotations
 
 import random
-import sys
 
 import pytest
 import torch
 
 import globalcom2
 from globalcom2.core.budget import split_budget
-from tests.conftest import random_image
+from tests.conftest import count_host_reads, random_image
 from tests.core.test_reference_equivalence import exact_split
 
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
-_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
-
-
-def _ours(depth: int = 2) -> str | None:
-    frame = sys._getframe(depth)
-    name = frame.f_globals.get("__name__", "")
-    return f"{name}.{frame.f_code.co_name}" if name.startswith("globalcom2") else None
-
-
-def count_host_reads(monkeypatch) -> list[tuple[str, str]]:
-    """Record ``(method, caller)`` of every host read of a tensor made from globalcom2 code from now on."""
-    calls: list[tuple[str, str]] = []
-    for name in _READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _original=original, _name=name, **kwargs):
-            caller = _ours()
-            if caller:
-                calls.append((_name, caller))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    getitem = torch.Tensor.__getitem__
-
-    def masked(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            caller = _ours()
-            if caller:
-                calls.append(("bool-index", caller))
-        return getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
-    nonzero = torch.nonzero
-
-    def nonzero_fn(*args, **kwargs):
-        caller = _ours()
-        if caller:
-            calls.append(("torch.nonzero", caller))
-        return nonzero(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "nonzero", nonzero_fn)
-    return calls
 
 
 def _encode(model, processor, images):
@@ -83,7 +39,6 @@ def test_host_reads_per_batched_encode_do_not_grow_with_the_batch(tiny, monkeypa
         _encode(
             model, processor, images
         )  # warm-up: each geometry's host-side layout is built once and cached
-        calls = count_host_reads(monkeypatch)
         batched = []
         select_batch = globalcom2.core.select.select_batch
 
@@ -94,10 +49,9 @@ def test_host_reads_per_batched_encode_do_not_grow_with_the_batch(tiny, monkeypa
         monkeypatch.setattr(globalcom2.core.select, "select_batch", counted)
         per_batch = []
         for batch in (images[:1], images):
-            calls.clear()
-            _encode(model, processor, batch)
+            with count_host_reads() as calls:
+                _encode(model, processor, batch)
             per_batch.append(list(calls))
-        monkeypatch.undo()
     assert batched == [1, 3]  # one vectorised selection per encode, over all its images
     sizes_read = ("tolist", "globalcom2.adapters.anyres.select_packed")
     counts_read = ("tolist", "globalcom2.core.select.kept_crop_tokens")

@@ -2,7 +2,7 @@
 
 A family adapter is the diff from this base (as transformers' modular files are): it names its classes and
 overrides a handful of hooks -- its tower description, its processor checks and counts, and how a tiled image's
-scores become a :func:`~globalcom2.core.select.select_tokens` call and a token order.
+scores become one :func:`~globalcom2.core.select.select_images` call per forward and a token order.
 
 What the base patches (on instances only; all recorded on the handle and undone by ``remove()``):
 

@@ -139,6 +139,7 @@ class Idefics3Adapter(InternVLAdapter):
         self._warned = False
         self.anchor_ids = torch.zeros(0, dtype=torch.long)  # ids of the markers runs follow (check_processor)
         self._layout: dict[tuple[int, int], int] = {}  # layout tokens per crop grid (layout_tokens)
+        self._emitted: dict[tuple[int, int], list[int]] = {}  # provisional runs per crop grid (emitted_runs)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         if type(tower).__name__ in ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"):
@@ -212,10 +213,11 @@ class Idefics3Adapter(InternVLAdapter):
 
     def placeholder_run_counts(self, plans: list[Any]) -> list[int]:
         """Every run the plans need, in prompt order: each crop's kept tokens, then the thumbnail's."""
-        runs: list[int] = []
-        for p in plans:
-            runs += [int(k) for k in p.crop_keep_counts] + [int(p.thumbnail_mask.sum())]
-        return runs
+        if not plans:
+            return []
+        device = plans[0].thumbnail_mask.device
+        runs = [torch.cat([p.crop_keep_counts.to(device), p.thumbnail_mask.sum().reshape(1)]) for p in plans]
+        return [int(v) for v in torch.cat(runs).tolist()]  # one read for the batch
 
     # -- processor side ----------------------------------------------------------------------------------------
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
@@ -268,13 +270,15 @@ class Idefics3Adapter(InternVLAdapter):
     def emitted_runs(self, grid: tuple[int, int]) -> list[int]:
         """Placeholders the budget-mode processor writes per run for an image of this crop grid: the crop budget
         int(R*n*N) spread evenly, then the thumbnail's int(N*R) (the model moves the markers to the real split)."""
-        n_tok = self.g * self.g
-        n = num_tiles(*grid) - 1
-        thumb, crops = budget_counts(n_tok, n * n_tok, self.ratio_for_grid(grid))
-        if not n:
-            return [thumb]
-        even = torch.full((n,), n_tok, dtype=torch.long)
-        return [*split_budget(crops, even.double(), even).tolist(), thumb]
+        if grid not in self._emitted:  # host arithmetic, once per grid
+            n_tok = self.g * self.g
+            n = num_tiles(*grid) - 1
+            thumb, crops = budget_counts(n_tok, n * n_tok, self.ratio_for_grid(grid))
+            even = torch.full((n,), n_tok, dtype=torch.long)
+            self._emitted[grid] = (
+                [*split_budget(crops, even.double(), even).tolist(), thumb] if n else [thumb]
+            )
+        return list(self._emitted[grid])
 
     def _replace_image_runs(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]

@@ -15,7 +15,7 @@ is the same sum over the crop's patches as without merging, and inside a tile th
 
 **Selection.** On the merged grid every crop is a full g' x g' block (no unpadding): crop richness from the
 thumbnail's regions, r_j (Eq. 3-4), holistic scores with the thumbnail map resized to the whole crop grid (Eq. 5),
-top tokens per crop (Eq. 6) -- :func:`~globalcom2.core.select.select_tokens`; among equal scores the token earlier
+top tokens per crop (Eq. 6) -- :func:`~globalcom2.core.select.select_images`; among equal scores the token earlier
 in the raster order of the pixel-shuffled grid wins. Kept tokens reach the LLM in
 InternVL's order: crop after crop (raster inside each), then the thumbnail. Budget mode keeps
 ``int(N*R) + int(R*n*N)`` tokens for n crops of N tokens (a function of the tile count only; under
@@ -479,14 +479,14 @@ class InternVLAdapter(FamilyAdapter):
         flat = features.reshape(-1, features.shape[-1])
         n_tok = self.g * self.g
         per_image = scores.to(features.device).split(counts)
-        planned = self.plan_tiles_batch(list(per_image), grid_list)
+        planned = self.plan_images(list(per_image), grid_list)
         starts = itertools.accumulate(counts[:-1], initial=0)
         indices = [index + start * n_tok for (_, index), start in zip(planned, starts, strict=True)]
         handle.publish([plan for plan, _ in planned])
         return flat[torch.cat(indices)].unsqueeze(1)
 
-    def plan_tiles_batch(
-        self, tile_scores: list[torch.Tensor], grids: list[tuple[int, int]]
+    def plan_images(
+        self, tile_scores: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
     ) -> list[tuple[Plan, torch.Tensor]]:
         """Plan the images of one call from their per-tile merged-token scores (:func:`plan_internvl_batch`)."""
         return plan_internvl_batch(

@@ -160,24 +160,31 @@ def _repeat_tokens(
     the copies after a token's first take the given value in the named tensors instead of repeating the token.
     """
     device = reps.device
+    batch = reps.shape[0]
     attn = tensors.get("attention_mask")
-    left_pad = attn is not None and bool((attn[:, 0] == 0).any())
-    width = int(reps.sum(1).max())
+    row_len = reps.sum(1)
+    left = (attn[:, 0] == 0).any() if attn is not None else torch.zeros((), dtype=torch.bool, device=device)
+    # The one host read: output size, batch width and padding side together.
+    total, width, left_pad = (
+        int(v) for v in torch.stack([row_len.sum(), row_len.max(), left.long()]).tolist()
+    )
+    flat = reps.reshape(-1)
+    token = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat, output_size=total)
+    row = token // reps.shape[1]
+    first = torch.cumsum(flat, 0) - flat  # where each token's first copy lands in the concatenated rows
+    row_start = torch.cumsum(row_len, 0) - row_len
+    column = torch.arange(total, device=device) - row_start[row]
+    if left_pad:
+        column = column + (width - row_len)[row]
+    is_copy = torch.arange(total, device=device) != first[token]  # every copy after a token's first
     out: dict[str, torch.Tensor] = {}
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
-    for key, tensor in tensors.items():
-        res = torch.full((tensor.shape[0], width), fills.get(key, 0), dtype=tensor.dtype, device=device)
-        for b in range(tensor.shape[0]):  # one slice per sample, not per token
-            row = tensor[b].repeat_interleave(reps[b])
-            if inserted is not None and key in inserted:
-                first = torch.cumsum(reps[b], 0) - reps[b]  # where each token's first copy lands
-                copy = torch.ones(row.numel(), dtype=torch.bool, device=device)
-                copy[first[reps[b] > 0]] = False
-                row = row.masked_fill(copy, inserted[key])
-            if left_pad:
-                res[b, width - row.numel() :] = row
-            else:
-                res[b, : row.numel()] = row
+    for key, tensor in tensors.items():  # a handful of tensors, each resized in one scatter
+        values = tensor.reshape(-1)[token]
+        if inserted is not None and key in inserted:
+            values = values.masked_fill(is_copy, inserted[key])
+        res = torch.full((batch, width), fills.get(key, 0), dtype=tensor.dtype, device=device)
+        res[row, column] = values
         out[key] = res
     return out
 

@@ -10,6 +10,9 @@ for LLaVA-OneVision (features from the last layer), each with ``layers`` encoder
   each wrapped by a timer) and inside its selection (the adapter's ``select_packed`` / ``_select``), from separate
   instrumented runs (the timers synchronise a GPU); ``share`` = their sum over ``plain_ms``.
 - ``selection_1thread_ms``: that selection replayed on the same inputs with one CPU thread (median of many).
+- ``batch_selection_ms`` / ``loop_selection_ms``: the planning step (``plan_images``: the core's batched
+  selection plus each image's plan and token index) for a batch of ``selection_batch`` copies of the image, per
+  image: one batched call vs one call per image, side by side, one CPU thread.
 - ``prefill_plain_ms`` / ``prefill_compressed_ms``: end-to-end prefill, ``model(**inputs)`` (vision stage + LLM
   forward over the prompt), plain vs compressed.
 
@@ -58,6 +61,7 @@ class StageSettings:
     repeats: int = 5
     instrumented: int = 3
     selection_repeats: int = 50
+    selection_batch: int = 8
     threads: int | None = None
     seed: int = 0
     image_sizes: dict[str, tuple[int, int]] = field(
@@ -224,6 +228,35 @@ def _selection_replay(handle: Any, encode: Callable[[], Any]) -> Callable[[], An
     return replay
 
 
+def _batch_replay(
+    handle: Any, encode: Callable[[], Any], batch: int
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Record the adapter's ``plan_images`` call of one encode; returns ``(batched, loop)`` replays of it for
+    ``batch`` copies of its images: one call for all of them, and one call per image."""
+    adapter = handle.adapter
+    original = adapter.plan_images
+    seen: dict[str, Any] = {}
+
+    def record(tile_scores: Any, layouts: Any, *rest: Any) -> Any:
+        seen["call"] = (list(tile_scores), list(layouts), rest)
+        return original(tile_scores, layouts, *rest)
+
+    adapter.plan_images = record
+    try:
+        encode()
+    finally:
+        del adapter.plan_images
+    scores, layouts, rest = seen["call"]
+
+    def batched() -> Any:
+        return original(scores * batch, layouts * batch, *rest)
+
+    def loop() -> Any:
+        return [original([t], [g], *rest) for _ in range(batch) for t, g in zip(scores, layouts, strict=True)]
+
+    return batched, loop
+
+
 # -- the benchmark -----------------------------------------------------------------------------------------------
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -312,9 +345,14 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
                 scoring.append(timers.scoring_ms)
                 selection.append(timers.selection_ms)
             replay = _selection_replay(handle, lambda: vision(comp_inputs))
+            batched, loop = _batch_replay(handle, lambda: vision(comp_inputs), s.selection_batch)
             with _threads(1):
                 replay()
                 one_thread = [_time_ms(replay, device)[1] for _ in range(s.selection_repeats)]
+                batch_runs: dict[str, list[float]] = {"batched": [], "loop": []}
+                for rep in range(max(s.selection_repeats // 5, 3)):  # interleaved, per image
+                    for name, fn in (("batched", batched), ("loop", loop))[:: 1 if rep % 2 == 0 else -1]:
+                        batch_runs[name].append(_time_ms(fn, device)[1] / s.selection_batch)
     plain, comp = _median(runs["plain"]), _median(runs["compressed"])
     score_ms, select_ms = _median(scoring), _median(selection)
     rec: dict[str, Any] = {
@@ -322,9 +360,11 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
         "needs_last_layer": model.config.vision_feature_layer in (-1, [-1]),
         "plain_ms": plain, "compressed_ms": comp, "ratio": comp / plain,
         "scoring_ms": score_ms, "selection_ms": select_ms, "share": (score_ms + select_ms) / plain,
-        "selection_1thread_ms": _median(one_thread),
+        "selection_1thread_ms": _median(one_thread), "selection_batch": s.selection_batch,
+        "batch_selection_ms": _median(batch_runs["batched"]), "loop_selection_ms": _median(batch_runs["loop"]),
         "prefill_plain_ms": _median(runs["prefill_plain"]), "prefill_compressed_ms": _median(runs["prefill_compressed"]),
         "runs": runs, "scoring_runs": scoring, "selection_runs": selection, "selection_1thread_runs": one_thread,
+        "batch_selection_runs": batch_runs["batched"], "loop_selection_runs": batch_runs["loop"],
     }  # fmt: skip
     rec["prefill_ratio"] = rec["prefill_compressed_ms"] / rec["prefill_plain_ms"]
     return rec
@@ -378,14 +418,16 @@ def format_stage(result: dict[str, Any]) -> str:
         f"{s['layers']}-layer towers, median of {s['repeats']} interleaved runs (ms)",
         "",
         "| family | tiles | plain | compressed | ratio | scoring | selection | share | selection, 1 thread "
+        f"| planning per image, batch of {s['selection_batch']}: batched / one call each "
         "| prefill plain | prefill compressed | prefill ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['family']} | {r['tiles']} | {r['plain_ms']:.1f} | {r['compressed_ms']:.1f} | {r['ratio']:.3f} | "
             f"{r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {100 * r['share']:.2f} % | "
-            f"{r['selection_1thread_ms']:.2f} | {r['prefill_plain_ms']:.1f} | {r['prefill_compressed_ms']:.1f} | "
+            f"{r['selection_1thread_ms']:.2f} | {r['batch_selection_ms']:.2f} / {r['loop_selection_ms']:.2f} | "
+            f"{r['prefill_plain_ms']:.1f} | {r['prefill_compressed_ms']:.1f} | "
             f"{r['prefill_ratio']:.3f} |"
         )
     lines += ["", "Targets (reported, not asserted):"]

@@ -36,7 +36,7 @@ newline tokens are always kept.
 Both methods are LLaVA-NeXT adapters (:class:`FastVAdapter`, :class:`GlobalComFastVAdapter`) installed by the one
 install path (:func:`globalcom2.adapters.base.install`): HF's packing runs unchanged and hands the LLM every token;
 the adapter records each image's token layout (and, for GlobalCom² + FastV, GlobalCom²'s plan from the shared
-scoring hook and :func:`~globalcom2.core.select.select_tokens`) for the pruner. Every per-forward value the hooks
+scoring hook and :func:`~globalcom2.core.select.select_images`) for the pruner. Every per-forward value the hooks
 pass on lives in a per-thread state, so several threads can run ``generate`` on one patched model; every top-k
 ranks by :func:`~globalcom2.core.select.topk_mask` (ties: the earlier position wins).
 

@@ -7,7 +7,7 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 - **FasterVLM-style** (no subclass, only a config: :data:`FASTERVLM`): every tile keeps its top tokens by its *own*
   [CLS] attention (paper Eq. 1, softmax probabilities as in FasterVLM) at the uniform ratio R: no thumbnail
   guidance (Eq. 5 with local scores only) and no adaptive allocation (Eq. 2-4 replaced by r_j = R). The selection
-  is :func:`~globalcom2.core.select.select_tokens`; the counts are GlobalCom²'s budget counts
+  is :func:`~globalcom2.core.select.select_images`; the counts are GlobalCom²'s budget counts
   (:func:`~globalcom2.core.budget.budget_counts`).
 - **random** (:class:`RandomAdapter`): the same selection and counts on scores drawn uniformly at random instead
   of the [CLS] scores. The draw of an image comes from a generator made for that image from ``seed`` alone, so
