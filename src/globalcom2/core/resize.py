@@ -18,11 +18,15 @@ the order in which PyTorch's kernel combines the four neighbours.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.lru_cache(maxsize=256)
 def _axis(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
-    """Neighbour indices and weights ``(i0, i1, w0, w1)`` of every output cell along one axis (on the CPU)."""
+    """Neighbour indices and weights ``(i0, i1, w0, w1)`` of every output cell along one axis (on the CPU; built
+    once per size pair and never written)."""
     i = torch.arange(n_out, dtype=torch.float64)
     src = ((i + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
     i0 = src.floor().long().clamp(max=n_in - 1)
