@@ -153,3 +153,16 @@ def visualize_standin_plan(family: str, out: Path, *options: str) -> dict:
     assert res.returncode == 0, res.stderr[-2000:]
     assert out.stat().st_size > 10_000
     return json.loads(res.stdout)["plans"][0]
+
+
+def standin_tower_or_skip(size: int) -> Any:
+    """The DINOv2 stand-in tower at ``size`` px; skips the test without its wheels or its ONNX file."""
+    import pytest
+
+    pytest.importorskip("onnx")
+    from globalcom2.demo.encoder import load_standin_vision_tower
+
+    try:
+        return load_standin_vision_tower(size)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))

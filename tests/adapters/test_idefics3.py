@@ -15,7 +15,7 @@ import torch
 import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY, merge_pool
-from tests.adapters.families import visualize_standin_plan
+from tests.adapters.families import standin_tower_or_skip, visualize_standin_plan
 from tests.adapters.plain_families import (
     plain_cosine,
     plain_idefics3_image_text,
@@ -386,14 +386,9 @@ def test_cli_ask_on_a_tiny_checkpoint(fam_dir, tmp_path):
 def test_dinov2_standin_in_the_idefics3_tower_is_dinov2_on_the_patches():
     """The stand-in's weights in Idefics3VisionTransformer (LayerScale folded, no [CLS]) compute DINOv2's own
     layers on the patch tokens alone."""
-    pytest.importorskip("onnx")
-    from globalcom2.demo.encoder import load_standin_vision_tower
     from globalcom2.demo.tiny_idefics3 import standin_idefics3_vision_model
 
-    try:
-        dinov2 = load_standin_vision_tower(378)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    dinov2 = standin_tower_or_skip(378)
     tower = standin_idefics3_vision_model(378, dinov2=dinov2)
     x = torch.randn(2, 3, 378, 378, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

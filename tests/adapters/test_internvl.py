@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import globalcom2
 from globalcom2.adapters.internvl import GRID_KEY
-from tests.adapters.families import visualize_standin_plan
+from tests.adapters.families import standin_tower_or_skip, visualize_standin_plan
 from tests.adapters.plain_families import (
     plain_cosine,
     plain_internvit_cls_logits,
@@ -302,14 +302,9 @@ def test_workflows_plan_and_overlay(iv):
 @pytest.mark.slow
 def test_dinov2_standin_as_internvit_matches_dinov2():
     """The stand-in's weights in InternViT give DINOv2's own features (same architecture, one-to-one mapping)."""
-    pytest.importorskip("onnx")
-    from globalcom2.demo.encoder import load_standin_vision_tower
     from globalcom2.demo.tiny_families import standin_internvl_vision_model
 
-    try:
-        dinov2 = load_standin_vision_tower(448)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    dinov2 = standin_tower_or_skip(448)
     internvit = standin_internvl_vision_model(448, dinov2=dinov2)
     x = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -203,16 +203,17 @@ class _Timers:
             undo()
 
 
-def _selection_replay(handle: Any, encode: Callable[[], Any]) -> Callable[[], Any]:
-    """Run ``encode`` once, recording the selection's inputs; returns a function that replays the selection."""
+def _record_call(
+    handle: Any, name: str, encode: Callable[[], Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Run ``encode`` once with the adapter's method ``name`` wrapped on the instance; returns the original method
+    and what its (last) call saw: ``args``, ``kwargs`` and the recorded ``scores`` at that moment."""
     adapter = handle.adapter
-    name = next(n for n in _Timers.SELECTIONS if hasattr(adapter, n))
     original = getattr(adapter, name)
     seen: dict[str, Any] = {}
 
     def record(*args: Any, **kwargs: Any) -> Any:
-        seen["args"], seen["kwargs"] = args, kwargs
-        seen["scores"] = list(handle.state.scores)
+        seen.update(args=args, kwargs=kwargs, scores=list(handle.state.scores))
         return original(*args, **kwargs)
 
     setattr(adapter, name, record)
@@ -220,6 +221,13 @@ def _selection_replay(handle: Any, encode: Callable[[], Any]) -> Callable[[], An
         encode()
     finally:
         delattr(adapter, name)
+    return original, seen
+
+
+def _selection_replay(handle: Any, encode: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``encode`` once, recording the selection's inputs; returns a function that replays the selection."""
+    name = next(n for n in _Timers.SELECTIONS if hasattr(handle.adapter, n))
+    original, seen = _record_call(handle, name, encode)
 
     def replay() -> Any:
         handle.state.scores = list(seen["scores"])
@@ -233,26 +241,19 @@ def _batch_replay(
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """Record the adapter's ``plan_images`` call of one encode; returns ``(batched, loop)`` replays of it for
     ``batch`` copies of its images: one call for all of them, and one call per image."""
-    adapter = handle.adapter
-    original = adapter.plan_images
-    seen: dict[str, Any] = {}
-
-    def record(tile_scores: Any, layouts: Any, *rest: Any) -> Any:
-        seen["call"] = (list(tile_scores), list(layouts), rest)
-        return original(tile_scores, layouts, *rest)
-
-    adapter.plan_images = record
-    try:
-        encode()
-    finally:
-        del adapter.plan_images
-    scores, layouts, rest = seen["call"]
+    original, seen = _record_call(handle, "plan_images", encode)
+    scores, layouts, *rest = seen["args"]
+    scores, layouts, options = list(scores), list(layouts), seen["kwargs"]
 
     def batched() -> Any:
-        return original(scores * batch, layouts * batch, *rest)
+        return original(scores * batch, layouts * batch, *rest, **options)
 
     def loop() -> Any:
-        return [original([t], [g], *rest) for _ in range(batch) for t, g in zip(scores, layouts, strict=True)]
+        return [
+            original([t], [g], *rest, **options)
+            for _ in range(batch)
+            for t, g in zip(scores, layouts, strict=True)
+        ]
 
     return batched, loop
 
