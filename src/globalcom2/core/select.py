@@ -14,9 +14,8 @@ rule instead.
 **Batches.** :func:`select_batch` runs the selection for all images of a forward at once: one set of tensor
 operations over ``(images, crops, tokens)`` tables padded to the batch's largest image, whatever each image's grid,
 valid box or R. Nothing in it reads the device (the counts come from the geometry), and an image gets the same
-selection alone as in any batch (the few sums over crops have a fixed order, see
-:mod:`globalcom2.core.allocation`). :func:`select_images` pads the per-image inputs into that batch;
-:func:`select_tokens` is the one-image call.
+selection alone as in any batch (every sum, Eq. 2-5, is order-free: :mod:`globalcom2.core.sums`).
+:func:`select_images` pads the per-image inputs into that batch; :func:`select_tokens` is the one-image call.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from .allocation import allocate_ratios
 from .budget import budget_counts, split_budget
 from .ranking import descending_rank
+from .sums import exact_sum
 
 SCORINGS = ("holistic", "local", "global")
 MODES = ("budget", "reference")
@@ -42,7 +42,9 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 def _l2_normalise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     x = torch.where(valid, _wide(x), torch.zeros((), dtype=_wide(x).dtype, device=x.device))
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # The norm's sum of squares is order-free (core.sums): the same normaliser alone, in a padded batch and on
+    # every machine, so equal inputs give equal holistic scores everywhere.
+    return x / exact_sum(x * x).sqrt().clamp_min(1e-12)
 
 
 def holistic_scores(

@@ -1,4 +1,4 @@
-"""Order-free sums of scores (paper Eq. 2 region sums, Eq. 3 softmax denominator, Eq. 4 mean).
+"""Order-free sums of scores (paper Eq. 2 region sums, Eq. 3 softmax denominator, Eq. 4 mean, Eq. 5 L2 norms).
 
 A float sum depends on the order of its additions, and the order is the kernel's: it changes with the length of
 the reduction (so with the padding of a batch), with the machine's vector width and on a GPU with the timing of
