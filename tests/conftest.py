@@ -14,6 +14,41 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Two tiers. The README's `python -m pytest -q` runs every behaviour on every family, but the expensive sweeps
+# (e.g. every method x every family) on a representative subset; `.ci/run` adds `python -m pytest -q --full -m full`,
+# which runs exactly the cases the default run left out. Mark such cases with `sweep(...)` or `pytest.mark.full`.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="also run the full sweeps (cases marked `full`)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: part of a full sweep; runs only with --full (.ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="full sweep: run with --full (as .ci/run does)")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
+
+def sweep(values, default, ids=None):
+    """``values`` as pytest params, the ones not in ``default`` marked ``full`` (run only with ``--full``).
+
+    ``default`` holds the values (or, for objects with a ``name``, their names) that the README's test command runs.
+    """
+    keep = set(default)
+    params = []
+    for k, value in enumerate(values):
+        key = getattr(value, "name", value)
+        marks = () if key in keep else (pytest.mark.full,)
+        params.append(pytest.param(value, marks=marks, id=None if ids is None else ids[k]))
+    return params
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):

@@ -58,12 +58,20 @@ FAMILIES = (
 FAMILY_IDS = [f.name for f in FAMILIES]
 
 
-def family_fixtures(families: list) -> tuple[Any, Any]:
+def family_fixtures(families: list, default: Any = None) -> tuple[Any, Any]:
     """The module's ``family_dir`` (one checkpoint per family, built once) and ``fam`` (a fresh (family, model,
-    processor) per test) fixtures over ``families``: ``family_dir, fam = family_fixtures(FAMILIES)``."""
+    processor) per test) fixtures over ``families``: ``family_dir, fam = family_fixtures(FAMILIES)``.
+
+    ``default``: names of the families the README's test command runs (the others only with ``--full``);
+    None runs them all."""
     import pytest
 
-    @pytest.fixture(scope="module", params=families, ids=[f.name for f in families])
+    from tests.conftest import sweep
+
+    names = [f.name for f in families]
+    params = sweep(families, names if default is None else default, ids=names)
+
+    @pytest.fixture(scope="module", params=params)
     def family_dir(request: Any, tmp_path_factory: Any) -> tuple[Family, Path]:
         family = request.param
         return family, family.build(tmp_path_factory.mktemp(family.name))
