@@ -54,6 +54,10 @@ class GlobalComConfig:
             (layout tokens such as newlines and image markers included) at the largest R that fits, a pure
             function of the image size and T (:func:`~globalcom2.core.budget.ratio_for_max_tokens`); images
             whose full count fits are left whole.
+        region_tokens: G, native-resolution families only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): the image's
+            merged-token grid is cut into regions of at most G x G tokens and its global view pooled to at most
+            G x G cells (:mod:`globalcom2.core.regions`); None means 16 (a 448 px tile of Qwen2/2.5-VL, 512 px of
+            Qwen3-VL). Ignored by the tiled families.
     """
 
     ratio: float | None = None
@@ -65,6 +69,7 @@ class GlobalComConfig:
     score: str = "logits"
     importance: str = "auto"
     max_image_tokens: int | None = None
+    region_tokens: int | None = None
 
     def __post_init__(self) -> None:
         ratio: float | None = None
@@ -91,6 +96,13 @@ class GlobalComConfig:
                     "counts depend on the scores, so no count is known before the forward"
                 )
             object.__setattr__(self, "max_image_tokens", int(tokens))
+        region = self.region_tokens
+        if region is not None and (
+            isinstance(region, bool) or not isinstance(region, numbers.Integral) or region < 1
+        ):
+            raise ValueError(
+                f"`region_tokens` must be a positive int (merged tokens per region side), got {region!r}"
+            )
         alpha = _check_number("alpha", self.alpha, "in [0, 1]")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {self.alpha!r}")

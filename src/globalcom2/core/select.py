@@ -168,6 +168,7 @@ def select_batch(
     ratios: Sequence[float],
     num_crops: Sequence[int],
     num_crop_tokens: Sequence[int] | None = None,
+    num_thumbnail_tokens: Sequence[int] | None = None,
     mode: str = "budget",
     allocation: str = "softmax-sum",
     scoring: str = "holistic",
@@ -193,6 +194,9 @@ def select_batch(
         num_crops: real crops of every image (the rest of its ``n`` rows are padding; 0: thumbnail only).
         num_crop_tokens: sum_j N_j of every image, from the geometry; None: counted from ``crop_valid`` with one
             device read for the batch.
+        num_thumbnail_tokens: N of every image when thumbnails differ in size (a native-resolution image's pooled
+            global view, :mod:`globalcom2.core.regions`): the rest of its ``N`` columns is padding, never ranked
+            nor counted in a region; None: every image has all ``N``.
         mode, allocation, scoring, alpha, tau: see :class:`globalcom2.GlobalComConfig`.
 
     Returns:
@@ -205,11 +209,19 @@ def select_batch(
     num_valid = crop_valid.sum(-1)
     if num_crop_tokens is None:
         num_crop_tokens = num_valid.sum(-1).tolist()  # the one device read, for the whole batch
-    counts = [budget_counts(thumb.shape[-1], int(s), r) for s, r in zip(num_crop_tokens, ratios, strict=True)]
+    sizes = (
+        [thumb.shape[-1]] * batch if num_thumbnail_tokens is None else [int(n) for n in num_thumbnail_tokens]
+    )
+    counts = [budget_counts(n, int(s), r) for n, s, r in zip(sizes, num_crop_tokens, ratios, strict=True)]
     k0 = [c[0] for c in counts]
+    thumb_valid = None
+    if any(n != thumb.shape[-1] for n in sizes):  # padded thumbnails: padding ranks last, lies in no region
+        thumb_valid = torch.arange(thumb.shape[-1]) < torch.tensor(sizes, dtype=torch.long)[:, None]
+        thumb_valid = thumb_valid.to(device)
     # The thumbnail's top int(N * R_b): one stable sort gives the reference order (descending score, earlier
     # index first) and the rank of every token.
-    by_score = torch.sort(thumb, dim=-1, descending=True, stable=True).indices
+    ranked = thumb if thumb_valid is None else thumb.masked_fill(~thumb_valid, float("-inf"))
+    by_score = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     positions = torch.arange(thumb.shape[-1], device=device).expand_as(by_score)
     rank = torch.empty_like(by_score).scatter_(-1, by_score, positions)
     thumbnail_keep = rank < torch.tensor(k0, dtype=torch.long).to(device)[:, None]
@@ -226,10 +238,17 @@ def select_batch(
     crop_mask = torch.arange(n_max) < torch.tensor(list(num_crops), dtype=torch.long)[:, None]
     crop_mask = crop_mask.to(device)
     ratio = torch.tensor(list(ratios), dtype=torch.float64)  # host values; moved once
-    r = allocate_ratios(
-        thumb, region_map, n_max, ratio=ratio, allocation=allocation, tau=tau, crop_mask=crop_mask,
-        thumbnail_keep=thumbnail_keep,
-    )  # fmt: skip
+    if thumb_valid is None:
+        r = allocate_ratios(
+            thumb, region_map, n_max, ratio=ratio, allocation=allocation, tau=tau, crop_mask=crop_mask,
+            thumbnail_keep=thumbnail_keep,
+        )  # fmt: skip
+    else:  # padding cells score 0 in an extra, masked crop n_max that no real crop sees
+        r = allocate_ratios(
+            thumb.masked_fill(~thumb_valid, 0.0), torch.where(thumb_valid, region_map, n_max), n_max + 1,
+            ratio=ratio, allocation=allocation, tau=tau, crop_mask=F.pad(crop_mask, (0, 1), value=False),
+            thumbnail_keep=thumbnail_keep,
+        )[..., :n_max]  # fmt: skip
     s = holistic_scores(crop_scores, global_scores, crop_valid, scoring=scoring, alpha=alpha)
     if mode == "reference":
         # uniform keeps exactly int(N_j * R): a float32 copy of R loses a token where N_j * R is an integer.
@@ -253,7 +272,7 @@ def select_images(
 ) -> list[Selection]:
     """GlobalCom² on several images at once: their inputs padded into one batch and :func:`select_batch` run once.
 
-    Images may differ in crop count, table width and R; they must share the thumbnail size N (one model).
+    Images may differ in crop count, table width, R and thumbnail size N (padded, see :func:`select_batch`).
     Returns one :class:`Selection` per image, in order, equal to what that image gets alone.
     """
     _check_mode(mode)
@@ -270,19 +289,25 @@ def select_images(
             parts.append(F.pad(t, (0, m_max - t.shape[1], 0, n_max - t.shape[0]), value=fill))
         return torch.stack(parts)
 
-    if any(x.thumbnail_scores.numel() != images[0].thumbnail_scores.numel() for x in images):
-        raise ValueError("select_images: every image of a batch must have the same thumbnail size N")
+    sizes = [x.thumbnail_scores.numel() for x in images]
+    n_thumb = max(sizes)
+
+    def pad_thumb(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([F.pad(t.reshape(-1), (0, n_thumb - t.numel())) for t in parts])
+
+    device = images[0].thumbnail_scores.device
     known = [x.num_crop_tokens for x in images]
     wide = _wide(images[0].thumbnail_scores).dtype
     batch = select_batch(
-        torch.stack([x.thumbnail_scores.float().reshape(-1) for x in images]),
+        pad_thumb([x.thumbnail_scores.float() for x in images]),
         stack("crop_scores", 0.0).to(wide),
         stack("crop_valid", False),
         stack("global_scores", 0.0).to(wide),
-        torch.stack([x.region_map.reshape(-1).to(images[0].thumbnail_scores.device) for x in images]),
+        pad_thumb([x.region_map.to(device) for x in images]),
         ratios=[x.ratio for x in images],
         num_crops=[x.crop_scores.shape[0] for x in images],
         num_crop_tokens=None if any(v is None for v in known) else [int(v) for v in known],  # type: ignore[arg-type]
+        num_thumbnail_tokens=sizes if any(n != n_thumb for n in sizes) else None,
         mode=mode, allocation=allocation, scoring=scoring, alpha=alpha, tau=tau,
     )  # fmt: skip
     return [batch.image(b, x.crop_scores.shape[0], x.crop_scores.shape[1]) for b, x in enumerate(images)]
