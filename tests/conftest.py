@@ -122,20 +122,24 @@ def _ours(depth: int = 2) -> str | None:
 
 
 @contextlib.contextmanager
-def count_host_reads() -> Iterator[list[tuple[str, str]]]:
+def count_host_reads(masked_indexing: bool = True) -> Iterator[list[tuple[str, str]]]:
     """Record ``(method, caller)`` of every host read of a tensor made from globalcom2 code inside the block.
 
     Host reads are counted on the CPU by wrapping every ``Tensor`` method that must read a tensor's values on the
     host (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``nonzero``, boolean-mask
-    indexing); on a GPU each is a device synchronisation.
+    indexing); on a GPU each is a device synchronisation. ``masked_indexing=False`` leaves ``__getitem__`` alone:
+    a Python ``Tensor.__getitem__`` makes every tensor a sequence to ``torch.tensor([...])``, which breaks code
+    (HF's Qwen ``get_rope_index``) that builds a tensor from a list of 0-d tensors.
     """
     calls: list[tuple[str, str]] = []
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _patch_host_reads(monkeypatch, calls)
+        _patch_host_reads(monkeypatch, calls, masked_indexing)
         yield calls
 
 
-def _patch_host_reads(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]]) -> None:
+def _patch_host_reads(
+    monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]], masked_indexing: bool = True
+) -> None:
     for name in _READS:
         original = getattr(torch.Tensor, name)
 
@@ -156,7 +160,8 @@ def _patch_host_reads(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, st
                 calls.append(("bool-index", caller))
         return getitem(self, index)
 
-    monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
+    if masked_indexing:
+        monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
     nonzero = torch.nonzero
 
     def nonzero_fn(*args, **kwargs):

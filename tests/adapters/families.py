@@ -29,6 +29,12 @@ class Family:
     needs_grids: bool = False
     # the processor wants one list of images per prompt (SmolVLM reads a flat list as one prompt's images)
     nested_images: bool = False
+    # the modes the family defines (native-resolution families have no reference mode)
+    modes: tuple[str, ...] = ("budget", "reference")
+    # native resolution (Qwen): regions of the merged grid (core.regions), no thumbnail tokens
+    native: bool = False
+    # in the README's test command (the others run with --full)
+    default: bool = True
 
     def build(self, out_dir: Path) -> Path:
         import importlib
@@ -54,6 +60,12 @@ FAMILIES = (
            ((120, 200), (200, 90), (150, 150), (60, 190)), (120, 200), needs_grids=True),
     Family("smolvlm", "globalcom2.demo.tiny_idefics3:build_tiny_smolvlm", "<image>",
            ((200, 120), (90, 200), (150, 150), (190, 60)), (120, 200), needs_grids=True, nested_images=True),
+    *(
+        Family(name, f"globalcom2.demo.tiny_qwen:build_tiny_{name}", "<|vision_start|><|image_pad|><|vision_end|>",
+               ((100, 180), (200, 90), (150, 150), (61, 183)), (150, 150), modes=("budget",), native=True,
+               default=name in ("qwen2_5_vl", "qwen3_vl"))
+        for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+    ),
 )  # fmt: skip
 FAMILY_IDS = [f.name for f in FAMILIES]
 
@@ -69,7 +81,8 @@ def family_fixtures(families: list, default: Any = None) -> tuple[Any, Any]:
     from tests.conftest import sweep
 
     names = [f.name for f in families]
-    params = sweep(families, names if default is None else default, ids=names)
+    defaults = [f.name for f in families if getattr(f, "default", True)]
+    params = sweep(families, defaults if default is None else default, ids=names)
 
     @pytest.fixture(scope="module", params=params)
     def family_dir(request: Any, tmp_path_factory: Any) -> tuple[Family, Path]:
@@ -109,8 +122,17 @@ def make_scores_tie(model: Any) -> None:
     zeros, whatever the kernel's order). Towers without [CLS] (Eq. 7 on the projector's input): the patch
     embedding's weights and the position embeddings are zeroed and the projector reads the embedding layer
     (``vision_feature_layer = 0``), so every token is the same bias vector and has the same cosine to the mean.
+    Qwen towers (Eq. 7 on the merger's output): the patch embedding and the learned position embeddings are zeroed,
+    so every patch enters the blocks as the same vector, attention averages identical values, and every merged
+    token comes out the same.
     """
     inner = model.model
+    if hasattr(inner, "visual"):  # Qwen: Eq. 7 on the merger's output; identical patches stay identical
+        with torch.no_grad():
+            for name, param in inner.visual.named_parameters():
+                if name.startswith(("patch_embed.", "pos_embed.")):
+                    param.zero_()
+        return
     tower = getattr(inner, "vision_tower", None) or inner.vision_model  # Idefics3 / SmolVLM: vision_model
     k_projs = [m for name, m in tower.named_modules() if name.endswith("k_proj")]
     has_cls = any("cls" in name or "class_embedding" in name for name, _ in tower.named_parameters())

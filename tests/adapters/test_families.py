@@ -38,7 +38,7 @@ def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
     with torch.no_grad():
         before = model(**plain_inputs).logits
     state, proc_attrs = module_state(model), sorted(vars(processor))
-    for mode in MODES:
+    for mode in family.modes:
         handle = globalcom2.apply(model, processor, ratio=0.25, mode=mode)
         greedy(model, inputs_for(family, processor, images))
         assert len(handle.plans) == len(images)
@@ -56,6 +56,7 @@ def test_apply_remove_is_bit_exact_and_leaves_nothing(fam):
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_of_mixed_sizes_equals_each_alone(fam, mode):
     family, model, processor = fam
+    _skip_undefined(family, mode)
     images = family.images(seed=3)
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
         batch = greedy(model, inputs_for(family, processor, images))
@@ -73,6 +74,7 @@ def test_one_selection_and_no_more_host_reads_per_forward_whatever_the_batch(fam
     import globalcom2.core.select as select
 
     family, model, processor = fam
+    _skip_undefined(family, mode)
     images = family.images(seed=5)
     calls: list[int] = []
     original = select.select_batch
@@ -85,7 +87,7 @@ def test_one_selection_and_no_more_host_reads_per_forward_whatever_the_batch(fam
             inputs = inputs_for(family, processor, batch)
             model(**inputs)  # warm-up: host-side layouts are cached per geometry
             calls.clear()
-            with count_host_reads() as got:
+            with count_host_reads(masked_indexing=not family.native) as got:
                 model(**inputs)
             reads.append(got)
     assert calls == [len(images)], calls  # the last forward: one selection over all images
@@ -96,6 +98,7 @@ def test_one_selection_and_no_more_host_reads_per_forward_whatever_the_batch(fam
 def test_threads_on_one_patched_model_get_what_they_get_alone(fam, mode):
     """4 threads x 3 generate calls with different image sizes at once == the same calls one at a time."""
     family, model, processor = fam
+    _skip_undefined(family, mode)
     sizes = family.sizes
     jobs = [[family.images(seed=10 * t + c)[(t + c) % len(sizes)] for c in range(3)] for t in range(4)]
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
@@ -137,6 +140,7 @@ def _live_tensors() -> int:
 @pytest.mark.parametrize("mode", MODES)
 def test_repeated_generate_keeps_no_tensors(fam, mode):
     family, model, processor = fam
+    _skip_undefined(family, mode)
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode) as handle:
         for k in range(2):  # warm-up: lazy imports, HF caches
             greedy(model, inputs_for(family, processor, family.images(seed=k)[:2]), new_tokens=2)
@@ -153,7 +157,7 @@ def test_two_patched_models_in_one_process_do_not_interfere(family_dir):
     gets what it gets alone, and removing one leaves the other compressing."""
     family, path = family_dir
     (m1, p1), (m2, p2) = load(path), load(path)
-    setups = ((m1, p1, dict(ratio=0.5)), (m2, p2, dict(ratio=0.1, mode="reference")))
+    setups = ((m1, p1, dict(ratio=0.5)), (m2, p2, dict(ratio=0.1, mode=family.modes[-1])))
     images = family.images(seed=7)[:2]
     alone = []
     for model, processor, options in setups:
@@ -188,11 +192,15 @@ def test_tie_rule_keeps_the_first_tokens_in_raster_order(fam, mode):
     """All token scores exactly equal: the thumbnail keeps its first int(N*R) tokens, and every crop its first
     k_j valid tokens, in raster order (InternVL: the raster of the pixel-shuffled grid)."""
     family, model, processor = fam
+    _skip_undefined(family, mode)
     make_scores_tie(model)
     image = family.images()[0].resize((family.tie_size[1], family.tie_size[0]))
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode, scoring="local") as handle:
         greedy(model, inputs_for(family, processor, [image]), new_tokens=1)
         plan = handle.plans[0]
+    if family.native:
+        _check_native_tie_rule(plan, handle.config)
+        return
     g = plan.thumbnail_mask.shape[0]
     k0 = int(g * g * 0.25)
     assert plan.thumbnail_order.tolist() == list(range(k0))
@@ -208,6 +216,28 @@ def test_tie_rule_keeps_the_first_tokens_in_raster_order(fam, mode):
         k = int(plan.crop_keep_counts[j])
         assert k == int(kept.sum()) and 0 < k < int(valid.sum()), (j, k)
         assert torch.equal(kept, _first_in_raster(kept, valid, k)), j
+
+
+def _skip_undefined(family, mode: str) -> None:
+    if mode not in family.modes:
+        pytest.skip(f"mode={mode!r} is not defined for {family.name}")
+
+
+def _check_native_tie_rule(plan, config) -> None:
+    """Native-resolution families: every region keeps its first k_j tokens in its raster order, none of the
+    virtual global view reaches the LLM."""
+    from globalcom2.adapters.qwen import region_tokens_of
+    from globalcom2.core.regions import region_layout
+
+    assert plan.thumbnail_order.numel() == 0 and not plan.thumbnail_mask.any()
+    height, width = plan.crops_mask.shape
+    layout = region_layout(height, width, region_tokens_of(config))
+    assert layout.num_crops > 1 and layout.grid == plan.grid
+    kept, valid = layout.to_table(plan.crops_mask, False), layout.valid()
+    for j in range(layout.num_crops):
+        k = int(plan.crop_keep_counts[j])
+        assert k == int(kept[j].sum()) and 0 < k < int(valid[j].sum()), (j, k)
+        assert torch.equal(kept[j], _first_in_raster(kept[j], valid[j], k)), j
 
 
 def test_tie_rule_in_the_fastervlm_baseline(fam):
