@@ -196,6 +196,18 @@ class FamilyAdapter:
         """Patch the processor so that it emits the budget-mode placeholder count."""
         raise NotImplementedError
 
+    def patch_placeholder_counts(self, handle: GlobalComHandle) -> None:
+        """For processors that expand each image's placeholder in ``replace_image_token``: patch it and
+        ``_get_num_multimodal_tokens`` (the serving-side count) with the adapter's ``_replace_image_token`` and
+        ``_num_multimodal_tokens(original, ...)``."""
+        proc: Any = self.processor
+        handle.patch(proc, "replace_image_token", self._replace_image_token)  # type: ignore[attr-defined]
+        handle.patch(
+            proc,
+            "_get_num_multimodal_tokens",
+            functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),  # type: ignore[attr-defined]
+        )
+
     def ratio_for_image(self, height: int, width: int) -> float:
         """R of one ``height x width`` image in budget mode: ``config.ratio``, or under ``max_image_tokens`` the
         largest R whose count (layout tokens included) fits (:meth:`globalcom2.GlobalComConfig.image_ratio`); the

@@ -339,13 +339,7 @@ class InternVLAdapter(FamilyAdapter):
         handle.patch(proc, "_process_images", functools.partial(self._process_images, proc._process_images))
 
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
-        proc = self.processor
-        handle.patch(proc, "replace_image_token", self._replace_image_token)
-        handle.patch(
-            proc,
-            "_get_num_multimodal_tokens",
-            functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),
-        )
+        self.patch_placeholder_counts(handle)
 
     def num_image_tokens_for_tiles(self, tiles: int) -> int:
         """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (a lone tile keeps int(N*R))."""

@@ -278,13 +278,7 @@ class QwenAdapter(FamilyAdapter):
 
     # -- processor side ----------------------------------------------------------------------------------------
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
-        proc = self.processor
-        handle.patch(proc, "replace_image_token", self._replace_image_token)
-        handle.patch(
-            proc,
-            "_get_num_multimodal_tokens",
-            functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),
-        )
+        self.patch_placeholder_counts(handle)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """``<|image_pad|>`` tokens of one image whose merged-token grid is ``height x width``."""
