@@ -1,0 +1,204 @@
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (native resolution): counts, M-RoPE positions, deepstack, videos.
+
+Tiny random checkpoints of the real classes, built offline once per module (``globalcom2.demo.tiny_qwen``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import globalcom2
+from globalcom2.core.regions import band_index, region_grid
+from globalcom2.loading import load_tiny_family
+from tests.conftest import random_image, sweep
+
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+PROMPT = "USER: <|vision_start|><|image_pad|><|vision_end|>\nWhat is shown? ASSISTANT:"
+# (height, width) in pixels; with 8 px per merged token: H or W < 16, odd rows, one region, many regions
+SIZES = (
+    (40, 40), (56, 300), (100, 180), (200, 90), (150, 150), (61, 183), (33, 250), (127, 129), (136, 136),
+    (240, 250), (90, 410), (250, 70),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen_dirs(tmp_path_factory):
+    from globalcom2.demo.tiny_qwen import build_tiny_qwen
+
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_tiny_qwen(tmp_path_factory.mktemp(name), name)
+        return built[name]
+
+    return get
+
+
+def _merged(inputs) -> list[tuple[int, int]]:
+    return [(int(h) // 2, int(w) // 2) for _, h, w in inputs["image_grid_thw"].tolist()]
+
+
+def test_regions_are_near_equal_bands_of_at_most_g():
+    for n in (1, 5, 15, 16, 17, 31, 33, 37, 69):
+        for g in (4, 16):
+            band = band_index(n, g)
+            sizes = torch.bincount(band).tolist()
+            assert len(sizes) == region_grid(n, 1, g)[0] and max(sizes) <= g and max(sizes) - min(sizes) <= 1
+            assert torch.equal(band, band.sort().values)
+
+
+@pytest.mark.parametrize("name", sweep(QWEN, ["qwen2_5_vl"]))
+def test_processor_count_equals_features_equals_formula(qwen_dirs, name):
+    """12 sizes x R = 50/25/10 % and max_image_tokens: the processor's <|image_pad|> count, its serving count,
+    the features the model hands the LLM and the formula max(1, int(R*H*W)) (min(T, H*W)) agree."""
+    model, processor = load_tiny_family(qwen_dirs(name))
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+    token = model.config.image_token_id
+    for budget in ({"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.1}, {"max_image_tokens": 40}):
+        with globalcom2.apply(model, processor, **budget) as handle:
+            inputs = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+            grids = _merged(inputs)
+            if "ratio" in budget:
+                expected = [max(1, int(budget["ratio"] * (h * w))) for h, w in grids]
+            else:
+                expected = [min(budget["max_image_tokens"], h * w) for h, w in grids]
+            assert (inputs["input_ids"] == token).sum(-1).tolist() == expected
+            sizes = [(img.height, img.width) for img in images]
+            assert processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == expected
+            with torch.no_grad():
+                out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            assert [f.shape[0] for f in out.pooler_output] == expected
+            assert [p.num_tokens for p in handle.plans] == expected
+            assert [handle.adapter.num_image_tokens(h, w) for h, w in grids] == expected
+    assert any(h < 16 or w < 16 for h, w in grids) and any(h % 2 for h, _ in grids)
+
+
+def _positions(model, inputs, call: str) -> list[torch.Tensor]:
+    """Position ids the LLM receives on every forward of one ``call`` ((3, B, L), M-RoPE rows only)."""
+    seen: list[torch.Tensor] = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"][-3:].clone()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            if call == "generate":
+                model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            else:
+                model(**inputs)
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", sweep(QWEN, ["qwen2_5_vl", "qwen3_vl"]))
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_kept_tokens_and_text_keep_their_uncompressed_positions(qwen_dirs, name, call):
+    """Two images of different sizes in a left-padded batch: every kept token's (t, h, w), the text after the image
+    and every generated token have the positions of the uncompressed run."""
+    model, processor = load_tiny_family(qwen_dirs(name))
+    images = [random_image(100, 180, seed=1), random_image(61, 150, seed=2)]
+    prompts = [PROMPT, "Hi. " + PROMPT + " Say more."]
+    full_inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    full = _positions(model, full_inputs, call)
+    with globalcom2.apply(model, processor, ratio=0.25) as handle:
+        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        got = _positions(model, inputs, call)
+        plans = handle.plans
+    token = model.config.image_token_id
+    assert len(got) == len(full) and inputs["input_ids"].shape[1] < full_inputs["input_ids"].shape[1]
+    for b, plan in enumerate(plans):
+        f_ids, c_ids = full_inputs["input_ids"][b], inputs["input_ids"][b]
+        f_img, c_img = (f_ids == token).nonzero().reshape(-1), (c_ids == token).nonzero().reshape(-1)
+        kept = plan.crops_mask.reshape(-1).nonzero().reshape(-1)
+        assert torch.equal(got[0][:, b, c_img], full[0][:, b, f_img[kept]])
+        assert torch.equal(
+            got[0][:, b, c_img[-1] + 1 :], full[0][:, b, f_img[-1] + 1 :]
+        )  # text after the image
+        assert int(f_ids.numel()) - int(f_img[-1]) - 1 > 0  # there is text after the image
+        for step in range(1, len(got)):  # every decoding step
+            assert torch.equal(got[step][:, b], full[step][:, b]), step
+
+
+@pytest.mark.parametrize("name", sweep(("qwen3_vl",), ["qwen3_vl"]))
+def test_deepstack_features_are_trimmed_to_the_kept_tokens(qwen_dirs, name):
+    """Qwen3-VL: the deepstack features and visual_pos_masks the LLM receives equal a plain trim of the uncompressed
+    deepstack features to each image's kept tokens."""
+    model, processor = load_tiny_family(qwen_dirs(name))
+    images = [random_image(100, 180, seed=3), random_image(150, 150, seed=4)]
+    plain = processor(images=images, text=[PROMPT] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model.model.get_image_features(plain["pixel_values"], plain["image_grid_thw"])
+    seen: dict = {}
+    with globalcom2.apply(model, processor, ratio=0.25) as handle:
+        inputs = processor(images=images, text=[PROMPT] * 2, return_tensors="pt", padding=True)
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.update(kwargs=k) and None, with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**inputs)
+        hook.remove()
+        plans = handle.plans
+    kwargs = seen["kwargs"]
+    assert torch.equal(kwargs["visual_pos_masks"], inputs["input_ids"] == model.config.image_token_id)
+    layers = kwargs["deepstack_visual_embeds"]
+    assert len(layers) == len(full.deepstack_features) >= 1
+    for layer, per_image in zip(layers, full.deepstack_features, strict=True):
+        expected = torch.cat([f[p.crops_mask.reshape(-1)] for f, p in zip(per_image, plans, strict=True)])
+        assert torch.equal(layer, expected)
+
+
+def test_reference_mode_is_refused(qwen_dirs):
+    model, processor = load_tiny_family(qwen_dirs("qwen2_5_vl"))
+    with pytest.raises(globalcom2.UnsupportedModelError, match="mode='reference' is not defined"):
+        globalcom2.apply(model, processor, ratio=0.25, mode="reference")
+    assert not any("globalcom2" in k for k in vars(model))  # nothing was patched
+
+
+def _video_inputs(processor, image=None):
+    """A prompt with one tiny video (1 x 8 x 8 patches -> 16 tokens), built by hand (no torchvision here), and
+    optionally one image."""
+    tok = processor.tokenizer
+    video_text = "<|vision_start|>" + "<|video_pad|>" * 16 + "<|vision_end|>"
+    video = tok([video_text + " What happens?"], return_tensors="pt")
+    if image is None:
+        inputs = dict(video)
+    else:  # the processor refuses video tokens without videos: the video part is appended to its output
+        inputs = dict(processor(images=[image], text=[PROMPT], return_tensors="pt"))
+        for key in ("input_ids", "attention_mask"):
+            inputs[key] = torch.cat([inputs[key], video[key]], dim=1)
+    ids = inputs["input_ids"]
+    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    inputs["mm_token_type_ids"] = torch.where(
+        ids == video_id, 2, (ids == processor.image_token_id).long()
+    ).int()
+    generator = torch.Generator().manual_seed(0)
+    inputs["pixel_values_videos"] = torch.randn(64, 3 * 2 * 4 * 4, generator=generator)
+    inputs["video_grid_thw"] = torch.tensor([[1, 8, 8]])
+    return inputs
+
+
+def test_videos_pass_through_uncompressed_with_one_warning(qwen_dirs):
+    model, processor = load_tiny_family(qwen_dirs("qwen2_5_vl"))
+    video_only = _video_inputs(processor)
+    with torch.no_grad():
+        plain = model.generate(**video_only, max_new_tokens=3, do_sample=False)
+    with globalcom2.apply(model, processor, ratio=0.25) as handle:
+        with pytest.warns(UserWarning, match="videos are passed to the LLM uncompressed"):
+            with torch.no_grad():
+                got = model.generate(**_video_inputs(processor), max_new_tokens=3, do_sample=False)
+        assert torch.equal(got, plain)
+        mixed = _video_inputs(processor, random_image(100, 180, seed=5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per handle
+            with torch.no_grad():
+                model.generate(**mixed, max_new_tokens=2, do_sample=False)
+        (plan,) = handle.plans
+        assert (
+            plan.num_tokens
+            == int((mixed["input_ids"] == processor.image_token_id).sum())
+            < plan.num_tokens_full
+        )
