@@ -310,7 +310,10 @@ def select_images(
         num_thumbnail_tokens=sizes if any(n != n_thumb for n in sizes) else None,
         mode=mode, allocation=allocation, scoring=scoring, alpha=alpha, tau=tau,
     )  # fmt: skip
-    return [batch.image(b, x.crop_scores.shape[0], x.crop_scores.shape[1]) for b, x in enumerate(images)]
+    out = [batch.image(b, x.crop_scores.shape[0], x.crop_scores.shape[1]) for b, x in enumerate(images)]
+    for sel, n in zip(out, sizes, strict=True):
+        sel.thumbnail_keep = sel.thumbnail_keep[:n]  # the image's own thumbnail (padding cut off)
+    return out
 
 
 def kept_crop_tokens(
