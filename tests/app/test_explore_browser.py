@@ -169,16 +169,46 @@ class Page:
                   if lb.find_element(self.by.CSS_SELECTOR, "input").is_selected()]  # fmt: skip
         assert sorted(chosen) == sorted(methods)
 
+    def choose(self, elem_id: str, value: str) -> None:
+        """Pick ``value`` in the Gradio dropdown ``#elem_id``."""
+        self.find(f"#{elem_id} input").click()
+        self.wait_for(
+            lambda: self.find(f"ul[role=listbox] li[aria-label='{value}']"), f"option {value}"
+        ).click()
+        self.wait_for(
+            lambda: self.find(f"#{elem_id} input").get_attribute("value") == value, f"{elem_id} = {value}"
+        )
+
+    def set_budget(self, tokens: int | None) -> None:
+        """Budget by R (``tokens`` None) or by at most ``tokens`` image tokens T."""
+        from selenium.webdriver.common.keys import Keys
+
+        self.driver.find_elements(self.by.CSS_SELECTOR, "#gc-budget label")[
+            0 if tokens is None else 1
+        ].click()
+        if tokens is not None:
+            box = self.find("#gc-tokens input")
+            box.clear()
+            box.send_keys(str(tokens), Keys.TAB)
+
     def message(self) -> str:
-        return self.find("#gc-message").text.strip()
+        """The message above the result (the Markdown itself, not the progress overlay on it)."""
+        return self.find("#gc-message [data-testid=markdown]").text.strip()
+
+    def busy(self) -> bool:
+        tracker = self.find("#gc-message [data-testid=status-tracker]")
+        return tracker is not None and "hide" not in (tracker.get_attribute("class") or "").split()
 
     def click_compress(self) -> str:
         before = self.message()
         self.find("#gc-run").click()
+        # a quick error may come and go between two polls: a changed message also says it started
+        self.wait_for(lambda: self.busy() or self.message() != before, "the request to start", 30)
         return before
 
     def wait_result(self, before: str) -> str:
-        return self.wait_for(lambda: self.message() != before and self.message(), "a result", WAIT_S)
+        return self.wait_for(lambda: not self.busy() and self.message() != before and self.message(), "a result",
+                             WAIT_S)  # fmt: skip
 
     def compress(self) -> str:
         return self.wait_result(self.click_compress())
@@ -201,32 +231,40 @@ class Page:
         self.driver.quit()
 
 
-def _expected(standin, image, method: str, ratio: float):
+def _expected(standin, image, method: str, ratio: float | None, tokens: int | None = None):
     """`apply`'s plan for the page's inputs: what `globalcom2 visualize` computes."""
     from globalcom2.evaluation.visual import method_plan
     from globalcom2.workflows import plan_for_image
 
     model, processor = standin
     if method == "globalcom2":
-        return plan_for_image(model, processor, image, ratio=ratio, **OPTIONS)
-    return method_plan(model, processor, image, method, ratio, question="What is shown in this image?")
+        return plan_for_image(model, processor, image, ratio=ratio, max_image_tokens=tokens, **OPTIONS)
+    extra = {} if tokens is None else {"max_image_tokens": tokens}
+    return method_plan(
+        model, processor, image, method, ratio, question="What is shown in this image?", **extra
+    )
 
 
-def _assert_shows(page: Page, standin, image, ratio: float, methods: list[str]) -> dict:
+def _assert_shows(page: Page, standin, image, ratio: float | None, methods: list[str],
+                  tokens: int | None = None) -> dict:  # fmt: skip
+    """The page's table and its plan JSON hold `apply`'s counts for each of ``methods``."""
     from globalcom2.viz.numbers import panel_numbers
 
     rows, payload = page.counts(), page.plan_json()
     assert sorted(rows) == sorted(methods)
     assert [p["method"] for p in payload["plans"]] == methods
     for method, record in zip(methods, payload["plans"], strict=True):
-        plan = _expected(standin, image, method, ratio)
+        plan = _expected(standin, image, method, ratio, tokens)
         nb = panel_numbers(plan)
-        shown = [float(rows[method][0])] + [int(c) for c in rows[method][1:6]]
-        assert shown == [ratio, plan.num_tokens, plan.num_tokens_full, nb.thumbnail_tokens, nb.crops_tokens,
+        used = ratio if tokens is None else plan.ratio
+        assert float(rows[method][0]) == pytest.approx(used, rel=1e-3), method
+        shown = [int(c) for c in rows[method][1:6]]
+        assert shown == [plan.num_tokens, plan.num_tokens_full, nb.thumbnail_tokens, nb.crops_tokens,
                          nb.newline_tokens], method  # fmt: skip
         assert (record["num_tokens"], record["crop_tokens"]) == (plan.num_tokens, list(nb.crop_tokens)), (
             method
         )
+        assert record["ratio"] == pytest.approx(used)
     return payload
 
 
@@ -250,6 +288,16 @@ def test_upload_ratio_methods_and_bad_upload(server, standin, photos):
         message = page.compress()
         assert message.startswith("Error:") and "cannot read image notes.txt" in message, message
         assert page.find("#gc-counts table") is None
+
+        page.find("#gc-upload button[aria-label='Clear']").click()  # back to the shipped photo (astronaut)
+        page.set_methods(["globalcom2"])
+        page.set_budget(1)  # an absurd budget: fewer tokens than any R gives
+        message = page.compress()
+        assert message.startswith("Error:") and "too small for this image" in message, message
+        page.set_budget(288)
+        message = page.compress()
+        assert message.startswith("photo:astronaut (512x512)"), message
+        _assert_shows(page, standin, load_photo("astronaut"), None, ["globalcom2"], tokens=288)
     finally:
         page.close()
     assert proc.poll() is None  # still serving
@@ -279,4 +327,32 @@ def test_two_sessions_get_their_own_results(server, standin, photos):
     finally:
         first.close()
         second.close()
+    assert proc.poll() is None
+
+
+def test_family_switch(server, photos):
+    """The family dropdown loads that family's stand-in; a method the family does not support is a note."""
+    from globalcom2.demo.photos import load_photo
+    from globalcom2.loading import load_standin
+
+    url, proc, _ = server
+    internvl = load_standin(family="internvl")
+    image = load_photo("astronaut")
+    try:  # the baselines' support of other families is growing: expect a row where it runs, else its note
+        _expected(internvl, image, "fastervlm", 0.25)
+        runs, refusal = ["globalcom2", "fastervlm"], None
+    except (TypeError, ValueError) as err:
+        runs, refusal = ["globalcom2"], f"fastervlm: {str(err).splitlines()[0]}"
+    page = Page(url)
+    try:
+        page.choose("gc-family", "internvl")
+        page.set_methods(["globalcom2", "fastervlm"])
+        message = page.compress()
+        assert message.startswith(f"photo:astronaut (512x512), {len(runs)} method(s)"), message
+        if refusal is not None:
+            assert refusal in message, message
+        payload = _assert_shows(page, internvl, image, 0.25, runs)
+        assert payload["family"] == "internvl"
+    finally:
+        page.close()
     assert proc.poll() is None
