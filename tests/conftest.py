@@ -51,10 +51,25 @@ def sweep(values, default, ids=None):
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    """``checkpoint(builder, **kwargs) -> path``: each tiny checkpoint is built once per test session and shared by
+    every module that asks for the same builder and arguments (tests only read it, through ``from_pretrained``)."""
+    built: dict[tuple, object] = {}
+
+    def build(builder, **kwargs):
+        key = (builder.__module__, builder.__qualname__, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = builder(tmp_path_factory.mktemp(builder.__name__), **kwargs)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(checkpoint):
     from globalcom2.demo.tiny_model import build_tiny_llava_next
 
-    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next_clip"))
+    return checkpoint(build_tiny_llava_next)
 
 
 @pytest.fixture()

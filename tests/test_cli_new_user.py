@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -141,6 +142,7 @@ def test_ask_standin_json_is_pure_json(standin_ask_json):
     assert res.stdout.startswith("{"), repr(res.stdout[:80])
     data = json.loads(res.stdout)
     assert data["image_tokens_full"] == 2928 and data["image_tokens"] == 768
+    assert data["layout_tokens"] == 0  # LLaVA-NeXT's newlines are placeholders, counted in image_tokens
     assert data["prompt_tokens"] == data["prompt_tokens_full"] - 2928 + 768
     assert "RANDOM LLM" in data["note"] and len(data["answer_token_ids"]) <= 8
 
@@ -179,8 +181,35 @@ def test_ask_standin_says_the_llm_is_random_and_prints_readable_counts():
     assert "RANDOM LLM" in res.stderr and "meaningless" in res.stderr
     counts = [line for line in stderr_lines(res) if line.startswith("image tokens ")]
     assert len(counts) == 1, res.stderr[-3000:]
-    assert counts[0].startswith("image tokens 2928 -> 768 kept (26.2%), prompt tokens ")
+    assert counts[0].startswith("image tokens 2928 -> 768 kept (26.2%; newlines included), prompt tokens ")
     assert "R = 0.25" in counts[0] and "mode budget" in counts[0]
+
+
+@pytest.mark.parametrize(
+    "family, layout",
+    [
+        ("internvl", "<img> and </img> included"),
+        pytest.param("smolvlm", "crop markers and newlines included", marks=pytest.mark.full),
+    ],
+)
+def test_ask_prints_the_count_max_image_tokens_bounds_and_no_library_noise(family, layout):
+    """The printed count is the one T bounds (placeholders + the family's layout tokens), T or T - 1; SmolVLM's
+    deprecated ``config.pad_token_id`` is never read, so transformers' warning does not show."""
+    res = globalcom2_cli("ask", "--model", "standin", "--family", family, "--image", "photo:rocket",
+                         "--max-image-tokens", "288", "--max-new-tokens", "2", "What is shown?")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "deprecated" not in res.stderr, res.stderr
+    counts = [line for line in stderr_lines(res) if line.startswith("image tokens ")]
+    full, shown = map(int, re.match(r"image tokens (\d+) -> (\d+) kept", counts[0]).groups())
+    assert shown in (287, 288) and full > shown and layout in counts[0], counts
+
+
+def test_a_budget_too_small_is_one_line():
+    res = globalcom2_cli(
+        "ask", "--model", "standin", "--image", "photo:rocket", "--max-image-tokens", "1", "q"
+    )
+    assert res.returncode == 2 and len(stderr_lines(res)) == 1, res.stderr
+    assert "max_image_tokens >= " in res.stderr
 
 
 def test_readable_answer_shows_undecodable_bytes():

@@ -1,4 +1,4 @@
-"""`globalcom2` command line: demo, ask, visualize (and the subcommands other modules register).
+"""globalcom2: training-free visual-token compression (GlobalCom²) for high-resolution vision-language models.
 
 Errors print one line (``globalcom2: error: ...``) and exit with status 2 (usage errors, unreadable inputs, missing
 optional dependencies: the line names the pip command); a bug prints ``globalcom2: internal error: ...`` and exits
@@ -24,6 +24,7 @@ from .cli_common import (
     budget_options,
     json_only_stdout,
     method_options,
+    parse_positive_int,
     parse_ratios,
 )
 from .extras import missing_dependency
@@ -119,8 +120,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="LLaVA-NeXT / OneVision / InternVL checkpoint path or hub id, or 'standin' (offline DINOv2 "
-        "stand-in vision tower with a tiny random LLM)",
+        help="checkpoint path or hub id of a supported model (any family `globalcom2.apply` takes), or 'standin' "
+        "(offline DINOv2 stand-in vision tower with a tiny random LLM; pick its geometry with --family)",
     )
     p.add_argument(
         "--family", choices=FAMILIES, default="llava_next", help="stand-in geometry for --model standin"
@@ -193,8 +194,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
     globalcom2.GlobalComConfig(**budget_options(args), **method_options(args))
     image = load_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
-    if standin:
-        print(STANDIN_NOTE, file=sys.stderr, flush=True)
     prompt = default_prompt(processor, args.question)
     full = processor(images=[image], text=[prompt], return_tensors="pt")
     num_full = int((full["input_ids"] == model.config.image_token_id).sum())
@@ -206,16 +205,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         plan = handle.plans[0]
+    if standin:  # after the image was accepted, so a usage error stays the only line
+        print(STANDIN_NOTE, file=sys.stderr, flush=True)
     new_ids = [int(i) for i in out[0, inputs["input_ids"].shape[1] :].tolist()]
     tokenizer = getattr(processor, "tokenizer", processor)
     answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
     shown, clean = readable_answer(tokenizer, new_ids)
     # the prompt the LLM reads (reference mode shrinks the processor's prompt inside generate)
     prompt_kept = prompt_full - num_full + plan.num_tokens
+    # the image's span as --max-image-tokens counts it: placeholders plus the family's layout tokens (markers)
+    layout = handle.adapter.layout_tokens((int(plan.grid[0]), int(plan.grid[1])))
+    span_full, span_kept = num_full + layout, plan.num_tokens + layout
     budget = "" if args.max_image_tokens is None else f" (max image tokens {args.max_image_tokens})"
     counts = (
-        f"image tokens {num_full} -> {plan.num_tokens} kept ({plan.num_tokens / max(num_full, 1):.1%}), "
-        f"prompt tokens {prompt_full} -> {prompt_kept}, R = {plan.ratio:.4g}{budget}, mode {args.mode}"
+        f"image tokens {span_full} -> {span_kept} kept ({span_kept / max(span_full, 1):.1%}; "
+        f"{handle.adapter.layout_label}), prompt tokens {prompt_full} -> {prompt_kept}, "
+        f"R = {plan.ratio:.4g}{budget}, mode {args.mode}"
     )
     result = {
         "answer": answer,
@@ -224,6 +229,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "answer_token_ids": new_ids,
         "image_tokens_full": num_full,
         "image_tokens": plan.num_tokens,
+        # what --max-image-tokens bounds: image_tokens + layout_tokens (markers around/between the runs)
+        "layout_tokens": layout,
         "prompt_tokens_full": prompt_full,
         "prompt_tokens": prompt_kept,
         "ratio": plan.ratio,
@@ -320,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated shipped photos")  # fmt: skip
     p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
                    help="comma-separated retention ratios R in (0, 1]")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=5, help="timing rounds (interleaved across settings)")
+    p.add_argument("--repeats", type=parse_positive_int, default=5,
+                   help="timing rounds (interleaved across settings); fewer than 3 are flagged as noisy")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the JSON summary (and nothing else) on stdout")
     p.add_argument("--family", choices=FAMILIES, default="llava_next", help="stand-in model geometry")
@@ -328,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ask",
-        help="answer a question about an image with a compressed LLaVA-NeXT checkpoint",
+        help="answer a question about an image with a compressed model",
         description="Answer a question about an image with GlobalCom² applied; prints the answer on stdout and the "
         "token counts on stderr.",
     )

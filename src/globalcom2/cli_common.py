@@ -135,6 +135,17 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
+def parse_positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (rounds, layers, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_max_image_tokens(text: str) -> int:
     """argparse type: a per-image token budget T, a positive int."""
     try:

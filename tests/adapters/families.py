@@ -36,11 +36,14 @@ class Family:
     # in the README's test command (the others run with --full)
     default: bool = True
 
-    def build(self, out_dir: Path) -> Path:
+    def builder_function(self) -> Any:
         import importlib
 
         module, function = self.builder.split(":")
-        return getattr(importlib.import_module(module), function)(out_dir)
+        return getattr(importlib.import_module(module), function)
+
+    def build(self, out_dir: Path) -> Path:
+        return self.builder_function()(out_dir)
 
     def prompt(self) -> str:
         return f"USER: {self.image_token}\nWhat is shown in this image? ASSISTANT:"
@@ -85,9 +88,9 @@ def family_fixtures(families: list, default: Any = None) -> tuple[Any, Any]:
     params = sweep(families, defaults if default is None else default, ids=names)
 
     @pytest.fixture(scope="module", params=params)
-    def family_dir(request: Any, tmp_path_factory: Any) -> tuple[Family, Path]:
+    def family_dir(request: Any, checkpoint: Any) -> tuple[Family, Path]:
         family = request.param
-        return family, family.build(tmp_path_factory.mktemp(family.name))
+        return family, checkpoint(family.builder_function())  # built once per session
 
     @pytest.fixture()
     def fam(family_dir: tuple[Family, Path]) -> tuple[Family, Any, Any]:

@@ -34,10 +34,10 @@ ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
 @pytest.fixture(scope="module")
-def iv_dir(tmp_path_factory):
+def iv_dir(checkpoint):
     from globalcom2.demo.tiny_families import build_tiny_internvl
 
-    return build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl"))
+    return checkpoint(build_tiny_internvl)
 
 
 @pytest.fixture()

@@ -34,10 +34,10 @@ ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
 @pytest.fixture(scope="module")
-def ov_dir(tmp_path_factory):
+def ov_dir(checkpoint):
     from globalcom2.demo.tiny_families import build_tiny_llava_onevision
 
-    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision_siglip"))
+    return checkpoint(build_tiny_llava_onevision)
 
 
 @pytest.fixture()

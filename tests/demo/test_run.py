@@ -35,3 +35,22 @@ def test_demo_reports_the_overlays_it_writes(tiny_clip_dir, tmp_path, monkeypatc
     labels = re.findall(r"r_j = ([^;]*);", (out / "report.md").read_text())
     assert len(labels) == len(photos) * len(ratios)
     assert all(re.fullmatch(r"\d\.\d{3}", f) for line in labels for f in line.split(", "))
+    # one timing round: the table says so, and says its speed-ups are not estimates
+    tables = "\n".join(lines)
+    assert "(one round;" in tables and run.ONE_ROUND_NOTE in tables
+    assert run.ONE_ROUND_NOTE in (out / "report.md").read_text()
+    assert "(budget mode; thumbnail + crops + newlines)" in tables  # the family's own layout
+
+
+def test_timing_table_of_several_rounds_has_no_one_round_note() -> None:
+    from globalcom2.demo.run import ONE_ROUND_NOTE, format_tables
+
+    row = {"compressed": False, "ratio": 1.0, "image_tokens": 10, "prompt_tokens": 20, "vision_ms_median": 1.0,
+           "prefill_ms_median": 2.0, "prefill_ms_min": 1.5, "prefill_ms_max": 2.5, "prefill_speedup": 1.0}  # fmt: skip
+    result = {"ratio": 0.5, "grid": [2, 2], "num_tokens_full": 10, "num_tokens": 5}
+    summary = {"token_layout": "crops + thumbnail; <img>, </img> not counted", "machine": {"threads": 2},
+               "photos": {"x": {"size_hw": [4, 4], "results": [result]}},
+               "end_to_end": {"photo": "x", "rounds": 5, "rows": [row]}}  # fmt: skip
+    text = format_tables(summary)
+    assert ONE_ROUND_NOTE not in text and "median of 5 interleaved rounds" in text
+    assert "(budget mode; crops + thumbnail; <img>, </img> not counted)" in text and "1.5-2.5" in text

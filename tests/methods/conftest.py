@@ -6,10 +6,10 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny4_dir(tmp_path_factory):
+def tiny4_dir(checkpoint):
     from globalcom2.demo.tiny_model import build_tiny_llava_next
 
-    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next_4layers"), text_layers=4, seed=1)
+    return checkpoint(build_tiny_llava_next, text_layers=4, seed=1)
 
 
 @pytest.fixture()

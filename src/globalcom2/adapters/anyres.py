@@ -22,7 +22,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -322,6 +322,7 @@ def plan_anyres(
 
 
 class AnyresAdapter(FamilyAdapter):
+    token_layout: ClassVar[str] = "thumbnail + crops + newlines"
     """Shared base of the LLaVA-NeXT and LLaVA-OneVision adapters (see the module docstring).
 
     ``official_order``: reference mode emits crop tokens in the official packed-slot layout (LLaVA-NeXT).

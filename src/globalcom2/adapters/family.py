@@ -208,6 +208,22 @@ class FamilyAdapter:
             functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),  # type: ignore[attr-defined]
         )
 
+    #: what ``Plan.num_tokens`` counts, in the order the LLM reads it (for tables and messages)
+    token_layout: ClassVar[str] = "image placeholders"
+    #: what an image's prompt span holds besides its placeholders and counts towards ``max_image_tokens``
+    #: (for messages; LLaVA-NeXT's newlines are placeholders, so they are in ``Plan.num_tokens`` already).
+    layout_label: ClassVar[str] = "newlines included"
+
+    def layout_tokens(self, grid: tuple[int, int]) -> int:
+        """Prompt tokens of one image of this crop grid besides its placeholder runs that count towards
+        ``max_image_tokens`` (markers such as InternVL's ``<img>``/``</img>``); none by default."""
+        return 0
+
+    def budgeted_tokens(self, plan: Any) -> int:
+        """The count ``max_image_tokens`` bounds for one planned image: its placeholders (``Plan.num_tokens``)
+        plus :meth:`layout_tokens`; the same count, uncompressed, for ``plan.num_tokens_full``."""
+        return int(plan.num_tokens) + self.layout_tokens((int(plan.grid[0]), int(plan.grid[1])))
+
     def ratio_for_image(self, height: int, width: int) -> float:
         """R of one ``height x width`` image in budget mode: ``config.ratio``, or under ``max_image_tokens`` the
         largest R whose count (layout tokens included) fits (:meth:`globalcom2.GlobalComConfig.image_ratio`); the

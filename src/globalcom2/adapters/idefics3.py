@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -122,6 +122,7 @@ class Idefics3Adapter(InternVLAdapter):
     """GlobalCom² for ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor``."""
 
     family = "idefics3"
+    token_layout: ClassVar[str] = "crops + global image; crop markers not counted"
     model_class_name = "Idefics3ForConditionalGeneration"
     processor_class_name = "Idefics3Processor"
     vision_tower_name = "vision_model"
@@ -240,6 +241,8 @@ class Idefics3Adapter(InternVLAdapter):
         image alone (the processor's ``rows = cols = 0``; a split image always has two crops or more)."""
         _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
         return max(int(rows), 1), max(int(cols), 1)
+
+    layout_label: ClassVar[str] = "crop markers and newlines included"
 
     def layout_tokens(self, grid: tuple[int, int]) -> int:
         """Prompt tokens of one image of this crop grid besides its ``<image>`` runs (they count towards

@@ -50,7 +50,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -277,6 +277,7 @@ class InternVLAdapter(FamilyAdapter):
     """GlobalCom² for ``InternVLForConditionalGeneration`` + ``InternVLProcessor``."""
 
     family = "internvl"
+    token_layout: ClassVar[str] = "crops + thumbnail; <img>, </img> not counted"
     model_class_name = "InternVLForConditionalGeneration"
     processor_class_name = "InternVLProcessor"
     wraps_calls = True  # forward/generate take the tile grids off the inputs
@@ -486,6 +487,8 @@ class InternVLAdapter(FamilyAdapter):
         return plan_internvl_batch(
             tile_scores, grids, self.g, self.config, [self.layout_tokens(g) for g in grids]
         )
+
+    layout_label: ClassVar[str] = "<img> and </img> included"
 
     def layout_tokens(self, grid: tuple[int, int]) -> int:
         """Prompt tokens of one image of this crop grid besides its runs (they count towards ``max_image_tokens``):

@@ -97,8 +97,10 @@ def check_runs(is_img: torch.Tensor, counts: list[int], where: str) -> None:
 def pad_token_id(model: Any, processor: Any) -> int:
     """The pad id the batch is re-padded with: the tokenizer's, else the model config's, else 0."""
     tok = getattr(processor, "tokenizer", None)
-    for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
-                 getattr(getattr(model.config, "text_config", None), "pad_token_id", None)):  # fmt: skip
+    # Looked up lazily, the text config before the top-level one: Idefics3 / SmolVLM configs warn on every read
+    # of their deprecated top-level ``pad_token_id``.
+    for owner in (tok, getattr(model.config, "text_config", None), model.config):
+        cand = getattr(owner, "pad_token_id", None)
         if cand is not None:
             return int(cand)
     return 0

@@ -18,6 +18,7 @@ from ..cli_common import (
     CLIError,
     add_method_options,
     method_options,
+    parse_positive_int,
     parse_ratios,
     resolve_device,
     write_json,
@@ -42,13 +43,6 @@ def _image_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -66,13 +60,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="auto: float32 on CPU, float16 on CUDA")  # fmt: skip
     p.add_argument(
-        "--vision-layers", "--layers", type=_positive, default=None, help="CLIP tower depth (default 24)"
+        "--vision-layers",
+        "--layers",
+        type=parse_positive_int,
+        default=None,
+        help="CLIP tower depth (default 24)",
     )
     p.add_argument("--vision-stage", action="store_true",
                    help="plain vs compressed vision stage, scoring/selection share and prefill per family")  # fmt: skip
     p.add_argument("--families", default=None, help="--vision-stage: comma-separated families (default: all)")
     p.add_argument(
-        "--llm-layers", type=_positive, default=None, help="LLM depth (default 1 on CPU, 32 on CUDA)"
+        "--llm-layers", type=parse_positive_int, default=None, help="LLM depth (default 1 on CPU, 32 on CUDA)"
     )
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="HxW of the benchmark image (672x672)"
@@ -80,16 +78,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
                    help="comma-separated retention ratios R in (0, 1], each measured against uncompressed")  # fmt: skip
     p.add_argument(
-        "--repeats", type=_positive, default=None, help="timed runs per setting (default 3 on CPU, 5 on CUDA)"
+        "--repeats",
+        type=parse_positive_int,
+        default=None,
+        help="timed runs per setting (default 3 on CPU, 5 on CUDA)",
     )
-    p.add_argument("--batch", type=_positive, default=None, help="throughput batch size (default 4)")
+    p.add_argument("--batch", type=parse_positive_int, default=None, help="throughput batch size (default 4)")
     p.add_argument(
         "--new-tokens",
-        type=_positive,
+        type=parse_positive_int,
         default=None,
         help="tokens generated per sample in throughput (default 4)",
     )
-    p.add_argument("--throughput-repeats", type=_positive, default=None,
+    p.add_argument("--throughput-repeats", type=parse_positive_int, default=None,
                    help="timed throughput runs per setting (default 1 on CPU, 3 on CUDA)")  # fmt: skip
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument("--table4", action="store_true",
@@ -98,7 +99,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--methods", default=None,
                    help="--table4: comma-separated rows, 'uncompressed' or any apply_method name "
                         "(default: uncompressed,sparsevlm,fastervlm,globalcom2,fastv,pdrop)")  # fmt: skip
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=parse_positive_int, default=None, help="torch CPU threads (default: all cores)"
+    )
     p.add_argument(
         "--text-tokens", type=int, default=64, help="text tokens assumed by the analytic config table"
     )

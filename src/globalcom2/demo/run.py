@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import adapter_for
 from ..apply import apply
 from ..loading import load_standin
 from ..viz.numbers import figure_summary, format_ratio
@@ -238,7 +239,8 @@ def run_demo(
             }
             for name in photos
         },
-        "end_to_end": {"photo": photos[0], "rows": e2e},
+        "token_layout": adapter_for(model).token_layout,
+        "end_to_end": {"photo": photos[0], "rounds": repeats, "rows": e2e},
         "overlay_files": [str(p.relative_to(out)) for p in written],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -257,7 +259,8 @@ def overlays_written_line(out: Path, written: list[Path], *, photos: int, ratios
 
 
 def format_tables(summary: dict) -> str:
-    lines = ["", "image tokens handed to the LLM (budget mode, thumbnail + crops + newlines)"]
+    layout = summary.get("token_layout", "image placeholders")
+    lines = ["", f"image tokens handed to the LLM (budget mode; {layout})"]
     ratios = [r["ratio"] for r in next(iter(summary["photos"].values()))["results"]]
     header = f"{'photo':<14}{'size':>10}{'grid':>6}{'full':>7}" + "".join(
         f"{f'R={r:.0%}':>9}" for r in ratios
@@ -273,23 +276,47 @@ def format_tables(summary: dict) -> str:
         )
     lines += [
         "",
-        f"end to end on '{summary['end_to_end']['photo']}' (median of repeats; {summary['machine']['threads']} CPU threads; random tiny LLM)",
+        f"end to end on '{summary['end_to_end']['photo']}' ({_rounds_label(summary)}; "
+        f"{summary['machine']['threads']} CPU threads; random tiny LLM)",
     ]
     lines.append(
-        f"{'setting':<14}{'image tok':>10}{'prompt tok':>11}{'vision ms':>11}{'LLM prefill ms':>16}{'speed-up':>10}"
+        f"{'setting':<14}{'image tok':>10}{'prompt tok':>11}{'vision ms':>11}{'LLM prefill ms':>16}"
+        f"{'min-max':>16}{'speed-up':>10}"
     )
     for row in summary["end_to_end"]["rows"]:
         setting = "uncompressed" if not row["compressed"] else f"R={row['ratio']:.0%}"
+        spread = f"{row['prefill_ms_min']:.1f}-{row['prefill_ms_max']:.1f}"
         lines.append(
             f"{setting:<14}{row['image_tokens']:>10}{row['prompt_tokens']:>11}{row['vision_ms_median']:>11.1f}"
-            f"{row['prefill_ms_median']:>16.1f}{row['prefill_speedup']:>9.2f}x"
+            f"{row['prefill_ms_median']:>16.1f}{spread:>16}{row['prefill_speedup']:>9.2f}x"
         )
+    if summary["end_to_end"].get("rounds", 2) < 3:
+        lines.append(ONE_ROUND_NOTE)
     return "\n".join(lines)
+
+
+#: Printed under the timing table when it rests on fewer than three rounds (``--repeats 1`` or 2).
+ONE_ROUND_NOTE = (
+    "note: fewer than 3 timing rounds: each speed-up is one or two noisy measurements on a shared CPU, not an "
+    "estimate (use --repeats 5 or more)"
+)
+
+
+def _rounds_label(summary: dict) -> str:
+    rounds = summary["end_to_end"].get("rounds")
+    if rounds is None:
+        return "median of repeats"
+    return "one round" if rounds == 1 else f"median of {rounds} interleaved rounds"
 
 
 def markdown_report(summary: dict) -> str:
     md = ["# GlobalCom² offline demo", "", f"> {summary['note']}", ""]
-    md += ["## Kept tokens per photo", ""]
+    md += [
+        "## Kept tokens per photo",
+        "",
+        f"Image tokens handed to the LLM ({summary.get('token_layout', 'image placeholders')}).",
+        "",
+    ]
     md += [
         "| photo | size (WxH) | grid | tokens (full) | "
         + " | ".join(f"R={r['ratio']:.0%}" for r in next(iter(summary["photos"].values()))["results"])
@@ -308,7 +335,7 @@ def markdown_report(summary: dict) -> str:
             md.append(
                 f"- {name}, R={r['ratio']:.0%}: r_j = {', '.join(format_ratio(x) for x in r['crop_ratios'])}; kept per crop {r['crop_tokens']} of {r['crop_cells']}"
             )
-    md += ["", "## End to end (stand-in tower + tiny random LLM)", ""]
+    md += ["", f"## End to end (stand-in tower + tiny random LLM; {_rounds_label(summary)})", ""]
     md += [
         "| setting | image tokens | prompt tokens | vision ms | LLM prefill ms (median) | min-max | prefill speed-up |",
         "|---|---|---|---|---|---|---|",
@@ -319,6 +346,8 @@ def markdown_report(summary: dict) -> str:
             f"| {setting} | {row['image_tokens']} | {row['prompt_tokens']} | {row['vision_ms_median']:.1f} | {row['prefill_ms_median']:.1f} | "
             f"{row['prefill_ms_min']:.1f}-{row['prefill_ms_max']:.1f} | {row['prefill_speedup']:.2f}x |"
         )
+    if summary["end_to_end"].get("rounds", 2) < 3:
+        md += ["", ONE_ROUND_NOTE]
     md += [
         "",
         f"Machine: {summary['machine']['platform']}, torch {summary['machine']['torch']}, {summary['machine']['threads']} threads.",
