@@ -291,6 +291,7 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
         formatter = HelpFormatter(name)
         options = {s for a in parser._actions for s in a.option_strings}
         assert "--debug" in options, name
+        assert parser.description and parser.description.strip(), f"{name} --help has no description"
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction):
                 continue

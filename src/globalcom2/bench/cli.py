@@ -50,7 +50,10 @@ def register(subparsers: Any) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument(
-        "--tiny", action="store_true", help="tiny random model (seconds; for tests and smoke checks)"
+        "--tiny",
+        action="store_true",
+        help="tiny random model, for tests and smoke checks (about 5-25 s on 2 CPU cores; with --table4 about "
+        "3 min)",
     )
     p.add_argument("--analytic-only", action="store_true", help="print the analytic tables only (instant)")
     p.add_argument(

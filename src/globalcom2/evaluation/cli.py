@@ -29,13 +29,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="every method x R and the paper's ablations on real photos (DINOv2 stand-in; fidelity, not accuracy)",
+        description="Compare the compression methods and the paper's ablations (Tables 2-3) at several R on the "
+        "shipped photos with the offline DINOv2 stand-in tower: how well the kept tokens cover what the encoder "
+        "finds important (fidelity metrics), written as CSV, Markdown and plots. No VQA accuracy: that needs real "
+        "weights (use the lmms-eval plugin).",
     )
     p.add_argument("--out", default="globalcom2_eval_out", help="output folder (CSV, Markdown, plots)")
     p.add_argument("--photos", default=None, help="comma-separated shipped photos (default: all)")
     p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
                    help="comma-separated retention ratios R in (0, 1]")  # fmt: skip
     p.add_argument(
-        "--quick", action="store_true", help="one photo, two ablation settings (seconds; for tests)"
+        "--quick",
+        action="store_true",
+        help="one photo, two ablation settings, for tests and smoke checks (about 2 min on 2 CPU cores)",
     )
     p.add_argument("--no-llm", action="store_true", help="skip FastV and GlobalCom²+FastV (tiny random LLM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
