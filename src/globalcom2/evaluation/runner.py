@@ -59,6 +59,7 @@ class PhotoData:
     reference: Reference
     image_sizes: torch.Tensor  # (1, 2), as the processor gives it
     encoder_output: Any = None  # the unpatched model's image features, reused by FastV's prefills
+    features: torch.Tensor | None = None  # (1 + n, g*g, D) patch features at the LLM's feature layer
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -99,7 +100,7 @@ def photo_data(model: Any, processor: Any, name: str, image: Any) -> PhotoData:
     feats = hidden[cfg.vision_feature_layer][:, info.num_prefix_tokens :]
     soft = scores["softmax"]
     ref = build_reference(soft[0], soft[1:], feats[1:], grid=grid, valid_box=geo.box)
-    return PhotoData(name, image, size, geo, scores, ref, inputs["image_sizes"])
+    return PhotoData(name, image, size, geo, scores, ref, inputs["image_sizes"], features=feats)
 
 
 def vision_plans(data: PhotoData, ratio: float, *, random_draws: int, seed: int) -> dict[str, list[Plan]]:
