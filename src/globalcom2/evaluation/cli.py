@@ -52,7 +52,8 @@ def register(subparsers) -> None:
         description="Compare the compression methods and the paper's ablations (Tables 2-3) at several R on the "
         "shipped photos with the offline DINOv2 stand-in tower: how well the kept tokens cover what the encoder "
         "finds important (fidelity metrics), written as CSV, Markdown and plots. No VQA accuracy: that needs real "
-        "weights (use the lmms-eval plugin).",
+        "weights (use the lmms-eval plugin). `--task defects`: a labelled test instead, small defects in textile "
+        "mosaics found by a nearest-neighbour detector on the tokens each method keeps (docs/eval.md).",
     )
     p.add_argument("--task", choices=("photos", "defects"), default="photos",
                    help="photos: fidelity sweep on the shipped photos; defects: small-defect detection in textile "
