@@ -202,3 +202,61 @@ def test_videos_pass_through_uncompressed_with_one_warning(qwen_dirs):
             == int((mixed["input_ids"] == processor.image_token_id).sum())
             < plan.num_tokens_full
         )
+
+
+# (height, width) pixels -> merged grids 5x5 (one region), 7x38 (H < G), 25x11 (W < G), 19x19 (odd rows, 2x2),
+# 13x22, 31x33 (3x3 regions of uneven bands)
+PLAIN_SIZES = ((40, 40), (56, 300), (200, 90), (150, 150), (100, 180), (250, 265))
+PLAIN_OPTIONS = [
+    {"allocation": a, "scoring": s} for a in ("softmax-sum", "softmax-max", "topk-count", "uniform")
+    for s in ("holistic", "local", "global")
+] + [{"alpha": 0.3, "tau": 2.0}, {"ratio": 0.1}, {"ratio": 0.02, "region_tokens": 6}]  # fmt: skip
+PLAIN_IDS = ["-".join(f"{k}={v}" for k, v in o.items()) for o in PLAIN_OPTIONS]
+PLAIN_DEFAULT = (0, 4, 8, 9, 11, 12, 13, 14)  # every allocation and scoring at least once, and the options
+
+
+@pytest.fixture(scope="module", params=sweep(QWEN, ["qwen2_5_vl"]))
+def plain_setup(request, qwen_dirs):
+    """(model, processor, images, merged grids, uncompressed features per image) of one family."""
+    model, processor = load_tiny_family(qwen_dirs(request.param))
+    images = [random_image(h, w, seed=20 + i) for i, (h, w) in enumerate(PLAIN_SIZES)]
+    inputs = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    return model, processor, images, _merged(inputs), features.pooler_output
+
+
+@pytest.mark.parametrize("case", sweep(range(len(PLAIN_OPTIONS)), PLAIN_DEFAULT, ids=PLAIN_IDS))
+def test_selection_equals_a_plain_reimplementation_of_the_documented_rule(plain_setup, case):
+    """tests/adapters/plain_native.py (written from docs/qwen.md, no library import) gives the same kept sets,
+    per-region counts and r_j, and the LLM reads exactly the uncompressed features of those tokens, in raster
+    order, for every allocation and scoring, several sizes (H or W < G, odd rows, one region) and options."""
+    from tests.adapters.plain_native import plain_native
+
+    model, processor, images, grids, features = plain_setup
+    assert any(h < 16 for h, _ in grids) and any(w < 16 for _, w in grids) and any(h % 2 for h, _ in grids)
+    token = model.config.image_token_id
+    options = {"ratio": 0.25, **PLAIN_OPTIONS[case]}
+    seen: dict = {}
+    with globalcom2.apply(model, processor, **options) as handle:
+        inputs = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.update(embeds=k["inputs_embeds"]) and None, with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**inputs)
+        hook.remove()
+        plans = handle.plans
+    rows = seen["embeds"][inputs["input_ids"] == token]
+    expected_rows = []
+    for f, grid, plan in zip(features, grids, plans, strict=True):
+        kept, counts, r = plain_native(
+            f, grid, options.get("region_tokens", 16), options["ratio"],
+            **{k: v for k, v in options.items() if k in ("allocation", "scoring", "alpha", "tau")},
+        )  # fmt: skip
+        assert torch.equal(plan.crops_mask, kept), grid
+        assert plan.crop_keep_counts.tolist() == counts, grid
+        if int(options["ratio"] * grid[0] * grid[1]) >= 1:  # else R is raised to keep one token
+            assert torch.allclose(plan.crop_ratios.double(), torch.tensor(r, dtype=torch.float64), atol=1e-6)
+        expected_rows.append(f[kept.reshape(-1)])
+    assert torch.equal(rows, torch.cat(expected_rows))
