@@ -1,13 +1,21 @@
 """GlobalCom² behind a real ``vllm serve`` (OpenAI-compatible server), queried with the ``openai`` client.
 
-For each family (tiny checkpoints, see vllm_checkpoints.py) and each budget (``ratio=0.25`` and
-``max_image_tokens=T``), one server runs as a subprocess on 127.0.0.1 (a free port), started exactly as
-docs/engines.md says (``vllm serve DIR --hf-overrides ...`` with ``VLLM_CPU_KVCACHE_SPACE`` on this CPU build) and
-stopped by its pid at the end of its tests. Every server is checked for:
+For each family (tiny checkpoints, see vllm_checkpoints.py) one server runs as a subprocess on 127.0.0.1 (a free
+port), started exactly as docs/engines.md says (``vllm serve DIR --hf-overrides ...`` with the server default
+``ratio=0.25``, prefix caching on, ``VLLM_CPU_KVCACHE_SPACE`` on this CPU build) and stopped by its pid at the end of
+its tests. Per-request budgets go in ``extra_body={"mm_processor_kwargs": {...}}``. Every server is checked for:
 
 - ``usage.prompt_tokens`` of base64 PNG images of several sizes against the formula (text tokens + the image's
-  budget-mode count from the library's geometry and count functions);
-- 16 concurrent mixed-size requests (threads) giving the same answers as the same requests sent one by one;
+  budget-mode count from the library's geometry and count functions), under the server default ``ratio=0.25``, a
+  per-request ``max_image_tokens=T`` and a per-request ``ratio=1`` (uncompressed: vLLM's own count);
+- 16 concurrent mixed-size requests with mixed per-request budgets (threads) giving the same answers as the same
+  requests sent one by one;
+- cache safety: the same image with budgets A, B, A, B, sent one by one and then all at once, gets each budget's
+  ``prompt_tokens`` and the greedy tokens (and log-probabilities) of a fresh engine without any cache for that budget
+  (``vllm_runner.py --requests``), while the server's prefix cache does get hits;
+- a prompt with two images of different sizes under a per-request budget: each image gets its own count and its own
+  plan, and the answer is the fresh engine's;
+- bad per-request values: HTTP 400 with a one-line reason, and the server still answering correctly afterwards;
 - bad input (malformed base64, bytes that are not an image, a 4000x4000 image): an HTTP 4xx or a correct answer, and
   the server still answering a good request correctly afterwards.
 
@@ -28,7 +36,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,17 +56,26 @@ from tests.plugins.vllm_checkpoints import FAMILIES, image_tokens, lazy_checkpoi
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = REPO / "tests" / "plugins" / "vllm_runner.py"
 VLLM = Path(sys.executable).parent / "vllm"
 STARTUP_TIMEOUT_S = 900  # two shared CPU cores: three vLLM processes import and profile
 REQUEST_TIMEOUT_S = 300
 TEXT = "What is shown in this image?"
 MAX_TOKENS = 6
-BUDGETS = {"ratio": {"ratio": 0.25}, "tokens": None}  # None: the family's max_image_tokens
+SERVER_OPTIONS = {"ratio": 0.25}  # the server default (--hf-overrides)
+BUDGETS = ("ratio", "tokens")  # the server default R = 0.25; T per request (the family's max_image_tokens)
 _REPORT: dict[str, Any] = {}
 
 
+def _per_request(family: Any, budget: str) -> dict:
+    """The request's ``mm_processor_kwargs`` for a budget name (empty: the server default)."""
+    return {} if budget == "ratio" else {"max_image_tokens": family.max_image_tokens}
+
+
 def _options(family: Any, budget: str) -> dict:
-    return BUDGETS[budget] or {"max_image_tokens": family.max_image_tokens}
+    """The options in force for a budget name (for the formula)."""
+    return _per_request(family, budget) or SERVER_OPTIONS
 
 
 def _free_port() -> int:
@@ -78,7 +94,7 @@ class Server:
         env.pop("GLOBALCOM2_VLLM", None)
         cmd = [str(VLLM), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--seed", "0",
-               "--hf-overrides", json.dumps(hf_overrides)]  # fmt: skip
+               "--enable-prefix-caching", "--hf-overrides", json.dumps(hf_overrides)]  # fmt: skip
         self.cmd = cmd
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -121,26 +137,24 @@ def checkpoints(tmp_path_factory):
     return lazy_checkpoints(tmp_path_factory, "serve")
 
 
-@pytest.fixture(
-    scope="module", params=[(f, b) for f in FAMILIES for b in BUDGETS], ids=lambda p: f"{p[0]}-{p[1]}"
-)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def served(request, checkpoints, tmp_path_factory):
-    """(family, budget name, options, vLLM dir, openai client) of a running server; one server at a time."""
-    name, budget = request.param
+    """(family, vLLM dir, openai client, server base URL) of a running server; one server at a time."""
+    name = request.param
     family = FAMILIES[name]
     _, vllm_dir = checkpoints(name)
-    options = _options(family, budget)
-    log = tmp_path_factory.mktemp("serve_logs") / f"{name}-{budget}.log"
-    server = Server(vllm_dir, {"architectures": [family.architecture], "globalcom2": options}, log)
+    log = tmp_path_factory.mktemp("serve_logs") / f"{name}.log"
+    server = Server(vllm_dir, {"architectures": [family.architecture], "globalcom2": SERVER_OPTIONS}, log)
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S,
                                max_retries=0)  # fmt: skip
-        _REPORT.setdefault(name, {})[budget] = {
-            "options": options,
-            "serve_command": _command_text(server.cmd),
+        _REPORT[name] = {
+            budget: {"options": _options(family, budget), "per_request": _per_request(family, budget)}
+            for budget in BUDGETS
         }
-        yield family, budget, options, vllm_dir, client
+        _REPORT[name]["serve_command"] = _command_text(server.cmd)
+        yield family, vllm_dir, client, server.base_url
     finally:
         server.stop()
 
@@ -163,25 +177,21 @@ def _command_text(cmd: list[str]) -> str:
 def _markdown(report: dict) -> str:
     lines = []
     for name, fam in report.items():
-        t = fam.get("tokens", {}).get("options", {}).get("max_image_tokens")
-        commands = [f"`{fam[b]['serve_command']}`" for b in BUDGETS if b in fam]
-        lines += [f"### {name}", "", *commands, "",
-                  f"| image (h x w) | uncompressed (formula) | R = 0.25: prompt_tokens (formula) | T = {t}: prompt_tokens "
-                  "(formula) | image tokens: full / R = 0.25 / T |", "|---|---|---|---|---|"]  # fmt: skip
-        rows = {tuple(r["size"]): r for r in fam.get("ratio", {}).get("counts", [])}
-        rows_t = {tuple(r["size"]): r for r in fam.get("tokens", {}).get("counts", [])}
-        for size in rows or rows_t:
-            r, rt = rows.get(size, {}), rows_t.get(size, {})
-            base = r or rt
+        t = fam["tokens"]["per_request"]["max_image_tokens"]
+        lines += [f"### {name}", "", f"`{fam['serve_command']}`", "",
+                  f"| image (h x w) | uncompressed: prompt_tokens (formula) | R = 0.25 (server): prompt_tokens (formula) "
+                  f"| T = {t} (request): prompt_tokens (formula) | image tokens: full / R = 0.25 / T |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in fam.get("counts", []):
             lines.append(
-                f"| {size[0]} x {size[1]} | {base['text_tokens'] + base['image_full']} | "
-                f"{r.get('prompt_tokens')} ({r.get('expected')}) | {rt.get('prompt_tokens')} ({rt.get('expected')}) | "
-                f"{base['image_full']} / {r.get('image_tokens')} / {rt.get('image_tokens')} |"
+                f"| {r['size'][0]} x {r['size'][1]} | {r['full']['prompt_tokens']} ({r['full']['expected']}) | "
+                f"{r['ratio']['prompt_tokens']} ({r['ratio']['expected']}) | {r['tokens']['prompt_tokens']} "
+                f"({r['tokens']['expected']}) | {r['image_full']} / {r['ratio']['image_tokens']} / "
+                f"{r['tokens']['image_tokens']} |"
             )
-        for budget in ("ratio", "tokens"):
-            extra = fam.get(budget, {})
-            if "concurrency" in extra:
-                lines.append(f"\n{budget}: {extra['concurrency']}; bad input: {extra.get('bad_input')}")
+        for key in ("concurrency", "cache", "multi_image", "bad_options", "bad_input"):
+            if key in fam:
+                lines.append(f"\n{key.replace('_', ' ')}: {fam[key]}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -193,93 +203,260 @@ def _png_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _ask(client: Any, url: str) -> Any:
+def _ask(client: Any, urls: str | list[str], mm_kwargs: dict | None = None) -> Any:
+    """One chat request: the images, then TEXT; ``mm_kwargs`` go in ``extra_body["mm_processor_kwargs"]``."""
     model = client.models.list().data[0].id
+    urls = [urls] if isinstance(urls, str) else urls
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [
+        {"type": "text", "text": TEXT}
+    ]
+    extra: dict = {"return_token_ids": True}
+    if mm_kwargs:
+        extra["mm_processor_kwargs"] = mm_kwargs
     return client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": TEXT}]}],
-        max_tokens=MAX_TOKENS, temperature=0.0, logprobs=True, top_logprobs=3, seed=0,
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0.0,
+        logprobs=True, top_logprobs=3, seed=0, extra_body=extra,
     )  # fmt: skip
 
 
 def _answer(response: Any) -> dict:
-    """What must not depend on batching: text, token count and the top log-probabilities of each step."""
-    steps = response.choices[0].logprobs.content
+    """What must not depend on batching or caching: text, token ids, prompt length, top log-probabilities."""
+    choice = response.choices[0]
+    steps = choice.logprobs.content
     return {
-        "text": response.choices[0].message.content,
+        "text": choice.message.content,
+        "token_ids": list(choice.model_extra["token_ids"]),
         "prompt_tokens": response.usage.prompt_tokens,
         "logprobs": [[round(t.logprob, 3) for t in s.top_logprobs] for s in steps],
         "tokens": [[t.token for t in s.top_logprobs] for s in steps],
     }
 
 
-def _text_tokens(family: Any, model_dir: Path) -> int:
-    """Prompt tokens besides the image's: the chat template around ``<placeholder>\\n{TEXT}`` minus the placeholder
-    (vLLM puts the model's placeholder before the text for string-content templates)."""
+def _chat_prompt(family: Any, model_dir: Path, num_images: int) -> str:
+    """The prompt vLLM renders for ``num_images`` images + TEXT (string-content template: the placeholders first,
+    joined with the text by newlines)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": f"{family.image_token}\n{TEXT}"}],
-        add_generation_prompt=True,
-        tokenize=True,
+    content = "\n".join([family.image_token] * num_images + [TEXT])
+    return tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
-    ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-    return len(ids) - 1
 
 
-def _expected(family: Any, model_dir: Path, options: dict, height: int, width: int) -> int:
-    return _text_tokens(family, model_dir) + image_tokens(family, model_dir, height, width, options)
+def _text_tokens(family: Any, model_dir: Path, num_images: int = 1) -> int:
+    """Prompt tokens besides the images': the rendered chat prompt minus its placeholders."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(_chat_prompt(family, model_dir, num_images))["input_ids"]
+    return len(ids) - num_images
+
+
+def _expected(family: Any, model_dir: Path, options: dict, *sizes: tuple[int, int]) -> int:
+    return _text_tokens(family, model_dir, len(sizes)) + sum(
+        image_tokens(family, model_dir, h, w, options) for h, w in sizes
+    )
+
+
+def _prefix_cache_hits(base_url: str) -> float:
+    """The server's ``vllm:prefix_cache_hits`` counter (tokens served from the prefix cache)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total") or line.startswith("vllm:prefix_cache_hits{")
+    )
+
+
+# -- the fresh-engine reference (no prefix cache, no processor cache) --------------------------------------------------
+CACHE_IMAGE = 3  # index into family.sizes: an image that every budget compresses differently
+MULTI = ((1, 11), (4, 12))  # (size index, seed) of the two images of the multi-image prompt
+
+
+def _budget_pairs(family: Any) -> tuple[dict, dict]:
+    """Budgets A and B of the cache test (per request): a ratio and a token budget."""
+    return {"ratio": 0.5}, {"max_image_tokens": family.max_image_tokens}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tmp_path_factory):
+    """Family name -> the fresh engine's answers: [budget A, budget B, multi-image under B] (vllm_runner.py)."""
+    done: dict[str, list[dict]] = {}
+
+    def get(name: str) -> list[dict]:
+        if name not in done:
+            family = FAMILIES[name]
+            _, model_dir = checkpoints(name)
+            h, w = family.sizes[CACHE_IMAGE]
+            a, b = _budget_pairs(family)
+            multi = [[*family.sizes[i], seed] for i, seed in MULTI]
+            requests = [
+                {
+                    "prompt": _chat_prompt(family, model_dir, 1),
+                    "images": [[h, w, 0]],
+                    "mm_processor_kwargs": a,
+                },
+                {
+                    "prompt": _chat_prompt(family, model_dir, 1),
+                    "images": [[h, w, 0]],
+                    "mm_processor_kwargs": b,
+                },
+                {"prompt": _chat_prompt(family, model_dir, 2), "images": multi, "mm_processor_kwargs": b},
+            ]
+            tmp = tmp_path_factory.mktemp(f"ref_{name}")
+            (tmp / "requests.json").write_text(json.dumps(requests))
+            overrides = {"architectures": [family.architecture], "globalcom2": SERVER_OPTIONS}
+            cmd = [sys.executable, str(RUNNER), str(model_dir), str(tmp / "out.json"),
+                   "--hf-overrides", json.dumps(overrides), "--max-tokens", str(MAX_TOKENS),
+                   "--requests", str(tmp / "requests.json")]  # fmt: skip
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+            env.pop("GLOBALCOM2_VLLM", None)
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            assert run.returncode == 0, run.stderr[-4000:]
+            done[name] = json.loads((tmp / "out.json").read_text())
+        return done[name]
+
+    return get
+
+
+def _same_as_reference(got: dict, ref: dict, what: str) -> None:
+    assert got["prompt_tokens"] == ref["prompt_length"], (what, got, ref)
+    assert got["token_ids"] == ref["generated"], (what, got, ref)
+    np.testing.assert_allclose([s[0] for s in got["logprobs"]], ref["logprobs"], atol=2e-3, err_msg=what)
 
 
 # -- the tests -------------------------------------------------------------------------------------------------------
-def test_prompt_tokens_match_the_formula(served):
-    family, budget, options, model_dir, client = served
+def test_prompt_tokens_match_the_formula_per_request(served):
+    """Server default R = 0.25, per-request T and per-request R = 1 (vLLM's own uncompressed count)."""
+    family, model_dir, client, _ = served
+    t = family.max_image_tokens
+    budgets = {"ratio": ({}, SERVER_OPTIONS), "tokens": ({"max_image_tokens": t}, None),
+               "full": ({"ratio": 1.0}, None)}  # fmt: skip
     text = _text_tokens(family, model_dir)
     counts = []
     for i, (h, w) in enumerate(family.sizes):
-        got = _ask(client, _png_url(random_image(h, w, seed=i))).usage.prompt_tokens
-        image = image_tokens(family, model_dir, h, w, options)
-        full = image_tokens(family, model_dir, h, w, None)
-        counts.append({"size": [h, w], "prompt_tokens": got, "expected": text + image, "text_tokens": text,
-                       "image_tokens": image, "image_full": full})  # fmt: skip
-        assert got == text + image, (h, w, got, text, image)
-    _REPORT[family.name][budget]["counts"] = counts
-    images = [c["image_tokens"] for c in counts]
-    fulls = [c["image_full"] for c in counts]
-    if budget == "ratio":
-        assert all(i < 0.4 * f for i, f in zip(images, fulls, strict=True))
-    else:
-        t = options["max_image_tokens"]
-        assert all(i <= t for i in images)
-        assert images[0] == fulls[0] <= t  # an image already under T is left whole
-        assert all(i < f for i, f in zip(images[1:], fulls[1:], strict=True))
+        url = _png_url(random_image(h, w, seed=i))
+        row: dict[str, Any] = {"size": [h, w], "image_full": image_tokens(family, model_dir, h, w, None)}
+        for name, (per_request, options) in budgets.items():
+            got = _ask(client, url, per_request).usage.prompt_tokens
+            image = image_tokens(family, model_dir, h, w, options or per_request)
+            row[name] = {"prompt_tokens": got, "expected": text + image, "image_tokens": image}
+            assert got == text + image, (name, h, w, got, text, image)
+        counts.append(row)
+    _REPORT[family.name]["counts"] = counts
+    fulls = [r["image_full"] for r in counts]
+    assert [r["full"]["image_tokens"] for r in counts] == fulls  # R = 1 is the uncompressed count
+    assert all(r["ratio"]["image_tokens"] < 0.4 * f for r, f in zip(counts, fulls, strict=True))
+    tokens = [r["tokens"]["image_tokens"] for r in counts]
+    assert all(i <= t for i in tokens)
+    assert tokens[0] == fulls[0] <= t  # an image already under T is left whole
+    assert all(i < f for i, f in zip(tokens[1:], fulls[1:], strict=True))
 
 
 def test_concurrent_requests_equal_sequential_ones(served):
-    family, budget, options, model_dir, client = served
+    family, model_dir, client, _ = served
     sizes = [family.sizes[i % len(family.sizes)] for i in range(16)]
     urls = [_png_url(random_image(h, w, seed=100 + i)) for i, (h, w) in enumerate(sizes)]
-    sequential = [_answer(_ask(client, u)) for u in urls]
+    budgets = [BUDGETS[i % 2] for i in range(16)]  # mixed per-request budgets in one batch
+    jobs = [(u, _per_request(family, b)) for u, b in zip(urls, budgets, strict=True)]
+    sequential = [_answer(_ask(client, u, kw)) for u, kw in jobs]
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=16) as pool:
-        concurrent = [_answer(r) for r in pool.map(lambda u: _ask(client, u), urls)]
+        concurrent = [_answer(r) for r in pool.map(lambda job: _ask(client, *job), jobs)]
     seconds = time.monotonic() - start
     for i, (a, b) in enumerate(zip(sequential, concurrent, strict=True)):
-        assert a["text"] == b["text"] and a["prompt_tokens"] == b["prompt_tokens"], (i, a, b)
+        assert a["token_ids"] == b["token_ids"] and a["prompt_tokens"] == b["prompt_tokens"], (i, a, b)
         assert a["tokens"][0] == b["tokens"][0], (i, a, b)
         np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=2e-3, err_msg=str(i))
-        assert a["prompt_tokens"] == _expected(family, model_dir, options, *sizes[i])
+        assert a["prompt_tokens"] == _expected(family, model_dir, _options(family, budgets[i]), sizes[i])
     # The answers depend on the image, so equal answers are not a matter of course.
     assert len({json.dumps(a["logprobs"]) for a in sequential}) > 1
-    _REPORT[family.name][budget]["concurrency"] = (
-        f"16 concurrent mixed-size requests equal to sequential ones ({seconds:.1f} s)"
+    _REPORT[family.name]["concurrency"] = (
+        f"16 concurrent mixed-size requests, half with a per-request T, equal to sequential ones ({seconds:.1f} s)"
     )
 
 
+def test_same_image_with_two_budgets_never_shares_a_cached_result(served, reference):
+    """A, B, A, B one by one, then all four at once: each answer is the fresh engine's for its budget."""
+    family, model_dir, client, base_url = served
+    ref_a, ref_b, _ = reference(family.name)
+    a, b = _budget_pairs(family)
+    assert ref_a["prompt_length"] != ref_b["prompt_length"]  # the two budgets are told apart by their counts
+    h, w = family.sizes[CACHE_IMAGE]
+    url = _png_url(random_image(h, w, seed=0))
+    hits_before = _prefix_cache_hits(base_url)
+    sequential = [_answer(_ask(client, url, kw)) for kw in (a, b, a, b)]
+    hits_sequential = _prefix_cache_hits(base_url) - hits_before
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = [_answer(r) for r in pool.map(lambda kw: _ask(client, url, kw), (a, b, a, b))]
+    for i, (got, ref) in enumerate(zip(sequential + concurrent, [ref_a, ref_b] * 4, strict=True)):
+        _same_as_reference(got, ref, f"request {i} ({'AB'[i % 2]})")
+        assert got["prompt_tokens"] == _expected(family, model_dir, (a, b)[i % 2], (h, w))
+    # The cache was in play: the repeated requests were served (partly) from the prefix cache.
+    assert hits_sequential > 0, hits_sequential
+    _REPORT[family.name]["cache"] = (
+        f"same {h}x{w} image, A = {a}, B = {b} per request, A B A B sequential then concurrent: prompt_tokens "
+        f"{ref_a['prompt_length']} / {ref_b['prompt_length']} and greedy tokens equal to a fresh engine without "
+        f"caches; {hits_sequential:.0f} prompt tokens served from the prefix cache"
+    )
+
+
+def test_multi_image_prompt_gets_one_plan_per_image(served, reference):
+    family, model_dir, client, _ = served
+    b = _budget_pairs(family)[1]
+    ref = reference(family.name)[2]
+    sizes = [family.sizes[i] for i, _ in MULTI]
+    urls = [_png_url(random_image(*family.sizes[i], seed=seed)) for i, seed in MULTI]
+    got = _answer(_ask(client, urls, b))
+    _same_as_reference(got, ref, "two images")
+    assert got["prompt_tokens"] == _expected(family, model_dir, b, *sizes)
+    # Each image its own plan, with its own count (layout tokens aside) under the request's budget.
+    assert len(ref["plans"]) == 2
+    own = [image_tokens(family, model_dir, h, w, b) for h, w in sizes]
+    full = [image_tokens(family, model_dir, h, w, None) for h, w in sizes]
+    kept = [p["num_tokens"] for p in ref["plans"]]
+    dropped = [p["num_tokens_full"] - p["num_tokens"] for p in ref["plans"]]
+    assert dropped == [f - o for f, o in zip(full, own, strict=True)]  # each image as if alone
+    assert own[0] != own[1] and min(dropped) > 0
+    _REPORT[family.name]["multi_image"] = (
+        f"two images {sizes[0]} and {sizes[1]} under {b}: prompt_tokens {got['prompt_tokens']} = formula "
+        f"(image counts {own}), answer equal to a fresh engine's, one plan per image (kept {kept})"
+    )
+
+
+BAD_OPTIONS = {
+    "ratio 0": {"ratio": 0},
+    "ratio 1.5": {"ratio": 1.5},
+    "ratio as a string": {"ratio": "0.5"},
+    "max_image_tokens -3": {"max_image_tokens": -3},
+    "both budgets": {"ratio": 0.5, "max_image_tokens": 100},
+    "unknown allocation": {"allocation": "greedy"},
+    "tau 0": {"tau": 0},
+    "mode per request": {"mode": "reference"},
+}
+
+
+def test_bad_per_request_options_get_400_with_a_one_line_reason(served):
+    family, model_dir, client, _ = served
+    url = _png_url(random_image(*family.sizes[1], seed=1))
+    before = _answer(_ask(client, url))
+    results = {}
+    for what, kwargs in BAD_OPTIONS.items():
+        with pytest.raises(openai.APIStatusError) as info:
+            _ask(client, url, kwargs)
+        err = info.value
+        message = err.body.get("message", "") if isinstance(err.body, dict) else str(err.body)
+        assert err.status_code == 400, (what, err.status_code, message)
+        assert "\n" not in message and "mm_processor_kwargs" in message, (what, message)
+        assert next(iter(kwargs)) in message, (what, message)
+        results[what] = f"HTTP 400: {message}"
+    assert _answer(_ask(client, url)) == before  # still serving, and still the same answer
+    _REPORT[family.name]["bad_options"] = results
+
+
 def test_bad_input_gets_4xx_or_a_correct_answer_and_the_server_keeps_serving(served):
-    family, budget, options, model_dir, client = served
+    family, model_dir, client, _ = served
     good = _png_url(random_image(*family.sizes[1], seed=1))
     before = _answer(_ask(client, good))
     small = np.random.default_rng(0).integers(0, 255, (250, 250, 3), dtype=np.uint8)
@@ -301,7 +478,7 @@ def test_bad_input_gets_4xx_or_a_correct_answer_and_the_server_keeps_serving(ser
             results[what] = f"HTTP {err.status_code}"
         else:  # served: then it must be the right answer for that image
             assert what == "4000x4000", (what, response)
-            assert response.usage.prompt_tokens == _expected(family, model_dir, options, 4000, 4000)
+            assert response.usage.prompt_tokens == _expected(family, model_dir, SERVER_OPTIONS, (4000, 4000))
             results[what] = f"answered, prompt_tokens {response.usage.prompt_tokens} = formula"
     assert _answer(_ask(client, good)) == before  # still serving, and still the same answer
-    _REPORT[family.name][budget]["bad_input"] = results
+    _REPORT[family.name]["bad_input"] = results

@@ -49,12 +49,14 @@ Switched on per model (see docs/engines.md)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from functools import cached_property
+from typing import Annotated, Any, TypeVar
 
 import torch
 from torch import nn
@@ -70,13 +72,16 @@ from ..adapters.internvl import (
 )
 from ..adapters.llava_onevision import anyres_max_shape, parse_anyres_max
 from ..config import GlobalComConfig
+from ..core.allocation import ALLOCATIONS
 from ..core.plan import Plan
 from ..core.scores import cls_attention_scores, cosine_scores
+from ..core.select import SCORINGS
 from ..extras import MissingDependencyError, install_command
 
 try:
     from vllm.config import VllmConfig
     from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+    from vllm.exceptions import VLLMValidationError
     from vllm.model_executor.layers.linear import QKVParallelLinear
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
     from vllm.model_executor.models.clip import CLIPVisionModel
@@ -103,12 +108,12 @@ try:
     from vllm.model_executor.models.vision import is_vit_use_data_parallel
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.inputs import MultiModalFieldConfig
-    from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+    from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, ImageSize
     from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails, cached_encode
     from vllm.utils.tensor_schema import TensorShape
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
-        f"globalcom2.plugins.vllm needs vLLM (>=0.32,<0.33): {install_command('vllm')}", name="vllm"
+        f"globalcom2.plugins.vllm needs vLLM (>=0.32,<0.34): {install_command('vllm')}", name="vllm"
     ) from exc
 
 from . import VLLM_ARCHITECTURE as ARCHITECTURE
@@ -147,6 +152,105 @@ def options_from_config(hf_config: Any) -> GlobalComConfig:
     return config
 
 
+# -- per-request options (mm_processor_kwargs) ---------------------------------------------------------------------
+#: Options a request may set in ``mm_processor_kwargs``: the budget and the selection rule (paper Eq. 2-6).
+REQUEST_OPTIONS = ("ratio", "max_image_tokens", "allocation", "scoring", "alpha", "tau")
+#: Options fixed per server: they decide how the tower is read, once for every image of a forward.
+SERVER_OPTIONS = ("mode", "score", "importance")
+#: Per-image options handed from the processor to the model (one float64 row per image, see :func:`options_row`).
+OPTIONS_KEY = "globalcom2_options"
+
+
+def request_options(server: GlobalComConfig, mm_kwargs: Mapping[str, object]) -> GlobalComConfig:
+    """The options of one request: the server's, overridden by the GlobalCom² keys of its ``mm_processor_kwargs``.
+
+    A budget given in the request replaces the server's budget of the other kind (``ratio`` replaces
+    ``max_image_tokens`` and vice versa); ``None`` means "not given". Other keys (HF processor options) are left to
+    vLLM.
+
+    Raises:
+        VLLMValidationError: a bad value, both budgets, or a server-only option; vLLM answers it with HTTP 400 and
+            this one-line message.
+    """
+    fixed = [key for key in SERVER_OPTIONS if key in mm_kwargs]
+    if fixed:
+        raise VLLMValidationError(
+            f"mm_processor_kwargs: GlobalCom² option `{fixed[0]}` is set per server, not per request (per-request "
+            f"options: {', '.join(REQUEST_OPTIONS)})",
+            parameter=f"mm_processor_kwargs.{fixed[0]}",
+        )
+    given = {key: mm_kwargs[key] for key in REQUEST_OPTIONS if key in mm_kwargs}
+    if not given:
+        return server
+    try:
+        return GlobalComConfig.from_kwargs(server, **given)
+    except (TypeError, ValueError) as exc:
+        raise VLLMValidationError(
+            f"mm_processor_kwargs: {exc}", parameter="mm_processor_kwargs", value=given
+        ) from None
+
+
+def without_request_options(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
+    """``mm_kwargs`` less the GlobalCom² keys: what the HF processor may see (it knows none of them)."""
+    ours = (*REQUEST_OPTIONS, *SERVER_OPTIONS)
+    return {key: value for key, value in mm_kwargs.items() if key not in ours}
+
+
+def options_row(config: GlobalComConfig) -> list[float]:
+    """One image's per-request options as floats (NaN: budget not used): ratio, max_image_tokens, allocation index,
+    scoring index, alpha, tau. float64 holds every Python float and int below 2**53 exactly."""
+    return [
+        math.nan if config.ratio is None else config.ratio,
+        math.nan if config.max_image_tokens is None else float(config.max_image_tokens),
+        float(ALLOCATIONS.index(config.allocation)),
+        float(SCORINGS.index(config.scoring)),
+        config.alpha,
+        config.tau,
+    ]
+
+
+def options_from_row(row: Sequence[float], server: GlobalComConfig) -> GlobalComConfig:
+    """Inverse of :func:`options_row` on top of the server's ``mode`` / ``score`` / ``importance``."""
+    ratio, tokens, allocation, scoring, alpha, tau = (float(v) for v in row)
+    return dataclasses.replace(
+        server, ratio=None if math.isnan(ratio) else ratio,
+        max_image_tokens=None if math.isnan(tokens) else int(tokens), allocation=ALLOCATIONS[int(allocation)],
+        scoring=SCORINGS[int(scoring)], alpha=alpha, tau=tau,
+    )  # fmt: skip
+
+
+def image_options(rows: Any, num_images: int, server: GlobalComConfig) -> list[GlobalComConfig]:
+    """Each image's options from the processor's ``globalcom2_options`` field ((n, 6) tensor or list of (6,) rows;
+    None: the server's options for all), read from the host once."""
+    if rows is None:
+        return [server] * num_images
+    if isinstance(rows, (list, tuple)):
+        rows = torch.stack([torch.as_tensor(r) for r in rows])
+    values = rows.reshape(-1, len(REQUEST_OPTIONS)).tolist()
+    if len(values) != num_images:
+        raise RuntimeError(f"GlobalCom²: {len(values)} option rows for {num_images} images")
+    return [options_from_row(v, server) for v in values]
+
+
+_T = TypeVar("_T")
+
+
+def plan_by_options(
+    configs: Sequence[GlobalComConfig], plan: Callable[[list[int], GlobalComConfig], list[_T]]
+) -> list[_T]:
+    """Plan a batch whose images may carry different options: one batched ``plan(indices, config)`` call per
+    distinct config (in order of first appearance), results back in image order. Each image's plan is what it gets
+    alone (the batched selection pads, it never mixes images), so the grouping changes no result."""
+    groups: dict[GlobalComConfig, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(config, []).append(i)
+    out: list[Any] = [None] * len(configs)
+    for config, indices in groups.items():
+        for i, result in zip(indices, plan(indices, config), strict=True):
+            out[i] = result
+    return out
+
+
 # -- counts (the processors and the models agree through these) ----------------------------------------------------
 def image_geometry(
     hf_config: Any, tile_size: int, patches_per_side: int, height: int, width: int
@@ -169,10 +273,14 @@ def image_geometry(
     )
 
 
-def num_image_tokens(hf_config: Any, tile_size: int, patches_per_side: int, height: int, width: int) -> int:
-    """Image tokens one ``height x width`` image gets in budget mode (LLaVA-NeXT / OneVision), newlines included."""
+def num_image_tokens(
+    hf_config: Any, tile_size: int, patches_per_side: int, height: int, width: int,
+    options: GlobalComConfig | None = None,
+) -> int:  # fmt: skip
+    """Image tokens one ``height x width`` image gets in budget mode (LLaVA-NeXT / OneVision), newlines included,
+    under ``options`` (default: the server's, :func:`options_from_config`)."""
     geo = image_geometry(hf_config, tile_size, patches_per_side, height, width)
-    return geo.num_budget_tokens(options_from_config(hf_config))
+    return geo.num_budget_tokens(options_from_config(hf_config) if options is None else options)
 
 
 def internvl_tokens_per_tile(hf_config: Any) -> int:
@@ -186,11 +294,13 @@ def internvl_tokens_per_tile(hf_config: Any) -> int:
     return (side // factor) ** 2
 
 
-def internvl_image_tokens(hf_config: Any, tiles: int) -> int:
+def internvl_image_tokens(hf_config: Any, tiles: int, options: GlobalComConfig | None = None) -> int:
     """``<IMG_CONTEXT>`` tokens of one InternVL image of ``tiles`` tiles in budget mode (``<img>``/``</img>`` not
-    included; the prompt holds ``2 + this``)."""
+    included; the prompt holds ``2 + this``) under ``options`` (default: the server's)."""
     return internvl_num_image_tokens(
-        options_from_config(hf_config), tiles, internvl_tokens_per_tile(hf_config)
+        options_from_config(hf_config) if options is None else options,
+        tiles,
+        internvl_tokens_per_tile(hf_config),
     )
 
 
@@ -279,22 +389,122 @@ class ClsScorer(nn.Module):
         return loaded
 
 
+# -- processing (API server side): per-request options, counts, profiling ------------------------------------------
+#: Options of the profiling run: the uncompressed count, so that every per-request budget fits the encoder cache.
+UNCOMPRESSED = GlobalComConfig(ratio=1.0)
+
+
+class RequestOptionsInfoMixin:
+    """Processing-info side of per-request options: the server's options and those of one request."""
+
+    get_hf_config: Callable[[], Any]
+
+    @cached_property
+    def globalcom_server_options(self) -> GlobalComConfig:
+        return options_from_config(self.get_hf_config())
+
+    def globalcom_options(self, mm_kwargs: Mapping[str, object]) -> GlobalComConfig:
+        """A request's options (its ``mm_processor_kwargs`` over the server's); raises the HTTP 400 error."""
+        return request_options(self.globalcom_server_options, mm_kwargs)
+
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        # Our keys are no HF processor options (vLLM would build a new processor per value).
+        return super().get_hf_processor(**without_request_options(kwargs))  # type: ignore[misc]
+
+
+class RequestOptionsProcessorMixin:
+    """Multimodal-processor side: validate a request's options first, keep them from the HF processor, hand each
+    image's options to the model (``globalcom2_options``), profile at the uncompressed count.
+
+    The options stay in the request's ``mm_processor_kwargs``, which vLLM hashes into each item's cache key
+    (processor cache, encoder cache, prefix-cache blocks): the same image under two budgets is two cache entries.
+    """
+
+    info: Any
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self.info.globalcom_options(
+            inputs.hf_processor_mm_kwargs
+        )  # a bad value is an HTTP 400 before any work
+        return super().apply(inputs, timing_ctx)  # type: ignore[misc]
+
+    def get_dummy_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = super().get_dummy_inputs(*args, **kwargs)  # type: ignore[misc]
+        inputs.hf_processor_mm_kwargs = {**inputs.hf_processor_mm_kwargs, "ratio": UNCOMPRESSED.ratio}
+        return inputs
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+        return super()._call_hf_processor(hf_data, without_request_options(hf_kwargs))  # type: ignore[misc]
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)  # type: ignore[misc]
+        images = mm_items.get("image")
+        if isinstance(images, ImageProcessorItems) and images.get_count():
+            row = options_row(self.info.globalcom_options(hf_kwargs))
+            processed[OPTIONS_KEY] = torch.tensor([row] * images.get_count(), dtype=torch.float64)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
+        fields[OPTIONS_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+
 # -- LLaVA-NeXT and LLaVA-OneVision ----------------------------------------------------------------------------------
-class GlobalComLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+class GlobalComLlavaNextProcessingInfo(RequestOptionsInfoMixin, LlavaNextProcessingInfo):
     """vLLM's LLaVA-NeXT processing info with the budget-mode placeholder count."""
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+    def get_num_image_tokens(
+        self, *, image_width: int, image_height: int, options: GlobalComConfig | None = None
+    ) -> int:
         encoder = self.get_vision_encoder_info()
         return num_image_tokens(
             self.get_hf_config(), encoder.get_image_size(), encoder.get_patch_grid_length(), image_height,
-            image_width,
+            image_width, self.globalcom_server_options if options is None else options,
         )  # fmt: skip
 
+    def get_image_size_with_most_features(self) -> ImageSize:
+        # The pinpoint with the most *uncompressed* tokens (any request may ask for R = 1); ties: the first.
+        sizes = [ImageSize(width=w, height=h) for h, w in self.get_hf_config().image_grid_pinpoints]
+        return max(sizes, key=lambda s: self.get_num_image_tokens(
+            image_width=s.width, image_height=s.height, options=UNCOMPRESSED))  # fmt: skip
 
-class GlobalComLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
+
+class GlobalComLlavaOnevisionProcessingInfo(RequestOptionsInfoMixin, LlavaOnevisionProcessingInfo):
     """vLLM's LLaVA-OneVision processing info with the budget-mode placeholder count (images; videos untouched)."""
 
     get_num_image_tokens = GlobalComLlavaNextProcessingInfo.get_num_image_tokens
+
+
+class AnyresProcessorMixin(RequestOptionsProcessorMixin):
+    """LLaVA-NeXT / OneVision processors: each image's placeholder run has the count of the request's options."""
+
+    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: Any) -> Sequence[Any]:  # fmt: skip
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        options = self.info.globalcom_options(hf_processor_mm_kwargs)
+        token_id = int(self.info.get_hf_config().image_token_index)
+
+        def replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [token_id] * images.get_feature_size(item_idx)  # precomputed embeddings pass through
+            size = images.get_image_size(item_idx)
+            count = self.info.get_num_image_tokens(
+                image_width=size.width, image_height=size.height, options=options
+            )
+            return [token_id] * count
+
+        image = PromptReplacement(modality="image", target=[token_id], replacement=replacement)
+        return [image if u.modality == "image" else u for u in updates]
+
+
+class GlobalComLlavaNextMultiModalProcessor(AnyresProcessorMixin, LlavaNextMultiModalProcessor):
+    """vLLM's LLaVA-NeXT processor with per-request GlobalCom² options."""
+
+
+class GlobalComLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor):
+    """vLLM's LLaVA-OneVision processor with per-request GlobalCom² options (videos untouched)."""
 
 
 class AnyresGlobalComMixin:
@@ -374,6 +584,13 @@ class AnyresGlobalComMixin:
         features = self._image_pixels_to_features(self.vision_tower, stacked)  # type: ignore[attr-defined]
         return features, cosine_scores(features)  # Eq. 7
 
+    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
+        image_input = super()._parse_and_validate_image_input(**kwargs)  # type: ignore[misc]
+        if image_input is not None and image_input.get("type") == "pixel_values":
+            # Each image's per-request options (the processor's globalcom2_options rows), kept with the pixels.
+            setattr(image_input, OPTIONS_KEY, kwargs.get(OPTIONS_KEY))
+        return image_input
+
     def _process_image_input(self, image_input: Any) -> torch.Tensor | list[torch.Tensor]:
         if image_input.get("type") == "image_embeds":
             # Precomputed embeddings: nothing to score; counted by their own length.
@@ -396,14 +613,18 @@ class AnyresGlobalComMixin:
                 raise ValueError(f"image {height}x{width} needs {n} tiles, got {tiles.shape[0]}")
             geos.append(geo)
             packed.append(self._globalcom_merge(torch.tensor([height, width]), tiles[:n]))
-        # One batched selection for all images (the rows plan_anyres_batch picks from vLLM's own packing).
+        # One batched selection per distinct request options (the rows plan_anyres_batch picks from vLLM's packing).
         tile_scores = [
             s[: 1 + g.grid[0] * g.grid[1]]
             for s, g in zip(scores.split(num_tiles_per_image), geos, strict=True)
         ]
-        planned = plan_anyres_batch(tile_scores, geos, self.globalcom_config)
+        configs = image_options(image_input.get(OPTIONS_KEY), len(geos), self.globalcom_config)
+        planned = plan_by_options(
+            configs,
+            lambda idx, cfg: plan_anyres_batch([tile_scores[i] for i in idx], [geos[i] for i in idx], cfg),
+        )
         out = []
-        for seq, geo, (plan, index) in zip(packed, geos, planned, strict=True):
+        for seq, geo, config, (plan, index) in zip(packed, geos, configs, planned, strict=True):
             if seq.shape[0] != plan.num_tokens_full:
                 raise RuntimeError(
                     f"GlobalCom²: vLLM packed {seq.shape[0]} embeddings for an image with a {geo.grid} grid and "
@@ -411,9 +632,7 @@ class AnyresGlobalComMixin:
                     "differently"
                 )
             kept = seq[index.to(seq.device)]
-            reserved = geo.num_budget_tokens(
-                self.globalcom_config
-            )  # the processor's count (num_image_tokens)
+            reserved = geo.num_budget_tokens(config)  # the processor's count (num_image_tokens)
             if kept.shape[0] != reserved:
                 raise RuntimeError(f"GlobalCom²: kept {kept.shape[0]} embeddings for {reserved} positions")
             out.append(kept)
@@ -431,7 +650,7 @@ class AnyresGlobalComMixin:
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaNextMultiModalProcessor,
+    GlobalComLlavaNextMultiModalProcessor,
     info=GlobalComLlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
@@ -447,7 +666,7 @@ class GlobalComLlavaNextForConditionalGeneration(AnyresGlobalComMixin, LlavaNext
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaOnevisionMultiModalProcessor,
+    GlobalComLlavaOnevisionMultiModalProcessor,
     info=GlobalComLlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
@@ -476,18 +695,26 @@ class GlobalComLlavaOnevisionForConditionalGeneration(
 
 
 # -- InternVL ------------------------------------------------------------------------------------------------------
-class GlobalComInternVLProcessingInfo(InternS1ProcessingInfo):
+class GlobalComInternVLProcessingInfo(RequestOptionsInfoMixin, InternS1ProcessingInfo):
     """vLLM's InternVL (HF format) processing info with the budget-mode ``<IMG_CONTEXT>`` count."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, processor: Any,
                              mm_kwargs: Mapping[str, object]) -> int:  # fmt: skip
         tiles = processor.image_processor.get_number_of_image_patches(
-            image_height, image_width, self.ctx.get_merged_mm_kwargs(mm_kwargs)
+            image_height, image_width, self.ctx.get_merged_mm_kwargs(without_request_options(mm_kwargs))
         )
-        return internvl_image_tokens(self.get_hf_config(), int(tiles))
+        return internvl_image_tokens(self.get_hf_config(), int(tiles), self.globalcom_options(mm_kwargs))
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        # The tiling with the most *uncompressed* tokens (any request may ask for R = 1); ties: the first.
+        height, width = self.get_hf_config().vision_config.image_size
+        processor = self.get_hf_processor()
+        sizes = [ImageSize(width=width * w, height=height * h) for w, h in self.resolve_target_ratios()]
+        return max(sizes, key=lambda s: self.get_num_image_tokens(
+            image_width=s.width, image_height=s.height, processor=processor, mm_kwargs={"ratio": 1.0}))  # fmt: skip
 
 
-class GlobalComInternVLMultiModalProcessor(InternS1MultiModalProcessor):
+class GlobalComInternVLMultiModalProcessor(RequestOptionsProcessorMixin, InternS1MultiModalProcessor):
     """vLLM's InternVL processor, plus each image's tile grid for the model and the budget-mode prompt count."""
 
     def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
@@ -530,13 +757,14 @@ class GlobalComInternVLMultiModalProcessor(InternS1MultiModalProcessor):
         data = out_mm_kwargs.get_data()
         tiles = data["image_num_patches"].tolist() if "image_num_patches" in data else []
         hf_config = self.info.get_hf_config()
+        options = self.info.globalcom_options(hf_processor_mm_kwargs)
 
         def replacement(item_idx: int) -> Any:
             images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):
                 count = images.get_feature_size(item_idx)  # precomputed embeddings pass through
             else:
-                count = internvl_image_tokens(hf_config, int(tiles[item_idx]))
+                count = internvl_image_tokens(hf_config, int(tiles[item_idx]), options)
             ids = [*start, *([context_id] * count), *end]
             return PromptUpdateDetails.select_token_id(ids, context_id)
 
@@ -551,6 +779,7 @@ class GlobalComInternVLImagePixelInputs(InternS1ImagePixelInputs):
     """
 
     tile_grids: Annotated[torch.Tensor, TensorShape("bn", 2)]
+    globalcom2_options: Annotated[torch.Tensor | None, TensorShape("bn", len(REQUEST_OPTIONS))]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -588,10 +817,13 @@ class GlobalComInternVLForConditionalGeneration(InternS1ForConditionalGeneration
             return image_input
         if isinstance(grids, list):
             grids = torch.stack([torch.as_tensor(g) for g in grids])
+        options: Any = kwargs.get(OPTIONS_KEY)
+        if isinstance(options, list):
+            options = torch.stack([torch.as_tensor(o) for o in options])
         h, w = self.config.vision_config.image_size
         return GlobalComInternVLImagePixelInputs(
             type="pixel_values", pixel_values=image_input["pixel_values"], num_patches=image_input["num_patches"],
-            tile_grids=grids.reshape(-1, 2), resolve_bindings={"h": h, "w": w},
+            tile_grids=grids.reshape(-1, 2), globalcom2_options=options, resolve_bindings={"h": h, "w": w},
         )  # fmt: skip
 
     @contextmanager
@@ -637,10 +869,11 @@ class GlobalComInternVLForConditionalGeneration(InternS1ForConditionalGeneration
         for grid, count in zip(grids, counts, strict=True):
             if num_tiles(*grid) != count:
                 raise RuntimeError(f"GlobalCom²: tile grid {grid} does not match {count} tiles")
-        # One batched selection for all images of the call.
-        planned = plan_internvl_batch(
-            list(scores.split(counts)), grids, self.globalcom_g, self.globalcom_config
-        )
+        # One batched selection per distinct request options.
+        tile_scores = list(scores.split(counts))
+        configs = image_options(image_input["globalcom2_options"], len(grids), self.globalcom_config)
+        planned = plan_by_options(configs, lambda idx, cfg: plan_internvl_batch(
+            [tile_scores[i] for i in idx], [grids[i] for i in idx], self.globalcom_g, cfg))  # fmt: skip
         out = [
             tiles.reshape(-1, embeds.shape[-1])[index.to(embeds.device)]
             for tiles, (_, index) in zip(embeds.split(counts), planned, strict=True)
@@ -659,6 +892,8 @@ __all__ = [
     "GlobalComInternVLForConditionalGeneration",
     "GlobalComInternVLMultiModalProcessor",
     "GlobalComInternVLProcessingInfo",
+    "GlobalComLlavaNextMultiModalProcessor",
+    "GlobalComLlavaOnevisionMultiModalProcessor",
     "GlobalComLlavaNextForConditionalGeneration",
     "GlobalComLlavaNextProcessingInfo",
     "GlobalComLlavaOnevisionForConditionalGeneration",
@@ -668,6 +903,13 @@ __all__ = [
     "internvl_image_tokens",
     "internvl_tokens_per_tile",
     "num_image_tokens",
+    "OPTIONS_KEY",
+    "REQUEST_OPTIONS",
+    "SERVER_OPTIONS",
     "options_from_config",
+    "options_from_row",
+    "options_row",
+    "plan_by_options",
+    "request_options",
     "register",
 ]
