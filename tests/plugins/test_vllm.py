@@ -361,3 +361,116 @@ def test_vllm_environment_switch_with_a_token_budget(checkpoints, tmp_path, name
     tokens, plans = _hf_reference(family, hf_dir, options)
     assert got["generated"] == tokens
     assert got["plans"] == plans
+
+
+# -- per-request options (mm_processor_kwargs) ---------------------------------------------------------------------
+def test_request_options_override_the_server_and_reject_bad_values():
+    from vllm.exceptions import VLLMValidationError
+
+    server = globalcom2.GlobalComConfig(ratio=0.25, allocation="uniform", tau=5)
+    assert pv.request_options(server, {}) is server
+    assert pv.request_options(server, {"do_pad": True, "ratio": None}) == server  # HF keys and None: not ours
+    got = pv.request_options(server, {"ratio": 0.5, "alpha": 0.2})
+    assert (got.ratio, got.alpha, got.allocation, got.tau) == (0.5, 0.2, "uniform", 5.0)
+    got = pv.request_options(server, {"max_image_tokens": 100})
+    assert (got.max_image_tokens, got.ratio) == (100, None)  # a request's budget replaces the server's
+    tokens_server = globalcom2.GlobalComConfig(max_image_tokens=300)
+    got = pv.request_options(tokens_server, {"ratio": 0.5})
+    assert (got.ratio, got.max_image_tokens) == (0.5, None)
+    bad = {
+        "`ratio` must be in": {"ratio": 1.5},
+        "`ratio` must be a real number": {"ratio": "0.5"},
+        "`max_image_tokens` must be a positive int": {"max_image_tokens": 0},
+        "not both": {"ratio": 0.5, "max_image_tokens": 10},
+        "`allocation` must be one of": {"allocation": "greedy"},
+        "`tau` must be > 0": {"tau": 0},
+        "`importance` is set per server": {"importance": "cosine"},
+    }
+    for message, kwargs in bad.items():
+        with pytest.raises(VLLMValidationError, match=message) as info:
+            pv.request_options(server, kwargs)
+        assert "\n" not in str(info.value) and str(info.value).startswith("mm_processor_kwargs: ")
+    assert pv.without_request_options({"ratio": 1, "mode": "x", "do_pad": True}) == {"do_pad": True}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"ratio": 0.1}, {"ratio": 1 / 3, "allocation": "topk-count", "scoring": "local", "alpha": 0.7, "tau": 2.5},
+     {"max_image_tokens": 2**40 + 1, "allocation": "uniform", "scoring": "global"}],
+)  # fmt: skip
+def test_options_row_round_trips_exactly(options):
+    server = globalcom2.GlobalComConfig(score="softmax", importance="cosine")
+    config = globalcom2.GlobalComConfig.from_kwargs(server, **options)
+    row = torch.tensor([pv.options_row(config)], dtype=torch.float64)  # as the processor hands it over
+    assert pv.image_options(row, 1, server) == [config]
+    assert pv.image_options([row[0], row[0]], 2, server) == [
+        config,
+        config,
+    ]  # a list of rows (ragged batches)
+    assert pv.image_options(None, 2, server) == [server, server]
+    with pytest.raises(RuntimeError, match="2 option rows for 1 images"):
+        pv.image_options(torch.cat([row, row]), 1, server)
+
+
+def test_plan_by_options_equals_each_image_planned_alone():
+    """Images with different per-request options in one batch: one batched call per distinct config, each image
+    planned exactly as alone, results in image order."""
+    from globalcom2.adapters.anyres import plan_anyres_batch
+
+    g = 4
+    geos = [anyres_geometry(s, [[16, 32], [32, 16], [32, 32]], 16, g) for s in [(30, 12), (14, 28), (31, 30)]]
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(1 + geo.grid[0] * geo.grid[1], g * g, generator=gen) for geo in geos]
+    configs = [globalcom2.GlobalComConfig(ratio=0.5), globalcom2.GlobalComConfig(max_image_tokens=20),
+               globalcom2.GlobalComConfig(ratio=0.5)]  # fmt: skip
+    calls = []
+
+    def plan(idx, cfg):
+        calls.append((idx, cfg))
+        return plan_anyres_batch([scores[i] for i in idx], [geos[i] for i in idx], cfg)
+
+    got = pv.plan_by_options(configs, plan)
+    assert calls == [([0, 2], configs[0]), ([1], configs[1])]
+    for i, (p, index) in enumerate(got):
+        alone, alone_index = plan_anyres_batch([scores[i]], [geos[i]], configs[i])[0]
+        assert torch.equal(index, alone_index) and p.num_tokens == alone.num_tokens
+    assert got[1][0].num_tokens != got[0][0].num_tokens
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_processor_counts_follow_per_request_options(checkpoints, name):
+    """vLLM's own multimodal processor (no engine): each image's placeholder run has the formula's count under the
+    request's options, two images get two runs of their own counts, every image carries its options to the model,
+    a bad value is a VLLMValidationError, and profiling reserves the uncompressed count (so any budget fits)."""
+    from vllm.config import ModelConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    family = FAMILIES[name]
+    _, model_dir = checkpoints(name)
+    register_vllm()
+    server = {"ratio": 0.25}
+    config = ModelConfig(model=str(model_dir), dtype="float32", max_model_len=4096, seed=0,
+                         hf_overrides={"architectures": [family.architecture], "globalcom2": server})  # fmt: skip
+    proc = MULTIMODAL_REGISTRY.create_processor(config)
+    assert type(proc).__name__.startswith("GlobalCom")
+    sizes = family.sizes[1:3]
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    prompt = family.prompt("hi").replace(family.image_token, f"{family.image_token}\n{family.image_token}")
+    for per_request in [{}, {"ratio": 1.0}, {"max_image_tokens": family.max_image_tokens},
+                        {"ratio": 0.5, "allocation": "uniform", "tau": 3}]:  # fmt: skip
+        out = proc(prompt, proc.info.parse_mm_data({"image": images}), hf_processor_mm_kwargs=per_request)
+        options = per_request or server
+        expected = [image_tokens(family, model_dir, h, w, options) for h, w in sizes]
+        assert [p.length for p in out["mm_placeholders"]["image"]] == expected, per_request
+        rows = torch.stack([item[pv.OPTIONS_KEY].data for item in out["mm_kwargs"]["image"]])
+        want = globalcom2.GlobalComConfig.from_kwargs(pv.options_from_config(config.hf_config), **per_request)
+        assert pv.image_options(rows, 2, pv.options_from_config(config.hf_config)) == [want, want]
+    assert image_tokens(family, model_dir, *sizes[0], {"ratio": 1.0}) > image_tokens(
+        family, model_dir, *sizes[0], server
+    )
+    with pytest.raises(VLLMValidationError, match="`ratio` must be in"):
+        proc(prompt, proc.info.parse_mm_data({"image": images}), hf_processor_mm_kwargs={"ratio": 2})
+    dummy = proc.get_dummy_mm_inputs({"image": 1})
+    width, height = proc.info.get_image_size_with_most_features()
+    assert dummy["mm_placeholders"]["image"][0].length == image_tokens(family, model_dir, height, width, None)

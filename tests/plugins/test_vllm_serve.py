@@ -1,8 +1,8 @@
 """GlobalCom² behind a real ``vllm serve`` (OpenAI-compatible server), queried with the ``openai`` client.
 
 For each family (tiny checkpoints, see vllm_checkpoints.py) one server runs as a subprocess on 127.0.0.1 (a free
-port), started exactly as docs/engines.md says (``vllm serve DIR --hf-overrides ...`` with the server default
-``ratio=0.25``, prefix caching on, ``VLLM_CPU_KVCACHE_SPACE`` on this CPU build) and stopped by its pid at the end of
+port), started exactly as docs/engines.md says (``vllm serve DIR --trust-request-mm-kwargs --hf-overrides ...`` with
+the server default ``ratio=0.25``, prefix caching on, ``VLLM_CPU_KVCACHE_SPACE`` on this CPU build) and stopped by its pid at the end of
 its tests. Per-request budgets go in ``extra_body={"mm_processor_kwargs": {...}}``. Every server is checked for:
 
 - ``usage.prompt_tokens`` of base64 PNG images of several sizes against the formula (text tokens + the image's
@@ -94,7 +94,8 @@ class Server:
         env.pop("GLOBALCOM2_VLLM", None)
         cmd = [str(VLLM), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--seed", "0",
-               "--enable-prefix-caching", "--hf-overrides", json.dumps(hf_overrides)]  # fmt: skip
+               "--enable-prefix-caching", "--trust-request-mm-kwargs",
+               "--hf-overrides", json.dumps(hf_overrides)]  # fmt: skip
         self.cmd = cmd
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(

@@ -185,9 +185,7 @@ def request_options(server: GlobalComConfig, mm_kwargs: Mapping[str, object]) ->
     try:
         return GlobalComConfig.from_kwargs(server, **given)
     except (TypeError, ValueError) as exc:
-        raise VLLMValidationError(
-            f"mm_processor_kwargs: {exc}", parameter="mm_processor_kwargs", value=given
-        ) from None
+        raise VLLMValidationError(f"mm_processor_kwargs: {exc}", parameter="mm_processor_kwargs") from None
 
 
 def without_request_options(mm_kwargs: Mapping[str, object]) -> dict[str, object]:
