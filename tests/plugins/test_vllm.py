@@ -52,6 +52,16 @@ PINPOINTS_7B = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 # -- registration and options ------------------------------------------------------------------------------------
+def test_vllm_version_is_the_expected_one():
+    """``GLOBALCOM2_EXPECT_VLLM=0.33`` (scripts/test_engines.sh): these tests must really run against that vLLM."""
+    import vllm
+
+    expected = os.environ.get("GLOBALCOM2_EXPECT_VLLM")
+    assert vllm.__version__.startswith(expected or "0.3"), (vllm.__version__, vllm.__file__)
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin == vllm.__file__
+
+
 def test_entry_point_registers_the_architecture(monkeypatch):
     eps = [
         ep for ep in importlib.metadata.entry_points(group="vllm.general_plugins") if ep.name == "globalcom2"

@@ -311,9 +311,9 @@ def reference(checkpoints, tmp_path_factory):
             cmd = [sys.executable, str(RUNNER), str(model_dir), str(tmp / "out.json"),
                    "--hf-overrides", json.dumps(overrides), "--max-tokens", str(MAX_TOKENS),
                    "--requests", str(tmp / "requests.json")]  # fmt: skip
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # PYTHONPATH too (the vLLM 0.33 source step)
             env.pop("GLOBALCOM2_VLLM", None)
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
             assert run.returncode == 0, run.stderr[-4000:]
             done[name] = json.loads((tmp / "out.json").read_text())
         return done[name]

@@ -24,6 +24,14 @@ this module adds to vLLM's own model:
   the patches with the [CLS] row of InternViT's last layer (Eq. 1, summed over each 2x2 pixel-shuffle group) and keeps
   the tokens :func:`~globalcom2.adapters.internvl.plan_internvl_batch` picks, in InternVL's order.
 
+**Per-request options.** A request's ``mm_processor_kwargs`` may override the server's budget and selection rule
+(:data:`REQUEST_OPTIONS`; :func:`request_options`, an HTTP 400 on a bad value). The processors count each image under
+its request's options and hand them to the model as one per-image field (``globalcom2_options``,
+:func:`options_row`); the models plan each image with its own options (:func:`plan_by_options`). vLLM hashes the
+request's ``mm_processor_kwargs`` into every cache key of the image (processor cache, encoder cache, prefix-cache
+blocks), so one image under two budgets never shares a cached result. Profiling runs uncompressed
+(:data:`UNCOMPRESSED`), so the encoder cache fits any per-request budget.
+
 **[CLS] scores without an attention map.** vLLM builds a CLIP tower only up to the feature layer
 (``vision_feature_layer=-2``: all layers but the last), so the last layer's *input* is the tower's output;
 :class:`ClsScorer` holds that layer's pre-attention LayerNorm and q/k/v projection (loaded from the checkpoint's
@@ -904,6 +912,7 @@ __all__ = [
     "OPTIONS_KEY",
     "REQUEST_OPTIONS",
     "SERVER_OPTIONS",
+    "UNCOMPRESSED",
     "options_from_config",
     "options_from_row",
     "options_row",
