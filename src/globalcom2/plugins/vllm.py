@@ -682,7 +682,8 @@ class GlobalComLlavaOnevisionForConditionalGeneration(
     """vLLM's LLaVA-OneVision with GlobalCom² (budget mode) for images; videos pass through unchanged.
 
     SigLIP towers (no [CLS], strategy ``"full"``) score by Eq. 7, CLIP towers (strategy ``"default"``) by [CLS].
-    One image per prompt: vLLM, like HF, tiles an image only when it is its prompt's only one.
+    Several images per prompt work: vLLM hands OneVision's processor a flat list of images, so each one is
+    anyres-tiled (unlike HF's batched multi-image mode) and planned on its own.
     """
 
     globalcom_strategies = {True: "default", False: "full"}
