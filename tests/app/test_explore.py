@@ -108,3 +108,21 @@ def test_page_handler_messages(explorer, tmp_path):
     message, *_ = _compress(explorer, None, str(tiny), "llava_next", ["globalcom2"], "max image tokens T", 0.25,
                             2.5, "q", *OPTIONS.values())  # fmt: skip
     assert re.search(r"T must be a positive integer, got 2.5", message)
+
+
+def test_cli_usage_errors_and_missing_gradio(monkeypatch, capsys):
+    """`globalcom2 explore`: a bad port is a usage error; without Gradio one line names the pip command (exit 2)."""
+    import sys
+
+    from globalcom2.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["explore", "--port", "0"])
+    assert exc.value.code == 2 and "port must be in 1..65535" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if it were not installed
+    assert main(["explore"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == 'globalcom2: error: gradio is not installed (needed for globalcom2 explore): pip install "globalcom2[app]"'
+    )

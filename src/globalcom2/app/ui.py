@@ -7,6 +7,9 @@ the top of the result column, and the server keeps serving. Element ids (``gc-*`
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,15 @@ _INTRO = (
     "thumbnail and the crops, kept tokens in colour, discarded ones greyed, r_j and kept/N_j per crop (the same "
     "figures as `globalcom2 visualize`). The tables and the plan JSON state the same numbers."
 )
+
+
+@functools.cache
+def _downloads() -> str:
+    """One folder for this process's plan files (one sub-folder per request, so sessions never share a file);
+    removed at exit. Gradio serves its own copy of each."""
+    folder = tempfile.mkdtemp(prefix="globalcom2_explore_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _standin_note(explorer: Explorer) -> str:
@@ -66,8 +78,7 @@ def _compress(explorer: Explorer, photo: str | None, upload: Any, family: str, m
     except Exception as err:  # a bug: say so in the page, keep serving
         return f"**Error:** {internal_error(err)}", None, "", None
     out = (
-        Path(tempfile.mkdtemp(prefix="globalcom2_explore_"))
-        / f"globalcom2_plan_{Path(name.replace(':', '_')).stem}.json"
+        Path(tempfile.mkdtemp(dir=_downloads())) / f"globalcom2_plan_{Path(name.replace(':', '_')).stem}.json"
     )
     out.write_text(plan_json(result))
     message = f"{name} ({image.width}x{image.height}), {len(result.records)} method(s)."
@@ -84,7 +95,8 @@ def build_app(explorer: Explorer) -> Any:
     from ..demo.photos import PHOTOS
     from ..methods import METHODS
 
-    with gr.Blocks(title="GlobalCom² explorer", analytics_enabled=False) as app:
+    # delete_cache: Gradio's copies of uploads and plan files older than an hour go, checked hourly
+    with gr.Blocks(title="GlobalCom² explorer", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(_INTRO + "\n\n" + _standin_note(explorer))
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
