@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
 from tests.conftest import random_image
 
 
@@ -35,6 +36,8 @@ class Family:
     native: bool = False
     # in the README's test command (the others run with --full)
     default: bool = True
+    # options every processor call of the table passes (e.g. Gemma 3's pan-and-scan)
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def builder_function(self) -> Any:
         import importlib
@@ -69,6 +72,9 @@ FAMILIES = (
                default=name in ("qwen2_5_vl", "qwen3_vl"))
         for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
     ),
+    Family("gemma3", "globalcom2.demo.tiny_tiling:build_tiny_gemma3", "<start_of_image>",
+           ((60, 190), (150, 150), (200, 90), (70, 100)), (60, 190), needs_grids=True, nested_images=True,
+           call_kwargs=tuple(GEMMA3_PAN_AND_SCAN.items())),
 )  # fmt: skip
 FAMILY_IDS = [f.name for f in FAMILIES]
 
@@ -108,7 +114,10 @@ def load(path: Path) -> tuple[Any, Any]:
 
 def inputs_for(family: Family, processor: Any, images: list) -> dict:
     batch = [[image] for image in images] if family.nested_images else images
-    return processor(images=batch, text=[family.prompt()] * len(images), return_tensors="pt", padding=True)
+    return processor(
+        images=batch, text=[family.prompt()] * len(images), return_tensors="pt", padding=True,
+        **dict(family.call_kwargs),
+    )  # fmt: skip
 
 
 def greedy(model: Any, inputs: dict, new_tokens: int = 4) -> torch.Tensor:

@@ -75,7 +75,7 @@ class FamilyAdapter:
     def _transformers_class(cls, name: str) -> Any:
         import transformers
 
-        return getattr(transformers, name)
+        return getattr(transformers, name, None)  # None: a class this transformers version lacks
 
     @classmethod
     def is_supported(cls, model: Any) -> bool:
@@ -120,12 +120,16 @@ class FamilyAdapter:
                 f"processor must be a {self.processor_class_name} for {type(self.model).__name__}, "
                 f"got {type(self.processor).__name__}"
             )
-        token_id = getattr(self.processor, "image_token_id", None)
+        token_id = self.processor_image_token_id()
         if token_id is not None and int(token_id) != int(self.model.config.image_token_id):
             raise IncompatibleProcessorError(
                 f"processor/model mismatch: image_token_id {token_id} vs {self.model.config.image_token_id}"
             )
         self.check_processor()
+
+    def processor_image_token_id(self) -> int | None:
+        """The id of the placeholder the processor writes into each image run (checked against the model's)."""
+        return getattr(self.processor, "image_token_id", None)
 
     def check_model(self) -> None:
         """Family checks of the model (vision feature strategy, geometry)."""

@@ -128,6 +128,12 @@ class Idefics3Adapter(InternVLAdapter):
     vision_tower_name = "vision_model"
     encodes_first = True  # budget mode too: the scores decide where each crop's markers go
     supports_max_image_tokens = True
+    #: the module whose input Eq. 7 scores (the patch features, before the pixel shuffle / pooling it applies)
+    projector_name: ClassVar[str] = "connector"
+    #: the thumbnail's run comes before the crops' runs in the prompt (Gemma 3) rather than after (Idefics3)
+    thumbnail_first: ClassVar[bool] = False
+    #: values the inserted placeholders take in other inputs when runs are resized (e.g. Gemma 3's token types)
+    inserted_values: ClassVar[dict[str, int]] = {}
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         FamilyAdapter.__init__(self, model, processor, config)
@@ -189,7 +195,9 @@ class Idefics3Adapter(InternVLAdapter):
     # -- scores: Eq. 7 on the connector's input, summed per pixel-shuffle group --------------------------------
     def install_scoring(self, handle: GlobalComHandle) -> None:
         handle.add_hook(
-            self.inner.connector.register_forward_pre_hook(functools.partial(self._connector_hook, handle))
+            getattr(self.inner, self.projector_name).register_forward_pre_hook(
+                functools.partial(self._connector_hook, handle)
+            )
         )
 
     @torch.no_grad()
@@ -217,7 +225,9 @@ class Idefics3Adapter(InternVLAdapter):
         if not plans:
             return []
         device = plans[0].thumbnail_mask.device
-        runs = [torch.cat([p.crop_keep_counts.to(device), p.thumbnail_mask.sum().reshape(1)]) for p in plans]
+        runs = [
+            self.in_run_order(p.crop_keep_counts.to(device), p.thumbnail_mask.sum().reshape(1)) for p in plans
+        ]
         return [int(v) for v in torch.cat(runs).tolist()]  # one read for the batch
 
     # -- processor side ----------------------------------------------------------------------------------------
@@ -253,16 +263,36 @@ class Idefics3Adapter(InternVLAdapter):
         grid = (int(grid[0]), int(grid[1]))
         if grid not in self._layout:
             proc: Any = self.processor
-            rows, cols = grid if num_tiles(*grid) > 1 else (0, 0)  # the processor's "not split"
-            text = type(proc).replace_image_token(
-                _OneTokenRuns(proc), {"rows": [[rows]], "cols": [[cols]]}, 0
-            )
+            text = self.one_token_layout(type(proc).replace_image_token, self.layout_inputs(grid), 0)
             ids = torch.tensor(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
             runs = int((ids == self.model.config.image_token_id).sum())
             if runs != num_tiles(*grid):
                 raise RuntimeError(f"GlobalCom²: expected {num_tiles(*grid)} placeholder runs, found {runs}")
             self._layout[grid] = int(ids.numel()) - runs
         return self._layout[grid]
+
+    def layout_inputs(self, grid: tuple[int, int]) -> dict:
+        """The processed-image fields ``replace_image_token`` reads, for one image of this crop grid."""
+        rows, cols = grid if num_tiles(*grid) > 1 else (0, 0)  # the processor's "not split"
+        return {"rows": [[rows]], "cols": [[cols]]}
+
+    def grid_of_inputs(self, image_inputs: dict, image_idx: int) -> tuple[int, int]:
+        """(rows, cols) of image ``image_idx`` of the processed-image fields ``replace_image_token`` receives."""
+        rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]
+        cols = [c for sample in image_inputs["cols"] for c in sample][image_idx]
+        return max(int(rows), 1), max(int(cols), 1)
+
+    def one_token_layout(self, replace: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """The processor's own text for one image with one placeholder per run (``replace``: its
+        ``replace_image_token``, bound or not)."""
+        return getattr(replace, "__func__", replace)(
+            _OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs
+        )
+
+    @property
+    def placeholder_text(self) -> str:
+        """The placeholder the processor writes into each run."""
+        return str(self.processor.image_token)
 
     def num_image_tokens_for_tiles(self, tiles: int) -> int:
         raise TypeError(
@@ -278,17 +308,18 @@ class Idefics3Adapter(InternVLAdapter):
             n = num_tiles(*grid) - 1
             thumb, crops = budget_counts(n_tok, n * n_tok, self.ratio_for_grid(grid))
             even = torch.full((n,), n_tok, dtype=torch.long)
-            self._emitted[grid] = (
-                [*split_budget(crops, even.double(), even).tolist(), thumb] if n else [thumb]
-            )
+            split = split_budget(crops, even.double(), even) if n else even
+            self._emitted[grid] = self.in_run_order(split, torch.tensor([thumb])).tolist()
         return list(self._emitted[grid])
 
+    def in_run_order(self, crops: torch.Tensor, thumbnail: torch.Tensor) -> torch.Tensor:
+        """Per-run values of one image in prompt order: the crops' then the thumbnail's (or the thumbnail's first)."""
+        return torch.cat([thumbnail, crops] if self.thumbnail_first else [crops, thumbnail])
+
     def _replace_image_runs(self, original: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        rows = [r for sample in image_inputs["rows"] for r in sample][image_idx]
-        cols = [c for sample in image_inputs["cols"] for c in sample][image_idx]
-        counts = self.emitted_runs((max(int(rows), 1), max(int(cols), 1)))
-        token = self.processor.image_token
-        layout = original.__func__(_OneTokenRuns(self.processor), image_inputs, image_idx, **kwargs)
+        counts = self.emitted_runs(self.grid_of_inputs(image_inputs, image_idx))
+        token = self.placeholder_text
+        layout = self.one_token_layout(original, image_inputs, image_idx, **kwargs)
         parts = layout.split(token)
         if len(parts) != len(counts) + 1:
             raise RuntimeError(f"GlobalCom²: expected {len(counts)} placeholder runs, found {len(parts) - 1}")
@@ -360,6 +391,7 @@ class Idefics3Adapter(InternVLAdapter):
             input_ids, image_token_id=self.model.config.image_token_id, anchor_ids=self.anchor_ids,
             old_counts=old, new_counts=self.placeholder_run_counts(plans),
             pad_token_id=pad_token_id(self.model, self.processor), extra=extra, hint=hint,
+            inserted=self.inserted_values,
         )  # fmt: skip
 
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:

@@ -152,6 +152,27 @@ def tile_grids_for(
     return grids
 
 
+def image_sizes_of(images: Any) -> list[tuple[int, int]]:
+    """(height, width) of every image of a processor call's ``images`` (PIL, arrays or tensors, nested or not)."""
+    from transformers.image_utils import (
+        get_image_size,
+        infer_channel_dimension_format,
+        make_flat_list_of_images,
+        to_numpy_array,
+    )
+
+    sizes = []
+    flat: list[Any] = list(make_flat_list_of_images(images))  # type: ignore[arg-type]
+    for image in flat:
+        if hasattr(image, "size") and hasattr(image, "mode"):  # PIL
+            sizes.append((int(image.height), int(image.width)))
+        else:
+            arr = to_numpy_array(image)
+            h, w = get_image_size(arr, infer_channel_dimension_format(arr))
+            sizes.append((int(h), int(w)))
+    return sizes
+
+
 #: Layout tokens of one image besides its ``<IMG_CONTEXT>`` run: ``<img>`` and ``</img>`` (count towards T).
 IMAGE_MARKERS = 2
 
@@ -396,13 +417,6 @@ class InternVLAdapter(FamilyAdapter):
 
     def tile_grids(self, images: Any, num_patches: Any, images_kwargs: dict) -> list[list[int]]:
         """(rows, cols) of every image, by the image processor's own rule, checked against its tile counts."""
-        from transformers.image_utils import (
-            get_image_size,
-            infer_channel_dimension_format,
-            make_flat_list_of_images,
-            to_numpy_array,
-        )
-
         ip = self.processor.image_processor
 
         def opt(name: str) -> Any:
@@ -410,16 +424,7 @@ class InternVLAdapter(FamilyAdapter):
             return getattr(ip, name) if value is None else value
 
         counts = [int(n) for n in (num_patches.tolist() if hasattr(num_patches, "tolist") else num_patches)]
-        sizes = []
-        flat: list[Any] = list(make_flat_list_of_images(images))  # type: ignore[arg-type]
-        for image in flat:
-            if hasattr(image, "size") and hasattr(image, "mode"):  # PIL
-                sizes.append((int(image.height), int(image.width)))
-            else:
-                arr = to_numpy_array(image)
-                h, w = get_image_size(arr, infer_channel_dimension_format(arr))
-                sizes.append((int(h), int(w)))
-        return tile_grids_for(sizes, counts, opt)
+        return tile_grids_for(image_sizes_of(images), counts, opt)
 
     # -- model side: the grids travel with the call, selection runs after get_image_features ----------------
     @contextmanager

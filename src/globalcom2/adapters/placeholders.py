@@ -201,6 +201,7 @@ def resize_marked_runs(
     pad_token_id: int,
     extra: dict[str, torch.Tensor],
     hint: str,
+    inserted: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Give every placeholder run that follows a marker token a new length, then re-pad the batch.
 
@@ -214,6 +215,7 @@ def resize_marked_runs(
         new_counts: the length every run gets.
         extra: attention_mask, labels, ...: resized alike (new placeholders: label -100, the marker's mask).
         hint: how to fix the inputs, for the error message.
+        inserted: values new placeholders take in tensors of ``extra`` (default: the marker's).
 
     Returns:
         ``input_ids`` and the resized tensors of ``extra``.
@@ -236,5 +238,5 @@ def resize_marked_runs(
     reps[anchor] += torch.tensor(new_counts, dtype=torch.long, device=input_ids.device)
     return _repeat_tokens(
         {"input_ids": input_ids, **extra}, reps, pad_token_id=pad_token_id,
-        inserted={"input_ids": image_token_id, "labels": -100},
+        inserted={"labels": -100, **(inserted or {}), "input_ids": image_token_id},
     )  # fmt: skip

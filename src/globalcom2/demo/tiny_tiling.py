@@ -1,0 +1,77 @@
+"""Tiny, randomly initialised checkpoints of the further tiling families, built offline.
+
+Same recipe as :mod:`globalcom2.demo.tiny_families` (real transformers classes, random weights, a fixed BPE
+tokenizer built in code, ``save_pretrained`` then ``from_pretrained``):
+
+* **Gemma 3** (``Gemma3ForConditionalGeneration`` + ``Gemma3Processor``): a random 2-layer SigLIP tower on 64 px
+  images of 4 px patches (16 x 16 patches), the projector's 4 x 4 average pooling to 16 tokens per image (the
+  released checkpoints: 896 px, 14 px patches, 64 x 64 patches pooled to 256), a tiny Gemma 3 LLM with its
+  bidirectional image attention. Pan-and-scan is a call option (``do_pan_and_scan=True``, with
+  ``pan_and_scan_min_crop_size=32`` at this scale); :data:`GEMMA3_PAN_AND_SCAN` holds the options the tests pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tiny_parts import build_family_tokenizer, llm_config, save_random_checkpoint, tiny_vit_config
+
+GEMMA3_SPECIALS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+#: The pan-and-scan call options of the tiny Gemma 3 (the processor's defaults are off and 256 px crops at least).
+GEMMA3_PAN_AND_SCAN = {
+    "do_pan_and_scan": True,
+    "pan_and_scan_min_crop_size": 32,
+    "pan_and_scan_max_num_crops": 4,
+    "pan_and_scan_min_ratio_to_activate": 1.2,
+}
+
+
+def build_tiny_gemma3(
+    out_dir: str | Path,
+    *,
+    tile_size: int = 64,
+    patch_size: int = 4,
+    tokens_per_image: int = 16,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Gemma 3 checkpoint + processor to ``out_dir`` and return the path.
+
+    Args:
+        tile_size, patch_size: image side and SigLIP patch in pixels (the tower's grid is their quotient).
+        tokens_per_image: ``mm_tokens_per_image``, a square whose side divides the patch grid (the pooling).
+        text_hidden, text_layers, text_heads: tiny Gemma 3 LLM (head_dim 32).
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_family_tokenizer(GEMMA3_SPECIALS)
+    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    text_config = llm_config(
+        Gemma3TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
+        sliding_window=64,
+    )  # fmt: skip
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_SPECIALS.items()}
+    config = Gemma3Config(
+        vision_config=vision_config, text_config=text_config, mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+    )  # fmt: skip
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
+    )
+    return save_random_checkpoint(out_dir, Gemma3ForConditionalGeneration, config, processor, seed=seed)

@@ -1,0 +1,336 @@
+"""GlobalCom² on a real (tiny, random) Gemma3ForConditionalGeneration, pan-and-scan off and on.
+
+The family-generic checks (apply/remove bit-exact, batches, threads, tie rule, error classes) run on it in
+test_families.py; here: the counts, the kept sets and the exact sequence (markers, runs, token types) against a
+plain re-implementation of docs/families.md's Gemma 3 section, and the model end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import globalcom2
+from globalcom2.adapters import idefics3 as idefics3_module
+from globalcom2.adapters.internvl import GRID_KEY
+from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
+from tests.adapters.plain_families import plain_cosine, plain_onevision, plain_pool, spy
+from tests.conftest import random_image, sweep
+from tests.core.reference_plain import stable_top
+
+# (height, width) at the tiny scale (64 px tiles, crops >= 32 px): landscape 1 x 2..4, portrait 2..4 x 1, square
+# and mildly long images (no crops), and images whose crops would be too small (no crops)
+SIZES = [
+    (60, 190), (190, 60), (150, 150), (200, 90), (70, 100), (40, 200), (300, 70), (64, 64), (100, 260),
+    (45, 50), (20, 300), (129, 64),
+]  # fmt: skip
+PROMPT = "USER: <start_of_image>\nWhat is shown in this image? ASSISTANT:"
+ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    from globalcom2.demo.tiny_tiling import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture()
+def fam(gemma_dir):
+    from globalcom2.loading import load_tiny_family
+
+    return load_tiny_family(gemma_dir)
+
+
+def _inputs(processor, images, pan_and_scan=True, prompts=None):
+    kwargs = GEMMA3_PAN_AND_SCAN if pan_and_scan else {}
+    prompts = prompts or [PROMPT] * len(images)
+    nested = [[image] for image in images]
+    return processor(images=nested, text=prompts, return_tensors="pt", padding=True, **kwargs)
+
+
+def _geometry(model) -> tuple[int, int, int]:
+    """(N tokens per image, g pooled tokens per side, pooling kernel)."""
+    vc = model.config.vision_config
+    g = int(round(model.config.mm_tokens_per_image**0.5))
+    return g * g, g, vc.image_size // vc.patch_size // g
+
+
+def plain_crop_count(height, width, min_crop=32, max_crops=4, min_ratio=1.2) -> int:
+    """Pan-and-scan's crop count as its docs state it: along the long side, round(long / short) crops clamped to
+    [2, max_crops] and to long // min_crop, none below min_ratio or when a crop is narrower than min_crop."""
+    long, short = max(height, width), min(height, width)
+    if long / short < min_ratio:
+        return 0
+    n = min(int(np.floor(long / short + 0.5)), long // min_crop)
+    n = min(max(2, n), max_crops)
+    size_long, size_short = -(-long // n), short
+    return 0 if min(size_long, size_short) < min_crop else n
+
+
+def plain_gemma3_image_text(crop_counts, thumb_count) -> str:
+    """One image's expansion in a Gemma 3 prompt with the given run lengths (HF's documented layout)."""
+
+    def run(k):
+        return f"\n\n<start_of_image>{'<image_soft_token>' * int(k)}<end_of_image>\n\n"
+
+    if not len(crop_counts):
+        return run(thumb_count)
+    return (
+        f"Here is the original image {run(thumb_count)} and here are some crops to help you see better "
+        + " ".join(run(k) for k in crop_counts)
+    )
+
+
+def plain_gemma3_sequence(t_order, keep, grid, g):
+    """Rows of an image's features in LLM order: the original image's kept tokens, then each crop's (raster)."""
+    rows, cols = grid
+    seq = [int(i) for i in t_order]
+    for j in range(rows * cols):
+        cr, cc = divmod(j, cols)
+        seq += [
+            (j + 1) * g * g + y * g + x for y in range(g) for x in range(g) if keep[cr * g + y, cc * g + x]
+        ]
+    return seq
+
+
+# -- the counts ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
+def test_processor_count_equals_features_for_many_sizes(fam, ratio):
+    """Budget mode, pan-and-scan on and off: the processor's placeholder count == the features == the serving
+    count == int(N*R) + int(R*n*N) for n pan-and-scan crops (plain crop rule; none: int(N*R)); the prompt shrinks
+    by exactly the tokens saved; the token type ids mark exactly the placeholders."""
+    model, processor = fam
+    n, _, _ = _geometry(model)
+    token = model.config.image_token_id
+    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
+    for pas in (True, False):
+        full = _inputs(processor, images, pas)
+        with globalcom2.apply(model, processor, ratio=ratio) as gc:
+            inputs = _inputs(processor, images, pas)
+            with torch.no_grad():
+                feats = model.model.get_image_features(
+                    inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
+                ).pooler_output
+            plans = list(gc.plans)
+            served = processor._get_num_multimodal_tokens(
+                image_sizes=SIZES, **(GEMMA3_PAN_AND_SCAN if pas else {})
+            ).num_image_tokens
+            counted_api = [
+                gc.adapter.num_image_tokens(*s, **(GEMMA3_PAN_AND_SCAN if pas else {})) for s in SIZES
+            ]
+        assert feats.shape[0] == sum(p.num_tokens for p in plans)
+        counted = (inputs["input_ids"] == token).sum(1).tolist()
+        assert torch.equal(inputs["token_type_ids"].bool(), inputs["input_ids"] == token)
+        saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+        for k, size in enumerate(SIZES):
+            crops = plain_crop_count(*size) if pas else 0
+            expected = int(n * ratio) + int(ratio * crops * n)
+            plan = plans[k]
+            assert counted[k] == plan.num_tokens == expected == served[k] == counted_api[k], (size, pas)
+            assert plan.num_tokens_full == (crops + 1) * n
+            assert saved[k] == plan.num_tokens_full - plan.num_tokens
+            assert plan.num_crops == crops
+            if crops:
+                assert plan.grid == ((1, crops) if size[1] >= size[0] else (crops, 1))
+
+
+def test_pooling_groups_are_the_projectors(fam):
+    """The pooled token's score sums exactly the k x k patches the projector's average pooling folds into it."""
+    from globalcom2.adapters.internvl import merge_pool
+
+    model, _ = fam
+    _, g, k = _geometry(model)
+    p = g * k
+    proj = model.model.multi_modal_projector
+    eye = torch.eye(p * p, dtype=torch.float32).reshape(1, p * p, p * p)  # patch i's feature = e_i
+    pooled = proj.avg_pool(eye.transpose(1, 2).reshape(1, p * p, p, p)).flatten(2)[0]  # (patch, token)
+    assert torch.equal(pooled > 0, merge_pool(torch.eye(p * p), k) > 0)
+
+
+# -- scores, kept set and the LLM's sequence against the plain re-implementation ----------------------------------
+def _capture_llm_inputs(model):
+    seen: dict = {}
+
+    def inner(module, args, kwargs):
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            seen.setdefault(key, kwargs.get(key))
+
+    def llm(module, args, kwargs):
+        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
+
+    return seen, [
+        model.model.register_forward_pre_hook(inner, with_kwargs=True),
+        model.model.language_model.register_forward_pre_hook(llm, with_kwargs=True),
+    ]
+
+
+@pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "uniform"]))
+@pytest.mark.parametrize(
+    "case", sweep([("reference", 0.25), ("budget", 0.1), ("budget", 0.5)], [("budget", 0.1)])
+)
+def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation):
+    """Eq. 7 on the projector's input (the 16 x 16 patches here), summed per pooling group, the kept sets, per-crop
+    counts, the prompt the LLM reads (sentences, markers, runs), its token types and the features at every
+    placeholder equal a plain re-implementation, pan-and-scan on (1 x n, n x 1) and off, for every allocation and
+    scoring. The selection is replayed from the pooled scores the library used (checked against plain first)."""
+    model, processor = fam
+    mode, ratio = case
+    n, g, k_pool = _geometry(model)
+    token = model.config.image_token_id
+    sizes = [(60, 190), (190, 60), (40, 200), (150, 150)]
+    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
+    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
+    used = spy(monkeypatch, idefics3_module, "merge_pool")
+    checked_scores = False
+    if True:
+        for scoring in ("holistic", "local", "global"):
+            for k, image in enumerate(images):
+                pas = k < len(images) - 1 or allocation == "uniform"
+                with globalcom2.apply(
+                    model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
+                ) as gc:
+                    inputs = _inputs(processor, [image], pas)
+                    rows, cols = inputs[GRID_KEY][0].tolist()
+                    del used[:], used_patch[:]
+                    seen, hooks = _capture_llm_inputs(model)
+                    try:
+                        with torch.no_grad():
+                            model(**inputs)
+                    finally:
+                        for hook in hooks:
+                            hook.remove()
+                    plan = gc.plans[0]
+                with torch.no_grad():
+                    raw = (
+                        type(model.model)
+                        .get_image_features(model.model, inputs["pixel_values"])
+                        .pooler_output
+                    )
+                    raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): the original image, then the crops
+                    if not checked_scores:
+                        tower_out = model.model.vision_tower(
+                            pixel_values=inputs["pixel_values"]
+                        ).last_hidden_state
+                        np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower_out), atol=2e-6)
+                        np.testing.assert_allclose(
+                            used[0].numpy(), plain_pool(used_patch[0].numpy(), k_pool), rtol=1e-5, atol=1e-6
+                        )
+                        checked_scores = True
+                scores = used[0].numpy()  # tile 0: the original image
+                crops = rows * cols if rows * cols > 1 else 0
+                where = f"{sizes[k]} pas={pas} R={ratio} {mode} {allocation} {scoring}"
+                if not crops:
+                    top = stable_top(list(scores[0]), int(n * ratio))
+                    assert plan.grid == (0, 0), where
+                    assert sorted(top) == plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist(), (
+                        where
+                    )
+                    seq = top if mode == "reference" else sorted(top)
+                    ks, k0 = [], len(top)
+                else:
+                    given = plan.crop_keep_counts.tolist() if mode == "budget" else None
+                    t_mask, t_order, r, keep, ks = plain_onevision(
+                        scores[0], scores[1:], (rows, cols), (rows * g, cols * g), g, ratio, allocation, scoring,
+                        counts=given,
+                    )  # fmt: skip
+                    np.testing.assert_allclose(plan.crop_ratios.numpy(), r, rtol=1e-5, err_msg=where)
+                    assert np.array_equal(plan.thumbnail_mask.numpy(), t_mask.reshape(g, g)), where
+                    assert np.array_equal(plan.crops_mask.numpy(), keep), where
+                    assert plan.crop_keep_counts.tolist() == ks, where
+                    if mode == "budget":
+                        assert sum(ks) == int(ratio * crops * n), where
+                    order = t_order if mode == "reference" else np.flatnonzero(t_mask)
+                    seq = plain_gemma3_sequence(order, keep, (rows, cols), g)
+                    k0 = int(t_mask.sum())
+                text = PROMPT.replace("<start_of_image>", plain_gemma3_image_text(ks, k0))
+                expected_ids = processor.tokenizer(text)["input_ids"]
+                valid = seen["attention_mask"][0].bool()
+                ids = seen["input_ids"][0][valid].tolist()
+                assert ids == expected_ids, where
+                types = seen["token_type_ids"][0][valid]
+                assert torch.equal(types.bool(), seen["input_ids"][0][valid] == token), where
+                embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
+                torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
+
+
+# -- the model end to end -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["budget", "reference"])
+def test_generate_with_labels_and_bidirectional_image_blocks(fam, mode):
+    """generate and a forward with labels run; the attention mask the LLM gets lets every kept token of a run see
+    every other one (bidirectional inside an image run, one block per run), and no more."""
+    model, processor = fam
+    images = [random_image(60, 190, seed=1), random_image(150, 150, seed=2)]
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
+        inputs = _inputs(processor, images)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert out.shape[0] == 2
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        assert torch.isfinite(loss)
+    # The mask the LLM used: rebuilt from what the model received.
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
+        seen, hooks = _capture_llm_inputs(model)
+        try:
+            with torch.no_grad():
+                model(**_inputs(processor, images))
+        finally:
+            for h in hooks:
+                h.remove()
+    blocks = get_block_sequence_ids_for_mask(seen["token_type_ids"])
+    is_img = seen["input_ids"] == model.config.image_token_id
+    assert torch.equal(blocks >= 0, is_img)
+    # one block per run: a block's tokens are contiguous and framed by <start_of_image> ... <end_of_image>
+    boi, eoi = model.config.boi_token_id, model.config.eoi_token_id
+    for b in range(blocks.shape[0]):
+        for block in blocks[b].unique():
+            if block < 0:
+                continue
+            where = (blocks[b] == block).nonzero().reshape(-1)
+            assert int(where[-1] - where[0]) + 1 == where.numel()
+            assert (
+                int(seen["input_ids"][b, where[0] - 1]) == boi
+                and int(seen["input_ids"][b, where[-1] + 1]) == eoi
+            )
+
+
+@pytest.mark.parametrize("max_tokens", [20, 85, 100, 140])
+def test_max_image_tokens_counts_the_layout(fam, max_tokens):
+    """Each image's prompt span (sentences, markers, runs as the prompt tokenises them) is at most T, and the
+    processor's count == the features; an image whose layout alone exceeds T is refused with the minimum T."""
+    model, processor = fam
+    token = model.config.image_token_id
+    bare = len(processor.tokenizer(PROMPT.replace("<start_of_image>", ""))["input_ids"])
+    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
+        for k, size in enumerate(SIZES[:8]):
+            image = random_image(*size, seed=k)
+            grid = gc.adapter.grid_for_image(*size, **GEMMA3_PAN_AND_SCAN)
+            if gc.adapter.layout_tokens(grid) + 1 > max_tokens:
+                with pytest.raises(ValueError, match="too small"):
+                    _inputs(processor, [image])
+                continue
+            inputs = _inputs(processor, [image])
+            with torch.no_grad():
+                model(**inputs)
+            plan = gc.plans[0]
+            span = int(inputs["attention_mask"].sum()) - bare
+            assert (
+                int((inputs["input_ids"] == token).sum())
+                == plan.num_tokens
+                == gc.adapter.num_image_tokens(*size, **GEMMA3_PAN_AND_SCAN)
+            )
+            assert span <= max_tokens, (size, span)
+            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 2, (size, span)
+
+
+def test_single_crop_pan_and_scan_is_refused(fam):
+    model, processor = fam
+    with globalcom2.apply(model, processor, ratio=0.25):
+        with pytest.raises(NotImplementedError, match="single crop"):
+            processor(
+                images=[[random_image(60, 190)]], text=[PROMPT], return_tensors="pt",
+                **{**GEMMA3_PAN_AND_SCAN, "pan_and_scan_max_num_crops": 1},
+            )  # fmt: skip
