@@ -6,7 +6,8 @@ Pure geometry (no weights): the same functions the processors' patched counts an
 module's output (``python scripts/budget_table.py``), not typed in. Counts include every token the image occupies in
 the prompt: LLaVA's newline per crop row, InternVL's ``<img>``/``</img>``, Idefics3's markers and newlines
 (:func:`~globalcom2.adapters.idefics3.idefics3_layout_tokens`, ``"\\n\\n"`` as one token) on the crop grid of HF's
-own image processor.
+own image processor; Gemma 3's ``<start_of_image>``/``<end_of_image>`` per run (its sentences and newlines not
+counted: they depend on its tokenizer).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ FAMILIES = (
     "Idefics3-8B",
     "SmolVLM-2B",
     "SmolVLM-256M",
+    "Gemma-3-4B",
+    "Gemma-3-4B pan-and-scan",
 )
 #: Idefics3 / SmolVLM: (image processor class, crop side ``max_image_size``, tokens per crop ``image_seq_len``);
 #: images are resized to a longest edge of 4 crops before the split, as in the released processors.
@@ -78,6 +81,8 @@ def image_counts(family: str, size: tuple[int, int], config: GlobalComConfig | N
         )
     if family in IDEFICS3_GEOMETRIES:
         return _idefics3_counts(family, size, config)
+    if family.startswith("Gemma-3"):
+        return _gemma3_counts(size, config, pan_and_scan=family.endswith("pan-and-scan"))
     geo: AnyresGeometry
     if family == "LLaVA-NeXT-7B":  # CLIP-336/14: g = 24
         geo = anyres_geometry(size, LLAVA_NEXT_PINPOINTS, 336, 24)
@@ -112,6 +117,35 @@ def _idefics3_counts(family: str, size: tuple[int, int], config: GlobalComConfig
     return Cell(
         layout + internvl_num_image_tokens(config, tiles, n_tok, layout),
         internvl_image_ratio(config, tiles, n_tok, layout),
+    )
+
+
+@functools.cache
+def _gemma3_crops(size: tuple[int, int]) -> int:
+    """Pan-and-scan crops of Gemma 3's image processor with the released processor's options (crops of 256 px at
+    least, at most 4, from an aspect ratio of 1.2)."""
+    from transformers import Gemma3ImageProcessorPil
+
+    from ..adapters.gemma3 import pan_and_scan_grid
+
+    options = {
+        "do_pan_and_scan": True, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+        "pan_and_scan_min_ratio_to_activate": 1.2,
+    }  # fmt: skip
+    return num_tiles(*pan_and_scan_grid(Gemma3ImageProcessorPil(), size[0], size[1], options)) - 1
+
+
+def _gemma3_counts(size: tuple[int, int], config: GlobalComConfig | None, *, pan_and_scan: bool) -> Cell:
+    """Gemma 3 (SigLIP 896/14 pooled 4 x 4: 256 tokens per image): the runs plus ``<start_of_image>`` and
+    ``<end_of_image>`` per run; the sentences and newlines around the runs are left out (they depend on the
+    checkpoint's tokenizer, which the adapter uses)."""
+    crops = _gemma3_crops(tuple(size)) if pan_and_scan else 0
+    tiles, layout = crops + 1, 2 * (crops + 1)
+    if config is None:
+        return Cell(layout + tiles * 256, 1.0)
+    return Cell(
+        layout + internvl_num_image_tokens(config, tiles, 256, layout),
+        internvl_image_ratio(config, tiles, 256, layout),
     )
 
 
