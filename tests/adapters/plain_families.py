@@ -199,3 +199,31 @@ def plain_idefics3_image_text(grid, crop_counts, thumb_count, image_token="<imag
             text += "\n"
         text += "\n"
     return text + f"{fake}{glob}" + image_token * int(thumb_count) + fake
+
+
+def check_tiles_plan(plan, thumb, crops, grid, g, ratio, mode, allocation, scoring, where):
+    """Check a plan of full g x g crops plus a thumbnail (InternVL's geometry; Idefics3, Gemma 3, ...) against the
+    plain rule: a lone tile keeps its own top int(N*R); otherwise :func:`plain_onevision` on the crop grid.
+
+    Returns:
+        (thumbnail rows in LLM order, crop keep mask (rows*g, cols*g) or None, per-crop counts, thumbnail count).
+    """
+    rows, cols = grid
+    n = g * g
+    if rows * cols <= 1:
+        top = stable_top(list(thumb), int(n * ratio))
+        assert plan.grid == (0, 0), where
+        assert sorted(top) == plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist(), where
+        return (top if mode == "reference" else sorted(top)), None, [], len(top)
+    given = plan.crop_keep_counts.tolist() if mode == "budget" else None
+    t_mask, t_order, r, keep, ks = plain_onevision(
+        thumb, crops, (rows, cols), (rows * g, cols * g), g, ratio, allocation, scoring, counts=given
+    )
+    np.testing.assert_allclose(plan.crop_ratios.numpy(), r, rtol=1e-5, err_msg=where)
+    assert np.array_equal(plan.thumbnail_mask.numpy(), t_mask.reshape(g, g)), where
+    assert np.array_equal(plan.crops_mask.numpy(), keep), where
+    assert plan.crop_keep_counts.tolist() == ks, where
+    if mode == "budget":
+        assert sum(ks) == int(ratio * rows * cols * n), where
+    order = t_order if mode == "reference" else np.flatnonzero(t_mask)
+    return [int(i) for i in order], keep, ks, int(t_mask.sum())

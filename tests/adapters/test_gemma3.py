@@ -15,9 +15,8 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
-from tests.adapters.plain_families import plain_cosine, plain_onevision, plain_pool, spy
+from tests.adapters.plain_families import check_tiles_plan, plain_cosine, plain_pool, spy
 from tests.conftest import random_image, sweep
-from tests.core.reference_plain import stable_top
 
 # (height, width) at the tiny scale (64 px tiles, crops >= 32 px): landscape 1 x 2..4, portrait 2..4 x 1, square
 # and mildly long images (no crops), and images whose crops would be too small (no crops)
@@ -219,31 +218,11 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
                         )
                         checked_scores = True
                 scores = used[0].numpy()  # tile 0: the original image
-                crops = rows * cols if rows * cols > 1 else 0
                 where = f"{sizes[k]} pas={pas} R={ratio} {mode} {allocation} {scoring}"
-                if not crops:
-                    top = stable_top(list(scores[0]), int(n * ratio))
-                    assert plan.grid == (0, 0), where
-                    assert sorted(top) == plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist(), (
-                        where
-                    )
-                    seq = top if mode == "reference" else sorted(top)
-                    ks, k0 = [], len(top)
-                else:
-                    given = plan.crop_keep_counts.tolist() if mode == "budget" else None
-                    t_mask, t_order, r, keep, ks = plain_onevision(
-                        scores[0], scores[1:], (rows, cols), (rows * g, cols * g), g, ratio, allocation, scoring,
-                        counts=given,
-                    )  # fmt: skip
-                    np.testing.assert_allclose(plan.crop_ratios.numpy(), r, rtol=1e-5, err_msg=where)
-                    assert np.array_equal(plan.thumbnail_mask.numpy(), t_mask.reshape(g, g)), where
-                    assert np.array_equal(plan.crops_mask.numpy(), keep), where
-                    assert plan.crop_keep_counts.tolist() == ks, where
-                    if mode == "budget":
-                        assert sum(ks) == int(ratio * crops * n), where
-                    order = t_order if mode == "reference" else np.flatnonzero(t_mask)
-                    seq = plain_gemma3_sequence(order, keep, (rows, cols), g)
-                    k0 = int(t_mask.sum())
+                order, keep, ks, k0 = check_tiles_plan(
+                    plan, scores[0], scores[1:], (rows, cols), g, ratio, mode, allocation, scoring, where
+                )
+                seq = order if keep is None else plain_gemma3_sequence(order, keep, (rows, cols), g)
                 text = PROMPT.replace("<start_of_image>", plain_gemma3_image_text(ks, k0))
                 expected_ids = processor.tokenizer(text)["input_ids"]
                 valid = seen["attention_mask"][0].bool()

@@ -17,15 +17,14 @@ from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY, merge_pool
 from tests.adapters.families import standin_tower_or_skip, visualize_standin_plan
 from tests.adapters.plain_families import (
+    check_tiles_plan,
     plain_cosine,
     plain_idefics3_image_text,
     plain_internvl_sequence,
-    plain_onevision,
     plain_pool,
     spy,
 )
 from tests.conftest import random_image
-from tests.core.reference_plain import stable_top
 
 # (height, width): the long side is resized to 3 crops (192 px), so the grids are 1x3, 2x3, 3x3, 3x2, 3x1
 SIZES = [
@@ -208,29 +207,10 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, mode, ratio):
                 rows, cols = grid
                 tiles = _tiles(rows, cols)
                 where = f"{name} {sizes[k]} R={ratio} {mode} {allocation} {scoring}"
-                if tiles == 1:  # the global image alone: its own top int(N*R) (the thumbnail rule)
-                    top = stable_top(list(scores[0]), int(n * ratio))
-                    assert plan.grid == (0, 0), where
-                    assert sorted(top) == plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist(), (
-                        where
-                    )
-                    seq = top if mode == "reference" else sorted(top)
-                    ks, k0 = [], len(top)
-                else:
-                    given = plan.crop_keep_counts.tolist() if mode == "budget" else None
-                    t_mask, t_order, r, keep, ks = plain_onevision(
-                        scores[-1], scores[:-1], (rows, cols), (rows * g, cols * g), g, ratio, allocation, scoring,
-                        counts=given,
-                    )  # fmt: skip
-                    np.testing.assert_allclose(plan.crop_ratios.numpy(), r, rtol=1e-5, err_msg=where)
-                    assert np.array_equal(plan.thumbnail_mask.numpy(), t_mask.reshape(g, g)), where
-                    assert np.array_equal(plan.crops_mask.numpy(), keep), where
-                    assert plan.crop_keep_counts.tolist() == ks, where
-                    if mode == "budget":
-                        assert sum(ks) == int(ratio * ((tiles - 1) * n)), where
-                    order = t_order if mode == "reference" else np.flatnonzero(t_mask)
-                    seq = plain_internvl_sequence(order, keep, (rows, cols), g)
-                    k0 = int(t_mask.sum())
+                order, keep, ks, k0 = check_tiles_plan(
+                    plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
+                )
+                seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
                 # The prompt the LLM reads: the processor's text with this image's runs at their plain lengths.
                 text = PROMPT.replace(
                     "<image>", plain_idefics3_image_text((rows, cols) if tiles > 1 else (0, 0), ks, k0)
