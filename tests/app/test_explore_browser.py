@@ -10,6 +10,7 @@ browser fails instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,15 +57,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``globalcom2 explore`` on a free loopback port; yields its URL; stopped by its pid."""
+@contextlib.contextmanager
+def _serve(folder: Path, *args: str):
+    """``globalcom2 explore ARGS`` on a free loopback port; yields ``(url, process, port)``; stopped by its pid."""
     _browser_or_skip()
     port = _free_port()
-    log = tmp_path_factory.mktemp("explore") / "server.log"
+    log = folder / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "globalcom2", "explore", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "globalcom2", "explore", "--port", str(port), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -77,7 +78,7 @@ def server(tmp_path_factory):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
                 time.sleep(1)
-        yield url, proc, log
+        yield url, proc, port
     finally:
         proc.terminate()
         try:
@@ -85,6 +86,27 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The stand-in explorer (LLaVA-NeXT first)."""
+    with _serve(tmp_path_factory.mktemp("explore")) as served:
+        yield served
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4/IPv6 addresses a socket listens on at ``port`` (Linux /proc/net; hex as the kernel writes it)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +293,9 @@ def _assert_shows(page: Page, standin, image, ratio: float | None, methods: list
 def test_upload_ratio_methods_and_bad_upload(server, standin, photos):
     from globalcom2.demo.photos import load_photo
 
-    url, proc, _ = server
+    url, proc, port = server
+    if Path("/proc/net/tcp").exists():  # bound to loopback only: 127.0.0.1, as the kernel writes it
+        assert _listening_addresses(port) == {"0100007F"}
     page = Page(url)
     try:
         page.upload(photos["astronaut"])
@@ -356,3 +380,26 @@ def test_family_switch(server, photos):
     finally:
         page.close()
     assert proc.poll() is None
+
+
+def test_checkpoint_model(tmp_path, tiny_clip_dir):
+    """``--model <checkpoint>``: the family is the checkpoint's (not a choice) and the counts are its plans."""
+    from globalcom2.demo.photos import load_photo
+    from globalcom2.demo.tiny_model import load_tiny
+
+    with _serve(tmp_path, "--model", str(tiny_clip_dir)) as (url, proc, _):
+        page = Page(url)
+        try:
+            family = page.find("#gc-family input")
+            assert family.get_attribute("value") == "LlavaNextForConditionalGeneration"
+            assert not family.is_enabled()
+            page.set_ratio(0.4)
+            message = page.compress()
+            assert message.startswith("photo:astronaut (512x512), 1 method(s)"), message
+            payload = _assert_shows(
+                page, load_tiny(tiny_clip_dir), load_photo("astronaut"), 0.4, ["globalcom2"]
+            )
+            assert payload["model"] == str(tiny_clip_dir)
+        finally:
+            page.close()
+        assert proc.poll() is None
