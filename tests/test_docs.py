@@ -98,6 +98,8 @@ def _why_not_run(argv: list[str]) -> str | None:
         return "needs a real checkpoint's weights"
     if "cuda" in argv:
         return "needs a CUDA device"
+    if argv[:1] == ["explore"]:
+        return "a server that runs until stopped (started and driven by tests/app/test_explore_browser.py)"
     if argv[:1] == ["demo"]:
         return "the demo itself (minutes; run by tests/demo and the README's set-up command)"
     if argv[:1] == ["eval"] and "--quick" not in argv and "--photos" not in argv:
