@@ -33,5 +33,8 @@ def render_plan(image: Image.Image, plan: Plan, model: Any, title: str, out_path
     from .adapters import adapter_for
     from .viz.overlay import render_overlay
 
-    image, tile, best = adapter_for(model).overlay_geometry(model, image, plan)
+    adapter = adapter_for(model)
+    if hasattr(adapter, "render_plan"):  # families with their own drawing (native resolution: regions)
+        return adapter.render_plan(model, image, plan, title, out_path)
+    image, tile, best = adapter.overlay_geometry(model, image, plan)
     return render_overlay(image, plan, tile_size=tile, best_resolution=best, title=title, out_path=out_path)

@@ -260,3 +260,24 @@ def test_selection_equals_a_plain_reimplementation_of_the_documented_rule(plain_
             assert torch.allclose(plan.crop_ratios.double(), torch.tensor(r, dtype=torch.float64), atol=1e-6)
         expected_rows.append(f[kept.reshape(-1)])
     assert torch.equal(rows, torch.cat(expected_rows))
+
+
+def test_visualize_draws_regions_and_kept_tokens(qwen_dirs, tmp_path):
+    """`globalcom2 visualize` on a Qwen checkpoint (a real subprocess): an overlay is written and the JSON plan
+    holds the regions and the count of the formula."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "qwen.png"
+    res = run_cli("visualize", "--model", str(qwen_dirs("qwen2_5_vl")), "--image", "photo:rocket", "--ratio",
+                  "0.25", "--out", str(out), "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(res.stdout)["plans"][0]
+    assert out.stat().st_size > 10_000
+    full = plan["num_tokens_full"]
+    assert (
+        plan["num_tokens"] == int(0.25 * full) == sum(plan["crop_keep_counts"])
+        and plan["thumbnail_kept"] == 0
+    )
+    assert len(plan["crop_ratios"]) == plan["grid"][0] * plan["grid"][1] > 1

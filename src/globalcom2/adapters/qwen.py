@@ -376,15 +376,14 @@ class QwenAdapter(FamilyAdapter):
         return handle.state.plans[0]  # type: ignore[index]
 
     @staticmethod
-    def overlay_geometry(model: Any, image: Any, plan: Plan) -> tuple[Any, int, tuple[int, int]]:
-        """(image resized as the processor does, pixels per merged token, canvas size) for the overlay."""
-        from PIL import Image
+    def render_plan(model: Any, image: Any, plan: Plan, title: str, out_path: Any = None) -> Any:
+        """The overlay of a native-resolution plan: virtual global view and regions with kept tokens
+        (:func:`globalcom2.viz.native.render_native_overlay`)."""
+        from ..viz.native import native_token_px, render_native_overlay
 
-        vcfg = model.config.vision_config
-        token_px = int(vcfg.patch_size) * int(vcfg.spatial_merge_size)
-        h, w = plan.crops_mask.shape
-        image = image.convert("RGB").resize((w * token_px, h * token_px), Image.Resampling.BICUBIC)
-        return image, token_px, (h * token_px, w * token_px)
+        return render_native_overlay(
+            image, plan, token_px=native_token_px(model), title=title, out_path=out_path
+        )
 
 
 @register_adapter

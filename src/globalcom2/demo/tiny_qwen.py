@@ -73,6 +73,7 @@ def build_tiny_qwen(
     text_layers: int = 2,
     text_heads: int = 2,
     max_side_tokens: int = 32,
+    patch_size: int = TINY_PATCH,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random checkpoint + processor of one native-resolution family to ``out_dir``; return the path.
@@ -80,7 +81,8 @@ def build_tiny_qwen(
     Args:
         family: ``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"`` or ``"qwen3_5"`` (:data:`QWEN_CLASSES`).
         text_hidden, text_layers, text_heads: the tiny LLM (head dimension ``text_hidden // text_heads``).
-        max_side_tokens: the processor's ``max_pixels`` is ``(max_side_tokens * 8)**2``.
+        max_side_tokens: the processor's ``max_pixels`` is ``(max_side_tokens * 2 * patch_size)**2``.
+        patch_size: vision patch in pixels (4 keeps tests cheap; 14 or 16 gives a real checkpoint's geometry).
     """
     import transformers
 
@@ -113,14 +115,14 @@ def build_tiny_qwen(
     )  # fmt: skip
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_SPECIALS.items()}
     config = getattr(transformers, config_name)(
-        vision_config=_vision_config(family, TINY_PATCH, text_hidden), text_config=text_config.to_dict(),
+        vision_config=_vision_config(family, patch_size, text_hidden), text_config=text_config.to_dict(),
         image_token_id=ids["image_token"], video_token_id=ids["video_token"],
         vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
         tie_word_embeddings=False,
     )  # fmt: skip
-    factor = TINY_PATCH * TINY_MERGE
+    factor = patch_size * TINY_MERGE
     image_processor = transformers.Qwen2VLImageProcessorPil(
-        patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2, image_mean=CLIP_MEAN,
+        patch_size=patch_size, merge_size=TINY_MERGE, temporal_patch_size=2, image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
         size={"shortest_edge": (4 * factor) ** 2, "longest_edge": (max_side_tokens * factor) ** 2},
     )  # fmt: skip
@@ -149,3 +151,24 @@ def build_tiny_qwen3_vl(out_dir: str | Path, **kwargs: Any) -> Path:
 def build_tiny_qwen3_5(out_dir: str | Path, **kwargs: Any) -> Path:
     """:func:`build_tiny_qwen` for ``Qwen3_5ForConditionalGeneration`` (hybrid linear/full attention LLM)."""
     return build_tiny_qwen(out_dir, "qwen3_5", **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m globalcom2.demo.tiny_qwen OUT_DIR [--family F] [--patch-size P] [--max-side-tokens N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Qwen-family checkpoint (offline).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", choices=tuple(QWEN_CLASSES), default="qwen2_5_vl")
+    parser.add_argument("--patch-size", type=int, default=TINY_PATCH)
+    parser.add_argument("--max-side-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    path = build_tiny_qwen(
+        args.out_dir, args.family, patch_size=args.patch_size, max_side_tokens=args.max_side_tokens
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
