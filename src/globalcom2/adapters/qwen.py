@@ -211,6 +211,8 @@ class QwenAdapter(FamilyAdapter):
     encodes_first = True  # the kept sets must be known before generate computes the M-RoPE positions
     supports_max_image_tokens = True
     vision_tower_name = "visual"
+    token_layout = "<|image_pad|> tokens"
+    layout_label = "the <|vision_start|>/<|vision_end|> markers not counted"
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         super().__init__(model, processor, config)
