@@ -240,3 +240,88 @@ def resize_marked_runs(
         {"input_ids": input_ids, **extra}, reps, pad_token_id=pad_token_id,
         inserted={"labels": -100, **(inserted or {}), "input_ids": image_token_id},
     )  # fmt: skip
+
+
+def rewrite_image_spans(
+    input_ids: torch.Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    old_spans: list[torch.Tensor],
+    new_spans: list[torch.Tensor],
+    image_token_id: int,
+    pad_token_id: int,
+    extra: dict[str, torch.Tensor],
+    hint: str,
+) -> dict[str, torch.Tensor]:
+    """Replace every image's span (``start_id`` ... ``end_id``, both included) by a new one, then re-pad the batch.
+
+    For layouts whose crop markers are ordinary text (Aya Vision's ``TILE_k``): the markers cannot be told from
+    the prompt's other tokens by their ids, but inside an image span every token is the layout's, so the adapter
+    writes each span whole (its layout with the new run lengths; tokenised once per crop grid). Spans are matched
+    to ``old_spans``/``new_spans`` in row-major order, and each must equal its old span (checked).
+
+    Args:
+        old_spans, new_spans: Long ``(L_i,)`` token ids of every image span, delimiters included.
+        extra: attention_mask (1 in a new span), labels (-100 in a new span: image spans are never targets),
+            token_type_ids (1 on placeholders), other tensors (the span's first value).
+        hint: how to fix the inputs, for the error message.
+
+    Returns:
+        ``input_ids`` and the resized tensors of ``extra``.
+    """
+    device = input_ids.device
+    starts = (input_ids == start_id).nonzero().tolist()  # one host read: (row, column) of every span start
+    ends = (input_ids == end_id).nonzero().tolist()
+    if len(starts) != len(old_spans) or len(ends) != len(old_spans):
+        raise PlaceholderMismatchError(
+            f"GlobalCom²: the prompts hold {len(starts)} image spans but these inputs have {len(old_spans)} images; "
+            f"{hint}"
+        )
+    batch, width_in = input_ids.shape
+    attn = extra.get("attention_mask")
+    left = attn is not None and bool((attn[:, 0] == 0).any())
+    # Each row's tokens without its padding: [lo, hi)
+    lengths = attn.sum(1).tolist() if attn is not None else [width_in] * batch
+    cursor = [width_in - int(n) if left else 0 for n in lengths]
+    ends_at = [width_in if left else int(n) for n in lengths]
+    pieces: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(batch)]
+    tensors = {"input_ids": input_ids, **extra}
+    for (row, a), (row_end, b), old, new in zip(starts, ends, old_spans, new_spans, strict=True):
+        old, new = old.to(device), new.to(device)
+        if row != row_end or not torch.equal(input_ids[row, a : b + 1], old):
+            raise PlaceholderMismatchError(
+                f"GlobalCom²: an image span of the prompts is not the one these images were processed with; {hint}"
+            )
+        pieces[row].append({k: t[row, cursor[row] : a] for k, t in tensors.items()})
+        span: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if key == "input_ids":
+                span[key] = new
+            elif key == "attention_mask":
+                span[key] = torch.ones_like(new, dtype=t.dtype)
+            elif key == "labels":
+                span[key] = torch.full_like(new, -100, dtype=t.dtype)
+            elif key == "token_type_ids":
+                span[key] = (new == image_token_id).to(t.dtype)
+            else:
+                span[key] = t[row, a].expand(new.numel()).clone()
+        pieces[row].append(span)
+        cursor[row] = b + 1
+    rows = []
+    for row, parts in enumerate(pieces):
+        parts.append({k: t[row, cursor[row] : ends_at[row]] for k, t in tensors.items()})
+        rows.append({k: torch.cat([p[k] for p in parts]) for k in tensors})
+    width = max(int(r["input_ids"].numel()) for r in rows)
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "token_type_ids": 0}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        res = torch.full((len(rows), width), fills.get(key, 0), dtype=t.dtype, device=device)
+        for i, r in enumerate(rows):
+            n = r[key].numel()
+            if left:
+                res[i, width - n :] = r[key]
+            else:
+                res[i, :n] = r[key]
+        out[key] = res
+    return out

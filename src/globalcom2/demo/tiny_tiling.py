@@ -75,3 +75,62 @@ def build_tiny_gemma3(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
     )
     return save_random_checkpoint(out_dir, Gemma3ForConditionalGeneration, config, processor, seed=seed)
+
+
+#: Aya Vision's special tokens (the tile markers ``TILE_k`` / ``TILE_GLOBAL`` are plain text, as in the released
+#: tokenizer's prompts).
+AYA_SPECIALS = {
+    "image_token": "<image>",
+    "start_of_img_token": "<|START_OF_IMG|>",
+    "end_of_img_token": "<|END_OF_IMG|>",
+    "img_patch_token": "<|IMG_PATCH|>",
+    "img_line_break_token": "<|IMG_LINE_BREAK|>",
+}
+
+
+def build_tiny_aya_vision(
+    out_dir: str | Path,
+    *,
+    tile_size: int = 64,
+    patch_size: int = 8,
+    downsample_factor: int = 2,
+    max_patches: int = 6,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Aya Vision checkpoint + processor to ``out_dir`` and return the path.
+
+    A random 2-layer SigLIP tower (no [CLS], strategy ``"full"``) on ``tile_size`` px tiles, Aya's pixel shuffle
+    by ``downsample_factor`` (16 tokens per tile here; Aya-Vision-8B: 364 px / 14 px patches, 2 x 2: 169), InternVL's
+    tiling (``GotOcr2ImageProcessorPil``: up to ``max_patches`` crops plus the thumbnail last), a tiny Cohere2 LLM.
+    """
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        Cohere2Config,
+        GotOcr2ImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_family_tokenizer(AYA_SPECIALS)
+    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    text_config = llm_config(
+        Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
+    )
+    config = AyaVisionConfig(
+        vision_config=vision_config, text_config=text_config, downsample_factor=downsample_factor,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=False,
+    )  # fmt: skip
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
+        max_patches=max_patches, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )  # fmt: skip
+    processor = AyaVisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        downsample_factor=downsample_factor, img_size=tile_size,
+    )  # fmt: skip
+    return save_random_checkpoint(out_dir, AyaVisionForConditionalGeneration, config, processor, seed=seed)

@@ -1,0 +1,211 @@
+"""GlobalCom² on a real (tiny, random) AyaVisionForConditionalGeneration.
+
+The family-generic checks (apply/remove bit-exact, batches, threads, tie rule, error classes) run on it in
+test_families.py; here: the counts, the kept sets and the exact sequence (span markers, runs) against a plain
+re-implementation of docs/families.md's Aya Vision section, and the model end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import globalcom2
+from globalcom2.adapters import idefics3 as idefics3_module
+from globalcom2.adapters.internvl import GRID_KEY
+from tests.adapters.plain_families import (
+    check_tiles_plan,
+    plain_cosine,
+    plain_internvl_sequence,
+    plain_pool,
+    spy,
+)
+from tests.conftest import random_image, sweep
+
+# (height, width): up to 6 crops of 64 px, thumbnail last; square and small images are one tile
+SIZES = [
+    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
+    (129, 64), (90, 400), (200, 130),
+]  # fmt: skip
+PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
+
+
+@pytest.fixture(scope="module")
+def aya_dir(tmp_path_factory):
+    from globalcom2.demo.tiny_tiling import build_tiny_aya_vision
+
+    return build_tiny_aya_vision(tmp_path_factory.mktemp("aya_vision"))
+
+
+@pytest.fixture()
+def fam(aya_dir):
+    from globalcom2.loading import load_tiny_family
+
+    return load_tiny_family(aya_dir)
+
+
+def _inputs(processor, images, prompts=None):
+    prompts = prompts or [PROMPT] * len(images)
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _geometry(model) -> tuple[int, int, int]:
+    """(N tokens per tile, g merged tokens per side, shuffle factor)."""
+    vc = model.config.vision_config
+    s = int(model.config.downsample_factor)
+    g = vc.image_size // vc.patch_size // s
+    return g * g, g, s
+
+
+def plain_aya_image_text(crop_counts, thumb_count) -> str:
+    """One image's span in an Aya Vision prompt with the given run lengths (HF's documented layout)."""
+    patch = "<|IMG_PATCH|>"
+    text = "<|START_OF_IMG|>"
+    for k, count in enumerate(crop_counts):
+        text += f"TILE_{k + 1}" + patch * int(count)
+    return text + "TILE_GLOBAL" + patch * int(thumb_count) + "<|END_OF_IMG|>"
+
+
+@pytest.mark.parametrize("ratio", sweep([0.5, 0.25, 0.1], [0.25]))
+def test_processor_count_equals_features_for_many_sizes(fam, ratio):
+    """Budget mode: placeholder count == features == int(N*R) + int(R*n*N) for n crops (the plain processor's tile
+    count; one tile: int(N*R)); the prompt shrinks by exactly the tokens saved; the serving count is the span."""
+    model, processor = fam
+    n, _, _ = _geometry(model)
+    token = model.config.image_token_id
+    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
+    full = _inputs(processor, images)
+    tiles_of = [int(t) for t in processor.image_processor(images)["num_patches"]]
+    with globalcom2.apply(model, processor, ratio=ratio) as gc:
+        inputs = _inputs(processor, images)
+        with torch.no_grad():
+            feats = model.model.get_image_features(
+                inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
+            ).pooler_output
+        plans = list(gc.plans)
+        served = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
+    assert feats.shape[0] == sum(p.num_tokens for p in plans)
+    counted = (inputs["input_ids"] == token).sum(1).tolist()
+    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+    for k, size in enumerate(SIZES):
+        crops = tiles_of[k] - 1
+        expected = int(n * ratio) + int(ratio * crops * n)
+        plan = plans[k]
+        assert counted[k] == plan.num_tokens == expected, size
+        assert plan.num_tokens_full == tiles_of[k] * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+        span = len(
+            processor.tokenizer(plain_aya_image_text([0] * crops, 0), add_special_tokens=False)["input_ids"]
+        )
+        assert served[k] == span + expected, size
+
+
+def _capture_llm_inputs(model):
+    seen: dict = {}
+
+    def inner(module, args, kwargs):
+        for key in ("input_ids", "attention_mask"):
+            seen.setdefault(key, kwargs.get(key))
+
+    def llm(module, args, kwargs):
+        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
+
+    return seen, [
+        model.model.register_forward_pre_hook(inner, with_kwargs=True),
+        model.model.language_model.register_forward_pre_hook(llm, with_kwargs=True),
+    ]
+
+
+@pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "topk-count"]))
+@pytest.mark.parametrize(
+    "case", sweep([("reference", 0.25), ("budget", 0.1), ("budget", 0.5)], [("budget", 0.1)])
+)
+def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation):
+    """Eq. 7 on the projector's input, summed per pixel-shuffle group, the kept sets, per-crop counts, the prompt
+    the LLM reads (span markers, runs) and the features at every placeholder equal a plain re-implementation on
+    1 x n, n x 1 and single-tile images, for every scoring."""
+    model, processor = fam
+    mode, ratio = case
+    n, g, s = _geometry(model)
+    token = model.config.image_token_id
+    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
+    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
+    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
+    used = spy(monkeypatch, idefics3_module, "merge_pool")
+    checked = False
+    for scoring in ("holistic", "local", "global"):
+        for k, image in enumerate(images):
+            with globalcom2.apply(
+                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
+            ) as gc:
+                inputs = _inputs(processor, [image])
+                rows, cols = inputs[GRID_KEY][0].tolist()
+                del used[:], used_patch[:]
+                seen, hooks = _capture_llm_inputs(model)
+                try:
+                    with torch.no_grad():
+                        model(**inputs)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                plan = gc.plans[0]
+            with torch.no_grad():
+                raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output
+                raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): crops, then the thumbnail
+                if not checked:
+                    tower = model.model.vision_tower(  # the projector's input: layer -1, before post_layernorm
+                        pixel_values=inputs["pixel_values"], output_hidden_states=True
+                    ).hidden_states[model.config.vision_feature_layer]
+                    np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower), atol=2e-6)
+                    np.testing.assert_allclose(
+                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
+                    )
+                    checked = True
+            scores = used[0].numpy()
+            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
+            order, keep, ks, k0 = check_tiles_plan(
+                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
+            )
+            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
+            text = PROMPT.replace("<image>", plain_aya_image_text(ks, k0))
+            ids = seen["input_ids"][0][seen["attention_mask"][0].bool()].tolist()
+            assert ids == processor.tokenizer(text)["input_ids"], where
+            embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
+            torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
+
+
+@pytest.mark.parametrize("mode", ["budget", "reference"])
+def test_generate_with_labels_and_left_padding(fam, mode):
+    model, processor = fam
+    images = [random_image(100, 190, seed=1), random_image(64, 64, seed=2)]
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
+        inputs = _inputs(processor, images, prompts=[PROMPT, "A longer prompt first. " + PROMPT])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert out.shape[0] == 2 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("max_tokens", sweep([30, 45, 80], [45]))
+def test_max_image_tokens_counts_the_span(fam, max_tokens):
+    """Each image's span (markers and runs, as tokenised) is at most T; count == features; too small is refused."""
+    model, processor = fam
+    token = model.config.image_token_id
+    bare = len(processor.tokenizer(PROMPT.replace("<image>", ""))["input_ids"])
+    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
+        for k, size in enumerate(SIZES[:8]):
+            image = random_image(*size, seed=k)
+            grid = gc.adapter.grid_for_image(*size)
+            if gc.adapter.layout_tokens(grid) + 1 > max_tokens:
+                with pytest.raises(ValueError, match="too small"):
+                    _inputs(processor, [image])
+                continue
+            inputs = _inputs(processor, [image])
+            with torch.no_grad():
+                model(**inputs)
+            plan = gc.plans[0]
+            span = int(inputs["attention_mask"].sum()) - bare
+            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
+            assert span <= max_tokens, (size, span)
+            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
