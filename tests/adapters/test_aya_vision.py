@@ -154,9 +154,11 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
                 raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output
                 raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): crops, then the thumbnail
                 if not checked:
-                    tower = model.model.vision_tower(  # the projector's input: layer -1, before post_layernorm
-                        pixel_values=inputs["pixel_values"], output_hidden_states=True
-                    ).hidden_states[model.config.vision_feature_layer]
+                    tower = (
+                        model.model.vision_tower(  # the projector's input: layer -1, before post_layernorm
+                            pixel_values=inputs["pixel_values"], output_hidden_states=True
+                        ).hidden_states[model.config.vision_feature_layer]
+                    )
                     np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower), atol=2e-6)
                     np.testing.assert_allclose(
                         used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
