@@ -18,6 +18,8 @@ from .explore import OPTION_NAMES, ExploreError, Explorer, ExploreRequest, inter
 
 __all__ = ["build_app", "launch"]
 
+#: Gradio refuses larger uploads before they reach the app (Pillow's own bomb guard is ~179 Mpx).
+MAX_UPLOAD = "64mb"
 _BUDGETS = ("ratio R", "max image tokens T")
 _INTRO = (
     "# GlobalCom² explorer\n"
@@ -166,5 +168,5 @@ def launch(
     app = build_app(explorer)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-               footer_links=[])  # fmt: skip
+               footer_links=[], max_file_size=MAX_UPLOAD)  # fmt: skip
     return app
