@@ -59,6 +59,17 @@ def test_counts_are_applys_plans_and_tables_match_json(explorer, tmp_path):
         assert [int(c) for c in cells[1:6]] == [plan.num_tokens, plan.num_tokens_full, numbers.thumbnail_tokens,
                                                 numbers.crops_tokens, numbers.newline_tokens]  # fmt: skip
         assert float(cells[6]) == pytest.approx(record["prefill_tflops_7b"], abs=0.005)
+    # the per-crop table: a row per crop, a column per method, r_j and k_j/N_j of apply's plans
+    crop_lines = result.markdown.split("\n\n")[-1].splitlines()
+    methods = [c.strip() for c in crop_lines[0].strip("|").split("|")][1:]
+    assert methods == ["globalcom2", "fastervlm"]
+    for j, line in enumerate(crop_lines[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == str(j + 1)
+        for method, cell in zip(methods, cells[1:], strict=True):
+            nb = panel_numbers(expected[method])
+            assert cell == f"{nb.crop_ratios[j]:.3f}, {nb.crop_tokens[j]}/{nb.crop_cells[j]}"
+    assert len(crop_lines) - 2 == len(panel_numbers(expected["globalcom2"]).crop_tokens) > 1
     # one panel per method, side by side
     assert result.picture.width > result.picture.height
     assert counts_markdown(payload["plans"]) == result.markdown

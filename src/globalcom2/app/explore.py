@@ -116,7 +116,7 @@ def _tf(value: float | None) -> str:
 
 def counts_markdown(records: Sequence[dict[str, Any]]) -> str:
     """The page's tables, written from ``records`` only (the JSON's ``plans``): token counts and FLOPs per method,
-    then r_j and k_j / N_j per crop."""
+    then r_j and k_j / N_j per crop (a row per crop, a column per method)."""
     if not records:
         return ""
     lines = [
@@ -130,16 +130,17 @@ def counts_markdown(records: Sequence[dict[str, Any]]) -> str:
             f"{_tf(r['prefill_tflops_7b'])} | {_tf(r['prefill_tflops_7b_full'])} |"
         )
     width = max(len(r["crop_tokens"]) for r in records)
-    if width:
-        lines += ["", "| method | " + " | ".join(f"crop {j + 1}: r_j, k_j/N_j" for j in range(width)) + " |",
-                  "|---|" + "---|" * width]  # fmt: skip
-        for r in records:
+    if width:  # one row per crop (grids reach 12 crops and more), one column per method
+        lines += ["", "per crop (row-major): r_j, kept k_j / valid N_j", "",
+                  "| crop | " + " | ".join(r["method"] for r in records) + " |", "|---|" + "---|" * len(records)]  # fmt: skip
+        for j in range(width):
             cells = [
-                f"{ratio:.3f}, {k}/{n}"
-                for ratio, k, n in zip(r["crop_ratios"], r["crop_tokens"], r["crop_cells"], strict=True)
+                f"{r['crop_ratios'][j]:.3f}, {r['crop_tokens'][j]}/{r['crop_cells'][j]}"
+                if j < len(r["crop_tokens"])
+                else ""
+                for r in records
             ]
-            cells += [""] * (width - len(cells))
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {j + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
