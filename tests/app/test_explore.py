@@ -13,7 +13,7 @@ from globalcom2.app.ui import _compress
 from globalcom2.bench.flops import paper_prefill_flops
 from globalcom2.evaluation.visual import method_plan
 from globalcom2.viz.numbers import panel_numbers
-from globalcom2.workflows import plan_for_image
+from globalcom2.workflows import plan_for_image, render_plan
 from tests.conftest import random_image
 
 OPTIONS = {"mode": "budget", "allocation": "softmax-sum", "scoring": "holistic", "score": "logits",
@@ -84,6 +84,15 @@ def test_max_image_tokens_budget(explorer):
     plan = plan_for_image(model, processor, image, ratio=None, max_image_tokens=40)
     assert result.records[0]["num_tokens"] == plan.num_tokens <= 40
     assert result.records[0]["ratio"] == pytest.approx(plan.ratio)
+    # the page's picture is `globalcom2 visualize`'s drawing of apply's plan, pixel for pixel
+    import numpy as np
+
+    from globalcom2.viz.overlay import TITLE_KEY
+
+    title = result.picture.info[TITLE_KEY]
+    assert "T = 40" in title
+    drawn = render_plan(image, plan, model, title)
+    assert np.array_equal(np.asarray(drawn), np.asarray(result.picture))
 
 
 @pytest.mark.parametrize(
