@@ -102,3 +102,18 @@ def test_cli_vision_stage_json(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0 and "unknown --families" in bad.stderr
+
+
+def test_qwen_record_at_real_width():
+    """Qwen2.5-VL's row: real tower width, scoring folded into the selection, the one-image selection target."""
+    settings = StageSettings(
+        families=("qwen2_5_vl",), layers=1, repeats=1, instrumented=1, selection_repeats=2, selection_batch=2
+    )
+    rec = bench_family("qwen2_5_vl", settings, log=lambda _: None)
+    assert rec["needs_last_layer"] and rec["scoring_ms"] == 0.0
+    for key in ("plain_ms", "compressed_ms", "selection_ms", "selection_1thread_ms", "batch_selection_ms"):
+        assert rec[key] > 0, key
+    targets = evaluate_stage_targets([rec], 1)
+    assert [t["unit"] for t in targets] == ["%", "ms"] and "selection (Eq. 7 scoring included)" in targets[1][
+        "target"
+    ]

@@ -268,15 +268,31 @@ class QwenAdapter(FamilyAdapter):
             if int(t) != 1:
                 raise ValueError(f"GlobalCom²: an image grid must have t = 1, got image_grid_thw {(t, h, w)}")
             grids.append((int(h) // self.merge, int(w) // self.merge))
-        planned = plan_native_batch(list(out.pooler_output), grids, self.config)
-        out.pooler_output = tuple(f[index] for f, (_, index) in zip(out.pooler_output, planned, strict=True))
         deepstack = getattr(out, "deepstack_features", None)
-        if deepstack is not None:  # Qwen3-VL: one row per image token in every deepstack layer
-            out.deepstack_features = [
+        out.pooler_output, deepstack = self._select(handle, tuple(out.pooler_output), deepstack, grids)
+        if deepstack is not None:
+            out.deepstack_features = deepstack
+        return out if extra["return_dict"] is not False else out.to_tuple()
+
+    def _select(
+        self, handle: GlobalComHandle, features: tuple, deepstack: list | None, grids: list[tuple[int, int]]
+    ) -> tuple[tuple, list | None]:
+        """Plan the images of one encode; their selected rows, in the image features and (Qwen3-VL) in every
+        deepstack layer, one row per image token."""
+        planned = self.plan_images(list(features), grids)
+        kept = tuple(f[index] for f, (_, index) in zip(features, planned, strict=True))
+        if deepstack is not None:
+            deepstack = [
                 tuple(f[index] for f, (_, index) in zip(layer, planned, strict=True)) for layer in deepstack
             ]
         handle.publish([plan for plan, _ in planned])
-        return out if extra["return_dict"] is not False else out.to_tuple()
+        return kept, deepstack
+
+    def plan_images(
+        self, features: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+    ) -> list[tuple[Plan, torch.Tensor]]:
+        """Plan the images of one call from their merged-token features (:func:`plan_native_batch`)."""
+        return plan_native_batch(features, grids, self.config)
 
     # -- processor side ----------------------------------------------------------------------------------------
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
