@@ -281,3 +281,56 @@ def test_visualize_draws_regions_and_kept_tokens(qwen_dirs, tmp_path):
         and plan["thumbnail_kept"] == 0
     )
     assert len(plan["crop_ratios"]) == plan["grid"][0] * plan["grid"][1] > 1
+
+
+@pytest.mark.parametrize("name", sweep(QWEN, ["qwen3_vl"]))
+def test_pooling_baseline_averages_bins_at_their_centre_positions(qwen_dirs, name):
+    """Pooling on a native-resolution family: the processor's count is a*b, the LLM reads each bin's mean (a
+    plain computation of the documented bins), deepstack features likewise, at the centre token's position."""
+    import math
+
+    from globalcom2.adapters import adapter_for
+    from globalcom2.adapters.base import install
+    from globalcom2.config import GlobalComConfig
+    from globalcom2.methods.native import native_pooling_class
+
+    model, processor = load_tiny_family(qwen_dirs(name))
+    images = [random_image(100, 180, seed=8), random_image(150, 61, seed=9)]
+    plain = processor(images=images, text=[PROMPT] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model.model.get_image_features(plain["pixel_values"], plain["image_grid_thw"])
+    full_pos = _positions(model, plain, "forward")[0]
+    adapter = native_pooling_class(adapter_for(model))(model, processor, GlobalComConfig(ratio=0.25))
+    seen: dict = {}
+    with install(adapter, method="pooling") as handle:
+        inputs = processor(images=images, text=[PROMPT] * 2, return_tensors="pt", padding=True)
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.update(k) and None, with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**inputs)
+        hook.remove()
+        plans = handle.plans
+    token = model.config.image_token_id
+    rows = seen["inputs_embeds"][inputs["input_ids"] == token]
+    expected, expected_ds = [], []
+    for b, ((h, w), plan) in enumerate(zip(_merged(plain), plans, strict=True)):
+        a_, b_ = (max(1, math.floor(n * math.sqrt(0.25) + 0.5)) for n in (h, w))
+        assert plan.num_tokens == a_ * b_ == int((inputs["input_ids"][b] == token).sum())
+        grid = full.pooler_output[b].reshape(h, w, -1)
+        ds = [layer[b].reshape(h, w, -1) for layer in (full.deepstack_features or [])]
+        for i in range(a_):
+            ys = [y for y in range(h) if y * a_ // h == i]
+            for j in range(b_):
+                xs = [x for x in range(w) if x * b_ // w == j]
+                expected.append(grid[ys][:, xs].reshape(-1, grid.shape[-1]).mean(0))
+                expected_ds.append([d[ys][:, xs].reshape(-1, d.shape[-1]).mean(0) for d in ds])
+                assert bool(plan.crops_mask[(ys[0] + ys[-1]) // 2, (xs[0] + xs[-1]) // 2])
+        f_img = (plain["input_ids"][b] == token).nonzero().reshape(-1)
+        c_img = (inputs["input_ids"][b] == token).nonzero().reshape(-1)
+        kept = plan.crops_mask.reshape(-1).nonzero().reshape(-1)
+        assert torch.equal(seen["position_ids"][-3:, b, c_img], full_pos[:, b, f_img[kept]])
+    assert torch.allclose(rows, torch.stack(expected), atol=1e-6)
+    if full.deepstack_features:
+        for k, layer in enumerate(seen["deepstack_visual_embeds"]):
+            assert torch.allclose(layer, torch.stack([e[k] for e in expected_ds]), atol=1e-6)

@@ -306,16 +306,29 @@ class QwenAdapter(FamilyAdapter):
         return qwen_image_ratio(self.config, height * width)
 
     def _replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        merged = int(image_inputs["image_grid_thw"][image_idx].prod()) // self.merge**2
-        return str(self.processor.image_token) * qwen_num_image_tokens(self.config, merged)
+        _, h, w = (int(v) for v in image_inputs["image_grid_thw"][image_idx])
+        return str(self.processor.image_token) * self.num_image_tokens(h // self.merge, w // self.merge)
+
+    def merged_grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(H, W)`` merged tokens the processor makes of a ``height x width`` image (HF's ``smart_resize``)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip: Any = self.processor.image_processor
+        factor = int(ip.patch_size) * self.merge
+        size = ip.size
+        h, w = smart_resize(
+            height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+        )
+        return h // factor, w // factor
 
     def _num_multimodal_tokens(self, original: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
         out = original(image_sizes=image_sizes, **kwargs)
         patches = getattr(out, "num_image_patches", None)
-        if patches is not None:
-            out.num_image_tokens = [
-                qwen_num_image_tokens(self.config, int(p) // self.merge**2) for p in patches
-            ]
+        if patches is not None and image_sizes is not None:
+            grids = [self.merged_grid(int(h), int(w)) for h, w in image_sizes]
+            if [h * w * self.merge**2 for h, w in grids] != [int(p) for p in patches]:
+                raise RuntimeError("GlobalCom²: cannot recover the merged-token grids of these image sizes")
+            out.num_image_tokens = [self.num_image_tokens(h, w) for h, w in grids]
         return out
 
     # -- model side: encode first, then positions from the kept sets -------------------------------------------
