@@ -69,7 +69,7 @@ FAMILIES = (
     *(
         Family(name, f"globalcom2.demo.tiny_qwen:build_tiny_{name}", "<|vision_start|><|image_pad|><|vision_end|>",
                ((100, 180), (200, 90), (150, 150), (61, 183)), (150, 150), modes=("budget",), native=True,
-               default=name in ("qwen2_5_vl", "qwen3_vl"))
+               default=name == "qwen3_vl")
         for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
     ),
     Family("gemma3", "globalcom2.demo.tiny_tiling:build_tiny_gemma3", "<start_of_image>",
