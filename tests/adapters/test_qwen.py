@@ -334,3 +334,43 @@ def test_pooling_baseline_averages_bins_at_their_centre_positions(qwen_dirs, nam
     if full.deepstack_features:
         for k, layer in enumerate(seen["deepstack_visual_embeds"]):
             assert torch.allclose(layer, torch.stack([e[k] for e in expected_ds]), atol=1e-6)
+
+
+def test_two_images_in_one_prompt_with_beam_search_keep_their_positions(qwen_dirs):
+    """A batch of a two-image prompt and a one-image prompt, generated with 2 beams: kept tokens of both images,
+    the text between and after them, and every decoding step have the uncompressed run's positions."""
+    model, processor = load_tiny_family(qwen_dirs("qwen3_vl"))
+    images = [
+        [random_image(100, 180, seed=11), random_image(61, 150, seed=12)],
+        [random_image(120, 90, seed=13)],
+    ]
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"A {image} and B {image} compare.", f"One {image} only, with a longer text."]
+
+    def run() -> tuple[dict, list[torch.Tensor]]:
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        seen: list[torch.Tensor] = []
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["position_ids"][-3:].clone()) and None, with_kwargs=True
+        )
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+        hook.remove()
+        return inputs, seen
+
+    full_inputs, full = run()
+    with globalcom2.apply(model, processor, ratio=0.3) as handle:
+        inputs, got = run()
+        masks = [p.crops_mask.reshape(-1) for p in handle.plans]
+    token = model.config.image_token_id
+    assert len(got) == len(full) and len(masks) == 3
+    for b, own in ((0, masks[:2]), (1, masks[2:])):
+        beam = 2 * b  # the first beam of sample b
+        offsets = [0, *torch.tensor([m.numel() for m in own]).cumsum(0).tolist()[:-1]]
+        kept = torch.cat([m.nonzero().reshape(-1) + o for m, o in zip(own, offsets, strict=True)])
+        f_img = (full_inputs["input_ids"][b] == token).nonzero().reshape(-1)
+        c_img = (inputs["input_ids"][b] == token).nonzero().reshape(-1)
+        assert torch.equal(got[0][:, beam, c_img], full[0][:, beam, f_img[kept]])
+        assert torch.equal(got[0][:, beam, c_img[-1] + 1 :], full[0][:, beam, f_img[-1] + 1 :])
+        for step in range(1, len(got)):
+            assert torch.equal(got[step][:, beam], full[step][:, beam]), step
