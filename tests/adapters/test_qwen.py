@@ -374,3 +374,12 @@ def test_two_images_in_one_prompt_with_beam_search_keep_their_positions(qwen_dir
         assert torch.equal(got[0][:, beam, c_img[-1] + 1 :], full[0][:, beam, f_img[-1] + 1 :])
         for step in range(1, len(got)):
             assert torch.equal(got[step][:, beam], full[step][:, beam]), step
+
+
+def test_region_tokens_is_validated():
+    from globalcom2 import GlobalComConfig
+
+    assert GlobalComConfig(region_tokens=8).region_tokens == 8 and GlobalComConfig().region_tokens is None
+    for bad in (0, -3, True, 2.5, "16"):
+        with pytest.raises(ValueError, match="region_tokens"):
+            GlobalComConfig(region_tokens=bad)
