@@ -326,9 +326,13 @@ class QwenAdapter(FamilyAdapter):
         patches = getattr(out, "num_image_patches", None)
         if patches is not None and image_sizes is not None:
             grids = [self.merged_grid(int(h), int(w)) for h, w in image_sizes]
-            if [h * w * self.merge**2 for h, w in grids] != [int(p) for p in patches]:
+            merged = [int(p) // self.merge**2 for p in patches]
+            if [h * w for h, w in grids] == merged:
+                out.num_image_tokens = [self.num_image_tokens(h, w) for h, w in grids]
+            elif type(self).num_image_tokens is QwenAdapter.num_image_tokens:  # the count needs H*W only
+                out.num_image_tokens = [qwen_num_image_tokens(self.config, n) for n in merged]
+            else:  # e.g. per-call size options this reading of the processor's defaults does not see
                 raise RuntimeError("GlobalCom²: cannot recover the merged-token grids of these image sizes")
-            out.num_image_tokens = [self.num_image_tokens(h, w) for h, w in grids]
         return out
 
     # -- model side: encode first, then positions from the kept sets -------------------------------------------
