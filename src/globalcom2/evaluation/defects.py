@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from ..adapters.anyres import AnyresGeometry
 from ..core.layout import tiles_to_grid
 from ..core.plan import Plan
 from ..methods.vision import PoolingPlan, plan_pooling, pool_packed
+from .defects_report import UNCOMPRESSED, write_defects
 from .runner import _progress, photo_data, vision_plans
 
 __all__ = [
@@ -59,7 +61,6 @@ DEFECT_KINDS: dict[str, str] = {"local": "max", "global": "mean"}
 #: Mosaic layouts (rows, cols) of textile images, used in turn.
 LAYOUTS: tuple[tuple[int, int], ...] = ((2, 2), (2, 3))
 TILE_PX = 250  # the data set's images are 250 x 250
-UNCOMPRESSED = "uncompressed"
 STANDIN_DEFECTS_LABEL = (
     "Vision tower: DINOv2 ViT-S/14 at 336 px (real weights), an offline STAND-IN for LLaVA-NeXT's CLIP ViT-L/14-336, "
     "in LLaVA-NeXT's anyres geometry. Detector: nearest-neighbour distance of the tokens a method keeps to a bank "
@@ -377,6 +378,11 @@ def summarise(
     return out
 
 
+def _load() -> float | None:
+    """1-minute load average (other jobs sharing the CPUs), None where the OS has none."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+
+
 def _fingerprint(rows: list[dict[str, Any]]) -> str:
     """Hash of every image score (to compare two runs at a glance)."""
     text = "\n".join(f"{r['mosaic']} {r['method']} {r['ratio']} {r['score_max']!r} {r['score_mean']!r}"
@@ -428,7 +434,7 @@ def run_defects(
     if unknown:
         raise ValueError(f"`kinds` must be among {sorted(DEFECT_KINDS)}, got {unknown}")
     root = data_root()
-    t0 = time.perf_counter()
+    t0, cpu0, load0 = time.perf_counter(), time.process_time(), _load()
     log(f"GlobalCom² defect benchmark -> {out_dir}/\n{STANDIN_DEFECTS_LABEL}")
     train_set, test_set = make_mosaics(root, num_train=num_train, num_test=num_test, kinds=kinds,
                                        layouts=layouts, seed=seed)  # fmt: skip
@@ -454,6 +460,7 @@ def run_defects(
     bar.close()
     summary = summarise(rows, allocation, ratios=ratios, far=far, num_boot=num_boot, seed=seed)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0  # this process's CPU time: what a machine without other jobs would need
     meta = {
         "note": STANDIN_DEFECTS_LABEL,
         "command": command,
@@ -468,16 +475,17 @@ def run_defects(
         "seed": seed,
         "fingerprint": _fingerprint(rows),
         "seconds": round(elapsed, 1),
+        "cpu_seconds": round(cpu, 1),
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-        },  # fmt: skip
+            "cpus": os.cpu_count(),
+            "load_average_start_end": [load0, _load()],
+        },
     }
     files: list[str] = []
     if write:
-        from .defects_report import write_defects
-
         files = [str(f) for f in write_defects(Path(out_dir), rows, allocation, summary, meta)]
         log(f"finished in {elapsed:.0f} s; wrote {', '.join(files)}")
     return {"rows": rows, "allocation": allocation, "summary": summary, "meta": meta, "files": files}

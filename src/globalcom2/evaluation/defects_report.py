@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .defects import UNCOMPRESSED
 from .report import COLORS, METHOD_ORDER, _figure
+
+#: The method name of the rows without compression.
+UNCOMPRESSED = "uncompressed"
 
 PANELS = (("auroc", "AUROC"), ("detection", "detection rate"))
 
@@ -77,8 +79,9 @@ def markdown_report(summary: list[dict[str, Any]], meta: dict[str, Any], figure:
         "",
         f"> {meta['note']}",
         "",
-        f"Command: `{meta['command']}`. Wall time {meta['seconds']:.0f} s ({meta['machine']['threads']} torch "
-        f"threads, {meta['machine']['platform']}). {meta['num_train']} nominal training mosaics (bank tokens: "
+        f"Command: `{meta['command']}`. Wall time {meta['seconds']:.0f} s, CPU time {meta['cpu_seconds']:.0f} s "
+        f"({meta['machine']['threads']} torch threads, {meta['machine']['cpus']} CPUs, load average at start / end "
+        f"{meta['machine']['load_average_start_end']}, {meta['machine']['platform']}). {meta['num_train']} nominal training mosaics (bank tokens: "
         f"{meta['bank_tokens']}), {meta['num_test_per_class']} test mosaics per class, layouts "
         f"{', '.join('x'.join(map(str, x)) for x in meta['layouts'])} (rows x cols of 250 px textile images), "
         f"{meta['num_boot']} bootstrap resamples (95 % intervals), seed {meta['seed']}, score fingerprint "
@@ -87,7 +90,7 @@ def markdown_report(summary: list[dict[str, Any]], meta: dict[str, Any], figure:
     ]
     if figure:
         head += [f"![AUROC and detection rate vs R]({figure})", ""]
-    return "\n".join(head) + markdown_tables(summary, meta)
+    return "\n".join(head) + "\n" + markdown_tables(summary, meta)
 
 
 def plot_defects(summary: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
@@ -113,10 +116,12 @@ def plot_defects(summary: list[dict[str, Any]], meta: dict[str, Any], path: Path
                     [s[metric] - s[metric + "_lo"] for _, s in pts],
                     [s[metric + "_hi"] - s[metric] for _, s in pts],
                 ]
-                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1.2, capsize=2, label=method,
+                legend = method + (" (adaptive, R unused)" if method.startswith("prumerge") else "")
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1.2, capsize=2, label=legend,
                             color=COLORS.get(method))  # fmt: skip
             ax.set_xscale("log")
             ax.set_xticks([100 * r for r in ratios], [f"{100 * r:g}" for r in ratios])
+            ax.set_xticks([], minor=True)
             ax.set_xlabel("R (% of visual tokens kept)")
             ax.set_title(f"{kind} defects: {label}" + (f" at {meta['far']:.0%} false alarms"
                                                         if metric == "detection" else ""), fontsize=9)  # fmt: skip
