@@ -429,9 +429,8 @@ class RequestOptionsProcessorMixin:
     info: Any
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self.info.globalcom_options(
-            inputs.hf_processor_mm_kwargs
-        )  # a bad value is an HTTP 400 before any work
+        # A bad value is an HTTP 400 before any work.
+        self.info.globalcom_options(inputs.hf_processor_mm_kwargs)
         return super().apply(inputs, timing_ctx)  # type: ignore[misc]
 
     def get_dummy_inputs(self, *args: Any, **kwargs: Any) -> Any:
