@@ -38,6 +38,9 @@ with zipfile.ZipFile(wheel) as z:
     z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("vllm/") and not n.endswith(".so")])
 EOF
     cp "$site"/vllm/*.so "$src/vllm/"
+    # Of 0.33's requirements the venv lacks only orjson (its OpenAI server imports it) besides the torch 2.14 family
+    # and CUDA kernel packages, which cannot run here anyway.
+    "$py" -m pip install -q "orjson>=3.11.6"
     rm -rf "$tmp"
     PYTHONPATH="$src" "$py" -c "import vllm; assert vllm.__version__.startswith('0.33'), vllm.__version__; print('vLLM', vllm.__version__, 'source in', '$src')"
     exit 0

@@ -148,6 +148,10 @@ def served(request, checkpoints, tmp_path_factory):
     server = Server(vllm_dir, {"architectures": [family.architecture], "globalcom2": SERVER_OPTIONS}, log)
     try:
         server.wait_ready()
+        expected = os.environ.get("GLOBALCOM2_EXPECT_VLLM")  # the vLLM 0.33 step of scripts/test_engines.sh
+        if expected:
+            with urllib.request.urlopen(f"{server.base_url}/version", timeout=30) as r:
+                assert json.loads(r.read())["version"].startswith(expected)
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S,
                                max_retries=0)  # fmt: skip
         _REPORT[name] = {
