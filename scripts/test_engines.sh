@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Engine plugin tests (lmms-eval and vLLM), each in its own fresh virtual environment: the separate CI step.
 #   bash scripts/test_engines.sh [VENV_ROOT]      (default $TMPDIR/globalcom2-engines)
-# About 30 min on 2 CPU cores: the installs, 12 offline vLLM engines and 3 `vllm serve` servers (one per family,
-# shared by its checks), then the offline tests and one server again on vLLM 0.33's Python source (setup_engines.sh
-# vllm-0.33 says why only that much of 0.33 can run here).
+# About 40 min on 2 shared CPU cores (vLLM parts measured: 0.32 offline tests 9 min, the 3 servers 13 min, the 0.33
+# step 10 min): the installs, 12 offline vLLM engines and 3 `vllm serve` servers (one per family, shared by its
+# checks), then the offline tests and one server again on vLLM 0.33's Python source (setup_engines.sh vllm-0.33 says
+# why only that much of 0.33 can run here).
 # The main test run skips tests/plugins cleanly (neither engine is installed there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
