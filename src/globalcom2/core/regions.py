@@ -26,12 +26,10 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .budget import budget_counts, largest_fitting_ratio
 from .layout import CropLayout
 from .resize import bilinear_resize
-from .scores import cosine_scores
 from .select import SelectionInput
 
 
@@ -106,17 +104,32 @@ def native_selection_input(
     """
     height, width = grid
     layout, region_map = _geometry(height, width, region_tokens)
+    ph, pw = pooled_shape(height, width, region_tokens)
     device = features.device
     x = features.float()
-    # Global view: Eq. 7 of the pooled cells against the mean of every token.
-    pooled = F.adaptive_avg_pool2d(
-        x.T.reshape(1, -1, height, width), pooled_shape(height, width, region_tokens)
-    ).reshape(x.shape[1], -1)
-    global_cells = -F.cosine_similarity(pooled.T, x.mean(dim=0, keepdim=True), dim=-1)  # (ph*pw,)
+    n = layout.num_crops
+    # One pass over the features: the mean of every region (rows 0..n-1) and of the whole image (row n).
+    region, averaging = (t.to(device) for t in _averaging(height, width, region_tokens))
+    means = averaging @ x  # (n + 1, D)
+    dots = x @ means.T  # (H*W, n + 1): every token against every region mean and the image mean
+    norms = x.norm(dim=-1).clamp_min(1e-8)
+    mean_norms = means.norm(dim=-1).clamp_min(1e-8)
     # Local scores: Eq. 7 of every token against its own region's mean.
+    local_flat = -dots.gather(1, region[:, None]).squeeze(1) / (norms * mean_norms[region])
     valid = layout.valid(device)
-    local = cosine_scores(_table_features(layout, x), valid)  # (n, M)
-    ph, pw = pooled_shape(height, width, region_tokens)
+    local = layout.to_table(local_flat, 0.0)  # (n, M)
+    # Global view: Eq. 7 of the pooled cells against the image mean. Adaptive average pooling is separable: two
+    # small matmuls with the per-axis averaging matrices; without pooling the cells are the tokens themselves.
+    if (ph, pw) == (height, width):
+        global_cells = -dots[:, n] / (norms * mean_norms[n])
+    else:
+        grid_x = x.reshape(height, width, -1)
+        if ph != height:
+            grid_x = torch.einsum("ah,hwd->awd", _pool_matrix(height, ph).to(device), grid_x)
+        if pw != width:
+            grid_x = torch.einsum("bw,awd->abd", _pool_matrix(width, pw).to(device), grid_x)
+        cells = grid_x.reshape(ph * pw, -1)
+        global_cells = -(cells @ means[n]) / (cells.norm(dim=-1).clamp_min(1e-8) * mean_norms[n])
     global_map = bilinear_resize(global_cells.reshape(ph, pw), (height, width))
     return (
         SelectionInput(
@@ -132,8 +145,24 @@ def native_selection_input(
     )
 
 
-def _table_features(layout: CropLayout, x: torch.Tensor) -> torch.Tensor:
-    """``(H*W, D)`` raster features -> ``(n, M, D)`` region table (zeros on unused cells)."""
-    n, m = layout.num_crops, layout.width
-    out = x.new_zeros(n * m, x.shape[1])
-    return out.index_copy(0, layout.slot.to(x.device), x).reshape(n, m, -1)
+@functools.lru_cache(maxsize=256)
+def _averaging(height: int, width: int, region_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(region of every token (H*W,), (n + 1, H*W) averaging matrix)``: rows 0..n-1 average each region's
+    tokens, row n all tokens (built once per grid size, on the CPU, never written)."""
+    layout = _geometry(height, width, region_tokens)[0]
+    n = layout.num_crops
+    region = layout.slot // layout.width
+    onehot = torch.zeros(n + 1, height * width)
+    onehot[region, torch.arange(height * width)] = 1.0
+    onehot[n] = 1.0
+    return region, onehot / onehot.sum(dim=1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_matrix(n: int, p: int) -> torch.Tensor:
+    """``(p, n)`` averaging matrix of adaptive average pooling: row ``a`` averages ``floor(a*n/p) .. ceil((a+1)*n/p)-1``
+    (built once per size pair, on the CPU, never written)."""
+    a = torch.arange(p)[:, None]
+    i = torch.arange(n)[None, :]
+    inside = (i >= (a * n) // p) & (i < -((-(a + 1) * n) // p))
+    return inside.float() / inside.sum(dim=1, keepdim=True).float()
