@@ -516,7 +516,10 @@ class InternVLAdapter(FamilyAdapter):
 
     def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Plan:
         inputs = self.processor(
-            images=[image], text=[self.processor.image_token], return_tensors="pt", **self.plan_processor_kwargs
+            images=[image],
+            text=[self.processor.image_token],
+            return_tensors="pt",
+            **self.plan_processor_kwargs,
         )
         pixel_values = inputs["pixel_values"].to(self.model.device, self.model.dtype)
         with torch.no_grad():

@@ -291,7 +291,12 @@ def build_standin_checkpoint(
         build = getattr(tiny_tiling, f"build_tiny_{family}")
         geometry = {"tokens_per_image": 256} if family == "gemma3" else {}
         return build(
-            workdir / f"{family}_dinov2_standin", vision="dinov2", tile_size=size, patch_size=14, **geometry, **text
+            workdir / f"{family}_dinov2_standin",
+            vision="dinov2",
+            tile_size=size,
+            patch_size=14,
+            **geometry,
+            **text,
         )
     if family == "internvl":
         return build_tiny_internvl(

@@ -19,7 +19,6 @@ tokenizer built in code, ``save_pretrained`` then ``from_pretrained``):
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 from .tiny_parts import build_family_tokenizer, llm_config, save_random_checkpoint, tiny_vit_config
