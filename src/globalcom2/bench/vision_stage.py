@@ -2,7 +2,8 @@
 
 Per family, side by side in one process, on random-weight towers of the real widths (built offline): CLIP ViT-L/14
 at 336 px for LLaVA-NeXT (features from layer -2), InternViT-300M at 448 px for InternVL and SigLIP-so400m at 384 px
-for LLaVA-OneVision (features from the last layer), Qwen2.5-VL-7B's tower (width 1280, window attention) on a
+for LLaVA-OneVision, at 896 px for Gemma 3 (pan-and-scan on) and at 364 px for Aya Vision (features from
+the last layer), Qwen2.5-VL-7B's tower (width 1280, window attention) on a
 448 x 448 image (16 x 16 merged tokens) with a 1-layer LLM of its width 3584, each with ``layers`` encoder layers
 and a tiny LLM (Qwen: tiny in depth). Qwen has no scoring hook: Eq. 7 runs inside its selection, so its
 ``scoring_ms`` is 0 and ``selection_ms`` holds both. Reported:
@@ -45,7 +46,7 @@ import torch
 from ..apply import apply
 from .measure import _DTYPES, _sync, _time_ms, bench_image
 
-FAMILIES = ("llava_next", "internvl", "llava_onevision", "qwen2_5_vl")
+FAMILIES = ("llava_next", "internvl", "llava_onevision", "qwen2_5_vl", "gemma3", "aya_vision")
 #: native-resolution families: one "tile" per image; their selection target is one image's selection
 NATIVE = ("qwen2_5_vl",)
 TARGET_NEXT_24 = 0.97  # compressed / plain vision stage, 24-layer CLIP-L
@@ -75,6 +76,8 @@ class StageSettings:
             "internvl": (896, 896),
             "llava_onevision": (768, 768),
             "qwen2_5_vl": (448, 448),
+            "gemma3": (400, 1600),  # pan-and-scan: 4 crops + the original image = 5 tiles
+            "aya_vision": (728, 728),  # 2 x 2 crops + the thumbnail = 5 tiles
         }
     )
 
@@ -189,9 +192,70 @@ def _qwen2_5_vl(layers: int):
     )
 
 
+def _gemma3(layers: int):
+    """Gemma 3 at real width: SigLIP-so400m at 896 px (64 x 64 patches), pooled 4 x 4 to 256 tokens."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from ..demo.tiny_parts import build_family_tokenizer, llm_config
+    from ..demo.tiny_tiling import GEMMA3_SPECIALS
+
+    tok = build_family_tokenizer(GEMMA3_SPECIALS)
+    vision = SiglipVisionConfig(image_size=896, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=layers, num_attention_heads=16, vision_use_head=False)  # fmt: skip
+    text = llm_config(Gemma3TextConfig, tok, 64, 1, 2, max_positions=16384, head_dim=32, sliding_window=64)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in GEMMA3_SPECIALS.items()}
+    config = Gemma3Config(
+        vision_config=vision, text_config=text, mm_tokens_per_image=256, boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+    )  # fmt: skip
+    ip = Gemma3ImageProcessorPil(
+        size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=256)
+    return config, processor, "Gemma3ForConditionalGeneration", "<start_of_image>"
+
+
+def _aya_vision(layers: int):
+    """Aya-Vision-8B's tower at real width: SigLIP2-so400m at 364 px (26 x 26 patches), 2 x 2 shuffle: 169 tokens."""
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionProcessor,
+        Cohere2Config,
+        GotOcr2ImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    from ..demo.tiny_parts import build_family_tokenizer, llm_config
+    from ..demo.tiny_tiling import AYA_SPECIALS
+
+    tok = build_family_tokenizer(AYA_SPECIALS)
+    vision = SiglipVisionConfig(image_size=364, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=layers, num_attention_heads=16, vision_use_head=False)  # fmt: skip
+    config = AyaVisionConfig(
+        vision_config=vision, text_config=llm_config(Cohere2Config, tok, 64, 1, 2, max_positions=16384),
+        downsample_factor=2, image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=False,
+    )  # fmt: skip
+    ip = GotOcr2ImageProcessorPil(size={"height": 364, "width": 364}, crop_to_patches=True, min_patches=1,
+                                  max_patches=12, image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    processor = AyaVisionProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=14, downsample_factor=2, img_size=364
+    )
+    return config, processor, "AyaVisionForConditionalGeneration", "<image>"
+
+
 _BUILDERS: dict[str, Callable[[int], tuple]] = {
     "llava_next": _llava_next, "internvl": _internvl, "llava_onevision": _onevision, "qwen2_5_vl": _qwen2_5_vl,
+    "gemma3": _gemma3, "aya_vision": _aya_vision,
 }  # fmt: skip
+#: processor options per family (Gemma 3's high-resolution mode: pan-and-scan)
+_CALL_KWARGS: dict[str, dict[str, Any]] = {"gemma3": {"do_pan_and_scan": True}}
 
 
 def build_family_model(family: str, layers: int, device: str = "cpu", dtype: str = "float32"):
@@ -341,7 +405,8 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
     prompt = f"USER: {token}\nIs there a dog in the image? ASSISTANT:"
 
     def process() -> dict[str, Any]:
-        inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt", **_CALL_KWARGS.get(family, {}))
+        inputs = inputs.to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         return dict(inputs)
 
