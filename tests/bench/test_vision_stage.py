@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from globalcom2.bench.vision_stage import (
@@ -21,6 +22,7 @@ from globalcom2.bench.vision_stage import (
     next_target,
     share_target,
 )
+from tests.conftest import sweep
 
 
 def test_targets_scale_with_depth():
@@ -117,3 +119,26 @@ def test_qwen_record_at_real_width():
     assert [t["unit"] for t in targets] == ["%", "ms"] and "selection (Eq. 7 scoring included)" in targets[1][
         "target"
     ]
+
+
+@pytest.mark.parametrize("family", sweep(["aya_vision", "gemma3"], ["aya_vision"]))
+def test_tiling_family_bench_models_give_five_tiles_and_their_budget(family):
+    """The real-width Gemma 3 / Aya Vision models of the bench: their image is 5 tiles (the 2 ms target's size) and
+    a budget-mode encode keeps exactly the processor's count."""
+    import globalcom2
+    from globalcom2.bench.measure import bench_image
+    from globalcom2.bench.vision_stage import _CALL_KWARGS
+
+    model, processor, token = build_family_model(family, 1)
+    image = bench_image(*StageSettings().image_sizes[family])
+    kwargs = _CALL_KWARGS.get(family, {})
+    with globalcom2.apply(model, processor, ratio=0.25) as handle:
+        inputs = processor(images=[image], text=[f"{token} hi"], return_tensors="pt", **kwargs)
+        assert inputs["pixel_values"].shape[0] == 5
+        vision = {
+            k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        with torch.no_grad():
+            model.model.get_image_features(**vision)
+        plan = handle.plans[0]
+    assert plan.num_tokens == int((inputs["input_ids"] == model.config.image_token_id).sum()) > 0
