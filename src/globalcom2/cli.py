@@ -29,6 +29,7 @@ from .cli_common import (
 )
 from .extras import missing_dependency
 from .loading import FAMILIES, ModelLoadError, load_model_and_processor
+from .methods import available_methods
 
 #: What ``ask --model standin`` says before it answers (stderr, and ``note`` in the JSON).
 STANDIN_NOTE = (
@@ -251,14 +252,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     if getattr(args, "methods", None):  # side-by-side comparison of methods
-        from .evaluation.visual import parse_methods, visualize_methods
+        from .evaluation.visual import cmd_visualize_methods
 
-        if args.max_image_tokens is not None:
-            raise CLIError("--max-image-tokens is not supported with --methods yet; use --ratio/--ratios")
-        methods = parse_methods(args.methods)  # unknown names fail before anything loads
-        image = load_image(args.image)
-        model, processor = load_model(args.model, dtype=args.dtype, device=args.device, family=args.family)
-        return visualize_methods(args, methods, image, model, processor, method_options(args))
+        return cmd_visualize_methods(args, method_options(args), load_image=load_image, load_model=load_model)
     from .config import GlobalComConfig
     from .viz.overlay import render_grid
     from .workflows import plan_for_image, render_plan
@@ -361,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="several ratios, e.g. 0.5,0.25,0.1 (one panel each; replaces --ratio)")  # fmt: skip
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--json", action="store_true", help="print the plans as JSON (and nothing else) on stdout")
-    p.add_argument(
-        "--methods",
-        default=None,
-        help="side-by-side methods, e.g. globalcom2,fastervlm,fastv,random,pooling,globalcom2+fastv",
-    )
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods side by side: {', '.join(available_methods())}")  # fmt: skip
+    p.add_argument("--method-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the --methods that have it, e.g. layers=1,2,3 (pdrop), layer=1 (fastv), "
+                   "seed=3 (random); repeatable")  # fmt: skip
     p.add_argument("--question", default="What is shown in this image?", help="prompt for LLM-side methods")
     add_method_options(p)
     p.set_defaults(func=cmd_visualize)

@@ -129,6 +129,31 @@ def greedy(model: Any, inputs: dict, new_tokens: int = 4) -> torch.Tensor:
     return out[:, inputs["input_ids"].shape[1] :]
 
 
+def run_in_threads(jobs: list[list[Any]], call: Any) -> tuple[dict, list]:
+    """Run ``call(item)`` for every item of every job, one thread per job, all started at once (a barrier);
+    returns ``({(thread, index): result}, errors)``."""
+    import threading
+
+    got: dict = {}
+    errors: list = []
+    start = threading.Barrier(len(jobs))
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for c, item in enumerate(jobs[t]):
+                got[t, c] = call(item)
+        except BaseException as err:  # reported by the caller with its thread
+            errors.append((t, repr(err)))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    return got, errors
+
+
 def make_scores_tie(model: Any) -> None:
     """Make every token score of every tile exactly equal, by construction, on any machine.
 

@@ -8,7 +8,6 @@ scores the token earlier in raster order is kept (the tie rule).
 from __future__ import annotations
 
 import gc
-import threading
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from tests.adapters.families import (
     load,
     make_scores_tie,
     plan_key,
+    run_in_threads,
 )
 from tests.conftest import count_host_reads, module_state
 
@@ -107,24 +107,13 @@ def test_threads_on_one_patched_model_get_what_they_get_alone(fam, mode):
             for c, image in enumerate(images):
                 out = greedy(model, inputs_for(family, processor, [image]))
                 expected[t, c] = (out, plan_key(handle.plans[0]))
-        got: dict = {}
-        errors: list = []
-        start = threading.Barrier(len(jobs))
-
-        def work(t: int) -> None:
-            try:
-                start.wait()
-                for c, image in enumerate(jobs[t]):
-                    out = greedy(model, inputs_for(family, processor, [image]))
-                    got[t, c] = (out, plan_key(handle.plans[0]))  # this thread's own last forward
-            except BaseException as err:  # reported below with its thread
-                errors.append((t, repr(err)))
-
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=300)
+        got, errors = run_in_threads(
+            jobs,
+            lambda image: (
+                greedy(model, inputs_for(family, processor, [image])),
+                plan_key(handle.plans[0]),  # this thread's own last forward
+            ),
+        )
         assert not errors, errors
         assert set(got) == set(expected)
         for key, (out, plan) in expected.items():
@@ -241,12 +230,11 @@ def _check_native_tie_rule(plan, config) -> None:
 
 
 def test_tie_rule_in_the_fastervlm_baseline(fam):
-    """The baselines rank with the same rule: FasterVLM (per-tile top-k) keeps the first k tokens of each tile."""
+    """The baselines rank with the same rule on every family: FasterVLM (per-tile top-k by Eq. 1 or Eq. 7) keeps the
+    first k tokens of each tile."""
     from globalcom2.methods import apply_method
 
     family, model, processor = fam
-    if family.name != "llava_next":
-        pytest.skip("the vision baselines are written for LLaVA-NeXT")
     make_scores_tie(model)
     image = family.images()[0].resize((family.tie_size[1], family.tie_size[0]))
     with apply_method(model, processor, "fastervlm", ratio=0.25) as handle:

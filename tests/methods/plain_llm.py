@@ -67,14 +67,35 @@ class Seq:
 Select = Callable[[int, Seq, torch.Tensor], tuple[list[int], torch.Tensor | None, int]]
 
 
+def text_model(model):
+    """The VLM's decoder stack (``language_model``; Idefics3 / SmolVLM: ``text_model``)."""
+    inner = model.model
+    lm = getattr(inner, "language_model", None)
+    return lm if lm is not None else inner.text_model
+
+
 def embed(model, inputs) -> torch.Tensor:
-    ids = inputs["input_ids"]
-    with torch.no_grad():
-        feats = torch.cat(
-            model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        )
-        h = model.get_input_embeddings()(ids)
-        return h.masked_scatter((ids == model.config.image_token_id)[..., None], feats)
+    """The LLM's input embeddings of the unpatched model (image features scattered into the placeholders), as the
+    model itself builds them on any family: taken off the decoder stack's input by a one-off pre-hook."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = kwargs["inputs_embeds"]
+        raise _Stop
+
+    hook = text_model(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
+class _Stop(Exception):
+    pass
 
 
 @torch.no_grad()
@@ -91,7 +112,7 @@ def staged_forward(
     ``fixed``: decisions of an earlier (prompt-only) run to replay on a longer sequence (prompt + generated
     tokens, which are text and never pruned).
     """
-    lm = model.model.language_model
+    lm = text_model(model)
     ids = inputs["input_ids"]
     image_id = model.config.image_token_id
     h = embed(model, inputs)

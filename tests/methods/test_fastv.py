@@ -287,7 +287,9 @@ def test_threads_share_one_patched_model(tiny4, method):
     sizes = [(100, 180), (150, 150), (200, 64), (120, 200), (64, 64), (180, 100)]
     jobs = [batch_inputs(processor, [size], seeds=[10 + i]) for i, size in enumerate(sizes)]
     with apply_method(model, processor, method, ratio=0.25) as gc, torch.no_grad():
-        assert type(gc.adapter) is {"fastv": FastVAdapter, "globalcom2+fastv": GlobalComFastVAdapter}[method]
+        assert isinstance(
+            gc.adapter, {"fastv": FastVAdapter, "globalcom2+fastv": GlobalComFastVAdapter}[method]
+        )
 
         def run(i):
             out = model.generate(**jobs[i], max_new_tokens=5, do_sample=False)

@@ -225,6 +225,14 @@ def test_rule_pieces_on_hand_made_scores():
     ]
     assert out[0].tolist() == expected0 and out[0, 3]  # 0.2 is the only outlier once 5.0 is padding
     assert out[1].tolist() == [True] + [False] * 7  # no outlier: the top token, ties to the earlier one
+    from globalcom2.adapters.anyres import AnyresGeometry
+
+    geo = AnyresGeometry((1, 2), 2, (0, 2, 0, 4), (2, 4))  # thumbnail + 2 crops of 4 tokens
+    tiles = torch.tensor([[0.0, 0.0, 0.0, 9.0], [1.0] * 4, [0.0, 0.0, 0.0, 9.0]])
+    plan = plan_prumerge(tiles, geo, plus=False)[0]
+    assert plan.outlier_counts.tolist() == [1, 1, 1]  # what the outlier step kept ...
+    assert plan.fallback_tiles.tolist() == [False, True, False]  # ... the middle tile by the fallback only
+    assert plan.summary()["fallback_tiles"] == [False, True, False]
     # the public code's PruMerge+ samples for N = 576, m = 32: arange(0, 575, (576 // 32) // 3 = 6)
     n = 576
     outliers = torch.zeros(1, n, dtype=torch.bool)
@@ -377,7 +385,7 @@ def test_other_families_get_a_type_error(tmp_path):
 
     onevision = next(f for f in FAMILIES if f.name == "llava_onevision")
     model, processor = load(onevision.build(tmp_path / "ov"))
-    with pytest.raises(UnsupportedModelError, match="supports LlavaNextForConditionalGeneration only"):
+    with pytest.raises(UnsupportedModelError, match="'prumerge\\+' is not implemented for llava_onevision"):
         apply_method(model, processor, "prumerge+", ratio=0.25)
 
 

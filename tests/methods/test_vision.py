@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -231,19 +232,35 @@ def test_random_draw_depends_on_seed_and_geometry_only(tiny):
                                               batch[2].tolist()]  # fmt: skip
 
 
-def test_baselines_reject_other_families(tmp_path):
-    """Baselines are LLaVA-NeXT only: another registered family gets a TypeError before anything is patched."""
+def test_methods_a_family_does_not_run_are_refused_before_patching(tmp_path):
+    """A (method, family) pair the registry does not list gets a TypeError naming why, before anything is patched;
+    the pairs it lists are exactly the ones apply_method accepts (here: OneVision, no processor needed to refuse)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from globalcom2.demo.tiny_families import build_tiny_llava_onevision
+    from globalcom2.methods import method_support
 
     path = build_tiny_llava_onevision(tmp_path / "ov")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
-    for method in METHODS:
-        if method == "globalcom2":
-            continue
-        with pytest.raises(UnsupportedModelError, match="supports LlavaNextForConditionalGeneration only"):
+    refused = [m for m in METHODS if method_support(m, "llava_onevision") is not None]
+    assert refused == ["pooling", "prumerge", "prumerge+"]
+    for method in refused:
+        with pytest.raises(
+            UnsupportedModelError, match=re.escape(f"'{method}' is not implemented for llava_onevision")
+        ):
             apply_method(model, None, method, ratio=0.25)
         assert "_globalcom2_handle" not in model.__dict__
     with pytest.raises(TypeError, match="unsupported model class"):
         apply_method(torch.nn.Linear(2, 2), None, "fastervlm", ratio=0.25)
+
+
+def test_readme_support_matrix_is_the_registry():
+    """The README's method x family table is generated from the registry (regenerate it with
+    ``globalcom2.methods.support_matrix_markdown()``), so it cannot go stale."""
+    from pathlib import Path
+
+    from globalcom2.methods import support_matrix_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("<!-- methods-matrix:start -->\n")[1].split("\n<!-- methods-matrix:end -->")[0]
+    assert table == support_matrix_markdown()

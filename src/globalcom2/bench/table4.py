@@ -1,7 +1,8 @@
 """Table-4-style efficiency rows (GlobalCom² Sec. 5.4): SparseVLM vs FasterVLM vs GlobalCom² (and FastV, PDrop) at
 one R, on the same model and image, measured side by side in one process (`globalcom2 bench --table4`).
 
-Per method (all through :func:`globalcom2.apply_method`; R = 10 % by default):
+Per method (all through :func:`globalcom2.apply_method`, = :func:`globalcom2.methods.apply_method`; R = 10 % by
+default):
 
 - ``layer_tokens``: image tokens each LLM layer sees (``Plan.layer_tokens`` for the LLM-side methods, which keep
   the layer average at R, :mod:`globalcom2.methods.schedule`; FastV runs with ``equivalent=True`` here so that it

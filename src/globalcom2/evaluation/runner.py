@@ -3,7 +3,8 @@
 The vision tower runs once per photo; every pre-LLM plan is then computed from those scores by the same planner
 functions the adapters call (:func:`globalcom2.adapters.anyres.plan_anyres`, :mod:`globalcom2.methods.vision`), so
 a full sweep costs seconds. LLM-side methods (FastV, GlobalCom² + FastV) run through :func:`globalcom2.apply_method`
-on the demo model, whose LLM is tiny and random: their numbers show the mechanism only.
+(= :func:`globalcom2.methods.apply_method`) on the demo model, whose LLM is tiny and random: their numbers show the
+mechanism only.
 
 Ablations (paper Tables 2 and 3): allocation in {softmax-sum, softmax-max, topk-count, uniform} x scoring in
 {holistic, local, global} x score in {logits, softmax}, all in budget mode (same token count).

@@ -33,7 +33,8 @@ GlobalCom² budget-mode counts: int(N*R) thumbnail tokens and k_j tokens of crop
 Eq. 2-4 from the vision tower's [CLS] scores, with FastV's scores choosing *which* tokens inside each region;
 newline tokens are always kept.
 
-Both methods are LLaVA-NeXT adapters (:class:`FastVAdapter`, :class:`GlobalComFastVAdapter`) installed by the one
+Both methods run on every family (:class:`FastVAdapter`, :class:`GlobalComFastVAdapter`, put in front of the family's
+adapter by :func:`~globalcom2.methods.pruner.llm_method_class`) and are installed by the one
 install path (:func:`globalcom2.adapters.base.install`): HF's packing runs unchanged and hands the LLM every token;
 the adapter records each image's token layout (and, for GlobalCom² + FastV, GlobalCom²'s plan from the shared
 scoring hook and :func:`~globalcom2.core.select.select_images`) for the pruner. Every per-forward value the hooks
@@ -58,6 +59,7 @@ from .pruner import (
     _Call,
     group_topk_keep,
     last_token_attention,
+    num_llm_layers,
 )
 from .schedule import fastv_schedule, layer_ratio
 
@@ -66,7 +68,7 @@ FastVState = PrunerState
 
 
 class FastVAdapter(LLMPruningAdapter):
-    """FastV on LLaVA-NeXT: int(r * n_b) image tokens of sample b survive from layer K on (module docstring).
+    """FastV on any family: int(r * n_b) image tokens of sample b survive from layer K on (module docstring).
 
     After a forward, ``handle.plans`` hold the tokens that reached layers K..L-1.
     """
@@ -74,7 +76,7 @@ class FastVAdapter(LLMPruningAdapter):
     def __init__(self, model: Any, processor: Any, config: Any, *, layer: int = 2,
                  equivalent: bool = False) -> None:  # fmt: skip
         super().__init__(model, processor, config)
-        num_layers = len(model.model.language_model.layers)
+        num_layers = num_llm_layers(model)
         if not 1 <= layer < num_layers:
             raise ValueError(
                 f"`layer` must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}"
@@ -111,15 +113,7 @@ class GlobalComFastVAdapter(FastVAdapter):
     """
 
     display_name = "GlobalCom² + FastV"
-
-    def install_scoring(self, handle: Any) -> None:
-        super(LLMPruningAdapter, self).install_scoring(
-            handle
-        )  # GlobalCom²'s hook, which FastV alone leaves out
-
-    def vision_plans(self, handle: Any, packed: list[torch.Tensor],
-                     arguments: dict[str, Any]) -> list | None:  # fmt: skip
-        return super(LLMPruningAdapter, self).select_packed(handle, packed, arguments)[0]
+    uses_vision_plans = True  # GlobalCom²'s scoring hook and plans, which FastV alone leaves out
 
     def checked_vision_plans(self, call: _Call) -> list:
         vision = self.pruner.state.vision_plans
@@ -135,10 +129,6 @@ class GlobalComFastVAdapter(FastVAdapter):
         keep = group_topk_keep(call.scores[stage], groups, counts)
         # newlines are always kept; text is not an image entry
         return Selection(keep & call.entries["image"] & call.entries["valid"])
-
-    def plan_ratios(self, image: int) -> torch.Tensor | None:
-        vision = self.pruner.state.vision_plans
-        return vision[image].crop_ratios if vision is not None else None
 
 
 __all__ = [

@@ -1,10 +1,18 @@
-"""Where every image token of an uncompressed LLaVA-NeXT image sits in the LLM sequence, and back to a `Plan`.
+"""Where every image token of an uncompressed image sits in the LLM sequence, and back to a `Plan`.
 
-Methods that prune inside the LLM (FastV, GlobalCom² + FastV) see an image only as a run of placeholder positions.
-This module maps that run back onto the tiling of :class:`~globalcom2.adapters.anyres.AnyresGeometry`: HF's
-``pack_image_features`` emits the thumbnail's g*g tokens in raster order, then the crop tokens of the valid box of
-the padded ``(rows*g) x (cols*g)`` grid row by row, each row followed by one ``image_newline`` token. The crop
-regions are those of paper Eq. 2 / Eq. 4 (token ``(y, x)`` of the padded grid belongs to crop
+Methods that prune inside the LLM (FastV, PDrop, SparseVLM and the GlobalCom² combinations) see an image only as
+the positions of its image tokens. This module maps each image's run back onto its tiling, one rule per token
+layout (markers such as InternVL's ``<img>`` or Idefics3's ``<row_r_col_c>`` are not image tokens: they are not in
+the run and are never pruned):
+
+- **anyres** (LLaVA-NeXT, OneVision; :func:`image_token_layout`): HF's ``pack_image_features`` emits the
+  thumbnail's g*g tokens in raster order, then the crop tokens of the valid box of the padded
+  ``(rows*g) x (cols*g)`` grid row by row (OneVision: its down-sampled token grid, each token in the crop of its
+  anchor patch, :func:`~globalcom2.adapters.anyres.resample_blocks`), each row followed by one ``image_newline``;
+- **tiles** (InternVL, Idefics3/SmolVLM; :func:`tile_token_layout`): the crops row-major, each a full g x g block
+  in raster order, then the thumbnail; an image of one tile is its own thumbnail.
+
+The crop regions are those of paper Eq. 2 / Eq. 4 (token ``(y, x)`` of the padded grid belongs to crop
 ``(y // g) * cols + x // g``).
 """
 
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.anyres import AnyresGeometry
+from ..adapters.anyres import AnyresGeometry, footprint, resample_blocks
 from ..core.plan import Plan
 
 THUMBNAIL = 0  # region id of the thumbnail; crop j (row-major, 0-based) has region id j + 1
@@ -31,7 +39,9 @@ class ImageTokenLayout:
         valid_box: unpadded area of the padded crop grid, ``(top, bottom, left, right)`` in cells.
         region: Long ``(n,)``: 0 = thumbnail, j + 1 = crop j, -1 = newline.
         cell: Long ``(n,)``: thumbnail cell (``y*g + x``) for the thumbnail, padded crop-grid cell
-            (``y*cols*g + x``) for crops, -1 for newlines.
+            (``y*cols*g + x``) for crops (with ``token_grid``: the crop token's index ``y*W + x`` in that grid),
+            -1 for newlines.
+        token_grid: ``(H, W)`` of a down-sampled crop token grid (OneVision), else None.
     """
 
     grid: tuple[int, int]
@@ -39,6 +49,7 @@ class ImageTokenLayout:
     valid_box: tuple[int, int, int, int]
     region: torch.Tensor
     cell: torch.Tensor
+    token_grid: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -63,23 +74,45 @@ def image_token_layout(geo: AnyresGeometry, newline: bool = True) -> ImageTokenL
     """Layout of the full (uncompressed) LLaVA-NeXT token run of one tiled image.
 
     Args:
-        geo: the image's geometry (:meth:`~globalcom2.adapters.anyres.AnyresAdapter.geometry`); its crop tokens
-            are the valid box itself (LLaVA-NeXT does not down-sample).
+        geo: the image's geometry (:meth:`~globalcom2.adapters.anyres.AnyresAdapter.geometry`); a down-sampled
+            crop token grid (OneVision) maps each token to the crop of its anchor patch.
         newline: whether HF appends ``image_newline`` after every crop row.
     """
-    if geo.resampled:
-        raise ValueError("image_token_layout: the crop tokens must be the valid box (LLaVA-NeXT geometry)")
     rows, cols = geo.grid
     g = geo.g
     top, bottom, left, right = geo.box
-    ys = torch.arange(top, bottom)[:, None]
-    xs = torch.arange(left, right)[None, :]
-    crop_cell = ys * (cols * g) + xs  # (h, w)
-    crop_region = (ys // g) * cols + (xs // g) + 1
-    tail = torch.full((bottom - top, int(newline)), NEWLINE)
+    if geo.resampled:
+        height, width = geo.token_grid
+        row_block, col_block = resample_blocks(geo.box, geo.token_grid, g)
+        crop_region = row_block[:, None] * cols + col_block[None, :] + 1
+        crop_cell = torch.arange(height * width).reshape(height, width)
+    else:
+        ys = torch.arange(top, bottom)[:, None]
+        xs = torch.arange(left, right)[None, :]
+        crop_cell = ys * (cols * g) + xs  # (h, w)
+        crop_region = (ys // g) * cols + (xs // g) + 1
+    tail = torch.full((crop_cell.shape[0], int(newline)), NEWLINE)
     cell = torch.cat([torch.arange(g * g), torch.cat([crop_cell, tail], dim=1).reshape(-1)])
     region = torch.cat([torch.full((g * g,), THUMBNAIL), torch.cat([crop_region, tail], dim=1).reshape(-1)])
-    return ImageTokenLayout(geo.grid, g, geo.box, region=region, cell=cell)
+    grid = geo.token_grid if geo.resampled else None
+    return ImageTokenLayout(geo.grid, g, geo.box, region=region, cell=cell, token_grid=grid)
+
+
+def tile_token_layout(grid: tuple[int, int], g: int) -> ImageTokenLayout:
+    """Layout of one image of InternVL's tile order (InternVL, Idefics3/SmolVLM): ``rows x cols`` crops row-major,
+    each a full g x g block in raster order, then the thumbnail; a ``1 x 1`` grid is one tile, the image's own
+    thumbnail (no crops). Markers between the runs are not image tokens and are not part of the layout."""
+    rows, cols = grid
+    if rows * cols == 1:
+        return single_tile_layout(g, newline=False)
+    n = rows * cols
+    j = torch.arange(n)[:, None]
+    a = torch.arange(g * g)[None, :]
+    y = (j // cols) * g + a // g
+    x = (j % cols) * g + a % g
+    cell = torch.cat([(y * (cols * g) + x).reshape(-1), torch.arange(g * g)])
+    region = torch.cat([(j + 1).expand(n, g * g).reshape(-1), torch.full((g * g,), THUMBNAIL)])
+    return ImageTokenLayout((rows, cols), g, (0, rows * g, 0, cols * g), region=region, cell=cell)
 
 
 def plan_from_keep(
@@ -104,9 +137,17 @@ def plan_from_keep(
     thumbnail_mask = torch.zeros(g * g, dtype=torch.bool)
     thumbnail_mask[cell[is_thumb]] = keep[is_thumb]
     n = rows * cols
-    crops_mask = torch.zeros(rows * g * cols * g, dtype=torch.bool)
     is_crop = region > 0
-    crops_mask[cell[is_crop]] = keep[is_crop]
+    token_mask = None
+    if layout.token_grid is not None:  # down-sampled crop tokens: the footprint of the kept ones on the cells
+        height, width = layout.token_grid
+        token_mask = torch.zeros(height * width, dtype=torch.bool)
+        token_mask[cell[is_crop]] = keep[is_crop]
+        token_mask = token_mask.reshape(height, width)
+        crops_mask = footprint(token_mask, layout.valid_box, (rows * g, cols * g)).reshape(-1)
+    else:
+        crops_mask = torch.zeros(rows * g * cols * g, dtype=torch.bool)
+        crops_mask[cell[is_crop]] = keep[is_crop]
     crop_idx = region[is_crop] - 1
     kept = torch.zeros(n, dtype=torch.long).index_add_(0, crop_idx, keep[is_crop].long())
     valid = torch.zeros(n, dtype=torch.long).index_add_(0, crop_idx, torch.ones_like(crop_idx))
@@ -124,4 +165,6 @@ def plan_from_keep(
         crop_valid_counts=valid,
         mode=mode,
         thumbnail_order=thumbnail_mask.nonzero().reshape(-1),
+        token_mask=token_mask,
+        token_grid=layout.token_grid,
     )

@@ -15,7 +15,8 @@ layer average of the image tokens equals R (the "equivalent token count" of the 
 R = 0.46875 on a 32-layer LLM that is exactly the paper's default (drops after layers 8, 16, 24, lambda = 0.5).
 
 Samples are ranked independently (the image tokens of each sample together, newlines included, as FastV here);
-ties keep the earlier position (:func:`~globalcom2.core.select.topk_mask`). LLaVA-NeXT only.
+ties keep the earlier position (:func:`~globalcom2.core.select.topk_mask`). Every family
+(:func:`~globalcom2.methods.pruner.llm_method_class`): only image tokens are ranked, markers stay.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .pruner import LLMPruningAdapter
+from .pruner import LLMPruningAdapter, num_llm_layers
 from .schedule import PDROP_LAMBDA, PDROP_STAGES, pdrop_schedule
 
 
 class PDropAdapter(LLMPruningAdapter):
-    """PyramidDrop on LLaVA-NeXT (module docstring).
+    """PyramidDrop on any family (module docstring).
 
     Args:
         model, processor, config: as every adapter (``config.ratio`` is R, the layer average).
@@ -45,7 +46,7 @@ class PDropAdapter(LLMPruningAdapter):
     def __init__(self, model: Any, processor: Any, config: Any, *, stages: int = PDROP_STAGES,
                  lam: float = PDROP_LAMBDA, layers: Sequence[int] | None = None) -> None:  # fmt: skip
         super().__init__(model, processor, config)
-        num_layers = len(model.model.language_model.layers)
+        num_layers = num_llm_layers(model)
         self.schedule = pdrop_schedule(num_layers, config.ratio, stages=stages, lam=lam, layers=layers)
         self.build_pruner()
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..adapters.anyres import AnyresGeometry, footprint, packed_positions
 from ..adapters.base import GlobalComHandle
+from ..adapters.errors import UnsupportedModelError
 from ..adapters.llava_next import LlavaNextAdapter
 from ..adapters.towers import TowerInfo
 from ..core.layout import grid_to_tiles, tiles_to_grid
@@ -129,12 +130,17 @@ def iqr_outliers(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     Quartiles by linear interpolation over the valid tokens (``numpy.percentile``'s default), in float64. A tile
     with valid tokens but no outlier keeps its top token (the tie rule picks among equal scores).
     """
+    out = _iqr_rule(scores, valid)
+    top = descending_rank(scores.double().masked_fill(~valid, float("-inf"))) == 0
+    return out | (top & valid & ~out.any(-1, keepdim=True))
+
+
+def _iqr_rule(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The IQR rule alone (no fallback): a > Q3 + 1.5 * IQR among each tile's valid tokens."""
     x = scores.double().masked_fill(~valid, float("nan"))
     q1 = torch.nanquantile(x, 0.25, dim=-1, keepdim=True)
     q3 = torch.nanquantile(x, 0.75, dim=-1, keepdim=True)
-    out = (x > q3 + 1.5 * (q3 - q1)) & valid  # NaN compares False
-    top = descending_rank(scores.double().masked_fill(~valid, float("-inf"))) == 0
-    return out | (top & valid & ~out.any(-1, keepdim=True))
+    return (x > q3 + 1.5 * (q3 - q1)) & valid  # NaN compares False
 
 
 def spatial_samples(outliers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -219,7 +225,10 @@ class PruMergePlan(Plan):
     """`Plan` of PruMerge(+): the masks mark the kept tokens, each of which carries its merged neighbours.
 
     Attributes:
-        outlier_counts: Long ``(1 + rows*cols,)``: IQR outliers per tile (thumbnail first).
+        outlier_counts: Long ``(1 + rows*cols,)``: tokens kept per tile by the outlier step (thumbnail first): its
+            IQR outliers, or its one top token where it has none (see ``fallback_tiles``).
+        fallback_tiles: Bool ``(1 + rows*cols,)``: the tiles without an IQR outlier, whose one counted "outlier"
+            is their top token (:func:`iqr_outliers`).
         sample_counts: Long ``(1 + rows*cols,)``: tokens added by PruMerge+'s spatial sampling (0 for PruMerge).
         extra_tiles: Bool ``(1 + rows*cols,)``: the tiles that hand on a remainder token (``extra_token`` and at
             least one token pruned).
@@ -228,6 +237,7 @@ class PruMergePlan(Plan):
     """
 
     outlier_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    fallback_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     sample_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     extra_tiles: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     extra_tokens: int = 0
@@ -237,6 +247,7 @@ class PruMergePlan(Plan):
         out = super().summary()
         out.update(
             outlier_counts=[int(c) for c in self.outlier_counts],
+            fallback_tiles=[bool(t) for t in self.fallback_tiles],
             sample_counts=[int(c) for c in self.sample_counts],
             extra_tokens=self.extra_tokens,
             neighbours=self.neighbours,
@@ -300,6 +311,7 @@ def plan_prumerge(
         mode="prumerge+" if plus else "prumerge",
         thumbnail_order=keep[0].nonzero().reshape(-1),
         outlier_counts=outliers.sum(-1),
+        fallback_tiles=valid.any(-1) & ~_iqr_rule(tile_scores, valid).any(-1),
         sample_counts=(keep & ~outliers).sum(-1),
         extra_tiles=extra_tiles,
         extra_tokens=int(extra_tiles.sum()),
@@ -361,7 +373,7 @@ class PruMergeAdapter(LlavaNextAdapter):
         self._handle: GlobalComHandle | None = None  # the one handle this adapter is installed on
         super().__init__(model, processor, config)
         if not self.tower.has_cls:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"PruMerge ranks tokens by [CLS] attention; the {self.tower.name} vision tower has no [CLS] token"
             )
 

@@ -43,15 +43,35 @@ from typing import Any, Protocol
 
 import torch
 
+from ..adapters.anyres import AnyresAdapter
 from ..adapters.base import GlobalComHandle
-from ..adapters.llava_next import LlavaNextAdapter
+from ..adapters.errors import UnsupportedModelError
 from ..core.plan import Plan
 from ..core.ranking import topk_mask
-from .layout import ImageTokenLayout, image_token_layout, plan_from_keep, single_tile_layout
+from .layout import (
+    ImageTokenLayout,
+    image_token_layout,
+    plan_from_keep,
+    single_tile_layout,
+    tile_token_layout,
+)
 from .schedule import Schedule
 from .vision import image_sizes_list
 
 # -------------------------------------------------------------------------------------------- pure pieces
+
+
+def language_model(model: Any) -> Any:
+    """The decoder stack of a VLM: ``model.model.language_model`` (LLaVA, InternVL, ...) or ``.text_model``
+    (Idefics3, SmolVLM)."""
+    inner = model.model
+    lm = getattr(inner, "language_model", None)
+    return lm if lm is not None else inner.text_model
+
+
+def num_llm_layers(model: Any) -> int:
+    """L, the number of decoder layers of the VLM's language model."""
+    return len(language_model(model).layers)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -324,7 +344,7 @@ class StagedPruner:
     """Pruning hooks on the language model of a LLaVA-NeXT model (see the module docstring).
 
     Args:
-        model: ``LlavaNextForConditionalGeneration``.
+        model: a supported VLM (its language model is :func:`language_model`).
         method: the :class:`StageMethod` (scores, selection, schedule).
         layouts_from_sizes: image sizes -> token layouts, for calls with precomputed image features.
         positions: ``"keep"`` or ``"compact"`` (module docstring).
@@ -332,12 +352,12 @@ class StagedPruner:
     """
 
     def __init__(self, model: Any, method: StageMethod,
-                 layouts_from_sizes: Callable[[Any], list[ImageTokenLayout]], *, positions: str = "keep",
+                 layouts_from_sizes: Callable[[Any], list[ImageTokenLayout] | None], *, positions: str = "keep",
                  name: str = "FastV") -> None:  # fmt: skip
         if positions not in ("keep", "compact"):
             raise ValueError(f"`positions` must be 'keep' or 'compact', got {positions!r}")
         self.model = model
-        self.lm = model.model.language_model
+        self.lm = language_model(model)
         self.layers = self.lm.layers
         self.method = method
         self.name = name
@@ -391,7 +411,9 @@ class StagedPruner:
             warnings.warn(message, stacklevel=3)
 
     # -- per-call context ----------------------------------------------------------------------------------
-    def record_images(self, layouts: list[ImageTokenLayout], vision_plans: list[Plan] | None = None) -> None:
+    def record_images(
+        self, layouts: list[ImageTokenLayout] | None, vision_plans: list[Plan] | None = None
+    ) -> None:
         """Token layouts (and GlobalCom²'s plans) of the images this thread just encoded."""
         self.state.layouts, self.state.vision_plans = layouts, vision_plans
 
@@ -715,8 +737,11 @@ class StagedPruner:
 
     # -- images ----------------------------------------------------------------------------------------------
     def _layouts(self, image_mask: torch.Tensor) -> list[ImageTokenLayout] | None:
-        """Token layouts of the images of this call, in batch order (None when they do not fit the call)."""
+        """Token layouts of the images of this call, in batch order (None when they do not fit the call, or when
+        the family's layout is not known: then only the image-token positions are used)."""
         layouts = self.state.layouts
+        if layouts is None and not getattr(self.method, "records_layouts", True):
+            return None
         if layouts is None or sum(lay.num_tokens for lay in layouts) != int(image_mask.sum()):
             self.warn_once(
                 "layout", f"{self.name}: the images seen by the vision tower do not account for the image tokens "
@@ -734,16 +759,22 @@ class StagedPruner:
 # -------------------------------------------------------------------------------------------- the adapter base
 
 
-class LLMPruningAdapter(LlavaNextAdapter):
-    """The shared LLaVA-NeXT side of every LLM-side method: all tokens reach the LLM, their layouts are recorded.
+class LLMPruningAdapter:
+    """The shared vision side of every LLM-side method, on any family: all tokens reach the LLM, layouts recorded.
 
-    The diff from :class:`~globalcom2.adapters.llava_next.LlavaNextAdapter`: no vision-side scoring and no
-    processor patch (the LLM receives every token, so the plain processor's prompts fit); the packing hands HF's
-    packed rows on unchanged and records each image's token layout for :class:`StagedPruner`, whose hooks prune
-    inside the LLM. A subclass sets ``schedule`` (before calling :meth:`build_pruner`) and overrides
-    :meth:`select` (and :meth:`score` / :meth:`prepare` where its scores are not the last prompt token's).
-    After a forward, ``handle.plans`` hold the tokens that reach the last stage and ``Plan.layer_tokens`` the
-    image tokens of every layer.
+    A mixin: :func:`llm_method_class` puts it (with the method's own class) in front of a family adapter, so the
+    family keeps its checks, its tile-grid channel and its placeholder checks while this class swaps out what the
+    LLM-side methods change: no vision-side scoring (unless the method needs GlobalCom²'s plans) and no processor
+    patch (the LLM receives every token, so the plain processor's prompts fit). The family's selection step hands
+    every token on unchanged and records each image's token layout for :class:`StagedPruner`, whose hooks prune
+    inside the LLM: :class:`AnyresLLMSide` (``pack_image_features``) or :class:`TileLLMSide` (the tile planner).
+    A family with neither is served by :class:`PositionsOnly`: the pruner then uses the image-token positions alone
+    (no per-image plans), which is all FastV, PDrop and SparseVLM need.
+
+    A method subclass sets ``schedule`` (before calling :meth:`build_pruner`) and overrides :meth:`select` (and
+    :meth:`score` / :meth:`prepare` where its scores are not the last prompt token's). After a forward,
+    ``handle.plans`` hold the tokens that reach the last stage and ``Plan.layer_tokens`` the image tokens of every
+    layer. ``uses_vision_plans``: the method also needs GlobalCom²'s plans (the combinations).
     """
 
     schedule: Schedule
@@ -751,6 +782,16 @@ class LLMPruningAdapter(LlavaNextAdapter):
     plan_mode = "fastv"
     positions = "keep"
     display_name = "FastV"
+    uses_vision_plans = False
+    records_layouts = True
+    encodes_first = False  # the prompts keep every placeholder: nothing to move before the call
+    model: Any
+    processor: Any
+    config: Any
+    pruner: StagedPruner
+
+    def __init__(self, model: Any, processor: Any, config: Any) -> None:
+        super().__init__(model, processor, config)  # type: ignore[call-arg]  # the family adapter's
 
     def build_pruner(self) -> StagedPruner:
         self.pruner = StagedPruner(self.model, self, self.layouts_from_sizes, positions=self.positions,
@@ -759,59 +800,34 @@ class LLMPruningAdapter(LlavaNextAdapter):
 
     # -- checks and installation ---------------------------------------------------------------------------
     def check(self) -> None:
-        if self.processor is None:  # the LLM receives every token: the processor is not patched
-            self.check_model()
+        needs = self.uses_vision_plans or self.needs_processor()  # type: ignore[attr-defined]
+        if self.processor is None and not needs:  # the LLM receives every token: the processor is not patched
+            self.check_model()  # type: ignore[attr-defined]
         else:
-            super().check()
+            super().check()  # type: ignore[misc]
 
     def install_scoring(self, handle: GlobalComHandle) -> None:
-        """The scores come from inside the LLM: no vision-side scoring hook."""
+        """The scores come from inside the LLM: no vision-side scoring hook, unless GlobalCom²'s plans are needed."""
+        if self.uses_vision_plans:
+            super().install_scoring(handle)  # type: ignore[misc]
 
     def install_budget_counts(self, handle: GlobalComHandle) -> None:
         """The LLM receives every token: the processor keeps HF's count."""
 
     def install_family(self, handle: GlobalComHandle) -> None:
-        super().install_family(handle)
+        super().install_family(handle)  # type: ignore[misc]
         self.pruner.install(handle)
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        return self.geometry((height, width)).num_tokens(None)
-
-    # -- the vision side: every token goes on, the layouts are recorded -------------------------------------
-    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
-                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
-        layouts = self.image_layouts(packed, arguments)
-        self.pruner.record_images(layouts, self.vision_plans(handle, packed, arguments))
-        everything = [plan_from_keep(lay, torch.ones(lay.num_tokens, dtype=torch.bool), mode=self.plan_mode)
-                      for lay in layouts]  # fmt: skip
-        return everything, list(packed)
-
-    def vision_plans(self, handle: GlobalComHandle, packed: list[torch.Tensor],
-                     arguments: dict[str, Any]) -> list[Plan] | None:  # fmt: skip
-        """Vision-side plans the LLM-side selection needs (none for the LLM-side methods alone)."""
+    def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout] | None:
+        """Layouts of images from their sizes alone (calls with precomputed image features); None: unknown."""
         return None
 
-    def image_layouts(self, packed: list[torch.Tensor], arguments: dict[str, Any]) -> list[ImageTokenLayout]:
-        newline = arguments.get("image_newline") is not None
-        options = self.geometry_options(arguments)
-        sizes = image_sizes_list(arguments["image_sizes"])
-        layouts = []
-        for feats, seq, size in zip(arguments["image_features"], packed, sizes, strict=True):
-            if int(feats.shape[0]) == 1:
-                lay = single_tile_layout(self.g, newline)
-            else:
-                lay = image_token_layout(self.geometry(size, **options), newline)
-            if lay.num_tokens != int(seq.shape[0]):
-                raise RuntimeError(
-                    f"{self.display_name}: HF packed {seq.shape[0]} tokens for an image of {size[0]}x{size[1]}, "
-                    f"the geometry gives {lay.num_tokens}; this transformers version packs differently"
-                )
-            layouts.append(lay)
-        return layouts
-
-    def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout]:
-        """Layouts of tiled images from their sizes alone (calls with precomputed image features)."""
-        return [image_token_layout(self.geometry(size)) for size in image_sizes_list(image_sizes)]
+    def check_layout(self, layout: ImageTokenLayout, num_tokens: int, what: str) -> None:
+        if layout.num_tokens != num_tokens:
+            raise RuntimeError(
+                f"{self.display_name}: the model produced {num_tokens} tokens for {what}, the geometry gives "
+                f"{layout.num_tokens}; this transformers version packs differently"
+            )
 
     # -- the LLM side -----------------------------------------------------------------------------------------
     def prepare(self, pruner: StagedPruner, hidden: torch.Tensor, call: _Call) -> None:
@@ -832,12 +848,132 @@ class LLMPruningAdapter(LlavaNextAdapter):
         return Selection(keep & cand)
 
     def plan_ratios(self, image: int) -> torch.Tensor | None:
-        """r_j recorded in image ``image``'s plan (None: the achieved share per crop)."""
-        return None
+        """r_j recorded in image ``image``'s plan: GlobalCom²'s for the combinations, else None (the achieved
+        share per crop)."""
+        vision = self.pruner.state.vision_plans
+        return vision[image].crop_ratios if self.uses_vision_plans and vision is not None else None
+
+
+def _everything(layouts: list[ImageTokenLayout], mode: str) -> list[Plan]:
+    return [plan_from_keep(lay, torch.ones(lay.num_tokens, dtype=torch.bool), mode=mode) for lay in layouts]
+
+
+class AnyresLLMSide(LLMPruningAdapter):
+    """The LLM-side methods' vision side on the anyres families (LLaVA-NeXT, OneVision): HF's packing runs
+    unchanged and each image's layout (:func:`~globalcom2.methods.layout.image_token_layout`) is recorded."""
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        return self.geometry((height, width)).num_tokens(None)  # type: ignore[attr-defined]
+
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        layouts = self.image_layouts(packed, arguments)
+        vision = super().select_packed(handle, packed, arguments)[0] if self.uses_vision_plans else None  # type: ignore[misc]
+        self.pruner.record_images(layouts, vision)
+        return _everything(layouts, self.plan_mode), list(packed)
+
+    def image_layouts(self, packed: list[torch.Tensor], arguments: dict[str, Any]) -> list[ImageTokenLayout]:
+        newline = arguments.get("image_newline") is not None
+        options = self.geometry_options(arguments)  # type: ignore[attr-defined]
+        sizes = image_sizes_list(arguments["image_sizes"])
+        layouts = []
+        for feats, seq, size in zip(arguments["image_features"], packed, sizes, strict=True):
+            if int(feats.shape[0]) == 1:
+                lay = single_tile_layout(self.g, newline)  # type: ignore[attr-defined]
+            else:
+                lay = image_token_layout(self.geometry(size, **options), newline)  # type: ignore[attr-defined]
+            self.check_layout(lay, int(seq.shape[0]), f"an image of {size[0]}x{size[1]}")
+            layouts.append(lay)
+        return layouts
+
+    def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout] | None:
+        return [image_token_layout(self.geometry(size)) for size in image_sizes_list(image_sizes)]  # type: ignore[attr-defined]
+
+
+class TileLLMSide(LLMPruningAdapter):
+    """The LLM-side methods' vision side on the tile families (InternVL, Idefics3/SmolVLM): the tile planner keeps
+    every token in the model's order and records each image's layout
+    (:func:`~globalcom2.methods.layout.tile_token_layout`); the markers between runs are not image tokens."""
+
+    def num_image_tokens_for_grid(self, grid: tuple[int, int]) -> int:
+        from ..adapters.internvl import num_tiles
+
+        return num_tiles(*grid) * self.g * self.g  # type: ignore[attr-defined]
+
+    def plan_images(self, tile_scores: Any, grids: Any) -> list[tuple[Plan, torch.Tensor]]:
+        layouts = [tile_token_layout(tuple(grid), self.g) for grid in grids]  # type: ignore[attr-defined]
+        for lay, scores, grid in zip(layouts, tile_scores, grids, strict=True):
+            self.check_layout(lay, int(scores.numel()), f"an image of {grid[0]}x{grid[1]} crops")
+        vision = None
+        if self.uses_vision_plans:
+            vision = [plan for plan, _ in super().plan_images(tile_scores, grids)]  # type: ignore[misc]
+        self.pruner.record_images(layouts, vision)
+        device = tile_scores[0].device if len(tile_scores) else None
+        return [(plan, torch.arange(plan.num_tokens, device=device))
+                for plan in _everything(layouts, self.plan_mode)]  # fmt: skip
+
+    def after_encode(self, handle: GlobalComHandle, out: Any, extra: dict) -> Any:
+        if (
+            not self.uses_vision_plans
+        ):  # no scoring hook ran: zero scores of the tiles' shape, which the planner
+            features = out.pooler_output  # above only counts (this thread's state, as a hook would record)
+            flat = torch.cat(list(features)) if not isinstance(features, torch.Tensor) else features
+            tokens = self.g * self.g  # type: ignore[attr-defined]
+            handle.state.scores = [flat.new_zeros(flat.numel() // (flat.shape[-1] * tokens), tokens)]
+        return super().after_encode(handle, out, extra)  # type: ignore[misc]
+
+
+class PositionsOnly(LLMPruningAdapter):
+    """The LLM-side methods on a family whose token layout this module does not know: nothing outside the LLM is
+    patched; the pruner uses the image-token positions alone (``input_ids == image_token_id``), so markers are
+    never pruned and each sample's image tokens are ranked together; no per-image plans are recorded."""
+
+    records_layouts = False
+
+    def __init__(self, model: Any, processor: Any, config: Any) -> None:
+        self.model, self.processor, self.config = model, processor, config
+
+    def check(self) -> None:
+        if getattr(self.model.config, "image_token_id", None) is None:
+            raise UnsupportedModelError(
+                f"{self.display_name}: {type(self.model).__name__} has no config.image_token_id, so its image tokens "
+                "cannot be located"
+            )
+
+    def install(self, handle: GlobalComHandle) -> None:
+        self.pruner.install(handle)
+
+
+def llm_method_class(method: type, family: type) -> type:
+    """The adapter class of an LLM-side ``method`` on ``family`` (see :class:`LLMPruningAdapter`)."""
+    return _llm_method_class(method, family)
+
+
+@functools.cache
+def _llm_method_class(method: Any, family: Any) -> type:
+    from ..adapters.internvl import InternVLAdapter
+
+    if issubclass(family, AnyresAdapter):
+        side: type = AnyresLLMSide
+    elif issubclass(family, InternVLAdapter):
+        side = TileLLMSide
+    else:
+        if method.uses_vision_plans:
+            raise UnsupportedModelError(
+                f"{method.display_name} needs the token layout of {family.model_class_name}, which is not known"
+            )
+        return type(f"{method.__name__}PositionsOnly", (method, PositionsOnly), {})
+    return type(f"{method.__name__}On{family.__name__}", (method, side, family), {})
 
 
 __all__ = [
+    "AnyresLLMSide",
     "LLMPruningAdapter",
+    "PositionsOnly",
+    "TileLLMSide",
+    "language_model",
+    "llm_method_class",
+    "num_llm_layers",
     "PrunerState",
     "Selection",
     "StageMethod",

@@ -146,15 +146,18 @@ def solve_decay(
     float64 fix rho to machine precision, the same on every machine.
 
     Raises:
-        ValueError: R <= K_1 / L (the layers before the first drop alone exceed R*L).
+        ValueError: R <= K_1 / L (the layers before the first drop alone reach R*L; the average is always above
+            K_1 / L, so R must be above it).
     """
     ratio = _check_ratio(ratio)
     b = _check_boundaries(boundaries, num_layers, "layers")
     if ratio * num_layers <= b[0]:
+        # every later layer keeps at least a share > 0 (rho > 0), so the average stays strictly above K_1 / L
+        earlier = ", or earlier pruning layers (option `layers`)" if b[0] > 1 else ""
         raise ValueError(
             f"`ratio`={ratio:g} is out of reach for {method} on a {num_layers}-layer LLM: layers 0..{b[0] - 1} see "
-            f"every image token, so the layer average is at least {b[0]}/{num_layers} = {b[0] / num_layers:.3g}; "
-            "use a larger ratio, a deeper LLM, or earlier layers"
+            f"every image token, so the layer average is always above {b[0]}/{num_layers} = "
+            f"{b[0] / num_layers:.3g}; use a ratio above {b[0] / num_layers:.3g}{earlier}"
         )
 
     def avg(rho: float) -> float:

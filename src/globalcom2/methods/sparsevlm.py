@@ -28,7 +28,8 @@ SparseVLM prunes image tokens in stages, rated by the prompt's text (its Sec. 3)
 Positions are renumbered after each stage (``positions="compact"``, the public code's v1 behaviour); decode
 tokens are shifted by the stage's total. Image tokens of a sample are rated together (newlines included, as
 FastV here). GlobalCom² + SparseVLM keeps the newlines and gives every stage GlobalCom²'s per-region budgets at
-the stage's share (:class:`GlobalComSparseVLMAdapter`). LLaVA-NeXT only.
+the stage's share (:class:`GlobalComSparseVLMAdapter`). Every family
+(:func:`~globalcom2.methods.pruner.llm_method_class`): only image tokens are rated and dropped, markers stay.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .pruner import (
     StagedPruner,
     _Call,
     group_topk_keep,
+    num_llm_layers,
     pack_rows,
     query_attention,
 )
@@ -148,7 +150,7 @@ def dpc_knn_merge(
 
 
 class SparseVLMAdapter(LLMPruningAdapter):
-    """SparseVLM on LLaVA-NeXT (module docstring).
+    """SparseVLM on any family (module docstring).
 
     Args:
         model, processor, config: as every adapter (``config.ratio`` is R).
@@ -174,7 +176,7 @@ class SparseVLMAdapter(LLMPruningAdapter):
         if isinstance(recycle, bool) or not isinstance(recycle, (int, float)) or not 0 <= recycle < 1:
             raise ValueError(f"`recycle` must be in [0, 1), got {recycle!r}")
         self.budget, self.scale, self.recycle = budget, float(scale), float(recycle)
-        num_layers = len(model.model.language_model.layers)
+        num_layers = num_llm_layers(model)
         self.schedule = sparsevlm_schedule(num_layers, config.ratio, layers=layers)
         self.build_pruner()
 
@@ -263,22 +265,12 @@ class GlobalComSparseVLMAdapter(SparseVLMAdapter):
     """
 
     display_name = "GlobalCom² + SparseVLM"
+    uses_vision_plans = True  # GlobalCom²'s scoring hook and plans
 
     def __init__(self, model: Any, processor: Any, config: Any, **options: Any) -> None:
         if options.get("budget", "schedule") != "schedule":
             raise ValueError("globalcom2+sparsevlm takes GlobalCom²'s budgets: `budget` must be 'schedule'")
         super().__init__(model, processor, config, **options)
-
-    def install_scoring(self, handle: Any) -> None:
-        super(LLMPruningAdapter, self).install_scoring(handle)  # GlobalCom²'s [CLS] scoring hook
-
-    def vision_plans(self, handle: Any, packed: list[torch.Tensor],
-                     arguments: dict[str, Any]) -> list | None:  # fmt: skip
-        return super(LLMPruningAdapter, self).select_packed(handle, packed, arguments)[0]
-
-    def plan_ratios(self, image: int) -> torch.Tensor | None:
-        vision = self.pruner.state.vision_plans
-        return vision[image].crop_ratios if vision is not None else None
 
     def stage_region_counts(self, share: float, vision: list) -> torch.Tensor:
         """Per image, thumbnail then crops: GlobalCom²'s budget counts at ``share``, split by r_j * N_j."""
@@ -286,7 +278,7 @@ class GlobalComSparseVLMAdapter(SparseVLMAdapter):
         for p in vision:  # one step per image
             valid = p.crop_valid_counts.long()
             thumb, crops = budget_counts(int(p.thumbnail_mask.numel()), int(valid.sum()), share)
-            split = split_budget(crops, p.crop_ratios.double() * valid, valid)
+            split = split_budget(crops, p.crop_ratios.double() * valid, valid) if valid.numel() else valid
             out.append(torch.cat([torch.tensor([thumb]), split]))
         return torch.cat(out)
 

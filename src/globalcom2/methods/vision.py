@@ -1,16 +1,18 @@
-"""Pre-LLM baselines on the LLaVA-NeXT adapter: FasterVLM-style [CLS] top-k, random, spatial average pooling.
+"""Pre-LLM baselines: FasterVLM-style top-k and random on every family, spatial average pooling on LLaVA-NeXT.
 
 Each is the GlobalCom² pipeline with one step swapped (a different score or a different allocation, see
 docs/design.md §1): the same install path, scoring hook, packing, placeholder checks and processor patch as
 :func:`globalcom2.apply`, so the processor emits exactly as many placeholders as features are produced.
 
-- **FasterVLM-style** (no subclass, only a config: :data:`FASTERVLM`): every tile keeps its top tokens by its *own*
-  [CLS] attention (paper Eq. 1, softmax probabilities as in FasterVLM) at the uniform ratio R: no thumbnail
+- **FasterVLM-style** (no subclass, only a config: :data:`FASTERVLM`, so every family runs it): every tile keeps its
+  top tokens by its *own* score at the uniform ratio R -- its [CLS] attention (paper Eq. 1, softmax probabilities
+  as in FasterVLM) where the tower has a [CLS] (CLIP, InternViT), Eq. 7 (minus the cosine to the tile's mean
+  token) where it has none (SigLIP: OneVision, Idefics3/SmolVLM): no thumbnail
   guidance (Eq. 5 with local scores only) and no adaptive allocation (Eq. 2-4 replaced by r_j = R). The selection
   is :func:`~globalcom2.core.select.select_images`; the counts are GlobalCom²'s budget counts
   (:func:`~globalcom2.core.budget.budget_counts`).
-- **random** (:class:`RandomAdapter`): the same selection and counts on scores drawn uniformly at random instead
-  of the [CLS] scores. The draw of an image comes from a generator made for that image from ``seed`` alone, so
+- **random** (:class:`RandomScores` on any family, :func:`random_class`): the same selection and counts on scores
+  drawn uniformly at random instead of the tiles' own scores. The draw of an image comes from a generator made for that image from ``seed`` alone, so
   the same seed keeps the same tokens for the same geometry in any batch, thread or call order.
 - **pooling** (:class:`PoolingAdapter`): each tile's valid block of h x w cells is averaged down to a x b cells
   with a = max(1, floor(h*sqrt(R) + 1/2)), b likewise; cell (y, x) goes to bin (y*a // h, x*b // w) (a partition,
@@ -24,6 +26,7 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,19 +66,33 @@ def random_tile_scores(shape: torch.Size | tuple[int, ...], seed: int, device: A
     return torch.rand(tuple(shape), generator=generator).to(device)
 
 
-class RandomAdapter(LlavaNextAdapter):
-    """GlobalCom²'s budget-mode selection at uniform R on random scores (see the module docstring)."""
+class RandomScores:
+    """The random baseline on any family: GlobalCom²'s budget-mode selection at uniform R on random scores.
+
+    A mixin put in front of a family adapter (:func:`random_class`): every family's planner takes the tiles' scores
+    first (``(tiles, tokens)`` per image), and this swaps them for :func:`random_tile_scores` of the same shape.
+    """
+
+    seed: int
 
     def __init__(self, model: Any, processor: Any, config: Any, *, seed: int = 0) -> None:
-        super().__init__(model, processor, config)
+        super().__init__(model, processor, config)  # type: ignore[call-arg]
         self.seed = int(seed)
 
-    def plan_images(
-        self, tile_scores: Sequence[torch.Tensor], geos: Sequence[AnyresGeometry], newline: bool = True
-    ) -> list[tuple[Plan, torch.Tensor]]:
-        """The one swapped step: the [CLS] scores of each image's ``(1 + rows*cols, g*g)`` tiles become random."""
+    def plan_images(self, tile_scores: Sequence[torch.Tensor], *args: Any) -> list[tuple[Plan, torch.Tensor]]:
+        """The one swapped step: each image's tile scores become random (same shape, same device)."""
         scores = [random_tile_scores(t.shape, self.seed, t.device) for t in tile_scores]
-        return super().plan_images(scores, geos, newline)
+        return super().plan_images(scores, *args)  # type: ignore[misc]
+
+
+@functools.cache
+def random_class(family: type) -> type:
+    """The random baseline's adapter class on ``family`` (one class per family, made once)."""
+    return type(f"Random{family.__name__}", (RandomScores, family), {})
+
+
+#: The random baseline on LLaVA-NeXT.
+RandomAdapter = random_class(LlavaNextAdapter)
 
 
 # -------------------------------------------------------------------------------------------- pooling

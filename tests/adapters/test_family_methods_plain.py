@@ -1,0 +1,142 @@
+"""The methods whose rule changes with the family, against plain re-implementations (nothing from ``globalcom2``'s
+selection code: Python sorts with the tie rule written out, the LLM run layer by layer).
+
+- FasterVLM on towers without [CLS] (OneVision's and SmolVLM's SigLIP): each tile keeps its top tokens by Eq. 7,
+  s_i = -cos(x_i, mean of the tile's tokens), on the projector's / connector's input (SmolVLM: summed over each
+  pixel-shuffle group, as the family scores).
+- FastV and PDrop on families whose image spans hold markers (InternVL's ``<img>``/``</img>``, SmolVLM's
+  ``<fake_token_around_image>``/``<row_r_col_c>``/``<global-img>``): only the image tokens are ranked and dropped,
+  the markers stay; the logits equal a plain layer-by-layer run that drops the same tokens.
+
+M-RoPE families (Qwen-VL) are not in the table yet: the LLM-side methods use their image-token positions only, but
+no test here covers a 3-axis position id.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from globalcom2.methods import apply_method
+from globalcom2.methods.layout import plan_from_keep
+from tests.adapters.families import FAMILIES, family_fixtures, inputs_for
+from tests.methods.plain_llm import head_mean_rows, staged_forward, text_model, top_by_score
+
+family_dir, fam = family_fixtures(
+    [f for f in FAMILIES if f.name in ("llava_onevision", "internvl", "smolvlm")]
+)
+
+
+def _run_positions(ids: torch.Tensor, image_id: int) -> list[int]:
+    return (ids[0] == image_id).nonzero().reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_llm_methods_with_markers_equal_a_plain_run(fam, method):
+    family, model, processor = fam
+    image = family.images()[0]
+    plain_inputs = inputs_for(family, processor, [image])
+    ids = plain_inputs["input_ids"]
+    image_id = int(model.config.image_token_id)
+    run = _run_positions(ids, image_id)
+    n = len(run)
+    markers = [i for i, t in enumerate(ids[0].tolist()) if t != image_id and run[0] - 3 <= i <= run[-1] + 1]
+    if family.name != "llava_onevision":
+        assert markers, "this family's image span holds marker tokens"
+    lm = text_model(model)
+    if method == "fastv":
+        ratio, options, boundaries, offset, compact = 0.5, {"layer": 1}, [1], 1, False
+        counts = [int(n * ratio)]
+    else:
+        ratio, options, offset, compact = 0.75, {"stages": 2}, 0, True
+        from globalcom2.methods.schedule import pdrop_schedule
+
+        sched = pdrop_schedule(len(lm.layers), ratio, stages=2)
+        boundaries, counts = list(sched.boundaries), [int(n * s) for s in sched.shares]
+
+    def select(stage, seq, positions):
+        h = seq.extra["score_input"] if offset else seq.h
+        pos = seq.extra["score_positions"] if offset else positions
+        row = head_mean_rows(lm, seq.extra["score_layer"], h, pos, [len(seq.origin) - 1])[0]
+        images = [i for i, is_image in enumerate(seq.image) if is_image]
+        kept = top_by_score(row.tolist(), images, counts[stage])
+        return sorted(kept + [i for i, is_image in enumerate(seq.image) if not is_image]), None, -1
+
+    logits, kept_sets, _ = staged_forward(model, plain_inputs, boundaries, offset, select, compact=compact)
+    survivors = set(kept_sets[-1])
+    assert all(m in survivors for m in markers)  # the plain rule never drops a marker either
+    with apply_method(model, processor, method, ratio=ratio, **options) as handle:
+        inputs = inputs_for(family, processor, [image])  # after apply (tile grids); the prompt is unchanged
+        assert torch.equal(inputs["input_ids"], ids)
+        with torch.no_grad():
+            ours = model(**inputs).logits
+        plan = handle.plans[0]
+        layout = handle.adapter.pruner.state.layouts[0]
+    assert plan.num_tokens_full == n  # image tokens only: the markers are not in the run
+    expected = plan_from_keep(layout, torch.tensor([p in survivors for p in run]))
+    assert plan.num_tokens == expected.num_tokens == counts[-1]
+    assert torch.equal(plan.thumbnail_mask, expected.thumbnail_mask)
+    assert torch.equal(plan.crops_mask, expected.crops_mask)
+    torch.testing.assert_close(ours, logits, atol=2e-4, rtol=2e-4)
+
+
+def _eq7(x: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 of one tile's tokens ``(N, D)``: minus the cosine of each to their mean."""
+    return -F.cosine_similarity(x.double(), x.double().mean(0, keepdim=True), dim=-1)
+
+
+def _group_sum(scores: torch.Tensor, side: int, factor: int) -> torch.Tensor:
+    """Sum over each ``factor x factor`` block of a ``side x side`` raster (the pixel-shuffle groups), raster order."""
+    grid = scores.reshape(side, side)
+    out = [
+        float(grid[y * factor : (y + 1) * factor, x * factor : (x + 1) * factor].sum())
+        for y in range(side // factor)
+        for x in range(side // factor)
+    ]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_fastervlm_on_a_tower_without_cls_ranks_by_eq7(fam):
+    family, model, processor = fam
+    if family.name == "internvl":
+        pytest.skip("InternViT has a [CLS]: Eq. 1, covered by the tie-rule and budget tests")
+    inner = model.model
+    hook_on = inner.connector if family.name == "smolvlm" else inner.multi_modal_projector
+    seen: list[torch.Tensor] = []
+    hook = hook_on.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    image = family.images()[1]
+    try:
+        with apply_method(model, processor, "fastervlm", ratio=0.25) as handle:
+            inputs = inputs_for(family, processor, [image])
+            with torch.no_grad():
+                model(**inputs)
+            plan = handle.plans[0]
+    finally:
+        hook.remove()
+    tiles = torch.cat(seen).reshape(-1, seen[0].shape[-2], seen[0].shape[-1])  # (tiles, patches, D)
+    side = int(round(tiles.shape[1] ** 0.5))
+    factor = side // plan.thumbnail_mask.shape[0]
+    scores = [_group_sum(_eq7(t), side, factor) if factor > 1 else _eq7(t) for t in tiles]
+    g = plan.thumbnail_mask.shape[0]
+    rows, cols = plan.grid
+    if family.name == "smolvlm":  # crops row-major, then the global image (the thumbnail) last
+        thumb, crops = scores[-1], scores[:-1]
+    else:  # anyres: the thumbnail first
+        thumb, crops = scores[0], scores[1 : 1 + rows * cols]
+    k0 = int(plan.thumbnail_mask.sum())
+    assert set(plan.thumbnail_mask.reshape(-1).nonzero().reshape(-1).tolist()) == set(
+        top_by_score(thumb.tolist(), list(range(g * g)), k0)
+    )
+    top, bottom, left, right = plan.valid_box
+    for j, s in enumerate(crops):
+        r, c = divmod(j, cols)
+        block = plan.crops_mask[r * g : (r + 1) * g, c * g : (c + 1) * g].reshape(-1)
+        valid = torch.zeros(rows * g, cols * g, dtype=torch.bool)
+        valid[top:bottom, left:right] = True
+        candidates = (
+            valid[r * g : (r + 1) * g, c * g : (c + 1) * g].reshape(-1).nonzero().reshape(-1).tolist()
+        )
+        k = int(block.sum())
+        assert k == int(plan.crop_keep_counts[j]) > 0
+        assert set(block.nonzero().reshape(-1).tolist()) == set(top_by_score(s.tolist(), candidates, k)), j
