@@ -8,8 +8,9 @@ selection code: Python sorts with the tie rule written out, the LLM run layer by
   ``<fake_token_around_image>``/``<row_r_col_c>``/``<global-img>``): only the image tokens are ranked and dropped,
   the markers stay; the logits equal a plain layer-by-layer run that drops the same tokens.
 
-M-RoPE families (Qwen-VL) are not in the table yet: the LLM-side methods use their image-token positions only, but
-no test here covers a 3-axis position id.
+- FastV on M-RoPE families (Qwen-VL: each image token's rotary position has three axes): only the image-token
+  positions are used (the family's token layout is not needed), and every kept token keeps its own multimodal
+  rotary embedding, as a plain layer-by-layer run with the model's own (cos, sin) gives.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tests.adapters.families import FAMILIES, family_fixtures, inputs_for
 from tests.methods.plain_llm import head_mean_rows, staged_forward, text_model, top_by_score
 
 family_dir, fam = family_fixtures(
-    [f for f in FAMILIES if f.name in ("llava_onevision", "internvl", "smolvlm")]
+    [f for f in FAMILIES if f.name in ("llava_onevision", "internvl", "smolvlm", "qwen2_vl", "qwen2_5_vl")],
+    default=["llava_onevision", "internvl", "smolvlm", "qwen2_5_vl"],
 )
 
 
@@ -35,6 +37,8 @@ def _run_positions(ids: torch.Tensor, image_id: int) -> list[int]:
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_llm_methods_with_markers_equal_a_plain_run(fam, method):
     family, model, processor = fam
+    if family.native:
+        pytest.skip("M-RoPE: test_fastv_with_mrope_positions_equals_a_plain_run")
     image = family.images()[0]
     plain_inputs = inputs_for(family, processor, [image])
     ids = plain_inputs["input_ids"]
@@ -99,7 +103,7 @@ def _group_sum(scores: torch.Tensor, side: int, factor: int) -> torch.Tensor:
 
 def test_fastervlm_on_a_tower_without_cls_ranks_by_eq7(fam):
     family, model, processor = fam
-    if family.name == "internvl":
+    if family.name == "internvl" or family.native:
         pytest.skip("InternViT has a [CLS]: Eq. 1, covered by the tie-rule and budget tests")
     inner = model.model
     hook_on = inner.connector if family.name == "smolvlm" else inner.multi_modal_projector
@@ -140,3 +144,50 @@ def test_fastervlm_on_a_tower_without_cls_ranks_by_eq7(fam):
         k = int(block.sum())
         assert k == int(plan.crop_keep_counts[j]) > 0
         assert set(block.nonzero().reshape(-1).tolist()) == set(top_by_score(s.tolist(), candidates, k)), j
+
+
+@torch.no_grad()
+def test_fastv_with_mrope_positions_equals_a_plain_run(fam):
+    family, model, processor = fam
+    if not family.native:
+        pytest.skip("an M-RoPE family")
+    lm = text_model(model)
+    inputs = inputs_for(family, processor, [family.images()[0]])
+    image_id = int(model.config.image_token_id)
+    ids = inputs["input_ids"]
+    run = _run_positions(ids, image_id)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        seen["rope"] = kwargs["position_embeddings"]
+        seen["mask"] = kwargs.get("attention_mask")
+
+    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    cos, sin = seen["rope"]
+    assert cos.shape[:2] == (1, ids.shape[1])  # one (multimodal) rotary embedding per prompt position
+    k_layer, ratio = 1, 0.5
+    h = seen["h"]
+    s = ids.shape[1]
+    entering = []  # the hidden states entering each layer
+    for j, layer in enumerate(lm.layers):
+        if j == k_layer:  # FastV: layer K-1's last-token row ranks the image tokens; positions kept
+            row = head_mean_rows(lm, lm.layers[j - 1], entering[j - 1], None, [s - 1], cos_sin=(cos, sin))[0]
+            kept_img = top_by_score(row.tolist(), run, int(len(run) * ratio))
+            keep = sorted(kept_img + [i for i in range(s) if i not in run])
+            full = h.clone()
+            h, cos, sin = h[:, keep], cos[:, keep], sin[:, keep]
+        entering.append(h)
+        n = h.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+    full[:, keep] = h
+    logits = model.lm_head(lm.norm(full))
+    with apply_method(model, processor, "fastv", ratio=ratio, layer=k_layer) as handle:
+        ours = model(**inputs_for(family, processor, [family.images()[0]])).logits
+        survivors = handle.adapter.pruner.state.survivors[0]
+    assert handle.plans == []  # no token layout for this family: positions only
+    assert survivors.nonzero().reshape(-1).tolist() == keep
+    torch.testing.assert_close(ours, logits, atol=2e-4, rtol=2e-4)

@@ -19,14 +19,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def head_mean_rows(lm, layer, h: torch.Tensor, positions: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Head-mean causal softmax attention of query rows ``rows`` over all keys of ``h`` (1, L, D) in ``layer``."""
+def head_mean_rows(
+    lm, layer, h: torch.Tensor, positions: torch.Tensor, rows: list[int], cos_sin=None
+) -> torch.Tensor:
+    """Head-mean causal softmax attention of query rows ``rows`` over all keys of ``h`` (1, L, D) in ``layer``.
+
+    ``cos_sin``: the rotary ``(cos, sin)`` of the L entries, when they are not ``rotary_emb`` of 1-D ``positions``
+    (M-RoPE: taken from the model's own run)."""
     attn = layer.self_attn
     cfg = lm.config
     x = layer.input_layernorm(h)[0].float()
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     dh = attn.head_dim
-    cos, sin = lm.rotary_emb(h, positions[None])
+    cos, sin = lm.rotary_emb(h, positions[None]) if cos_sin is None else cos_sin
     cos, sin = cos[0].float(), sin[0].float()
     per_head = []
     for head in range(nh):

@@ -23,6 +23,7 @@ from ..cli_common import (
     resolve_device,
     write_json,
 )
+from ..demo.tiny_families import FAMILIES as STANDIN_FAMILIES
 
 # Defaults per device. CPU: small enough for ~5 min on 2 cores; CUDA: the real LLaVA-NeXT-7B depth.
 CPU_DEFAULTS = {"dtype": "float32", "vision_layers": 24, "llm_layers": 1, "repeats": 3, "throughput_repeats": 1,
@@ -99,6 +100,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--table4", action="store_true",
                    help="Table-4-style rows instead: SparseVLM, FasterVLM, GlobalCom², FastV, PDrop at the smallest "
                         "--ratios R on one model and image (LLM depth default 32; see docs/bench.md)")  # fmt: skip
+    p.add_argument("--family", default="llava_next", choices=STANDIN_FAMILIES,
+                   help="--table4: the model family; other than llava_next, its offline DINOv2 stand-in with a random "
+                        "LLM of --llm-layers layers")  # fmt: skip
     p.add_argument("--methods", default=None,
                    help="--table4: comma-separated rows, 'uncompressed' or any apply_method name "
                         "(default: uncompressed,sparsevlm,fastervlm,globalcom2,fastv,pdrop)")  # fmt: skip
@@ -241,13 +245,17 @@ def _cmd_table4(args: argparse.Namespace) -> int:
         args.llm_layers = 32  # the paper's depth: multi-stage methods need it to average R = 10 %
     settings = settings_from_args(args)
     try:
-        result = run_table4(settings, methods=methods, ratio=min(settings.ratios),
+        result = run_table4(settings, methods=methods, ratio=min(settings.ratios), family=args.family,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
-    except ValueError as err:
+    except (
+        ValueError,
+        TypeError,
+    ) as err:  # a method the family does not run, an R out of reach: before building
         raise CLIError(str(err)) from None
     result["meta"]["command"] = (
         settings_command(settings, tiny=args.tiny)
         + " --table4"
+        + (f" --family {args.family}" if args.family != "llava_next" else "")
         + (f" --methods {','.join(methods)}" if args.methods else "")
     )
     print(format_table4(result))

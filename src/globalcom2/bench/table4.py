@@ -93,39 +93,81 @@ def _paper_tflops_7b(method: str, ratio: float) -> float | None:
 
 
 def run_table4(settings: BenchSettings, *, methods: tuple[str, ...] = TABLE4_METHODS, ratio: float = TABLE4_RATIO,
-               log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
-    """Measure every method's row on one model and image; returns ``{"meta", "rows"}`` (JSON-ready)."""
+               log: Callable[[str], None] = print, family: str = "llava_next") -> dict[str, Any]:  # fmt: skip
+    """Measure every method's row on one model and image; returns ``{"meta", "rows"}`` (JSON-ready).
+
+    ``family``: ``"llava_next"`` benchmarks the random-weight LLaVA-NeXT of ``settings.geometry``; another stand-in
+    family (:data:`globalcom2.loading.FAMILIES`) benchmarks its offline DINOv2 stand-in with a random LLM of
+    ``settings.geometry``'s depth and width (:func:`table4_model`); methods the family does not run are refused
+    before anything is built.
+    """
+    from ..methods import check_method
+
+    for method in methods:
+        if method != "uncompressed":
+            check_method(method, family, ratio=ratio, num_layers=settings.geometry.llm_layers,
+                         **_OPTIONS.get(method, {}))  # fmt: skip
     threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
         with torch.inference_mode():
-            return _run(settings, methods, ratio, log)
+            return _run(settings, methods, ratio, log, family)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: Callable[[str], None]) -> dict:
+def table4_model(settings: BenchSettings, family: str = "llava_next") -> tuple[Any, Any]:
+    """The benchmarked model: the random-weight LLaVA-NeXT of ``settings.geometry``, or ``family``'s offline stand-in
+    (real DINOv2 tower, random LLM of the geometry's depth and width) on ``settings.device``."""
+    if family == "llava_next":
+        return build_bench_model(settings)
+    from ..loading import load_standin
+
+    g = settings.geometry
+    return load_standin(family=family, dtype=settings.dtype, device=settings.device, llm_hidden=g.llm_hidden,
+                        llm_layers=g.llm_layers)  # fmt: skip
+
+
+def _inputs(processor: Any, images: list, family: str) -> Any:
+    """One prompt per image, as the family's processor takes them (Idefics3/SmolVLM: one image list per prompt)."""
+    from ..workflows import default_prompt
+
+    prompt = PROMPT if family == "llava_next" else default_prompt(processor, "Is there a dog in the image?")
+    nested = [[image] for image in images] if family in ("smolvlm", "idefics3") else images
+    return processor(images=nested, text=[prompt] * len(images), return_tensors="pt", padding=True)
+
+
+def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: Callable[[str], None],
+         family: str = "llava_next") -> dict:  # fmt: skip
+    from ..methods.pruner import num_llm_layers
+
     t0 = time.perf_counter()
     device = torch.device(settings.device)
-    model, processor = build_bench_model(settings)
+    model, processor = table4_model(settings, family)
     dtype = model.dtype
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    num_layers = len(model.model.language_model.layers)
-    log(f"built a random-weight LLaVA-NeXT ({weights / 2**20:.0f} MiB, {num_layers} LLM layers) on {device}")
+    num_layers = num_llm_layers(model)
+    what = (
+        "random-weight LLaVA-NeXT"
+        if family == "llava_next"
+        else f"{family} stand-in (DINOv2 tower, random LLM)"
+    )
+    log(f"built a {what} ({weights / 2**20:.0f} MiB, {num_layers} LLM layers) on {device}")
     h, w = settings.image_size
     images = [bench_image(h, w, settings.seed + i) for i in range(settings.batch)]
-    dims = dims_from_config(model.config)
+    # the analytic FLOPs model covers LLaVA-NeXT's tower and projector; other families: the LLM and its head
+    dims = dims_from_config(model.config if family == "llava_next" else model.config.text_config)
     rows: dict[str, dict[str, Any]] = {}
     batches: dict[str, Any] = {}
     for method in methods:  # untimed pass: counts, FLOPs, peak memory
         log(f"[memory] {method}")
         with _patched(model, processor, method, ratio) as handle:
-            one = processor(images=images[:1], text=[PROMPT], return_tensors="pt").to(device)
+            one = _inputs(processor, images[:1], family).to(device)
             one["pixel_values"] = one["pixel_values"].to(dtype)
             _, peak = peak_memory(lambda: model(**one, logits_to_keep=1), device)  # noqa: B023 - called now
             plan = handle.plans[0] if handle.plans else None
-            batch = processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+            batch = _inputs(processor, images, family)
             batches[method] = batch.to(device)  # built by this method's processor (its placeholder count)
             batches[method]["pixel_values"] = batches[method]["pixel_values"].to(dtype)
         ids = one["input_ids"][0]
@@ -137,7 +179,7 @@ def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: C
             layer_tokens = [plan.num_tokens if plan is not None else n_vis] * num_layers
         else:
             layer_tokens = [n_vis] * num_layers  # pre-LLM methods: the placeholders are already the kept ones
-        tiles = int(one["pixel_values"].shape[1])
+        tiles = int(one["pixel_values"].shape[1]) if family == "llava_next" else 0
         base = prefill_flops(dims, num_visual_tokens=0, num_text_tokens=0, num_tiles=tiles)
         llm = sum(llm_layer_flops(dims.text, n + n_txt) for n in layer_tokens)
         seq = n_vis + n_txt
@@ -177,6 +219,8 @@ def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: C
     meta = _meta(replace(settings, ratios=(ratio,)), model, weights)
     meta["seconds"] = time.perf_counter() - t0
     meta["llm_layers"] = num_layers
+    meta["family"] = family
+    meta["tflops_scope"] = "vision + projector + LLM + head" if family == "llava_next" else "LLM + head"
     return {"meta": meta, "rows": out}
 
 
@@ -190,7 +234,8 @@ def format_table4(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"Table-4-style rows at R = {result['rows'][-1]['ratio']:.0%} on {meta['device']} "
-        f"({meta['llm_layers']} LLM layers, image {'x'.join(map(str, meta['settings']['image_size']))}, "
+        f"({meta.get('family', 'llava_next')}, TFLOPs of {meta.get('tflops_scope', 'the whole model')}; "
+        f"{meta['llm_layers']} LLM layers, image {'x'.join(map(str, meta['settings']['image_size']))}, "
         f"batch {meta['settings']['batch']})",
         f"{'method':<14}{'mean tok':>9}{'TFLOPs':>10}{'7B TFLOPs':>10}{'peak MB':>10}{'samples/s':>11}"
         f"{'speed-up':>9}  notes",

@@ -81,6 +81,9 @@ class MethodSpec:
     max_image_tokens: bool = False
     uses_ratio: bool = True  # False: the method's count does not depend on R (PruMerge), R is only recorded
     families: tuple[str, ...] | None = None  # registry names of the families it runs on; None: every family
+    requires: Callable[[type], str | None] | None = (
+        None  # what it needs of a family's adapter class: None or why not
+    )
     note: str = ""  # what the support matrix says about its families (e.g. the score it uses)
 
 
@@ -100,11 +103,44 @@ def available_methods() -> list[str]:
 
 def method_support(method: str, family: str) -> str | None:
     """None when ``method`` runs on ``family`` (a registry name, e.g. ``"internvl"``), else why not (one line)."""
+    reason = _why_not(method, family)
+    return None if reason is None else f"method {method!r} is not implemented for {family}: {reason}"
+
+
+def _why_not(method: str, family: str) -> str | None:
     spec = METHODS[method]
-    if spec.families is None or family in spec.families:
-        return None
-    names = ", ".join(spec.families)
-    return f"method {method!r} is not implemented for {family} (it runs on: {names})"
+    if spec.families is not None and family not in spec.families:
+        return f"written for {', '.join(spec.families)} only"
+    return spec.requires(ADAPTERS[family]) if spec.requires is not None and family in ADAPTERS else None
+
+
+def _tile_planner(cls: type) -> str | None:
+    """The random baseline swaps the scores a family's tile planner ranks (``plan_images``)."""
+    return (
+        None if hasattr(cls, "plan_images") else "its adapter has no per-tile planner (plan_images) to feed"
+    )
+
+
+#: families whose LLM builds an attention mask the pruner does not rebuild after a drop
+_OWN_MASKS = {
+    "gemma3": "bidirectional image attention and sliding-window layers (the pruner rebuilds a causal mask)",
+    "qwen3_vl": "DeepStack adds visual features to image positions of later LLM layers",
+    "qwen3_5": "hybrid linear-attention LLM with DeepStack (not verified)",
+}
+
+
+def _plain_causal_llm(cls: type) -> str | None:
+    """The LLM-side methods rebuild a causal mask for the shorter sequence (methods.pruner)."""
+    return _OWN_MASKS.get(getattr(cls, "family", ""))
+
+
+def _token_layout(cls: type) -> str | None:
+    """The combinations give each crop GlobalCom²'s count, so they need the family's token layout."""
+    from .pruner import has_token_layout
+
+    if not has_token_layout(cls):
+        return "the token layout of its image runs is not known (methods.layout)"
+    return _plain_causal_llm(cls)
 
 
 def _family(model: Any, method: str) -> Any:
@@ -190,16 +226,16 @@ register_method(MethodSpec(
 ))  # fmt: skip
 register_method(MethodSpec(
     "random", "vision", "random tokens per tile, GlobalCom² budget counts at uniform R", {"seed": 0}, _random,
-    max_image_tokens=True,
+    max_image_tokens=True, requires=_tile_planner,
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
                            _pooling, max_image_tokens=True, families=("llava_next",)))  # fmt: skip
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
-                           {"layer": 2, "equivalent": False}, _fastv))  # fmt: skip
+                           {"layer": 2, "equivalent": False}, _fastv, requires=_plain_causal_llm))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+fastv", "vision+llm", "GlobalCom² per-crop budgets r_j, FastV token choice inside each crop",
     {"layer": 2, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_fastv,
+    _globalcom2_fastv, requires=_token_layout,
 ))  # fmt: skip
 
 
@@ -242,16 +278,16 @@ def _globalcom2_sparsevlm(model: Any, processor: Any, *, ratio: float, **options
 _SV_OPTIONS = {"layers": None, "budget": "schedule", "scale": 13.5, "recycle": 0.3}
 register_method(MethodSpec(
     "pdrop", "llm", "PyramidDrop: stage-wise drops by last-instruction-token attention, layer average R",
-    {"stages": 4, "lam": 0.5, "layers": None}, _pdrop,
+    {"stages": 4, "lam": 0.5, "layers": None}, _pdrop, requires=_plain_causal_llm,
 ))  # fmt: skip
 register_method(MethodSpec(
     "sparsevlm", "llm", "SparseVLM: text raters' attention, staged drops at layer average R, token recycling",
-    dict(_SV_OPTIONS), _sparsevlm,
+    dict(_SV_OPTIONS), _sparsevlm, requires=_plain_causal_llm,
 ))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+sparsevlm", "vision+llm", "GlobalCom² per-crop budgets r_j, SparseVLM token choice inside each crop",
     {**_SV_OPTIONS, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_sparsevlm,
+    _globalcom2_sparsevlm, requires=_token_layout,
 ))  # fmt: skip
 _PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
 _PM_FAMILIES = ("llava_next",)
@@ -389,4 +425,13 @@ def support_matrix_markdown() -> str:
     for name, spec in METHODS.items():
         cells = ["✓" if method_support(name, f) is None else "—" for f in families]
         lines.append(f"| `{name}` | {spec.stage} | " + " | ".join(cells) + f" | {spec.note} |")
+    lines.append("")
+    for name in METHODS:  # why not, where not: one line per method
+        why: dict[str, list[str]] = {}
+        for f in families:
+            reason = _why_not(name, f)
+            if reason is not None:
+                why.setdefault(reason, []).append(f)
+        if why:
+            lines.append(f"- `{name}`: " + "; ".join(f"{', '.join(fs)}: {r}" for r, fs in why.items()))
     return "\n".join(lines)

@@ -98,9 +98,10 @@ def image_token_layout(geo: AnyresGeometry, newline: bool = True) -> ImageTokenL
     return ImageTokenLayout(geo.grid, g, geo.box, region=region, cell=cell, token_grid=grid)
 
 
-def tile_token_layout(grid: tuple[int, int], g: int) -> ImageTokenLayout:
-    """Layout of one image of InternVL's tile order (InternVL, Idefics3/SmolVLM): ``rows x cols`` crops row-major,
-    each a full g x g block in raster order, then the thumbnail; a ``1 x 1`` grid is one tile, the image's own
+def tile_token_layout(grid: tuple[int, int], g: int, thumbnail_first: bool = False) -> ImageTokenLayout:
+    """Layout of one image of InternVL's tile order (InternVL, Idefics3/SmolVLM, Aya Vision): ``rows x cols`` crops
+    row-major, each a full g x g block in raster order, then the thumbnail (``thumbnail_first``: the thumbnail's
+    run first, as Gemma 3 reads the original image before its crops); a ``1 x 1`` grid is one tile, the image's own
     thumbnail (no crops). Markers between the runs are not image tokens and are not part of the layout."""
     rows, cols = grid
     if rows * cols == 1:
@@ -110,8 +111,12 @@ def tile_token_layout(grid: tuple[int, int], g: int) -> ImageTokenLayout:
     a = torch.arange(g * g)[None, :]
     y = (j // cols) * g + a // g
     x = (j % cols) * g + a % g
-    cell = torch.cat([(y * (cols * g) + x).reshape(-1), torch.arange(g * g)])
-    region = torch.cat([(j + 1).expand(n, g * g).reshape(-1), torch.full((g * g,), THUMBNAIL)])
+    crop_cell, crop_region = (y * (cols * g) + x).reshape(-1), (j + 1).expand(n, g * g).reshape(-1)
+    thumb_cell, thumb_region = torch.arange(g * g), torch.full((g * g,), THUMBNAIL)
+    if thumbnail_first:
+        cell, region = torch.cat([thumb_cell, crop_cell]), torch.cat([thumb_region, crop_region])
+    else:
+        cell, region = torch.cat([crop_cell, thumb_cell]), torch.cat([crop_region, thumb_region])
     return ImageTokenLayout((rows, cols), g, (0, rows * g, 0, cols * g), region=region, cell=cell)
 
 

@@ -92,6 +92,24 @@ def _rope(attn: Any):
     return apply
 
 
+def _gather_rows(
+    pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``(B or 1, S, d)`` at the sequence entries ``index`` ``(B, L)`` -> ``(B, L, d)``."""
+    b = index.shape[0]
+    g = index[..., None].expand(-1, -1, pair[0].shape[-1])
+    return pair[0].expand(b, -1, -1).gather(1, g), pair[1].expand(b, -1, -1).gather(1, g)
+
+
+def uses_mrope(config: Any) -> bool:
+    """Whether a text config's rotary embedding is multimodal (M-RoPE: several position axes, Qwen-VL)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, name, None)
+        if isinstance(rope, dict) and any("mrope" in str(key) for key in rope):
+            return True
+    return False
+
+
 def pack_rows(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the True entries of every row, in order, padded: ``(index (B, M), valid (B, M))``.
 
@@ -294,6 +312,7 @@ class PrunerState(threading.local):
         layouts: token layouts of the images of this thread's last encode (batch order).
         vision_plans: GlobalCom²'s plans of those images (the GlobalCom² combinations only).
         stage_scores: the scores of each stage of this thread's last pruned prefill.
+        survivors: Bool ``(B, S)``: the prompt positions that reach the last stage of that prefill.
     """
 
     def __init__(self) -> None:
@@ -303,6 +322,7 @@ class PrunerState(threading.local):
         self.layouts: list[ImageTokenLayout] | None = None
         self.vision_plans: list[Plan] | None = None
         self.stage_scores: list[torch.Tensor] = []
+        self.survivors: torch.Tensor | None = None
 
 
 class StageMethod(Protocol):
@@ -361,7 +381,9 @@ class StagedPruner:
         self.layers = self.lm.layers
         self.method = method
         self.name = name
-        self.positions = positions
+        # M-RoPE (Qwen-VL): an image token's position has several axes, and renumbering them "without gaps" has no
+        # published meaning; every method keeps the original positions there (docs/llm_methods.md)
+        self.positions = "keep" if uses_mrope(self.lm.config) else positions
         sched = method.schedule
         num_layers = len(self.layers)
         if sched.num_layers != num_layers:
@@ -474,6 +496,7 @@ class StagedPruner:
             if attn is None
             else attn.to(dev, torch.bool),
             "position": pos.to(dev).expand(b, s),
+            "anchor": torch.arange(s, device=dev)[None].expand(b, s),  # whose rotary embedding (keep mode)
         }
         call.num_image = image.sum(1)
         call.layouts = layouts
@@ -501,6 +524,11 @@ class StagedPruner:
                 self.method.prepare(self, hidden, call)
         if call.replace:
             kwargs.update(call.replace)
+        if call.active and self.positions == "keep":
+            # this layer's own rotary embedding (layer types may differ: local / global) at the kept positions
+            call.extra["layer_pe"] = kwargs["position_embeddings"]  # full length, as the LM computed it
+            if call.full is not None:
+                kwargs["position_embeddings"] = _gather_rows(call.extra["layer_pe"], call.entries["anchor"])
         if call.active:
             # a stage scored in its own first layer (PDrop) ranks before that layer prunes; a stage scored in
             # the layer before its first (FastV, SparseVLM) sees that layer's own stage, pruned first
@@ -591,8 +619,6 @@ class StagedPruner:
         cat = dict(ent)
         hid = hidden
         if sel.extras is not None and sel.extras_valid is not None and sel.extras_after is not None:
-            if self.positions != "compact":
-                raise RuntimeError(f"{self.name}: inserted tokens need positions='compact'")
             c = sel.extras.shape[1]
             ev = sel.extras_valid.to(dev)
             after = sel.extras_after.to(dev)
@@ -606,6 +632,8 @@ class StagedPruner:
                     cat[name] = torch.cat([keep, ev], dim=1)
                 elif name == "owner":
                     cat[name] = torch.cat([t, last_owner[:, None].expand(b, c)], dim=1)
+                elif name == "anchor":  # an inserted token takes the rotary position of the token it follows
+                    cat[name] = torch.cat([t, t.gather(1, after[:, None]).expand(b, c)], dim=1)
                 elif name != "position":
                     cat[name] = torch.cat(
                         [t, torch.full((b, c), fill.get(name, 0), dtype=t.dtype, device=dev)], 1
@@ -625,17 +653,14 @@ class StagedPruner:
         if call.attention_mask is None and bool(new["valid"].all()):
             mask2d = None
         cache = _cache_of(kwargs)
-        if self.positions == "keep":
-            cos, sin = kwargs["position_embeddings"]
-            g3 = order[..., None].expand(-1, -1, cos.shape[-1])
-            pos_emb = (cos.expand(b, -1, -1).gather(1, g3), sin.expand(b, -1, -1).gather(1, g3))
-        else:
-            pos_emb = self.lm.rotary_emb(hidden_p, new_pos)
         call.replace = {
             "attention_mask": self._mask(hidden_p, mask2d, cache, self.boundaries[s]),
-            "position_embeddings": pos_emb,
             "position_ids": new_pos,
         }
+        if self.positions == "keep":  # every later layer gathers its own (see _layer_pre)
+            kwargs["position_embeddings"] = _gather_rows(call.extra["layer_pe"], new["anchor"])
+        else:
+            call.replace["position_embeddings"] = self.lm.rotary_emb(hidden_p, new_pos)
         kwargs.update(call.replace)
         shift = None
         if self.positions == "compact":
@@ -651,8 +676,11 @@ class StagedPruner:
                    after: torch.Tensor | None, ar: torch.Tensor, sel: Selection,
                    order: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Position ids of the new sequence (``keep``: gathered; ``compact``: renumbered without gaps)."""
-        if self.positions == "keep":
-            return position.gather(1, order)
+        if self.positions == "keep":  # inserted tokens: the position of the token they follow
+            if after is None or sel.extras_valid is None:
+                return position.gather(1, order)
+            extra = position.gather(1, after[:, None]).expand(-1, sel.extras_valid.shape[1])
+            return torch.cat([position, extra], dim=1).gather(1, order)
         pos = position - torch.cumsum(removed.long(), dim=1)
         if after is None or sel.extras_valid is None:
             return pos.gather(1, order)
@@ -682,15 +710,16 @@ class StagedPruner:
     def _plans(self) -> list[Plan] | None:
         """One `Plan` per image: the tokens that reach the last stage, and the image tokens of every layer."""
         call = self.state.call
-        layouts = call.layouts
-        if layouts is None:
-            return None
         ent = call.entries
         b = ent["valid"].shape[0]
         full_len = int(call.entries["origin"].amax()) + 1 if call.full is None else call.full.shape[1] - 1
         alive = torch.zeros(b, full_len + 1, dtype=torch.bool, device=ent["valid"].device)
         dest = torch.where(ent["valid"] & (ent["origin"] >= 0), ent["origin"], full_len)
         alive.scatter_(1, dest, True)
+        self.state.survivors = alive[:, :full_len]
+        layouts = call.layouts
+        if layouts is None:
+            return None
         image = call.input_ids.to(alive.device) == self.image_token_id if call.input_ids is not None else None
         if image is None:
             return None
@@ -901,7 +930,8 @@ class TileLLMSide(LLMPruningAdapter):
         return num_tiles(*grid) * self.g * self.g  # type: ignore[attr-defined]
 
     def plan_images(self, tile_scores: Any, grids: Any) -> list[tuple[Plan, torch.Tensor]]:
-        layouts = [tile_token_layout(tuple(grid), self.g) for grid in grids]  # type: ignore[attr-defined]
+        first = bool(getattr(self, "thumbnail_first", False))
+        layouts = [tile_token_layout(tuple(grid), self.g, first) for grid in grids]  # type: ignore[attr-defined]
         for lay, scores, grid in zip(layouts, tile_scores, grids, strict=True):
             self.check_layout(lay, int(scores.numel()), f"an image of {grid[0]}x{grid[1]} crops")
         vision = None
@@ -944,6 +974,13 @@ class PositionsOnly(LLMPruningAdapter):
         self.pruner.install(handle)
 
 
+def has_token_layout(family: type) -> bool:
+    """Whether :mod:`globalcom2.methods.layout` knows the token layout of ``family``'s image runs (anyres or tiles)."""
+    from ..adapters.internvl import InternVLAdapter
+
+    return issubclass(family, (AnyresAdapter, InternVLAdapter))
+
+
 def llm_method_class(method: type, family: type) -> type:
     """The adapter class of an LLM-side ``method`` on ``family`` (see :class:`LLMPruningAdapter`)."""
     return _llm_method_class(method, family)
@@ -971,6 +1008,7 @@ __all__ = [
     "LLMPruningAdapter",
     "PositionsOnly",
     "TileLLMSide",
+    "has_token_layout",
     "language_model",
     "llm_method_class",
     "num_llm_layers",
