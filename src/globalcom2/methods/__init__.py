@@ -180,10 +180,29 @@ def _random(model: Any, processor: Any, *, ratio: float | None, max_image_tokens
 
 def _pooling(model: Any, processor: Any, *, ratio: float | None,
              max_image_tokens: int | None = None) -> Any:  # fmt: skip
+    from .native import native_pooling_class
     from .vision import PoolingAdapter
 
-    _family(model, "pooling")
-    return PoolingAdapter(model, processor, GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens))
+    family = _family(model, "pooling")
+    cls = PoolingAdapter if _is_llava_next(family) else native_pooling_class(family)
+    return cls(model, processor, GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens))
+
+
+def _is_llava_next(cls: type) -> bool:
+    from ..adapters.llava_next import LlavaNextAdapter
+
+    return issubclass(cls, LlavaNextAdapter)
+
+
+def _pooling_rule(cls: type) -> str | None:
+    """Pooling is written for LLaVA-NeXT's packed rows and for the native-resolution grids (methods.native)."""
+    from ..adapters.qwen import QwenAdapter
+
+    return (
+        None
+        if _is_llava_next(cls) or issubclass(cls, QwenAdapter)
+        else "written for LLaVA-NeXT and Qwen-VL only"
+    )
 
 
 def _fastv(model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False) -> Any:
@@ -229,7 +248,7 @@ register_method(MethodSpec(
     max_image_tokens=True, requires=_tile_planner,
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
-                           _pooling, max_image_tokens=True, families=("llava_next",)))  # fmt: skip
+                           _pooling, max_image_tokens=True, requires=_pooling_rule))  # fmt: skip
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
                            {"layer": 2, "equivalent": False}, _fastv, requires=_plain_causal_llm))  # fmt: skip
 register_method(MethodSpec(

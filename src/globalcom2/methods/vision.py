@@ -70,7 +70,10 @@ class RandomScores:
     """The random baseline on any family: GlobalCom²'s budget-mode selection at uniform R on random scores.
 
     A mixin put in front of a family adapter (:func:`random_class`): every family's planner takes the tiles' scores
-    first (``(tiles, tokens)`` per image), and this swaps them for :func:`random_tile_scores` of the same shape.
+    first (``(tiles, tokens)`` per image), and this swaps them for :func:`random_tile_scores` of the same shape. The
+    native-resolution planner (Qwen) takes the merged tokens' features and scores them by Eq. 7: there the swap gives
+    it i.i.d. random features, whose scores are exchangeable, so the kept tokens are a uniformly random draw (the
+    features handed to the LLM are the real ones, picked by the plan's index).
     """
 
     seed: int
