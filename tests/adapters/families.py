@@ -76,7 +76,7 @@ FAMILIES = (
            ((60, 190), (150, 150), (200, 90), (70, 100)), (60, 190), needs_grids=True, nested_images=True,
            call_kwargs=tuple(GEMMA3_PAN_AND_SCAN.items())),
     Family("aya_vision", "globalcom2.demo.tiny_tiling:build_tiny_aya_vision", "<image>",
-           ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True),
+           ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
 )  # fmt: skip
 FAMILY_IDS = [f.name for f in FAMILIES]
 
