@@ -2,9 +2,8 @@
 
 One request (an image, methods, a budget R or T, GlobalCom²'s options) gives one :class:`ExploreResult`:
 
-- the plans: GlobalCom² through :func:`globalcom2.workflows.plan_for_image` (every family; what
-  ``globalcom2 visualize`` draws), the baselines through :func:`globalcom2.evaluation.visual.method_plan` (what
-  ``globalcom2 visualize --methods`` draws);
+- the plans: :func:`globalcom2.evaluation.visual.method_plan`, what ``globalcom2 visualize --methods`` draws (for
+  GlobalCom² the family's own ``plan_for_image``, the plan ``globalcom2 visualize`` draws);
 - the picture: one Figure-7 panel per method (:func:`globalcom2.workflows.render_plan`) side by side
   (:func:`globalcom2.viz.overlay.render_grid`), the same drawing code as ``visualize``;
 - the records: per method :func:`globalcom2.evaluation.visual.method_record` (the panel's own numbers,
@@ -253,32 +252,28 @@ class Explorer:
     @staticmethod
     def _plan(model: Any, processor: Any, image: Any, method: str, request: ExploreRequest,
               options: dict[str, Any]) -> Any:  # fmt: skip
+        """``method``'s plan: what ``globalcom2 visualize --methods`` computes (GlobalCom² itself: the same plan as
+        ``globalcom2 visualize``)."""
         from ..evaluation.visual import _options_for, method_plan
-        from ..workflows import plan_for_image
 
-        budget = {"ratio": request.ratio, "max_image_tokens": request.max_image_tokens}
-        if method == "globalcom2":  # every family, both budgets: what `globalcom2 visualize` draws
-            return plan_for_image(model, processor, image, **budget, **options)
-        extra = {} if request.max_image_tokens is None else {"max_image_tokens": request.max_image_tokens}
-        return method_plan(model, processor, image, method, request.ratio, question=request.question,  # type: ignore[arg-type]
-                           **extra, **_options_for(method, options))  # fmt: skip
+        return method_plan(model, processor, image, method, request.ratio, question=request.question,
+                           max_image_tokens=request.max_image_tokens, **_options_for(method, options))  # fmt: skip
 
     def _panel(self, image: Any, image_name: str, plan: Any, model: Any, method: str,
                request: ExploreRequest) -> Any:  # fmt: skip
         from ..evaluation.visual import method_label
         from ..workflows import render_plan
 
-        label = method_label(method, _ratio(plan, request), random_llm=self.standin)
-        if request.max_image_tokens is not None:
-            label += f" (T = {request.max_image_tokens})"
+        label = method_label(method, _ratio(plan, request), random_llm=self.standin,
+                             max_image_tokens=request.max_image_tokens)  # fmt: skip
         return render_plan(image, plan, model, f"{image_name} ({image.width}x{image.height}): {label}")
 
     @staticmethod
     def _record(method: str, plan: Any, request: ExploreRequest) -> dict[str, Any]:
         from ..evaluation.visual import method_record
 
-        record = method_record(method, _ratio(plan, request), plan)
-        record["max_image_tokens"] = request.max_image_tokens
+        record = method_record(method, _ratio(plan, request), plan, request.max_image_tokens)
+        record["max_image_tokens"] = request.max_image_tokens  # also under R: the JSON's keys do not vary
         return {**record, **_flops_fields(record)}
 
 
