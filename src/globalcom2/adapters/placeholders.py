@@ -287,12 +287,18 @@ def rewrite_image_spans(
     ends_at = [width_in if left else int(n) for n in lengths]
     pieces: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(batch)]
     tensors = {"input_ids": input_ids, **extra}
-    for (row, a), (row_end, b), old, new in zip(starts, ends, old_spans, new_spans, strict=True):
-        old, new = old.to(device), new.to(device)
-        if row != row_end or not torch.equal(input_ids[row, a : b + 1], old):
-            raise PlaceholderMismatchError(
-                f"GlobalCom²: an image span of the prompts is not the one these images were processed with; {hint}"
-            )
+    found = [input_ids[row, a : b + 1] for (row, a), (_, b) in zip(starts, ends, strict=True)]
+    same_shape = all(
+        row == row_end and f.numel() == o.numel()
+        for (row, _), (row_end, _), f, o in zip(starts, ends, found, old_spans, strict=True)
+    )
+    # One comparison (one device read) for the whole batch.
+    if not same_shape or not torch.equal(torch.cat(found), torch.cat(old_spans).to(device)):
+        raise PlaceholderMismatchError(
+            f"GlobalCom²: an image span of the prompts is not the one these images were processed with; {hint}"
+        )
+    for (row, a), (_, b), new in zip(starts, ends, new_spans, strict=True):
+        new = new.to(device)
         pieces[row].append({k: t[row, cursor[row] : a] for k, t in tensors.items()})
         span: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
