@@ -227,3 +227,21 @@ def check_tiles_plan(plan, thumb, crops, grid, g, ratio, mode, allocation, scori
         assert sum(ks) == int(ratio * rows * cols * n), where
     order = t_order if mode == "reference" else np.flatnonzero(t_mask)
     return [int(i) for i in order], keep, ks, int(t_mask.sum())
+
+
+def capture_llm_inputs(inner, llm, keys=("input_ids", "attention_mask")):
+    """Pre-hooks recording what ``inner`` receives (``keys``) and the ``inputs_embeds`` the LLM ``llm`` receives, on
+    the first call; returns ``(seen, hooks)`` (remove the hooks when done)."""
+    seen: dict = {}
+
+    def record_inner(module, args, kwargs):
+        for key in keys:
+            seen.setdefault(key, kwargs.get(key))
+
+    def record_llm(module, args, kwargs):
+        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
+
+    return seen, [
+        inner.register_forward_pre_hook(record_inner, with_kwargs=True),
+        llm.register_forward_pre_hook(record_llm, with_kwargs=True),
+    ]

@@ -15,6 +15,7 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY
 from tests.adapters.plain_families import (
+    capture_llm_inputs,
     check_tiles_plan,
     plain_cosine,
     plain_internvl_sequence,
@@ -102,19 +103,7 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
 
 
 def _capture_llm_inputs(model):
-    seen: dict = {}
-
-    def inner(module, args, kwargs):
-        for key in ("input_ids", "attention_mask"):
-            seen.setdefault(key, kwargs.get(key))
-
-    def llm(module, args, kwargs):
-        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
-
-    return seen, [
-        model.model.register_forward_pre_hook(inner, with_kwargs=True),
-        model.model.language_model.register_forward_pre_hook(llm, with_kwargs=True),
-    ]
+    return capture_llm_inputs(model.model, model.model.language_model)
 
 
 @pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "topk-count"]))

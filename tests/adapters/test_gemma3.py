@@ -15,7 +15,7 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
-from tests.adapters.plain_families import check_tiles_plan, plain_cosine, plain_pool, spy
+from tests.adapters.plain_families import capture_llm_inputs, check_tiles_plan, plain_cosine, plain_pool, spy
 from tests.conftest import random_image, sweep
 
 # (height, width) at the tiny scale (64 px tiles, crops >= 32 px): landscape 1 x 2..4, portrait 2..4 x 1, square
@@ -150,19 +150,9 @@ def test_pooling_groups_are_the_projectors(fam):
 
 # -- scores, kept set and the LLM's sequence against the plain re-implementation ----------------------------------
 def _capture_llm_inputs(model):
-    seen: dict = {}
-
-    def inner(module, args, kwargs):
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            seen.setdefault(key, kwargs.get(key))
-
-    def llm(module, args, kwargs):
-        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
-
-    return seen, [
-        model.model.register_forward_pre_hook(inner, with_kwargs=True),
-        model.model.language_model.register_forward_pre_hook(llm, with_kwargs=True),
-    ]
+    return capture_llm_inputs(
+        model.model, model.model.language_model, ("input_ids", "attention_mask", "token_type_ids")
+    )
 
 
 @pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "uniform"]))

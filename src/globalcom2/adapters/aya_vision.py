@@ -38,7 +38,6 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import IncompatibleProcessorError
-from .family import FamilyAdapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter, num_tiles
 from .placeholders import pad_token_id, rewrite_image_spans
@@ -78,18 +77,11 @@ class AyaVisionAdapter(Idefics3Adapter):
     encode_for_reference = InternVLAdapter.encode_for_reference
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
-        FamilyAdapter.__init__(self, model, processor, config)
-        vcfg = model.config.vision_config
-        self.tile_hw = (int(vcfg.image_size),) * 2
-        self.patch = int(vcfg.patch_size)
-        self.factor = int(model.config.downsample_factor)
-        self.patches_per_side = self.tile_hw[0] // self.patch
-        self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per tile side
-        self._warned = False
-        self.anchor_ids = torch.zeros(0, dtype=torch.long)
-        self._layout: dict[tuple[int, int], int] = {}
-        self._emitted: dict[tuple[int, int], list[int]] = {}
-        self._segments: dict[tuple[int, int], list[torch.Tensor]] = {}
+        super().__init__(model, processor, config)
+        self._segments: dict[tuple[int, int], list[torch.Tensor]] = {}  # layout between the runs (span_ids)
+
+    def merge_factor(self) -> int:
+        return int(self.model.config.downsample_factor)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         return describe_tower(tower)

@@ -59,7 +59,6 @@ import torch
 
 from ..core.plan import Plan
 from .errors import IncompatibleProcessorError
-from .family import FamilyAdapter
 from .idefics3 import Idefics3Adapter, _processor_kwargs_class
 from .internvl import GRID_KEY, image_sizes_of, num_tiles, plan_internvl_batch
 from .registry import register_adapter
@@ -125,18 +124,9 @@ class Gemma3Adapter(Idefics3Adapter):
     token_layout: ClassVar[str] = "original image + pan-and-scan crops; markers and sentences not counted"
     layout_label: ClassVar[str] = "markers, sentences and newlines included"
 
-    def __init__(self, model: Any, processor: Any, config: Any) -> None:
-        FamilyAdapter.__init__(self, model, processor, config)
-        vcfg = model.config.vision_config
-        self.tile_hw = (int(vcfg.image_size),) * 2
-        self.patch = int(vcfg.patch_size)
-        self.patches_per_side = self.tile_hw[0] // self.patch
-        self.g = int(round(int(model.config.mm_tokens_per_image) ** 0.5))  # pooled tokens per tile side
-        self.factor = self.patches_per_side // max(self.g, 1)  # the projector's pooling kernel
-        self._warned = False
-        self.anchor_ids = torch.zeros(0, dtype=torch.long)
-        self._layout: dict[tuple[int, int], int] = {}
-        self._emitted: dict[tuple[int, int], list[int]] = {}
+    def merge_factor(self) -> int:
+        """The projector's pooling kernel: patches per side over pooled tokens per side."""
+        return self.patches_per_side // max(int(round(int(self.model.config.mm_tokens_per_image) ** 0.5)), 1)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         return describe_tower(tower)

@@ -140,13 +140,17 @@ class Idefics3Adapter(InternVLAdapter):
         vcfg = model.config.vision_config
         self.tile_hw = (int(vcfg.image_size),) * 2
         self.patch = int(vcfg.patch_size)
-        self.factor = int(model.config.scale_factor)
         self.patches_per_side = self.tile_hw[0] // self.patch
+        self.factor = self.merge_factor()
         self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per crop side
         self._warned = False
         self.anchor_ids = torch.zeros(0, dtype=torch.long)  # ids of the markers runs follow (check_processor)
         self._layout: dict[tuple[int, int], int] = {}  # layout tokens per crop grid (layout_tokens)
         self._emitted: dict[tuple[int, int], list[int]] = {}  # provisional runs per crop grid (emitted_runs)
+
+    def merge_factor(self) -> int:
+        """Patches per side of one LLM token (the connector's pixel shuffle; other families: their pooling)."""
+        return int(self.model.config.scale_factor)
 
     def describe_tower(self, tower: Any) -> TowerInfo:
         if type(tower).__name__ in ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"):
