@@ -108,3 +108,29 @@ def test_method_option_reaches_the_method(tmp_path):
     plans = _visualize(tmp_path, "llava_next", ["pdrop", "fastv"], "--ratio", "0.5", "--method-option", "stages=3",
                        "--method-option", "layers=1,2")["plans"]  # fmt: skip
     assert plans[0]["num_tokens"] < plans[1]["num_tokens"]
+
+
+def test_bench_table4_family_refuses_before_building(tmp_path):
+    """`bench --table4 --family F`: a method F does not run, or a schedule out of reach, fails in seconds."""
+    for args, message in (
+        (["--family", "internvl", "--methods", "uncompressed,prumerge"], "'prumerge' is not implemented for internvl"),
+        (["--family", "smolvlm", "--methods", "pdrop", "--llm-layers", "8"], "out of reach for pdrop on a 8-layer LLM"),
+    ):  # fmt: skip
+        start = time.perf_counter()
+        res = run_cli("bench", "--tiny", "--table4", *args)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+        assert time.perf_counter() - start < 30
+
+
+@pytest.mark.full
+def test_eval_family_runs_every_method_the_family_runs(tmp_path):
+    """`eval --family internvl --quick`: one photo, every method InternVL runs, a report and its plots."""
+    pytest.importorskip("onnx")
+    res = run_cli("eval", "--family", "internvl", "--quick", "--out", str(tmp_path), "--no-progress", "--json",
+                  timeout=1800)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["family"] == "internvl" and summary["methods"] == _supported("internvl")
+    methods = {row["method"] for row in summary["aggregate"]}
+    assert {"globalcom2", "fastervlm", "random", "fastv", "globalcom2+fastv"} <= methods
+    assert (tmp_path / "eval_methods.png").stat().st_size > 10_000

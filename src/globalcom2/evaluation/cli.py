@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
 from typing import Any
 
 from ..cli_common import parse_ratios
+from ..demo.tiny_families import FAMILIES as STANDIN_FAMILIES
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "defects":
         return _cmd_defects(args)
-    from .runner import run_eval
+    from .runner import run_eval, run_family_eval
 
     photos = tuple(p.strip() for p in args.photos.split(",") if p.strip()) if args.photos else None
     log = (lambda *_: None) if args.json else print
-    result = run_eval(
+    run = run_eval if args.family == "llava_next" else functools.partial(run_family_eval, family=args.family)
+    result = run(
         args.out, photos=photos, ratios=args.ratios or (0.5, 0.25, 0.1), quick=args.quick, llm=not args.no_llm,
         progress=not args.no_progress, log=log, command="globalcom2 " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
@@ -73,7 +76,9 @@ def register(subparsers) -> None:
         "--num-train", type=int, default=None, help="defects: nominal training mosaics (default 24)"
     )
     p.add_argument("--num-test", type=int, default=None, help="defects: test mosaics per class (default 40)")
-    p.add_argument("--no-llm", action="store_true", help="skip FastV and GlobalCom²+FastV (tiny random LLM)")
+    p.add_argument("--family", choices=STANDIN_FAMILIES, default="llava_next",
+                   help="photos: the stand-in family; every method it runs (README's method table) is compared")  # fmt: skip
+    p.add_argument("--no-llm", action="store_true", help="skip the LLM-side methods (tiny random LLM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--json", action="store_true", help="print the written files as JSON (and nothing else) on stdout"

@@ -13,9 +13,10 @@ METRICS = ("llm_share", "thumb_mass", "crop_mass", "feat_cos", "feat_cos_centred
            "share_mass_corr")  # fmt: skip
 KEYS = ("group", "method", "ratio", "allocation", "scoring", "score")
 METHOD_ORDER = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+", "fastv",
-                "globalcom2+fastv")  # fmt: skip
+                "globalcom2+fastv", "pdrop", "sparsevlm", "globalcom2+sparsevlm")  # fmt: skip
 COLORS = {"globalcom2": "#d62728", "fastervlm": "#1f77b4", "random": "#7f7f7f", "pooling": "#2ca02c",
-          "fastv": "#9467bd", "globalcom2+fastv": "#ff7f0e", "prumerge": "#8c564b", "prumerge+": "#e377c2"}  # fmt: skip
+          "fastv": "#9467bd", "globalcom2+fastv": "#ff7f0e", "prumerge": "#8c564b", "prumerge+": "#e377c2",
+          "pdrop": "#17becf", "sparsevlm": "#bcbd22", "globalcom2+sparsevlm": "#7b4173"}  # fmt: skip
 
 
 def _nanmean(values: list[float]) -> float:
@@ -109,10 +110,12 @@ def markdown_report(agg: list[dict], summary: dict[str, Any], plot_names: list[s
             "## LLM-side methods on the tiny *random* LLM (mechanism only, not a quality comparison)",
             "",
         ]
-        md += ["FastV's scores come from a randomly initialised 4-layer LLM (pruning at layer K = 2), so which "
-               "tokens it keeps says nothing about FastV on a trained model; the rows show that the mechanism runs "
-               "and how its per-crop counts behave. GlobalCom²+FastV keeps GlobalCom²'s per-crop counts by "
-               "construction.", ""]  # fmt: skip
+        md += ["The LLM-side scores come from a randomly initialised 4-layer LLM (FastV prunes at layer K = 2), so "
+               "which tokens they keep says nothing about the methods on a trained model; the rows show that the "
+               "mechanisms run and how their per-crop counts behave. GlobalCom²+FastV keeps GlobalCom²'s per-crop "
+               "counts by construction. PDrop and SparseVLM keep the layer average of the image tokens at R, so "
+               "'tokens to LLM' is what reaches the last stage; on 4 layers R = 25 % and below is out of reach for "
+               "them (no row).", ""]  # fmt: skip
         md += _method_rows(agg, "llm", ratios)
     md += ["", "## Ablations (paper Tables 2 and 3, budget mode)", ""]
     md += _ablation_rows(agg, ratios, summary["ablation_settings"])

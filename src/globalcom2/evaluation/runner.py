@@ -302,3 +302,170 @@ def _progress(total: int, enabled: bool) -> Any:
 def mean_or_nan(values: Iterable[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return statistics.fmean(vals) if vals else float("nan")
+
+
+# -------------------------------------------------------------------------------------------- other families
+
+
+def family_label(family: str) -> str:
+    """The report's note for a stand-in family other than LLaVA-NeXT."""
+    return (
+        f"Family {family}: its offline stand-in (stock transformers classes, a DINOv2 ViT-S/14 tower with real "
+        "weights in place of the family's own tower, a tiny randomly initialised LLM). Every method runs through "
+        "globalcom2.apply_method on that model, the vision-side ones by the family's own vision pass. Metrics compare "
+        "kept tokens with the tower's own [CLS] attention (as the family pools it per LLM token) and the projector's "
+        "output of the uncompressed image: fidelity measures, NOT accuracy. LLM-side methods run inside the random "
+        "LLM: mechanism only."
+    )
+
+
+class _Capture:
+    """Per-tile scores and projector outputs of one uncompressed vision pass, taken off a patched model."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+        self.features: list[torch.Tensor] = []
+
+
+@torch.no_grad()
+def family_reference(model: Any, processor: Any, image: Any) -> tuple[Reference, Plan] | None:
+    """The reference maps of one image on any family: GlobalCom²'s own scoring at R = 1 with softmax [CLS] scores
+    (per LLM token, as the family pools them) and the projector's output per tile; None for an image the family
+    encodes as one tile (nothing to allocate between crops)."""
+    from ..apply import apply
+
+    cap = _Capture()
+    inner = model.model
+    projector = getattr(inner, "multi_modal_projector", None) or inner.connector
+    hook = projector.register_forward_hook(lambda m, a, out: cap.features.append(out.detach()))
+    try:
+        with apply(model, processor, ratio=1.0, score="softmax", scoring="local") as handle:
+            adapter = handle.adapter
+            take = adapter.take_scores
+
+            def record(h: Any) -> torch.Tensor:
+                scores = take(h)
+                cap.scores.append(scores.detach())
+                return scores
+
+            setattr(adapter, "take_scores", record)  # noqa: B010 - this instance only, for this one pass
+            plan = adapter.plan_for_image(handle, image)
+            del adapter.take_scores
+    finally:
+        hook.remove()
+    if not plan.num_crops:
+        return None
+    scores = cap.scores[0].float()
+    feats = torch.cat(cap.features).float()
+    feats = feats.reshape(scores.shape[0], -1, feats.shape[-1])
+    from ..adapters.anyres import AnyresAdapter
+
+    n = plan.num_crops
+    if isinstance(adapter, AnyresAdapter) or getattr(adapter, "thumbnail_first", False):  # thumbnail first
+        thumb, crops, crop_feats = scores[0], scores[1 : 1 + n], feats[1 : 1 + n]
+    else:  # InternVL's tile order: crops, then the thumbnail
+        thumb, crops, crop_feats = scores[n], scores[:n], feats[:n]
+    if crop_feats.shape[1] != crops.shape[1]:
+        return None  # features at another resolution than the plan's cells: no reference
+    ref = build_reference(thumb, crops, crop_feats, grid=plan.grid, valid_box=plan.valid_box)
+    return ref, plan
+
+
+def run_family_eval(
+    out_dir: str | Path,
+    family: str,
+    *,
+    photos: tuple[str, ...] | None = None,
+    ratios: tuple[float, ...] = (0.5, 0.25, 0.1),
+    quick: bool = False,
+    llm: bool = True,
+    progress: bool = True,
+    log: Callable[..., None] = print,
+    command: str = "globalcom2 eval",
+) -> dict[str, Any]:
+    """`globalcom2 eval --family F` for a stand-in family other than LLaVA-NeXT: every method F runs
+    (:func:`globalcom2.methods.method_support`) x R on the shipped photos, and GlobalCom²'s two quick ablation
+    settings, written as :func:`run_eval` writes them. Photos F encodes as a single tile are left out (said in the
+    log and the summary)."""
+    from ..demo.photos import PHOTOS, load_photo
+    from ..loading import load_model_and_processor
+    from ..methods import METHODS, check_method, method_support
+    from .report import write_outputs
+    from .visual import method_plan
+
+    if photos is None:
+        photos = ("rocket",) if quick else tuple(PHOTOS)
+    unknown = [p for p in photos if p not in PHOTOS]
+    if unknown:
+        raise ValueError(f"unknown photo(s) {unknown}; available: {', '.join(PHOTOS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    note = family_label(family)
+    log(f"GlobalCom² eval ({family}) -> {out}/\n{note}")
+    t0 = time.perf_counter()
+    model, processor = load_model_and_processor("standin", family=family)
+    from ..methods.pruner import num_llm_layers
+
+    layers = num_llm_layers(model)
+    methods = [m for m in METHODS if method_support(m, family) is None]
+    if not llm:
+        methods = [m for m in methods if METHODS[m].stage == "vision"]
+    settings = ablation_settings(True)
+    draws = 1 if quick else 3
+    rows: list[dict[str, Any]] = []
+    detail_all: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    skipped: list[str] = []
+    bar = _progress(len(photos) * len(ratios), progress)
+    for photo in photos:
+        image = load_photo(photo)
+        found = family_reference(model, processor, image)
+        if found is None:
+            skipped.append(photo)
+            log(f"{photo}: one tile on {family}, left out")
+            bar.update(len(ratios))
+            continue
+        ref, full = found
+        info[photo] = {"size_hw": [image.height, image.width], "grid": list(full.grid)}
+        for ratio in ratios:
+            bar.set_postfix_str(f"{photo} R={ratio:.0%}")
+            detail: dict[str, Plan] = {}
+            for method in methods:
+                try:
+                    check_method(method, family, ratio=ratio, num_layers=layers)
+                except ValueError:  # a layer-average schedule out of reach at this R on the stand-in's LLM
+                    continue
+                group = "method" if METHODS[method].stage == "vision" else "llm"
+                seeds = range(draws) if method == "random" else (None,)
+                for k, seed in enumerate(seeds):
+                    options = {} if seed is None else {"seed": seed}
+                    plan = method_plan(model, processor, image, method, ratio, question=QUESTION, **options)
+                    rows.append(_row(group, photo, method, ratio, plan_metrics(plan, ref), draw=k))
+                    detail.setdefault(method, plan)
+            for allocation, scoring, score in settings:
+                plan = method_plan(model, processor, image, "globalcom2", ratio, question=QUESTION,
+                                   allocation=allocation, scoring=scoring, score=score)  # fmt: skip
+                rows.append(_row("ablation", photo, "globalcom2", ratio, plan_metrics(plan, ref),
+                                 allocation=allocation, scoring=scoring, score=score))  # fmt: skip
+            detail_all[f"{photo}@{ratio}"] = {
+                "photo": photo, "ratio": ratio, "grid": list(full.grid),
+                "crop_mass": [round(float(m), 5) for m in ref.crop_mass],
+                "share": {m: [round(float(k) / max(int(n), 1), 5) for k, n in
+                              zip(p.crop_keep_counts, p.crop_valid_counts, strict=True)]
+                          for m, p in detail.items() if p.crop_keep_counts.numel() == len(ref.crop_mass)},
+            }  # fmt: skip
+            bar.update(1)
+    bar.close()
+    if not info:
+        raise ValueError(f"every photo is a single tile on {family}; pick larger or wider photos")
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "note": note, "command": command, "family": family, "photos": info, "single_tile_photos": skipped,
+        "ratios": list(ratios), "ablation_settings": [list(s) for s in settings], "random_draws": draws,
+        "llm": llm, "methods": methods, "seconds": round(elapsed, 1),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "allocation": detail_all,
+    }  # fmt: skip
+    files = write_outputs(out, rows, summary)
+    log(f"finished in {elapsed:.0f} s; wrote {', '.join(str(f) for f in files)}")
+    return {**summary, "rows": rows, "files": [str(f) for f in files]}
