@@ -14,6 +14,7 @@ METRICS = ("llm_share", "thumb_mass", "crop_mass", "feat_cos", "feat_cos_centred
 KEYS = ("group", "method", "ratio", "allocation", "scoring", "score")
 METHOD_ORDER = ("globalcom2", "fastervlm", "random", "pooling", "prumerge", "prumerge+", "fastv",
                 "globalcom2+fastv", "pdrop", "sparsevlm", "globalcom2+sparsevlm")  # fmt: skip
+LLM_SIDE = ("fastv", "globalcom2+fastv", "pdrop", "sparsevlm", "globalcom2+sparsevlm")  # hatched: random LLM
 COLORS = {"globalcom2": "#d62728", "fastervlm": "#1f77b4", "random": "#7f7f7f", "pooling": "#2ca02c",
           "fastv": "#9467bd", "globalcom2+fastv": "#ff7f0e", "prumerge": "#8c564b", "prumerge+": "#e377c2",
           "pdrop": "#17becf", "sparsevlm": "#bcbd22", "globalcom2+sparsevlm": "#7b4173"}  # fmt: skip
@@ -207,7 +208,7 @@ def plot_allocation(summary: dict[str, Any], path: Path) -> bool:
     for i, m in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(n)]
         bars = ax.bar(xs, detail["share"][m], width, label=m, color=COLORS[m])
-        if m in ("fastv", "globalcom2+fastv"):
+        if m in LLM_SIDE:
             for b in bars:
                 b.set_hatch("//")
                 b.set_edgecolor("white")
