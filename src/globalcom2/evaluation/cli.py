@@ -11,6 +11,7 @@ from typing import Any
 
 from ..cli_common import parse_ratios
 from ..demo.tiny_families import FAMILIES as STANDIN_FAMILIES
+from ..methods import available_methods
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -77,7 +78,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--num-test", type=int, default=None, help="defects: test mosaics per class (default 40)")
     p.add_argument("--family", choices=STANDIN_FAMILIES, default="llava_next",
-                   help="photos: the stand-in family; every method it runs (README's method table) is compared")  # fmt: skip
+                   help="photos: the stand-in family; every method it runs (README's method table) of "
+                   f"{', '.join(available_methods())} is compared")  # fmt: skip
     p.add_argument("--no-llm", action="store_true", help="skip the LLM-side methods (tiny random LLM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
