@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -137,24 +138,42 @@ def _ours(depth: int = 2) -> str | None:
 
 
 @contextlib.contextmanager
-def count_host_reads(masked_indexing: bool = True) -> Iterator[list[tuple[str, str]]]:
+def count_host_reads() -> Iterator[list[tuple[str, str]]]:
     """Record ``(method, caller)`` of every host read of a tensor made from globalcom2 code inside the block.
 
     Host reads are counted on the CPU by wrapping every ``Tensor`` method that must read a tensor's values on the
-    host (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``nonzero``, boolean-mask
-    indexing); on a GPU each is a device synchronisation. ``masked_indexing=False`` leaves ``__getitem__`` alone:
-    a Python ``Tensor.__getitem__`` makes every tensor a sequence to ``torch.tensor([...])``, which breaks code
-    (HF's Qwen ``get_rope_index``) that builds a tensor from a list of 0-d tensors.
+    host (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``nonzero``) and, through a
+    torch-function mode, boolean-mask indexing; on a GPU each is a device synchronisation.
+
+    ``Tensor.__getitem__`` itself is never patched: assigning a Python ``__getitem__`` to the class gives it a
+    sequence slot that deleting the attribute does not take back, so for the rest of the process
+    ``torch.tensor([...])`` would treat 0-d tensors as sequences (and HF Qwen's ``get_rope_index`` would fail).
     """
     calls: list[tuple[str, str]] = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _patch_host_reads(monkeypatch, calls, masked_indexing)
+    with pytest.MonkeyPatch.context() as monkeypatch, _MaskedIndexing(calls):
+        _patch_host_reads(monkeypatch, calls)
         yield calls
 
 
-def _patch_host_reads(
-    monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]], masked_indexing: bool = True
-) -> None:
+class _MaskedIndexing(TorchFunctionMode):
+    """Records boolean-mask indexing (``x[mask]``, a host read of the mask's count) made from globalcom2 code."""
+
+    def __init__(self, calls: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                caller = _ours()  # frames: _ours, this method, the code that indexed
+                if caller:
+                    self.calls.append(("bool-index", caller))
+        return func(*args, **(kwargs or {}))
+
+
+def _patch_host_reads(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str]]) -> None:
     for name in _READS:
         original = getattr(torch.Tensor, name)
 
@@ -165,18 +184,6 @@ def _patch_host_reads(
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
-    getitem = torch.Tensor.__getitem__
-
-    def masked(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            caller = _ours()
-            if caller:
-                calls.append(("bool-index", caller))
-        return getitem(self, index)
-
-    if masked_indexing:
-        monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
     nonzero = torch.nonzero
 
     def nonzero_fn(*args, **kwargs):

@@ -87,7 +87,7 @@ def test_one_selection_and_no_more_host_reads_per_forward_whatever_the_batch(fam
             inputs = inputs_for(family, processor, batch)
             model(**inputs)  # warm-up: host-side layouts are cached per geometry
             calls.clear()
-            with count_host_reads(masked_indexing=not family.native) as got:
+            with count_host_reads() as got:
                 model(**inputs)
             reads.append(got)
     assert calls == [len(images)], calls  # the last forward: one selection over all images

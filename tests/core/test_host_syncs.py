@@ -97,3 +97,14 @@ def test_split_budget_equals_rational_arithmetic_everywhere():
     weights = torch.tensor([w for _, w, _ in batch], dtype=torch.float64)
     caps = torch.tensor([c for _, _, c in batch])
     assert split_budget(totals, weights, caps).tolist() == [exact_split(*c) for c in batch]
+
+
+def test_the_counter_sees_masked_indexing_and_leaves_torch_as_it_was():
+    """Boolean-mask indexing from globalcom2 code is counted, and afterwards 0-d tensors are still not sequences
+    (patching ``Tensor.__getitem__`` on the class would leave them so for the rest of the process)."""
+    scope = {"__name__": "globalcom2.example", "torch": torch}
+    exec("def pick(x):\n    return x[x > 0]\n", scope)
+    with count_host_reads() as calls:
+        scope["pick"](torch.arange(-2, 3))
+    assert calls == [("bool-index", "globalcom2.example.pick")]
+    assert torch.tensor([torch.tensor(1), torch.tensor(2)]).tolist() == [1, 2]
