@@ -191,3 +191,15 @@ def test_fastv_with_mrope_positions_equals_a_plain_run(fam):
     assert handle.plans == []  # no token layout for this family: positions only
     assert survivors.nonzero().reshape(-1).tolist() == keep
     torch.testing.assert_close(ours, logits, atol=2e-4, rtol=2e-4)
+
+
+def test_a_positions_only_plan_is_refused_by_visualize_with_the_reason(fam):
+    from globalcom2.adapters.errors import UnsupportedModelError
+    from globalcom2.evaluation.visual import method_plan
+
+    family, model, processor = fam
+    if not family.native:
+        pytest.skip("an M-RoPE family")
+    with pytest.raises(UnsupportedModelError, match="no per-image plan to draw"):
+        method_plan(model, processor, family.images()[0], "fastv", 0.5, question="What is it?", layer=1)
+    assert "_globalcom2_handle" not in model.__dict__  # removed on the way out

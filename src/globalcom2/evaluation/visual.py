@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.errors import UnsupportedModelError
 from ..core.plan import Plan
 
 
@@ -40,6 +41,11 @@ def method_plan(
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         model(**inputs, logits_to_keep=1)
+        if not handle.plans:  # positions only (methods.pruner.PositionsOnly): nothing says where a token sits
+            raise UnsupportedModelError(
+                f"{method} runs on {type(model).__name__} from the image-token positions alone; without the "
+                "family's token layout there is no per-image plan to draw"
+            )
         return handle.plans[0]
 
 
