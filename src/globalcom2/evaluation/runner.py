@@ -307,15 +307,23 @@ def mean_or_nan(values: Iterable[float]) -> float:
 # -------------------------------------------------------------------------------------------- other families
 
 
-def family_label(family: str) -> str:
-    """The report's note for a stand-in family other than LLaVA-NeXT."""
+EQ7_CAVEAT = (
+    " This family scores by Eq. 7 (minus the cosine to the tile mean), not by a [CLS] row: the reference maps are "
+    "built from those scores, which are not a probability distribution, so its mass and cosine columns are NOT "
+    "meaningful here (the rows show that every method runs and how its counts behave)."
+)
+
+
+def family_label(family: str, importance: str = "cls") -> str:
+    """The report's note for a stand-in family other than LLaVA-NeXT (``importance``: the family's score)."""
+    caveat = EQ7_CAVEAT if importance != "cls" else ""
     return (
         f"Family {family}: its offline stand-in (stock transformers classes, a DINOv2 ViT-S/14 tower with real "
         "weights in place of the family's own tower, a tiny randomly initialised LLM). Every method runs through "
         "globalcom2.apply_method on that model, the vision-side ones by the family's own vision pass. Metrics compare "
         "kept tokens with the tower's own [CLS] attention (as the family pools it per LLM token) and the projector's "
         "output of the uncompressed image: fidelity measures, NOT accuracy. LLM-side methods run inside the random "
-        "LLM: mechanism only."
+        "LLM: mechanism only." + caveat
     )
 
 
@@ -400,10 +408,12 @@ def run_family_eval(
         raise ValueError(f"unknown photo(s) {unknown}; available: {', '.join(PHOTOS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    note = family_label(family)
-    log(f"GlobalCom² eval ({family}) -> {out}/\n{note}")
     t0 = time.perf_counter()
     model, processor = load_model_and_processor("standin", family=family)
+    from ..adapters import adapter_for
+
+    note = family_label(family, adapter_for(model)(model, processor, GlobalComConfig()).importance)
+    log(f"GlobalCom² eval ({family}) -> {out}/\n{note}")
     from ..methods.pruner import num_llm_layers
 
     layers = num_llm_layers(model)
