@@ -263,4 +263,4 @@ def test_readme_support_matrix_is_the_registry():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("<!-- methods-matrix:start -->\n")[1].split("\n<!-- methods-matrix:end -->")[0]
-    assert table == support_matrix_markdown()
+    assert table == support_matrix_markdown(), "stale: run `python scripts/methods_matrix.py`"
