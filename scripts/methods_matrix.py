@@ -1,7 +1,5 @@
-"""Rewrite the README's method x family table from the registry (run after registering a family or a method).
-
-    python scripts/methods_matrix.py          # rewrites README.md between the methods-matrix markers
-"""
+"""Rewrite the README's method x family table from the registry (run after registering a family or a method):
+``python scripts/methods_matrix.py`` rewrites README.md between the methods-matrix markers."""
 
 from __future__ import annotations
 
