@@ -123,9 +123,12 @@ def inputs_for(family: Family, processor: Any, images: list) -> dict:
 
 
 def greedy(model: Any, inputs: dict, new_tokens: int = 4) -> torch.Tensor:
-    """Greedy continuation only (the prompt part is left out: reference mode hands back the caller's prompt)."""
+    """Greedy continuation only (the prompt part is left out: reference mode hands back the caller's prompt).
+
+    Exactly ``new_tokens`` long (EOS is suppressed until then): a row that meets EOS inside a batch goes on with
+    pad tokens while the same prompt alone stops, and the two must still compare token for token."""
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[:, inputs["input_ids"].shape[1] :]
 
 

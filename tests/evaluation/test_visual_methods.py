@@ -42,8 +42,13 @@ def test_every_supported_method_draws_on_every_family(tmp_path, family):
     assert [p["method"] for p in plans] == methods
     for p in plans:
         assert 0 < p["num_tokens"] <= p["num_tokens_full"], p["method"]
-        if p["method"] in ("globalcom2", "fastervlm", "random"):  # budget mode: T = int(N R) + int(R n N)
-            assert p["num_tokens"] <= 0.5 * p["num_tokens_full"] + 1, p["method"]
+        if p["method"] in (
+            "globalcom2",
+            "fastervlm",
+            "random",
+        ):  # budget mode: int(N R) + int(R n N) + layout
+            # OneVision's newlines (one per kept row of the crop grid) do not shrink with R
+            assert p["num_tokens"] - p["newline_tokens"] <= 0.5 * p["num_tokens_full"] + 1, p["method"]
 
 
 @pytest.mark.parametrize("family", sweep(["internvl", "smolvlm"], default=["internvl"]))

@@ -126,12 +126,28 @@ _OWN_MASKS = {
     "gemma3": "bidirectional image attention and sliding-window layers (the pruner rebuilds a causal mask)",
     "qwen3_vl": "DeepStack adds visual features to image positions of later LLM layers",
     "qwen3_5": "hybrid linear-attention LLM with DeepStack (not verified)",
+    # found by the family table (tests/adapters/test_family_methods.py --full); refused until fixed
+    "aya_vision": "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)",
 }
+#: SparseVLM's token recycling gave a batch row other tokens than the same prompt alone on every family but these
+#: (tests/adapters/test_family_methods.py --full); refused elsewhere until that is fixed.
+_SPARSEVLM_VERIFIED = ("llava_next",)
 
 
 def _plain_causal_llm(cls: type) -> str | None:
     """The LLM-side methods rebuild a causal mask for the shorter sequence (methods.pruner)."""
     return _OWN_MASKS.get(getattr(cls, "family", ""))
+
+
+def _sparsevlm_verified(cls: type) -> str | None:
+    family = getattr(cls, "family", "")
+    if family not in _SPARSEVLM_VERIFIED:
+        return "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)"
+    return _plain_causal_llm(cls)
+
+
+def _sparsevlm_layout(cls: type) -> str | None:
+    return _token_layout(cls) or _sparsevlm_verified(cls)
 
 
 def _token_layout(cls: type) -> str | None:
@@ -301,12 +317,12 @@ register_method(MethodSpec(
 ))  # fmt: skip
 register_method(MethodSpec(
     "sparsevlm", "llm", "SparseVLM: text raters' attention, staged drops at layer average R, token recycling",
-    dict(_SV_OPTIONS), _sparsevlm, requires=_plain_causal_llm,
+    dict(_SV_OPTIONS), _sparsevlm, requires=_sparsevlm_verified,
 ))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+sparsevlm", "vision+llm", "GlobalCom² per-crop budgets r_j, SparseVLM token choice inside each crop",
     {**_SV_OPTIONS, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_sparsevlm, requires=_token_layout,
+    _globalcom2_sparsevlm, requires=_sparsevlm_layout,
 ))  # fmt: skip
 _PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
 _PM_FAMILIES = ("llava_next",)
