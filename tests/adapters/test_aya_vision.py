@@ -34,10 +34,10 @@ ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
 @pytest.fixture(scope="module")
-def aya_dir(tmp_path_factory):
+def aya_dir(checkpoint):
     from globalcom2.demo.tiny_tiling import build_tiny_aya_vision
 
-    return build_tiny_aya_vision(tmp_path_factory.mktemp("aya_vision"))
+    return checkpoint(build_tiny_aya_vision)  # the family table's checkpoint, built once per session
 
 
 @pytest.fixture()

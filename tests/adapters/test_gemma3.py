@@ -29,10 +29,10 @@ ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
 @pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory):
+def gemma_dir(checkpoint):
     from globalcom2.demo.tiny_tiling import build_tiny_gemma3
 
-    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3"))
+    return checkpoint(build_tiny_gemma3)  # the family table's checkpoint, built once per session
 
 
 @pytest.fixture()

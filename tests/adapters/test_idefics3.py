@@ -37,11 +37,11 @@ BUILDERS = {"idefics3": "build_tiny_idefics3", "smolvlm": "build_tiny_smolvlm"}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
-def fam_dir(request, tmp_path_factory):
+def fam_dir(request, checkpoint):
     from globalcom2.demo import tiny_idefics3
 
     name = request.param
-    return name, getattr(tiny_idefics3, BUILDERS[name])(tmp_path_factory.mktemp(name))
+    return name, checkpoint(getattr(tiny_idefics3, BUILDERS[name]))  # shared with the family table
 
 
 @pytest.fixture()

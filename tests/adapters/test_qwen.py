@@ -25,17 +25,11 @@ SIZES = (
 
 
 @pytest.fixture(scope="module")
-def qwen_dirs(tmp_path_factory):
-    from globalcom2.demo.tiny_qwen import build_tiny_qwen
+def qwen_dirs(checkpoint):
+    """Family name -> its tiny checkpoint, the family table's own (built once per session)."""
+    from globalcom2.demo import tiny_qwen
 
-    built: dict = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = build_tiny_qwen(tmp_path_factory.mktemp(name), name)
-        return built[name]
-
-    return get
+    return lambda name: checkpoint(getattr(tiny_qwen, f"build_tiny_{name}"))
 
 
 def _merged(inputs) -> list[tuple[int, int]]:
