@@ -229,6 +229,19 @@ def check_tiles_plan(plan, thumb, crops, grid, g, ratio, mode, allocation, scori
     return [int(i) for i in order], keep, ks, int(t_mask.sum())
 
 
+def forward_and_capture(model, inputs, capture):
+    """One no-grad forward of ``model`` on ``inputs`` with the ``(seen, hooks)`` of :func:`capture_llm_inputs`; the
+    hooks are removed whatever happens. Returns ``seen``."""
+    seen, hooks = capture
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 def capture_llm_inputs(inner, llm, keys=("input_ids", "attention_mask")):
     """Pre-hooks recording what ``inner`` receives (``keys``) and the ``inputs_embeds`` the LLM ``llm`` receives, on
     the first call; returns ``(seen, hooks)`` (remove the hooks when done)."""

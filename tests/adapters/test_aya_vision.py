@@ -17,6 +17,7 @@ from globalcom2.adapters.internvl import GRID_KEY
 from tests.adapters.plain_families import (
     capture_llm_inputs,
     check_tiles_plan,
+    forward_and_capture,
     plain_cosine,
     plain_internvl_sequence,
     plain_pool,
@@ -131,13 +132,7 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
                 inputs = _inputs(processor, [image])
                 rows, cols = inputs[GRID_KEY][0].tolist()
                 del used[:], used_patch[:]
-                seen, hooks = _capture_llm_inputs(model)
-                try:
-                    with torch.no_grad():
-                        model(**inputs)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
+                seen = forward_and_capture(model, inputs, _capture_llm_inputs(model))
                 plan = gc.plans[0]
             with torch.no_grad():
                 raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output

@@ -15,7 +15,14 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
-from tests.adapters.plain_families import capture_llm_inputs, check_tiles_plan, plain_cosine, plain_pool, spy
+from tests.adapters.plain_families import (
+    capture_llm_inputs,
+    check_tiles_plan,
+    forward_and_capture,
+    plain_cosine,
+    plain_pool,
+    spy,
+)
 from tests.conftest import random_image, sweep
 
 # (height, width) at the tiny scale (64 px tiles, crops >= 32 px): landscape 1 x 2..4, portrait 2..4 x 1, square
@@ -183,13 +190,7 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
                     inputs = _inputs(processor, [image], pas)
                     rows, cols = inputs[GRID_KEY][0].tolist()
                     del used[:], used_patch[:]
-                    seen, hooks = _capture_llm_inputs(model)
-                    try:
-                        with torch.no_grad():
-                            model(**inputs)
-                    finally:
-                        for hook in hooks:
-                            hook.remove()
+                    seen = forward_and_capture(model, inputs, _capture_llm_inputs(model))
                     plan = gc.plans[0]
                 with torch.no_grad():
                     raw = (
@@ -242,13 +243,7 @@ def test_generate_with_labels_and_bidirectional_image_blocks(fam, mode):
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
     with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
-        seen, hooks = _capture_llm_inputs(model)
-        try:
-            with torch.no_grad():
-                model(**_inputs(processor, images))
-        finally:
-            for h in hooks:
-                h.remove()
+        seen = forward_and_capture(model, _inputs(processor, images), _capture_llm_inputs(model))
     blocks = get_block_sequence_ids_for_mask(seen["token_type_ids"])
     is_img = seen["input_ids"] == model.config.image_token_id
     assert torch.equal(blocks >= 0, is_img)

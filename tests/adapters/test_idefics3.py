@@ -17,7 +17,9 @@ from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.internvl import GRID_KEY, merge_pool
 from tests.adapters.families import standin_tower_or_skip, visualize_standin_plan
 from tests.adapters.plain_families import (
+    capture_llm_inputs,
     check_tiles_plan,
+    forward_and_capture,
     plain_cosine,
     plain_idefics3_image_text,
     plain_internvl_sequence,
@@ -139,20 +141,7 @@ def test_merge_pool_groups_the_patches_pixel_shuffle_merges(fam):
 # -- scores, kept set and the LLM's sequence against the plain re-implementation ----------------------------------
 def _capture_llm_inputs(model):
     """Pre-hooks recording what the inner model and the LLM receive (input ids, mask, embeddings)."""
-    seen: dict = {}
-
-    def inner(module, args, kwargs):
-        seen.setdefault("input_ids", kwargs.get("input_ids"))
-        seen.setdefault("attention_mask", kwargs.get("attention_mask"))
-
-    def llm(module, args, kwargs):
-        seen.setdefault("inputs_embeds", kwargs.get("inputs_embeds"))
-
-    hooks = [
-        model.model.register_forward_pre_hook(inner, with_kwargs=True),
-        model.model.text_model.register_forward_pre_hook(llm, with_kwargs=True),
-    ]
-    return seen, hooks
+    return capture_llm_inputs(model.model, model.model.text_model)
 
 
 @pytest.mark.parametrize("mode, ratio", [("reference", 0.25), ("budget", 0.1), ("budget", 0.5)])
@@ -180,13 +169,7 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, mode, ratio):
                     inputs = _inputs(name, processor, [image], **kwargs)
                     grid = [max(v, 1) for v in inputs[GRID_KEY][0].tolist()]
                     del used[:], used_patch[:]
-                    seen, hooks = _capture_llm_inputs(model)
-                    try:
-                        with torch.no_grad():
-                            model(**inputs)
-                    finally:
-                        for hook in hooks:
-                            hook.remove()
+                    seen = forward_and_capture(model, inputs, _capture_llm_inputs(model))
                     plan = gc.plans[0]
                 pv = inputs["pixel_values"].reshape(-1, *inputs["pixel_values"].shape[2:])
                 with torch.no_grad():
