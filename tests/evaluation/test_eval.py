@@ -37,6 +37,10 @@ def test_eval_quick_writes_tables_and_plots(tmp_path):
         assert math.isclose(float(abl["crop_mass"]), float(gc["crop_mass"]))
     report = (out / "report.md").read_text()
     assert "STAND-IN" in report and "NOT accuracy" in report and "mechanism only" in report
+    # PruMerge's count ignores R: one "adaptive" row each, not one copy per R
+    for method in ("prumerge", "prumerge+"):
+        assert sum(line.startswith(f"| adaptive | {method} |") for line in report.splitlines()) == 1
+        assert f"% | {method} |" not in report
     for name in ("eval_methods.png", "eval_allocation.png", "eval_ablation.png"):
         assert f"![{name}]({name})" in report
         with Image.open(out / name) as im:

@@ -49,20 +49,31 @@ def _pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:.1f} %"
 
 
+def _adaptive(method: str) -> bool:
+    """A method whose count ignores R (PruMerge): the same row at every R, so it is listed once."""
+    from ..methods import METHODS
+
+    spec = METHODS.get(method)
+    return spec is not None and not spec.uses_ratio
+
+
 def _method_rows(agg: list[dict], group: str, ratios: list[float]) -> list[str]:
     head = ("| R | method | tokens to LLM | thumbnail mass kept | crop mass kept | feature cos | feature cos "
             "(centred) | crop share CV | crop share min–max | corr(share, mass) |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
-    for ratio in ratios:
-        for method in METHOD_ORDER:
-            for a in agg:
-                if a["group"] == group and a["method"] == method and a["ratio"] == ratio:
-                    lines.append(
-                        f"| {ratio:.0%} | {method} | {_pct(a['llm_share'])} | {_fmt(a['thumb_mass'])} | "
-                        f"{_fmt(a['crop_mass'])} | {_fmt(a['feat_cos'])} | {_fmt(a['feat_cos_centred'])} | "
-                        f"{_fmt(a['share_cv'], 2)} | "
-                        f"{_fmt(a['share_min'], 2)}–{_fmt(a['share_max'], 2)} | {_fmt(a['share_mass_corr'], 2)} |"
-                    )
+    # R-driven methods per R, then each adaptive method once (its rows are equal at every R).
+    slots = [(r, m) for r in ratios for m in METHOD_ORDER if not _adaptive(m)]
+    slots += [(ratios[0], m) for m in METHOD_ORDER if _adaptive(m)] if ratios else []
+    for ratio, method in slots:
+        for a in agg:
+            if a["group"] == group and a["method"] == method and a["ratio"] == ratio:
+                label = "adaptive" if _adaptive(method) else f"{ratio:.0%}"
+                lines.append(
+                    f"| {label} | {method} | {_pct(a['llm_share'])} | {_fmt(a['thumb_mass'])} | "
+                    f"{_fmt(a['crop_mass'])} | {_fmt(a['feat_cos'])} | {_fmt(a['feat_cos_centred'])} | "
+                    f"{_fmt(a['share_cv'], 2)} | "
+                    f"{_fmt(a['share_min'], 2)}–{_fmt(a['share_max'], 2)} | {_fmt(a['share_mass_corr'], 2)} |"
+                )
     return lines
 
 
