@@ -39,13 +39,18 @@ def test_one_family_record():
     for key in ("plain_ms", "compressed_ms", "scoring_ms", "selection_ms", "selection_1thread_ms",
                 "batch_selection_ms", "loop_selection_ms", "prefill_plain_ms", "prefill_compressed_ms"):  # fmt: skip
         assert rec[key] > 0, key
+    # on a CPU the one-thread target reads the replay's CPU time (wall time is kept beside it)
+    assert rec["selection_1thread_cpu_ms"] > 0 and rec["selection_cost_clock"] == "CPU time"
+    assert rec["selection_cost_ms"] == rec["selection_1thread_cpu_ms"]
+    assert len(rec["selection_1thread_cpu_runs"]) == len(rec["selection_1thread_runs"]) == 2
     targets = evaluate_stage_targets([rec], 2)
     assert [t["unit"] for t in targets] == ["x", "ms"]
+    assert targets[1]["value"] == rec["selection_cost_ms"] and "(CPU time)" in targets[1]["target"]
     table = format_stage(
         {"meta": {"device": "cpu", "settings": vars(settings)}, "records": [rec], "targets": targets}
     )
     assert "| llava_next | 5 |" in table and "selection of a 5-tile image" in table
-    assert "batch of 8: batched / one call each" in table
+    assert "batch of 8: batched / one call each" in table and "selection, 1 thread: wall / CPU" in table
 
 
 def test_batched_planning_replay_equals_one_call_per_image():

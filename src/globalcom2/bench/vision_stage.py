@@ -13,7 +13,10 @@ and a tiny LLM (Qwen: tiny in depth). Qwen has no scoring hook: Eq. 7 runs insid
 - ``scoring_ms`` and ``selection_ms``: time inside GlobalCom²'s scoring hooks (every hook the handle registered,
   each wrapped by a timer) and inside its selection (the adapter's ``select_packed`` / ``_select``), from separate
   instrumented runs (the timers synchronise a GPU); ``share`` = their sum over ``plain_ms``.
-- ``selection_1thread_ms``: that selection replayed on the same inputs with one CPU thread (median of many).
+- ``selection_1thread_ms`` / ``selection_1thread_cpu_ms``: that selection replayed on the same inputs with one CPU
+  thread (median of many), wall clock and the process's CPU time; the 2 ms target is judged on CPU time on a CPU
+  (what the work costs a core, which other jobs on a shared machine do not inflate) and on wall clock on a GPU
+  (``selection_cost_ms``, ``selection_cost_clock``).
 - ``batch_selection_ms`` / ``loop_selection_ms``: the planning step (``plan_images``: the core's batched
   selection plus each image's plan and token index) for a batch of ``selection_batch`` copies of the image, per
   image: one batched call vs one call per image, side by side, one CPU thread.
@@ -459,7 +462,9 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
             batched, loop = _batch_replay(handle, lambda: vision(comp_inputs), s.selection_batch)
             with _threads(1):
                 replay()
-                one_thread = [_time_ms(replay, device)[1] for _ in range(s.selection_repeats)]
+                # wall ms and the process's CPU ms of each replay: on a CPU with one thread the CPU time is what
+                # the selection costs a core, and it does not grow while other jobs hold the cores (wall does)
+                one_thread_runs = [_time_ms(replay, device)[1:] for _ in range(s.selection_repeats)]
                 batch_runs: dict[str, list[float]] = {"batched": [], "loop": []}
                 for rep in range(max(s.selection_repeats // 5, 3)):  # interleaved, per image
                     for name, fn in (("batched", batched), ("loop", loop))[:: 1 if rep % 2 == 0 else -1]:
@@ -471,13 +476,21 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
         "needs_last_layer": getattr(model.config, "vision_feature_layer", -1) in (-1, [-1]),
         "plain_ms": plain, "compressed_ms": comp, "ratio": comp / plain,
         "scoring_ms": score_ms, "selection_ms": select_ms, "share": (score_ms + select_ms) / plain,
-        "selection_1thread_ms": _median(one_thread), "selection_batch": s.selection_batch,
+        "selection_1thread_ms": _median([w for w, _ in one_thread_runs]),
+        "selection_1thread_cpu_ms": _median([c for _, c in one_thread_runs]), "selection_batch": s.selection_batch,
         "batch_selection_ms": _median(batch_runs["batched"]), "loop_selection_ms": _median(batch_runs["loop"]),
         "prefill_plain_ms": _median(runs["prefill_plain"]), "prefill_compressed_ms": _median(runs["prefill_compressed"]),
-        "runs": runs, "scoring_runs": scoring, "selection_runs": selection, "selection_1thread_runs": one_thread,
+        "runs": runs, "scoring_runs": scoring, "selection_runs": selection,
+        "selection_1thread_runs": [w for w, _ in one_thread_runs],
+        "selection_1thread_cpu_runs": [c for _, c in one_thread_runs],
         "batch_selection_runs": batch_runs["batched"], "loop_selection_runs": batch_runs["loop"],
     }  # fmt: skip
     rec["prefill_ratio"] = rec["prefill_compressed_ms"] / rec["prefill_plain_ms"]
+    # the one-thread target is judged on CPU time on a CPU (the core's work, whatever else runs on the machine),
+    # on wall time on a GPU (where the host's CPU time leaves out the kernels)
+    on_cpu = device.type == "cpu"
+    rec["selection_cost_clock"] = "CPU time" if on_cpu else "wall clock"
+    rec["selection_cost_ms"] = rec["selection_1thread_cpu_ms"] if on_cpu else rec["selection_1thread_ms"]
     return rec
 
 
@@ -516,11 +529,12 @@ def evaluate_stage_targets(records: list[dict[str, Any]], layers: int) -> list[d
                         f"(1 % at 24 layers; {layers} here)", "value": r["share"], "unit": "%", "met": r["share"] <= t})  # fmt: skip
         if r["family"] in NATIVE:
             out.append({"target": f"{r['family']}: selection (Eq. 7 scoring included) of one image <= 2 ms on one "
-                        "CPU thread", "value": r["selection_1thread_ms"], "unit": "ms",
-                        "met": r["selection_1thread_ms"] <= TARGET_SELECTION_MS})  # fmt: skip
+                        f"CPU thread ({r['selection_cost_clock']})", "value": r["selection_cost_ms"], "unit": "ms",
+                        "met": r["selection_cost_ms"] <= TARGET_SELECTION_MS})  # fmt: skip
         if r["tiles"] == 5:
-            out.append({"target": f"{r['family']}: selection of a 5-tile image <= 2 ms on one CPU thread",
-                        "value": r["selection_1thread_ms"], "unit": "ms", "met": r["selection_1thread_ms"] <= TARGET_SELECTION_MS})  # fmt: skip
+            out.append({"target": f"{r['family']}: selection of a 5-tile image <= 2 ms on one CPU thread "
+                        f"({r['selection_cost_clock']})", "value": r["selection_cost_ms"], "unit": "ms",
+                        "met": r["selection_cost_ms"] <= TARGET_SELECTION_MS})  # fmt: skip
     return out
 
 
@@ -532,7 +546,7 @@ def format_stage(result: dict[str, Any]) -> str:
         f"Vision stage, plain vs GlobalCom² (R = {s['ratio']:g}, budget mode): {meta['device']}, {s['dtype']}, "
         f"{s['layers']}-layer towers, median of {s['repeats']} interleaved runs (ms)",
         "",
-        "| family | tiles | plain | compressed | ratio | scoring | selection | share | selection, 1 thread "
+        "| family | tiles | plain | compressed | ratio | scoring | selection | share | selection, 1 thread: wall / CPU "
         f"| planning per image, batch of {s['selection_batch']}: batched / one call each "
         "| prefill plain | prefill compressed | prefill ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -541,7 +555,7 @@ def format_stage(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['family']} | {r['tiles']} | {r['plain_ms']:.1f} | {r['compressed_ms']:.1f} | {r['ratio']:.3f} | "
             f"{r['scoring_ms']:.2f} | {r['selection_ms']:.2f} | {100 * r['share']:.2f} % | "
-            f"{r['selection_1thread_ms']:.2f} | {r['batch_selection_ms']:.2f} / {r['loop_selection_ms']:.2f} | "
+            f"{r['selection_1thread_ms']:.2f} / {r['selection_1thread_cpu_ms']:.2f} | {r['batch_selection_ms']:.2f} / {r['loop_selection_ms']:.2f} | "
             f"{r['prefill_plain_ms']:.1f} | {r['prefill_compressed_ms']:.1f} | "
             f"{r['prefill_ratio']:.3f} |"
         )
