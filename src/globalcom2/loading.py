@@ -200,6 +200,11 @@ def load_processor(path: str | os.PathLike) -> Any:
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
         raise first_error
+    if cls_name in _PIL_IMAGE_PROCESSORS:  # a torchvision-only image processor: its PIL stand-in
+        try:
+            return _with_pil_image_processor(cls, name, _PIL_IMAGE_PROCESSORS[cls_name]())
+        except Exception as err:
+            raise err from first_error
     without_video: Any = processor_class_without_video(cls)
     if without_video is cls:  # the class has no video processor: the failure was something else
         raise first_error
@@ -209,10 +214,67 @@ def load_processor(path: str | os.PathLike) -> Any:
         raise err from first_error
 
 
+def _llama4_pil() -> type:
+    from .processors import llama4_image_processor_pil_class
+
+    return llama4_image_processor_pil_class()
+
+
+#: processor class -> the PIL image processor that stands in for its torchvision-only one
+_PIL_IMAGE_PROCESSORS = {"Llama4Processor": _llama4_pil}
+
+
+def _with_pil_image_processor(cls: type, path: str, image_processor_cls: type) -> Any:
+    """``cls`` from the checkpoint at ``path`` with ``image_processor_cls`` (a PIL stand-in) read from the same
+    files, the tokenizer and the processor's own options (``processor_config.json``) as saved."""
+    from transformers import AutoTokenizer
+    from transformers.utils.hub import cached_file
+
+    options: dict[str, Any] = {}
+    resolved = cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False)
+    if resolved:
+        options = json.loads(Path(resolved).read_text())
+    for key in ("image_processor", "processor_class", "tokenizer", "auto_map"):
+        options.pop(key, None)
+    image_processor = image_processor_cls.from_pretrained(path)
+    return cls(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path), **options)
+
+
 def load_tiny_family(path: str | os.PathLike, **kwargs: Any) -> tuple[Any, Any]:
     """Any checkpoint written by :mod:`globalcom2.demo.tiny_model` or :mod:`globalcom2.demo.tiny_families`:
     ``(model in eval mode, processor)``; ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``)."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+    fix_llama4_outputs(model)
     return model, load_processor(path)
+
+
+def fix_llama4_outputs(model: Any) -> None:
+    """Work around a transformers 5.24 defect on one ``Llama4ForConditionalGeneration`` instance: its ``forward``
+    reads ``outputs.image_outputs`` off the language model's output, which has no such field, so every call with
+    ``return_dict=True`` (``generate`` included) raises AttributeError, with or without GlobalCom². The instance's
+    language model then hands its output on with ``image_outputs = None`` (what the field holds when no images were
+    encoded). Nothing else changes; no class is modified; other models and fixed versions are left alone."""
+    import functools
+    import inspect
+
+    if type(model).__name__ != "Llama4ForConditionalGeneration":
+        return
+    try:
+        broken = "outputs.image_outputs" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        broken = False
+    lm = model.language_model
+    if not broken or "forward" in vars(lm):
+        return
+    original = lm.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if not isinstance(out, tuple) and not hasattr(out, "image_outputs"):
+            object.__setattr__(out, "image_outputs", None)
+        return out
+
+    lm.forward = forward

@@ -88,6 +88,8 @@ def build_processor_without_video(cls: type, **kwargs: Any) -> Any:
 
 def __getattr__(name: str) -> type:
     """``globalcom2.processors.<ProcessorClass>``: the class without a video processor (how pickle finds it)."""
+    if name == "Llama4ImageProcessorPil":
+        return llama4_image_processor_pil_class()
     if name.startswith("_") or not name.endswith("Processor"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import transformers
@@ -100,3 +102,82 @@ def __getattr__(name: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)) or not _has_video_processor(cls):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return processor_class_without_video(cls)
+
+
+def llama4_image_processor_pil_class() -> type:
+    """``Llama4ImageProcessorPil``: Llama 4's image processing without torchvision (the stock
+    ``Llama4ImageProcessor`` is torchvision-only). Built on first use (transformers imported lazily), cached.
+
+    Lays the pixel values out exactly as the stock processor does: the canvas of
+    :func:`globalcom2.adapters.llama4.llama4_canvas`, the image resized onto it without distortion (PIL bilinear),
+    zero-padded at the bottom and right, rescaled and normalised, cut into tiles row-major, and -- for more than one
+    tile -- the whole image squashed to one tile appended last; ``aspect_ratios`` (rows, cols) per image. The stock
+    processor resizes with torchvision and normalises in bfloat16, so pixel values differ from it in the low bits;
+    the layout, the tile grid and the token counts are the same. Saved as ``Llama4ImageProcessor`` (the PIL
+    backend's rule), so a checkpoint written with it loads the stock class where torchvision is installed."""
+    global _LLAMA4_PIL
+    if _LLAMA4_PIL is not None:
+        return _LLAMA4_PIL
+    import numpy as np
+    from transformers.image_processing_backends import PilBackend
+    from transformers.image_processing_utils import BatchFeature
+    from transformers.image_utils import PILImageResampling, SizeDict
+    from transformers.processing_utils import ImagesKwargs
+
+    from .adapters.llama4 import llama4_canvas
+
+    class Llama4ImageProcessorKwargs(ImagesKwargs, total=False):  # the stock processor's two options
+        max_patches: int
+        resize_to_max_canvas: bool
+
+    class Llama4ImageProcessorPil(PilBackend):
+        resample = PILImageResampling.BILINEAR
+        image_mean = [0.5, 0.5, 0.5]
+        image_std = [0.5, 0.5, 0.5]
+        size = {"height": 336, "width": 336}
+        do_resize = True
+        do_rescale = True
+        do_normalize = True
+        do_convert_rgb = True
+        max_patches = 16
+        resize_to_max_canvas = False
+        model_input_names = ["pixel_values"]
+        valid_kwargs = Llama4ImageProcessorKwargs
+
+        def _preprocess(self, images: list, size: SizeDict, resample: Any, do_rescale: bool,
+                        rescale_factor: float, do_normalize: bool, image_mean: Any, image_std: Any,
+                        return_tensors: Any, max_patches: int = 16, resize_to_max_canvas: bool = False,
+                        **kwargs: Any) -> Any:  # fmt: skip
+            tile = int(size.height)
+
+            def finish(x: np.ndarray) -> np.ndarray:
+                if do_rescale:
+                    x = self.rescale(x, rescale_factor)
+                if do_normalize:
+                    x = self.normalize(x, image_mean, image_std)
+                return x.astype(np.float32)
+
+            tiles, ratios = [], []
+            for image in images:  # channel-first arrays
+                height, width = image.shape[-2:]
+                rows, cols, new_h, new_w = llama4_canvas(height, width, tile, max_patches, resize_to_max_canvas)
+                resized = self.resize(image, SizeDict(height=new_h, width=new_w), resample=resample)
+                canvas = np.zeros((image.shape[0], rows * tile, cols * tile), dtype=resized.dtype)
+                canvas[:, :new_h, :new_w] = resized
+                canvas = finish(canvas)
+                cut = canvas.reshape(-1, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
+                tiles.extend(cut.reshape(rows * cols, -1, tile, tile))
+                if rows * cols > 1:
+                    tiles.append(finish(self.resize(image, SizeDict(height=tile, width=tile), resample=resample)))
+                ratios.append([rows, cols])
+            return BatchFeature(
+                data={"pixel_values": np.stack(tiles), "aspect_ratios": np.array(ratios)},
+                tensor_type=return_tensors,
+            )
+
+    Llama4ImageProcessorPil.__module__ = __name__
+    _LLAMA4_PIL = Llama4ImageProcessorPil
+    return Llama4ImageProcessorPil
+
+
+_LLAMA4_PIL: type | None = None

@@ -145,10 +145,14 @@ class AyaVisionAdapter(Idefics3Adapter):
             out.num_image_tokens = [self.layout_tokens(g) + self.num_image_tokens_for_grid(g) for g in grids]
         return out
 
+    def layout_key(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid that stands for every grid of the same layout: Aya's depends on the tile count only."""
+        return (1, num_tiles(*grid) - 1) if num_tiles(*grid) > 1 else (1, 1)
+
     # -- model side: rewrite each image span with its runs at their new lengths -------------------------------
     def span_ids(self, grid: tuple[int, int], runs: list[int]) -> torch.Tensor:
         """The token ids of one image's span (``<|START_OF_IMG|>`` ... ``<|END_OF_IMG|>``) with these run lengths."""
-        key = (1, num_tiles(*grid) - 1) if num_tiles(*grid) > 1 else (1, 1)
+        key = self.layout_key(grid)
         if key not in self._segments:  # the layout's tokens between the runs, once per tile count
             proc: Any = self.processor
             text = self.one_token_layout(type(proc).replace_image_token, self.layout_inputs(key), 0)

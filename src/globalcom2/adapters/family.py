@@ -55,6 +55,9 @@ class FamilyAdapter:
     wraps_calls: ClassVar[bool] = False
     encodes_first: ClassVar[bool] = False
     vision_tower_name: ClassVar[str] = "vision_tower"
+    #: the attribute of the ``*ForConditionalGeneration`` holding the vision tower, projector and LLM (None: the
+    #: model itself, as in Llama 4)
+    inner_name: ClassVar[str | None] = "model"
     #: the family computes a per-image R (:meth:`ratio_for_image`), so ``max_image_tokens`` works.
     supports_max_image_tokens: ClassVar[bool] = False
     _skips_last_layer: bool = False  # install_scoring made the last layer skippable
@@ -63,7 +66,7 @@ class FamilyAdapter:
         self.model = model
         self.processor = processor
         self.config = config
-        self.inner = model.model
+        self.inner = getattr(model, self.inner_name) if self.inner_name else model
         self.tower: TowerInfo = self.describe_tower(getattr(self.inner, self.vision_tower_name))
         self.importance = self._resolve_importance()
 

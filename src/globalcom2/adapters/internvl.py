@@ -305,6 +305,8 @@ class InternVLAdapter(FamilyAdapter):
     #: processor options of the vision-side-only plan (:meth:`plan_for_image`: ``visualize``, workflows)
     plan_processor_kwargs: ClassVar[dict[str, Any]] = {}
     supports_max_image_tokens = True
+    #: the field of ``get_image_features``' output that the model reads (Llama 4: ``last_hidden_state``)
+    feature_field: ClassVar[str] = "pooler_output"
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         super().__init__(model, processor, config)
@@ -463,7 +465,8 @@ class InternVLAdapter(FamilyAdapter):
                 )
                 self._warned = True
         else:
-            out.pooler_output = self._select(handle, out.pooler_output, self.take_scores(handle), grids)
+            features = getattr(out, self.feature_field)
+            setattr(out, self.feature_field, self._select(handle, features, self.take_scores(handle), grids))
         return out if extra["return_dict"] is not False else out.to_tuple()
 
     def _select(

@@ -185,3 +185,69 @@ def build_tiny_aya_vision(
     return save_random_checkpoint(
         out_dir, AyaVisionForConditionalGeneration, config, processor, seed=seed, vision_tower=tower
     )
+
+
+#: Llama 4's special tokens (``<|image|>`` is what prompts hold; the processor writes the rest).
+LLAMA4_SPECIALS = {
+    "image_token": "<|image|>",
+    "start_of_image_token": "<|image_start|>",
+    "end_of_image_token": "<|image_end|>",
+    "patch_token": "<|patch|>",
+    "tile_x_separator_token": "<|tile_x_separator|>",
+    "tile_y_separator_token": "<|tile_y_separator|>",
+}
+
+
+def build_tiny_llama4(
+    out_dir: str | Path,
+    *,
+    tile_size: int = 64,
+    patch_size: int = 8,
+    max_patches: int = 6,
+    vision_layers: int = 2,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Llama 4 checkpoint + processor to ``out_dir`` and return the path.
+
+    A random ``Llama4VisionModel`` (width 32, 4 heads, its class embedding appended last, 2-D RoPE) on ``tile_size``
+    px tiles of ``patch_size`` px patches, pixel shuffle 0.5 (16 tokens per tile here; Llama-4-Scout: 336 px / 14 px
+    patches: 144), up to ``max_patches`` tiles plus the global tile, a tiny Llama 4 text model (one MoE layer of 2
+    experts). The image processor is :func:`~globalcom2.processors.llama4_image_processor_pil_class` (the stock one
+    needs torchvision).
+    """
+    from transformers import (
+        Llama4Config,
+        Llama4ForConditionalGeneration,
+        Llama4Processor,
+        Llama4TextConfig,
+        Llama4VisionConfig,
+    )
+
+    from ..processors import llama4_image_processor_pil_class
+
+    tokenizer = build_family_tokenizer(LLAMA4_SPECIALS)
+    vision_config = Llama4VisionConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=tile_size, patch_size=patch_size, vision_output_dim=64, projector_input_dim=64,
+        projector_output_dim=64, pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    text_config = llm_config(
+        Llama4TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
+        intermediate_size_mlp=2 * text_hidden, num_local_experts=2, interleave_moe_layer_step=2,
+    )  # fmt: skip
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in LLAMA4_SPECIALS.items()}
+    config = Llama4Config(
+        vision_config=vision_config, text_config=text_config, image_token_index=ids["patch_token"],
+        boi_token_index=ids["start_of_image_token"], eoi_token_index=ids["end_of_image_token"],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    image_processor = llama4_image_processor_pil_class()(
+        size={"height": tile_size, "width": tile_size}, max_patches=max_patches
+    )
+    processor = Llama4Processor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, **LLAMA4_SPECIALS
+    )
+    return save_random_checkpoint(out_dir, Llama4ForConditionalGeneration, config, processor, seed=seed)
