@@ -77,6 +77,8 @@ FAMILIES = (
            call_kwargs=tuple(GEMMA3_PAN_AND_SCAN.items())),
     Family("aya_vision", "globalcom2.demo.tiny_tiling:build_tiny_aya_vision", "<image>",
            ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
+    Family("llama4", "globalcom2.demo.tiny_tiling:build_tiny_llama4", "<|image|>",
+           ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
 )  # fmt: skip
 FAMILY_IDS = [f.name for f in FAMILIES]
 
@@ -168,7 +170,7 @@ def make_scores_tie(model: Any) -> None:
     so every patch enters the blocks as the same vector, attention averages identical values, and every merged
     token comes out the same.
     """
-    inner = model.model
+    inner = getattr(model, "model", model)  # Llama 4: the tower hangs off the model itself
     if hasattr(inner, "visual"):  # Qwen: Eq. 7 on the merger's output; identical patches stay identical
         with torch.no_grad():
             for name, param in inner.visual.named_parameters():

@@ -258,3 +258,53 @@ def capture_llm_inputs(inner, llm, keys=("input_ids", "attention_mask")):
         inner.register_forward_pre_hook(record_inner, with_kwargs=True),
         llm.register_forward_pre_hook(record_llm, with_kwargs=True),
     ]
+
+
+def plain_llama4_image_text(grid, crop_counts, thumb_count) -> str:
+    """One image's span in a Llama 4 prompt with the given run lengths, from HF's documented layout: for a split
+    image each tile row's runs joined by ``<|tile_x_separator|>`` and closed by ``<|tile_y_separator|>``, then
+    ``<|image|>`` and the global tile's run; a lone tile is ``<|image|>`` and its run."""
+    patch = "<|patch|>"
+    rows, cols = grid
+    text = "<|image_start|>"
+    if rows * cols > 1:
+        for r in range(rows):
+            text += "<|tile_x_separator|>".join(patch * int(crop_counts[r * cols + c]) for c in range(cols))
+            text += "<|tile_y_separator|>"
+    return text + "<|image|>" + patch * int(thumb_count) + "<|image_end|>"
+
+
+def plain_llama4_cls_logits(hidden: torch.Tensor, layer, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Paper Eq. 1 on Llama 4's vision encoder, written out in float64: the last layer's pre-norm, q/k projections,
+    the 2-D rotary embedding (each consecutive pair of a head's channels turned by its position's angle; ``freqs``
+    the layer's table of unit complex numbers, the [CLS] row unrotated), and the head-mean logits of the **last**
+    position ([CLS], appended after the patches) against every patch key.
+
+    Args:
+        hidden: ``(T, P + 1, D)`` input of the last layer (patches, then [CLS]).
+
+    Returns:
+        ``(T, P)`` float32.
+    """
+    att = layer.self_attn
+    with torch.no_grad():
+        x = _plain_norm(hidden.double(), layer.input_layernorm)
+        q = x @ att.q_proj.weight.double().T + att.q_proj.bias.double()
+        k = x @ att.k_proj.weight.double().T + att.k_proj.bias.double()
+        t, s, width = q.shape
+        dh = width // num_heads
+        angle = torch.angle(freqs.reshape(s, -1)).double()  # (S, dh / 2)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+
+        def rotate(v):
+            v = v.reshape(t, s, num_heads, dh // 2, 2)
+            a, b = v[..., 0], v[..., 1]
+            c, d = cos[None, :, None, :], sin[None, :, None, :]
+            return torch.stack([a * c - b * d, a * d + b * c], dim=-1).reshape(t, s, width)
+
+        q, k = rotate(q), rotate(k)
+        total = 0
+        for h in range(num_heads):
+            qh, kh = q[:, -1, h * dh : (h + 1) * dh], k[:, :-1, h * dh : (h + 1) * dh]
+            total = total + torch.einsum("td,tsd->ts", qh, kh) / math.sqrt(dh)
+        return (total / num_heads).float()

@@ -128,6 +128,8 @@ _OWN_MASKS = {
     "qwen3_5": "hybrid linear-attention LLM with DeepStack (not verified)",
     # found by the family table (tests/adapters/test_family_methods.py --full); refused until fixed
     "aya_vision": "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)",
+    "llama4": "its LLM (chunked-attention and NoPE layers, MoE) hangs off the model itself; the pruner does not "
+    "rebuild its masks (not verified)",
 }
 #: SparseVLM's token recycling gave a batch row other tokens than the same prompt alone on every family but these
 #: (tests/adapters/test_family_methods.py --full); refused elsewhere until that is fixed.

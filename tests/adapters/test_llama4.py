@@ -1,0 +1,324 @@
+"""GlobalCom² on a real (tiny, random) Llama4ForConditionalGeneration.
+
+The family-generic checks (apply/remove bit-exact, batches, threads, tie rule, error classes) run on it in
+test_families.py; here: the tile grid against the stock image processor's own canvas code, the pixel layout of the
+PIL stand-in, the counts, and the kept sets, per-crop counts and the exact sequence (separators, runs, rows) against
+plain re-implementations of docs/families.md's Llama 4 section.
+
+**Image processor.** transformers' ``Llama4ImageProcessor`` is torchvision-only and torchvision is not installed
+beside this CPU torch. The canvas choice is pure torch in that module (``find_supported_resolutions``,
+``get_best_fit``, ``get_max_res_without_distortion``): :func:`_stock_canvas_functions` reads those three functions
+from the installed module's source and runs them (no import of the module, nothing patched), so the grid and the
+resized size are checked against the library's own code. The resize, pad and tile cut are torchvision calls; the
+stand-in (``globalcom2.processors.Llama4ImageProcessorPil``) does them with PIL/NumPy and the pixel layout is
+checked against a plain construction here. The model-side tests run from those pixel values.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections import defaultdict
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+import globalcom2
+from globalcom2.adapters import family as family_module
+from globalcom2.adapters import internvl as internvl_module
+from globalcom2.adapters.internvl import GRID_KEY
+from globalcom2.adapters.llama4 import llama4_canvas
+from tests.adapters.plain_families import (
+    capture_llm_inputs,
+    check_tiles_plan,
+    forward_and_capture,
+    plain_internvl_sequence,
+    plain_llama4_cls_logits,
+    plain_llama4_image_text,
+    plain_pool,
+    spy,
+)
+from tests.conftest import random_image, sweep
+
+# (height, width): up to 6 tiles of 64 px plus the global tile; small or square images are one tile
+SIZES = [
+    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
+    (129, 64), (90, 400), (200, 130),
+]  # fmt: skip
+PROMPT = "USER: <|image|>\nWhat is shown in this image? ASSISTANT:"
+ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
+
+
+@pytest.fixture(scope="module")
+def llama4_dir(checkpoint):
+    from globalcom2.demo.tiny_tiling import build_tiny_llama4
+
+    return checkpoint(build_tiny_llama4)  # the family table's checkpoint, built once per session
+
+
+@pytest.fixture()
+def fam(llama4_dir):
+    from globalcom2.loading import load_tiny_family
+
+    return load_tiny_family(llama4_dir)
+
+
+def _inputs(processor, images, prompts=None, **kwargs):
+    prompts = prompts or [PROMPT] * len(images)
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True, **kwargs)
+
+
+def _geometry(model) -> tuple[int, int, int]:
+    """(N tokens per tile, g merged tokens per side, pixel-shuffle factor)."""
+    vc = model.config.vision_config
+    s = int(round(1 / vc.pixel_shuffle_ratio))
+    g = vc.image_size // vc.patch_size // s
+    return g * g, g, s
+
+
+def _stock_canvas_functions() -> dict:
+    """``find_supported_resolutions``, ``get_best_fit`` and ``get_max_res_without_distortion`` of the installed
+    ``transformers.models.llama4.image_processing_llama4``, compiled from its source file (the module itself
+    imports torchvision at the top and cannot be imported here)."""
+    import transformers
+
+    path = transformers.__file__.replace("__init__.py", "models/llama4/image_processing_llama4.py")
+    tree = ast.parse(open(path).read())
+    wanted = ("get_factors", "find_supported_resolutions", "get_best_fit", "get_max_res_without_distortion")
+    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    assert len(body) == len(wanted), "the stock module's canvas functions moved"
+    for node in body:  # the stock lru_cache is keyed by a SizeDict; a fresh one per compile is fine
+        node.decorator_list = [d for d in node.decorator_list if ast.unparse(d) != "lru_cache(maxsize=1)"]
+    namespace = {"torch": torch, "math": math, "defaultdict": defaultdict, "lru_cache": lru_cache}
+    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+def _stock_canvas(fns, height, width, tile, max_patches, resize_to_max_canvas=False):
+    """The stock processor's ``_preprocess`` canvas steps, with its own functions (see its source)."""
+    from transformers.image_utils import SizeDict
+
+    resolutions = torch.tensor(fns["find_supported_resolutions"](max_patches, SizeDict(height=tile, width=tile)))
+    target = fns["get_best_fit"]((height, width), resolutions, resize_to_max_canvas=resize_to_max_canvas)
+    target = (int(target[0]), int(target[1]))
+    capped = target
+    if not resize_to_max_canvas:
+        capped = (min(max(height, tile), target[0]), min(max(width, tile), target[1]))
+    new = fns["get_max_res_without_distortion"]((height, width), capped)
+    return target[0] // tile, target[1] // tile, max(new[0], 1), max(new[1], 1)
+
+
+@pytest.mark.parametrize("max_patches", sweep([16, 6, 4, 1], [16, 6]))
+def test_canvas_rule_equals_the_stock_image_processor(max_patches):
+    """:func:`llama4_canvas` (grid and resized size) equals the stock processor's own canvas code for 60 sizes from
+    tiny to 20:1, at Llama-4-Scout's 336 px tiles and the tiny model's 64 px, with and without resize_to_max_canvas."""
+    fns = _stock_canvas_functions()
+    rng = np.random.default_rng(max_patches)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(20, 3000, (50, 2))] + [
+        (336, 336), (337, 336), (100, 2000), (2000, 100), (672, 336), (1, 1), (335, 673), (64, 64), (65, 129),
+        (1008, 1344),
+    ]  # fmt: skip
+    for tile in (336, 64):
+        for resize_to_max in (False, True):
+            for h, w in sizes:
+                got = llama4_canvas(h, w, tile, max_patches, resize_to_max)
+                assert got == _stock_canvas(fns, h, w, tile, max_patches, resize_to_max), (h, w, tile)
+
+
+def test_pil_stand_in_lays_out_pixels_as_the_stock_processor(fam):
+    """The stand-in's pixel values are the stock layout written out plainly: the image resized (PIL bilinear) to
+    the canvas size without distortion, top-left, zero-padded, rescaled and normalised, cut into tiles row-major,
+    then the whole image squashed to one tile last (more than one tile only); ``aspect_ratios`` the grid."""
+    from PIL import Image
+
+    _, processor = fam
+    ip = processor.image_processor
+    tile = int(ip.size["height"])
+    fns = _stock_canvas_functions()
+    images = [random_image(*hw, seed=k) for k, hw in enumerate(SIZES[:6])]
+    out = ip(images, return_tensors="np")
+    at = 0
+    for image, ratio in zip(images, out["aspect_ratios"], strict=True):
+        rows, cols, nh, nw = _stock_canvas(fns, image.height, image.width, tile, int(ip.max_patches))
+        assert ratio.tolist() == [rows, cols]
+        canvas = np.zeros((rows * tile, cols * tile, 3), dtype=np.float64)
+        canvas[:nh, :nw] = np.asarray(image.resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.float64)
+        canvas = (canvas / 255 - 0.5) / 0.5
+        expected = [canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows)
+                    for c in range(cols)]  # fmt: skip
+        if rows * cols > 1:
+            squashed = np.asarray(image.resize((tile, tile), Image.Resampling.BILINEAR), dtype=np.float64)
+            expected.append((squashed / 255 - 0.5) / 0.5)
+        for tile_pixels in expected:
+            np.testing.assert_allclose(out["pixel_values"][at], tile_pixels.transpose(2, 0, 1), atol=1e-5)
+            at += 1
+    assert at == out["pixel_values"].shape[0]
+
+
+@pytest.mark.parametrize("ratio", sweep([0.5, 0.25, 0.1], [0.25]))
+def test_processor_count_equals_features_for_many_sizes(fam, ratio):
+    """Budget mode: ``<|patch|>`` count == features == int(N*R) + int(R*n*N) for n tiles besides the global one
+    (a lone tile: int(N*R)); the prompt shrinks by exactly the tokens saved; the separators stay."""
+    model, processor = fam
+    n, _, _ = _geometry(model)
+    token = model.config.image_token_id
+    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
+    full = _inputs(processor, images)
+    grids = [tuple(int(v) for v in a) for a in processor.image_processor(images)["aspect_ratios"]]
+    with globalcom2.apply(model, processor, ratio=ratio) as gc:
+        inputs = _inputs(processor, images)
+        with torch.no_grad():
+            feats = model.get_image_features(inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]})
+        plans = list(gc.plans)
+        formula = [gc.adapter.num_image_tokens(*s) for s in SIZES]
+    assert feats.last_hidden_state.shape[0] == sum(p.num_tokens for p in plans)
+    counted = (inputs["input_ids"] == token).sum(1).tolist()
+    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+    for k, size in enumerate(SIZES):
+        crops = grids[k][0] * grids[k][1] if grids[k] != (1, 1) else 0
+        expected = int(n * ratio) + int(ratio * crops * n)
+        plan = plans[k]
+        assert counted[k] == plan.num_tokens == formula[k] == expected, size
+        assert plan.num_tokens_full == (crops + 1) * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+
+
+def test_max_patches_call_option_reaches_the_count(fam):
+    """A call's ``max_patches`` changes the grid; the budget count follows it (the processor's own merge)."""
+    model, processor = fam
+    token = model.config.image_token_id
+    image = random_image(100, 190, seed=3)
+    with globalcom2.apply(model, processor, ratio=0.25) as gc:
+        for max_patches in (2, 6):
+            inputs = _inputs(processor, [image], max_patches=max_patches)
+            assert inputs[GRID_KEY][0].tolist() == list(gc.adapter.grid_for_image(100, 190, max_patches=max_patches))
+            assert int((inputs["input_ids"] == token).sum()) == gc.adapter.num_image_tokens(
+                100, 190, max_patches=max_patches
+            )
+
+
+@pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "topk-count"]))
+@pytest.mark.parametrize(
+    "case", sweep([("reference", 0.25), ("budget", 0.1), ("budget", 0.5)], [("budget", 0.1)])
+)
+def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation):
+    """Eq. 1 with the class embedding last (rotated q/k), summed per pixel-shuffle group, the kept sets, per-tile
+    counts, the prompt the LLM reads (separators, runs) and the features at every placeholder equal plain
+    re-implementations on 2 x 3, 3 x 2, 1 x 4 and lone-tile images, for every scoring."""
+    model, processor = fam
+    mode, ratio = case
+    n, g, s = _geometry(model)
+    token = model.config.image_token_id
+    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
+    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
+    used_patch = spy(monkeypatch, family_module, "cls_scores_from_qk")
+    used = spy(monkeypatch, internvl_module, "merge_pool")
+    tower = model.vision_model
+    checked = False
+    for scoring in ("holistic", "local", "global"):
+        for k, image in enumerate(images):
+            with globalcom2.apply(
+                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
+            ) as gc:
+                inputs = _inputs(processor, [image])
+                rows, cols = inputs[GRID_KEY][0].tolist()
+                del used[:], used_patch[:]
+                lm = model.language_model  # Llama 4 has no inner model: the LLM's own inputs are the record
+                seen = forward_and_capture(model, inputs, capture_llm_inputs(lm, lm, keys=("attention_mask",)))
+                plan = gc.plans[0]
+            with torch.no_grad():
+                raw = type(model).get_image_features(model, inputs["pixel_values"]).last_hidden_state
+                raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): tiles row-major, then the global tile
+                if not checked:
+                    hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+                    layer = tower.model.layers[-1]
+                    plain = plain_llama4_cls_logits(
+                        hidden, layer, tower.rotary_embedding.freqs_ci, layer.self_attn.num_heads
+                    )
+                    np.testing.assert_allclose(used_patch[0].numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
+                    np.testing.assert_allclose(
+                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
+                    )
+                    checked = True
+            scores = used[0].numpy()
+            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
+            order, keep, ks, k0 = check_tiles_plan(
+                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
+            )
+            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
+            text = PROMPT.replace("<|image|>", plain_llama4_image_text((rows, cols), ks, k0))
+            ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+            embeds = seen["inputs_embeds"][0][seen["attention_mask"][0].bool()]
+            assert embeds.shape[0] == ids.numel(), where  # the prompt the LLM reads, row for row
+            is_patch = ids == token
+            with torch.no_grad():
+                text_rows = model.get_input_embeddings()(ids[~is_patch])
+                expected = model.multi_modal_projector(raw[seq])
+            assert torch.equal(embeds[~is_patch], text_rows.to(embeds.dtype)), where  # separators in place
+            torch.testing.assert_close(embeds[is_patch], expected.to(embeds.dtype), msg=where)
+    assert checked
+
+
+def test_tower_rotary_tap_equals_eager_attention(fam, monkeypatch):
+    """The [CLS] row the hooks compute (``score="softmax"``) equals the head-mean softmax row of the last position
+    in the layer's own eager attention, so the rotation and the [CLS] position are the layer's."""
+    model, processor = fam
+    tower = model.vision_model
+    layer = tower.model.layers[-1]
+    captured = {}
+
+    def record(module, args, output) -> None:
+        captured.setdefault("w", output[1])
+
+    hook = layer.self_attn.register_forward_hook(record)
+    tower.set_attn_implementation("eager")
+    used = spy(monkeypatch, family_module, "cls_scores_from_qk")
+    try:
+        with globalcom2.apply(model, processor, ratio=0.25, score="softmax") as gc, torch.no_grad():
+            inputs = _inputs(processor, [random_image(100, 190, seed=4)])
+            model.get_image_features(inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]})
+            assert gc.plans
+    finally:
+        hook.remove()
+    eager = captured["w"][:, :, -1, :-1].mean(1)  # head-mean softmax row of [CLS] over the patch keys
+    torch.testing.assert_close(used[0], eager.float(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["budget", "reference"])
+def test_generate_with_labels_and_left_padding(fam, mode):
+    model, processor = fam
+    images = [random_image(100, 190, seed=1), random_image(64, 64, seed=2)]
+    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
+        inputs = _inputs(processor, images, prompts=[PROMPT, "A longer prompt first. " + PROMPT])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert out.shape[0] == 2 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("max_tokens", sweep([20, 45, 80], [45]))
+def test_max_image_tokens_counts_the_span(fam, max_tokens):
+    """Each image's span (``<|image_start|>`` ... ``<|image_end|>``, separators and runs) is at most T and
+    ``3 + rows * cols`` markers for a split image; count == features; too small is refused."""
+    model, processor = fam
+    token = model.config.image_token_id
+    bare = len(processor.tokenizer(PROMPT.replace("<|image|>", ""))["input_ids"])
+    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
+        for k, size in enumerate(SIZES[:8]):
+            image = random_image(*size, seed=k)
+            grid = gc.adapter.grid_for_image(*size)
+            layout = gc.adapter.layout_tokens(grid)
+            assert layout == (3 + grid[0] * grid[1] if grid != (1, 1) else 3), grid
+            if layout + 1 > max_tokens:
+                with pytest.raises(ValueError, match="too small"):
+                    _inputs(processor, [image])
+                continue
+            inputs = _inputs(processor, [image])
+            with torch.no_grad():
+                model(**inputs)
+            plan = gc.plans[0]
+            span = int(inputs["attention_mask"].sum()) - bare
+            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
+            assert span <= max_tokens, (size, span)
+            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
