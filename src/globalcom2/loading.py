@@ -224,7 +224,7 @@ def _llama4_pil() -> type:
 _PIL_IMAGE_PROCESSORS = {"Llama4Processor": _llama4_pil}
 
 
-def _with_pil_image_processor(cls: type, path: str, image_processor_cls: type) -> Any:
+def _with_pil_image_processor(cls: Any, path: str, image_processor_cls: Any) -> Any:
     """``cls`` from the checkpoint at ``path`` with ``image_processor_cls`` (a PIL stand-in) read from the same
     files, the tokenizer and the processor's own options (``processor_config.json``) as saved."""
     from transformers import AutoTokenizer

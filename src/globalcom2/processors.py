@@ -144,11 +144,12 @@ def llama4_image_processor_pil_class() -> type:
         model_input_names = ["pixel_values"]
         valid_kwargs = Llama4ImageProcessorKwargs
 
-        def _preprocess(self, images: list, size: SizeDict, resample: Any, do_rescale: bool,
-                        rescale_factor: float, do_normalize: bool, image_mean: Any, image_std: Any,
-                        return_tensors: Any, max_patches: int = 16, resize_to_max_canvas: bool = False,
-                        **kwargs: Any) -> Any:  # fmt: skip
-            tile = int(size.height)
+        def _preprocess(  # type: ignore[override]  # the stock processor's two options added
+            self, images: list, size: SizeDict, resample: Any, do_rescale: bool, rescale_factor: float,
+            do_normalize: bool, image_mean: Any, image_std: Any, return_tensors: Any, max_patches: int = 16,
+            resize_to_max_canvas: bool = False, **kwargs: Any,
+        ) -> Any:  # fmt: skip
+            tile = int(size.height or 0)
 
             def finish(x: np.ndarray) -> np.ndarray:
                 if do_rescale:
@@ -157,10 +158,13 @@ def llama4_image_processor_pil_class() -> type:
                     x = self.normalize(x, image_mean, image_std)
                 return x.astype(np.float32)
 
-            tiles, ratios = [], []
+            tiles: list[np.ndarray] = []
+            ratios: list[list[int]] = []
             for image in images:  # channel-first arrays
                 height, width = image.shape[-2:]
-                rows, cols, new_h, new_w = llama4_canvas(height, width, tile, max_patches, resize_to_max_canvas)
+                rows, cols, new_h, new_w = llama4_canvas(
+                    height, width, tile, max_patches, resize_to_max_canvas
+                )
                 resized = self.resize(image, SizeDict(height=new_h, width=new_w), resample=resample)
                 canvas = np.zeros((image.shape[0], rows * tile, cols * tile), dtype=resized.dtype)
                 canvas[:, :new_h, :new_w] = resized
@@ -168,7 +172,9 @@ def llama4_image_processor_pil_class() -> type:
                 cut = canvas.reshape(-1, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
                 tiles.extend(cut.reshape(rows * cols, -1, tile, tile))
                 if rows * cols > 1:
-                    tiles.append(finish(self.resize(image, SizeDict(height=tile, width=tile), resample=resample)))
+                    tiles.append(
+                        finish(self.resize(image, SizeDict(height=tile, width=tile), resample=resample))
+                    )
                 ratios.append([rows, cols])
             return BatchFeature(
                 data={"pixel_values": np.stack(tiles), "aspect_ratios": np.array(ratios)},

@@ -100,7 +100,9 @@ def _stock_canvas(fns, height, width, tile, max_patches, resize_to_max_canvas=Fa
     """The stock processor's ``_preprocess`` canvas steps, with its own functions (see its source)."""
     from transformers.image_utils import SizeDict
 
-    resolutions = torch.tensor(fns["find_supported_resolutions"](max_patches, SizeDict(height=tile, width=tile)))
+    resolutions = torch.tensor(
+        fns["find_supported_resolutions"](max_patches, SizeDict(height=tile, width=tile))
+    )
     target = fns["get_best_fit"]((height, width), resolutions, resize_to_max_canvas=resize_to_max_canvas)
     target = (int(target[0]), int(target[1]))
     capped = target
@@ -192,7 +194,9 @@ def test_max_patches_call_option_reaches_the_count(fam):
     with globalcom2.apply(model, processor, ratio=0.25) as gc:
         for max_patches in (2, 6):
             inputs = _inputs(processor, [image], max_patches=max_patches)
-            assert inputs[GRID_KEY][0].tolist() == list(gc.adapter.grid_for_image(100, 190, max_patches=max_patches))
+            assert inputs[GRID_KEY][0].tolist() == list(
+                gc.adapter.grid_for_image(100, 190, max_patches=max_patches)
+            )
             assert int((inputs["input_ids"] == token).sum()) == gc.adapter.num_image_tokens(
                 100, 190, max_patches=max_patches
             )
@@ -225,7 +229,9 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
                 rows, cols = inputs[GRID_KEY][0].tolist()
                 del used[:], used_patch[:]
                 lm = model.language_model  # Llama 4 has no inner model: the LLM's own inputs are the record
-                seen = forward_and_capture(model, inputs, capture_llm_inputs(lm, lm, keys=("attention_mask",)))
+                seen = forward_and_capture(
+                    model, inputs, capture_llm_inputs(lm, lm, keys=("attention_mask",))
+                )
                 plan = gc.plans[0]
             with torch.no_grad():
                 raw = type(model).get_image_features(model, inputs["pixel_values"]).last_hidden_state

@@ -59,7 +59,7 @@ import torch
 
 from ..core.plan import Plan
 from .errors import IncompatibleProcessorError
-from .idefics3 import Idefics3Adapter, _processor_kwargs_class
+from .idefics3 import Idefics3Adapter
 from .internvl import GRID_KEY, image_sizes_of, num_tiles, plan_internvl_batch
 from .registry import register_adapter
 from .towers import TowerInfo, describe_tower
@@ -167,11 +167,8 @@ class Gemma3Adapter(Idefics3Adapter):
 
     # -- processor side ----------------------------------------------------------------------------------------
     def pan_and_scan_options(self, **kwargs: Any) -> dict:
-        """The image processor options the processor uses for a call with ``kwargs`` (its own merge)."""
-        proc: Any = self.processor
-        merged = proc._merge_kwargs(_processor_kwargs_class(proc), **kwargs)["images_kwargs"]
-        ip = proc.image_processor
-        return {k: merged.get(k, getattr(ip, k, None)) for k in PAN_AND_SCAN_OPTIONS}
+        """The pan-and-scan options the processor uses for a call with ``kwargs`` (its own merge)."""
+        return self.image_processor_options(PAN_AND_SCAN_OPTIONS, **kwargs)
 
     def grid_for_image(self, height: int, width: int, **kwargs: Any) -> tuple[int, int]:
         """(rows, cols) of pan-and-scan crops of a ``height x width`` image with the processor's options (call

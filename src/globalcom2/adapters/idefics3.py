@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -248,6 +249,14 @@ class Idefics3Adapter(InternVLAdapter):
                 "_get_num_multimodal_tokens",
                 functools.partial(self._num_multimodal_tokens, proc._get_num_multimodal_tokens),
             )
+
+    def image_processor_options(self, names: Sequence[str], **kwargs: Any) -> dict:
+        """The image processor options ``names`` the processor uses for a call with ``kwargs`` (its own merge of
+        call, processor and image-processor defaults), e.g. the ones that decide the crop grid."""
+        proc: Any = self.processor
+        merged = proc._merge_kwargs(_processor_kwargs_class(proc), **kwargs)["images_kwargs"]
+        ip = proc.image_processor
+        return {k: merged.get(k, getattr(ip, k, None)) for k in names}
 
     # -- per-image counts: a function of the crop grid (and R or T) only --------------------------------------
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:

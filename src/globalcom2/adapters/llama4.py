@@ -60,13 +60,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..core.scores import cosine_scores
 from .aya_vision import AyaVisionAdapter
 from .base import GlobalComHandle
 from .errors import IncompatibleProcessorError
 from .family import FamilyAdapter
-from .idefics3 import Idefics3Adapter, _processor_kwargs_class
-from .internvl import GRID_KEY, image_sizes_of, merge_pool, num_tiles
+from .idefics3 import Idefics3Adapter
+from .internvl import GRID_KEY, image_sizes_of, num_tiles
 from .registry import register_adapter
 from .towers import Tap, TowerInfo
 
@@ -99,7 +98,9 @@ def llama4_canvas(
     else:
         chosen = scales[scales < 1].max()
     candidates = (scales == chosen).nonzero().reshape(-1).tolist()
-    best = min(candidates, key=lambda i: (int(sides[i, 0] * sides[i, 1]), i))  # smallest area, first among equals
+    best = min(
+        candidates, key=lambda i: (int(sides[i, 0] * sides[i, 1]), i)
+    )  # smallest area, first among equals
     rows, cols = canvases[best]
     return (rows, cols, *resized_size(height, width, rows, cols, tile, resize_to_max_canvas))
 
@@ -145,7 +146,9 @@ def describe_llama4_tower(tower: Any) -> TowerInfo:
     heads = int(att.num_heads)
     q = ClsLastRotaryTap(att.q_proj, rotary=tower.rotary_embedding, head_dim=int(att.head_dim))
     k = ClsLastRotaryTap(att.k_proj, rotary=tower.rotary_embedding, head_dim=int(att.head_dim))
-    return TowerInfo("llama4_vision", layer, layer.input_layernorm, att.q_proj, att.k_proj, heads, 1, True, q, k)
+    return TowerInfo(
+        "llama4_vision", layer, layer.input_layernorm, att.q_proj, att.k_proj, heads, 1, True, q, k
+    )
 
 
 @register_adapter
@@ -186,8 +189,14 @@ class Llama4Adapter(AyaVisionAdapter):
     def check_processor(self) -> None:
         proc: Any = self.processor
         size = proc.image_processor.size
-        hw = (int(size["height"]), int(size["width"])) if isinstance(size, dict) else (size.height, size.width)
-        if int(proc.patch_size) != self.patch or int(proc.downsample_ratio) != self.factor**2 or hw != self.tile_hw:
+        hw = (
+            (int(size["height"]), int(size["width"])) if isinstance(size, dict) else (size.height, size.width)
+        )
+        if (
+            int(proc.patch_size) != self.patch
+            or int(proc.downsample_ratio) != self.factor**2
+            or hw != self.tile_hw
+        ):
             raise IncompatibleProcessorError(
                 f"processor/model mismatch: patch_size {proc.patch_size}, downsample_ratio {proc.downsample_ratio} "
                 f"and tile size {hw} vs the tower's {self.patch} px patches, {self.factor}x{self.factor} pixel "
@@ -215,11 +224,8 @@ class Llama4Adapter(AyaVisionAdapter):
 
     # -- processor side ----------------------------------------------------------------------------------------
     def canvas_options(self, **kwargs: Any) -> dict:
-        """The image processor options the processor uses for a call with ``kwargs`` (its own merge)."""
-        proc: Any = self.processor
-        merged = proc._merge_kwargs(_processor_kwargs_class(proc), **kwargs)["images_kwargs"]
-        ip = proc.image_processor
-        return {k: merged.get(k, getattr(ip, k, None)) for k in CANVAS_OPTIONS}
+        """The canvas options the processor uses for a call with ``kwargs`` (its own merge)."""
+        return self.image_processor_options(CANVAS_OPTIONS, **kwargs)
 
     def grid_for_image(self, height: int, width: int, **kwargs: Any) -> tuple[int, int]:
         """(rows, cols) of tiles the processor makes for a ``height x width`` image (:func:`llama4_canvas`;
@@ -245,7 +251,9 @@ class Llama4Adapter(AyaVisionAdapter):
     def _process_images(self, original: Any, images: Any, **kwargs: Any) -> Any:
         processed, replacements = original(images, **kwargs)
         ip = self.processor.image_processor
-        options = {k: kwargs.get(k) if kwargs.get(k) is not None else getattr(ip, k, None) for k in CANVAS_OPTIONS}
+        options = {
+            k: kwargs.get(k) if kwargs.get(k) is not None else getattr(ip, k, None) for k in CANVAS_OPTIONS
+        }
         grids = []
         for (height, width), made in zip(image_sizes_of(images), processed["aspect_ratios"], strict=True):
             grid = self._grid(height, width, options)

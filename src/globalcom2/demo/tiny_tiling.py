@@ -247,7 +247,8 @@ def build_tiny_llama4(
     image_processor = llama4_image_processor_pil_class()(
         size={"height": tile_size, "width": tile_size}, max_patches=max_patches
     )
+    specials: dict[str, Any] = dict(LLAMA4_SPECIALS)
     processor = Llama4Processor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, **LLAMA4_SPECIALS
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, **specials
     )
     return save_random_checkpoint(out_dir, Llama4ForConditionalGeneration, config, processor, seed=seed)
