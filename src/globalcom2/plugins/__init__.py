@@ -6,14 +6,14 @@ calls it (and the host is then installed by definition).
 
 - ``lmms_eval.models`` -> :func:`lmms_eval_manifests`: model names ``globalcom2_llava_hf`` (and its alias
   ``globalcom2_llava_hf_chat``), built on lmms-eval's ``llava_hf``; see :mod:`globalcom2.plugins.lmms_eval`.
-- ``vllm.general_plugins`` -> :func:`register_vllm`: the architectures ``GlobalCom2LlavaNextForConditionalGeneration``,
-  ``GlobalCom2LlavaOnevisionForConditionalGeneration`` and ``GlobalCom2InternVLForConditionalGeneration`` (budget
-  mode), switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm`.
+- ``vllm.general_plugins`` -> :func:`register_vllm`: the architectures of :data:`VLLM_ARCHITECTURES` (budget mode),
+  switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm` (LLaVA-NeXT, LLaVA-OneVision,
+  InternVL) and :mod:`globalcom2.plugins.vllm_qwen` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 #: lmms-eval model id -> (simple class, chat class) in :mod:`globalcom2.plugins.lmms_eval`.
 LMMS_EVAL_MODELS: dict[str, tuple[str, str]] = {
@@ -41,28 +41,42 @@ def lmms_eval_manifests() -> list[Any]:
     ]
 
 
-#: vLLM architecture name -> (vLLM's stock architecture it replaces, class in :mod:`globalcom2.plugins.vllm`).
-VLLM_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "GlobalCom2LlavaNextForConditionalGeneration": (
-        "LlavaNextForConditionalGeneration",
-        "GlobalComLlavaNextForConditionalGeneration",
+class VllmArchitecture(NamedTuple):
+    """One GlobalCom² architecture for vLLM: the stock architecture it replaces and where its class lives."""
+
+    stock: str
+    class_name: str
+    module: str = "globalcom2.plugins.vllm"
+
+
+_QWEN_MODULE = "globalcom2.plugins.vllm_qwen"
+#: vLLM architecture name -> :class:`VllmArchitecture` (stock name, class name, module).
+VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
+    "GlobalCom2LlavaNextForConditionalGeneration": VllmArchitecture(
+        "LlavaNextForConditionalGeneration", "GlobalComLlavaNextForConditionalGeneration"
     ),
-    "GlobalCom2LlavaOnevisionForConditionalGeneration": (
-        "LlavaOnevisionForConditionalGeneration",
-        "GlobalComLlavaOnevisionForConditionalGeneration",
+    "GlobalCom2LlavaOnevisionForConditionalGeneration": VllmArchitecture(
+        "LlavaOnevisionForConditionalGeneration", "GlobalComLlavaOnevisionForConditionalGeneration"
     ),
-    "GlobalCom2InternVLForConditionalGeneration": (
-        "InternVLForConditionalGeneration",
-        "GlobalComInternVLForConditionalGeneration",
+    "GlobalCom2InternVLForConditionalGeneration": VllmArchitecture(
+        "InternVLForConditionalGeneration", "GlobalComInternVLForConditionalGeneration"
+    ),
+    "GlobalCom2Qwen2VLForConditionalGeneration": VllmArchitecture(
+        "Qwen2VLForConditionalGeneration", "GlobalComQwen2VLForConditionalGeneration", _QWEN_MODULE
+    ),
+    "GlobalCom2Qwen2_5_VLForConditionalGeneration": VllmArchitecture(
+        "Qwen2_5_VLForConditionalGeneration", "GlobalComQwen2_5_VLForConditionalGeneration", _QWEN_MODULE
+    ),
+    "GlobalCom2Qwen3VLForConditionalGeneration": VllmArchitecture(
+        "Qwen3VLForConditionalGeneration", "GlobalComQwen3VLForConditionalGeneration", _QWEN_MODULE
     ),
 }
 #: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.
 VLLM_ARCHITECTURE = "GlobalCom2LlavaNextForConditionalGeneration"
 #: HF-config attribute holding the vLLM options (a dict of ``GlobalComConfig`` fields), set by ``--hf-overrides``.
 VLLM_CONFIG_KEY = "globalcom2"
-#: Environment variable with JSON options; when set, vLLM's stock architectures of the three families are replaced.
+#: Environment variable with JSON options; when set, vLLM's stock architectures of every family above are replaced.
 VLLM_ENV_VAR = "GLOBALCOM2_VLLM"
-_VLLM_MODULE = "globalcom2.plugins.vllm"
 
 
 def register_vllm() -> None:
@@ -70,19 +84,19 @@ def register_vllm() -> None:
 
     Runs in every vLLM process; idempotent. The model module is named by string, so vLLM imports it (and its
     CUDA-touching dependencies) only when a model actually uses it. With ``GLOBALCOM2_VLLM`` set, the stock names
-    (``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
-    ``InternVLForConditionalGeneration``) resolve to the GlobalCom² classes too.
+    (``VllmArchitecture.stock``, e.g. ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``)
+    resolve to the GlobalCom² classes too.
     """
     import os
 
     from vllm import ModelRegistry
 
     replace_stock = bool(os.environ.get(VLLM_ENV_VAR))
-    for name, (stock, class_name) in VLLM_ARCHITECTURES.items():
-        path = f"{_VLLM_MODULE}:{class_name}"
+    for name, arch in VLLM_ARCHITECTURES.items():
+        path = f"{arch.module}:{arch.class_name}"
         ModelRegistry.register_model(name, path)
         if replace_stock:
-            ModelRegistry.register_model(stock, path)
+            ModelRegistry.register_model(arch.stock, path)
 
 
 __all__ = [
@@ -91,6 +105,7 @@ __all__ = [
     "VLLM_ARCHITECTURES",
     "VLLM_CONFIG_KEY",
     "VLLM_ENV_VAR",
+    "VllmArchitecture",
     "lmms_eval_manifests",
     "register_vllm",
 ]
