@@ -575,3 +575,41 @@ def test_qwen_kept_tokens_take_their_uncompressed_positions(name):
         delta == full_delta + added
     )  # step i of the compressed run is step i + added of the uncompressed one
     assert not torch.equal(positions, got)  # the shift did something (kept tokens off the image origin)
+
+
+def test_qwen_refuses_what_it_cannot_serve():
+    """Before any weight is loaded: [CLS] scores, EVS video pruning, pipeline stages and full CUDA graphs of prefill
+    batches are refused with the reason; vLLM's defaults pass."""
+    from types import SimpleNamespace
+
+    import transformers
+    from vllm.config import CUDAGraphMode
+
+    pq = pytest.importorskip("globalcom2.plugins.vllm_qwen")
+
+    def setup(options=None, video_pruning_rate=None, pp=1, cudagraph=CUDAGraphMode.FULL_AND_PIECEWISE):
+        config = transformers.Qwen2_5_VLConfig()
+        config.globalcom2 = options or {"ratio": 0.25}
+        mm = SimpleNamespace(video_pruning_rate=video_pruning_rate)
+        vllm_config = SimpleNamespace(
+            model_config=SimpleNamespace(get_multimodal_config=lambda: mm),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
+            compilation_config=SimpleNamespace(cudagraph_mode=cudagraph),
+        )
+        model = SimpleNamespace(config=config)
+        pq.NativeGlobalComMixin._globalcom_setup(model, vllm_config)
+        return model
+
+    model = setup()
+    assert model.globalcom_config.ratio == 0.25 and model.globalcom_merge == 2 and model.globalcom_plans == []
+    setup(cudagraph=CUDAGraphMode.PIECEWISE)
+    setup(cudagraph=CUDAGraphMode.NONE)
+    for kwargs, message in [
+        ({"options": {"ratio": 0.25, "importance": "cls"}}, "needs a \\[CLS\\] token"),
+        ({"options": {"mode": "reference"}}, "mode='budget'"),
+        ({"video_pruning_rate": 0.5}, "video pruning"),
+        ({"pp": 2}, "pipeline_parallel_size=1"),
+        ({"cudagraph": CUDAGraphMode.FULL}, "full CUDA graphs"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            setup(**kwargs)

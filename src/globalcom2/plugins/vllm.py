@@ -128,6 +128,7 @@ from .vllm_common import (
     REQUEST_OPTIONS,
     SERVER_OPTIONS,
     UNCOMPRESSED,
+    ImageOptionsInputMixin,
     RequestOptionsInfoMixin,
     RequestOptionsProcessorMixin,
     image_options,
@@ -335,7 +336,7 @@ class GlobalComLlavaOnevisionMultiModalProcessor(AnyresProcessorMixin, LlavaOnev
     """vLLM's LLaVA-OneVision processor with per-request GlobalCom² options (videos untouched)."""
 
 
-class AnyresGlobalComMixin:
+class AnyresGlobalComMixin(ImageOptionsInputMixin):
     """What the vLLM LLaVA-NeXT and LLaVA-OneVision models with GlobalCom² share: scoring, planning, selection.
 
     A family sets :attr:`globalcom_strategies` and implements :meth:`_globalcom_merge` (vLLM's own packing of one
@@ -411,13 +412,6 @@ class AnyresGlobalComMixin:
             return hidden[:, 1:], self.globalcom_scorer(hidden, kind=self.globalcom_config.score)
         features = self._image_pixels_to_features(self.vision_tower, stacked)  # type: ignore[attr-defined]
         return features, cosine_scores(features)  # Eq. 7
-
-    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
-        image_input = super()._parse_and_validate_image_input(**kwargs)  # type: ignore[misc]
-        if image_input is not None and image_input.get("type") == "pixel_values":
-            # Each image's per-request options (the processor's globalcom2_options rows), kept with the pixels.
-            setattr(image_input, OPTIONS_KEY, kwargs.get(OPTIONS_KEY))
-        return image_input
 
     def _process_image_input(self, image_input: Any) -> torch.Tensor | list[torch.Tensor]:
         if image_input.get("type") == "image_embeds":

@@ -237,11 +237,23 @@ class RequestOptionsProcessorMixin:
         return fields
 
 
+class ImageOptionsInputMixin:
+    """Model side: a pixel-image input keeps its images' per-request options (the processor's
+    :data:`OPTIONS_KEY` rows) as an attribute, for :func:`image_options` when the images are planned."""
+
+    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
+        image_input = super()._parse_and_validate_image_input(**kwargs)  # type: ignore[misc]
+        if image_input is not None and image_input.get("type") == "pixel_values":
+            setattr(image_input, OPTIONS_KEY, kwargs.get(OPTIONS_KEY))
+        return image_input
+
+
 __all__ = [
     "OPTIONS_KEY",
     "REQUEST_OPTIONS",
     "SERVER_OPTIONS",
     "UNCOMPRESSED",
+    "ImageOptionsInputMixin",
     "RequestOptionsInfoMixin",
     "RequestOptionsProcessorMixin",
     "image_options",

@@ -83,6 +83,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .vllm_common import (
     OPTIONS_KEY,
+    ImageOptionsInputMixin,
     RequestOptionsInfoMixin,
     RequestOptionsProcessorMixin,
     image_options,
@@ -231,12 +232,16 @@ class GlobalComQwen3VLMultiModalProcessor(NativeProcessorMixin, Qwen3VLMultiModa
 
 
 # -- the models ----------------------------------------------------------------------------------------------------
-class NativeGlobalComMixin:
+class NativeGlobalComMixin(ImageOptionsInputMixin):
     """What the vLLM Qwen models with GlobalCom² add to vLLM's own class (module docstring): selection after the
     tower, position columns, positions of the uncompressed run."""
 
     config: Any
     visual: Any
+
+    def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
+        super().__init__(vllm_config=vllm_config, **kwargs)  # type: ignore[call-arg]
+        self._globalcom_setup(vllm_config)
 
     def _globalcom_setup(self, vllm_config: VllmConfig) -> None:
         self.globalcom_config = options_from_config(self.config)
@@ -268,13 +273,6 @@ class NativeGlobalComMixin:
         self._globalcom_pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- encoder: select, then append the kept tokens' grid positions ------------------------------------------
-    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
-        image_input = super()._parse_and_validate_image_input(**kwargs)  # type: ignore[misc]
-        if image_input is not None and image_input.get("type") == "pixel_values":
-            # Each image's per-request options (the processor's globalcom2_options rows), kept with the pixels.
-            setattr(image_input, OPTIONS_KEY, kwargs.get(OPTIONS_KEY))
-        return image_input
-
     def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
         embeds = super()._process_image_input(image_input)  # type: ignore[misc]
         merge = self.globalcom_merge
@@ -350,10 +348,6 @@ class NativeGlobalComMixin:
 class GlobalComQwen2VLForConditionalGeneration(NativeGlobalComMixin, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with GlobalCom² (budget mode): each image's embeddings are its kept tokens."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._globalcom_setup(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     GlobalComQwen2_5_VLMultiModalProcessor,
@@ -365,10 +359,6 @@ class GlobalComQwen2_5_VLForConditionalGeneration(  # noqa: N801
 ):
     """vLLM's Qwen2.5-VL with GlobalCom² (budget mode; the tower's window order is undone before the selection)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._globalcom_setup(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     GlobalComQwen3VLMultiModalProcessor,
@@ -377,10 +367,6 @@ class GlobalComQwen2_5_VLForConditionalGeneration(  # noqa: N801
 )
 class GlobalComQwen3VLForConditionalGeneration(NativeGlobalComMixin, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL with GlobalCom² (budget mode; deepstack features kept for the kept tokens only)."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._globalcom_setup(vllm_config)
 
 
 __all__ = [
