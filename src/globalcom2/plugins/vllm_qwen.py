@@ -239,8 +239,9 @@ class NativeGlobalComMixin(ImageOptionsInputMixin):
     config: Any
     visual: Any
 
-    def __init__(self, *, vllm_config: VllmConfig, **kwargs: Any) -> None:
-        super().__init__(vllm_config=vllm_config, **kwargs)  # type: ignore[call-arg]
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        # vLLM reads `vllm_config` and `prefix` from this signature; the loader always passes both.
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self._globalcom_setup(vllm_config)
 
     def _globalcom_setup(self, vllm_config: VllmConfig) -> None:
