@@ -133,9 +133,7 @@ class AyaVisionAdapter(Idefics3Adapter):
     def placeholder_text(self) -> str:
         return str(self.processor.img_patch_token)  # type: ignore[union-attr]
 
-    def num_image_tokens_for_tiles(self, tiles: int) -> int:
-        """``<|IMG_PATCH|>`` tokens of one image of ``tiles`` tiles in budget mode (markers not included)."""
-        return self.num_image_tokens_for_grid((1, tiles - 1) if tiles > 1 else (1, 1))
+    num_image_tokens_for_tiles = InternVLAdapter.num_image_tokens_for_tiles  # Idefics3's depends on the grid
 
     def _num_multimodal_tokens(self, original: Any, image_sizes: Any = None, **kwargs: Any) -> Any:
         out = original(image_sizes=image_sizes, **kwargs)

@@ -365,7 +365,7 @@ class Idefics3Adapter(InternVLAdapter):
         return processed, replacements
 
     # -- model side --------------------------------------------------------------------------------------------
-    def _select(self, handle: GlobalComHandle, features: Any, scores: torch.Tensor, grids: Any) -> Any:
+    def _select(self, handle: GlobalComHandle, features: Any, scores: torch.Tensor | None, grids: Any) -> Any:
         """Keep each image's selected tokens: a list of one ``(kept, D)`` tensor per sample, the shape of HF's
         ``pooler_output`` here (InternVL's is one tensor). transformers < 5.20 hands one ``(tiles, N, D)`` tensor:
         then ``(num_kept_tokens, 1, D)`` as on InternVL."""

@@ -368,8 +368,10 @@ class InternVLAdapter(FamilyAdapter):
         self.patch_placeholder_counts(handle)
 
     def num_image_tokens_for_tiles(self, tiles: int) -> int:
-        """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (a lone tile keeps int(N*R))."""
-        return internvl_num_image_tokens(self.config, tiles, self.g * self.g)
+        """``<IMG_CONTEXT>`` tokens of one image of ``tiles`` tiles in budget mode (a lone tile keeps int(N*R)):
+        :meth:`num_image_tokens_for_grid` of any grid of that many crops (the count and the layout tokens depend
+        on the tile count only)."""
+        return self.num_image_tokens_for_grid((1, tiles - 1) if tiles > 1 else (1, 1))
 
     def grid_for_image(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of crops the processor makes for one image of ``height x width`` pixels ((1, 1): one tile)."""
@@ -470,7 +472,7 @@ class InternVLAdapter(FamilyAdapter):
         return out if extra["return_dict"] is not False else out.to_tuple()
 
     def _select(
-        self, handle: GlobalComHandle, features: torch.Tensor, scores: torch.Tensor, grids: Any
+        self, handle: GlobalComHandle, features: torch.Tensor, scores: torch.Tensor | None, grids: Any
     ) -> torch.Tensor:
         """Keep each image's selected tokens; ``(num_kept_tokens, 1, D)`` in LLM order."""
         grid_list = [(int(r), int(c)) for r, c in (grids.tolist() if hasattr(grids, "tolist") else grids)]
@@ -482,13 +484,21 @@ class InternVLAdapter(FamilyAdapter):
                 f"{self.model_class_name} (pass them in separate calls)"
             )
         flat = features.reshape(-1, features.shape[-1])
+        # scores None: a method that ranks nothing (pooling) plans from the grids alone
+        per_image = [None] * len(counts) if scores is None else list(scores.to(features.device).split(counts))
+        planned = self.plan_images(per_image, grid_list)
+        handle.publish([plan for plan, _ in planned])
+        return self.take_planned(flat, planned, counts).unsqueeze(1)
+
+    def take_planned(
+        self, flat: torch.Tensor, planned: list[tuple[Plan, torch.Tensor]], counts: list[int]
+    ) -> torch.Tensor:
+        """The LLM's tokens of every image from the batch's ``(tiles*g*g, D)`` features: each plan's index picks
+        from its image's tiles (``counts``: tiles per image); methods that average instead override this."""
         n_tok = self.g * self.g
-        per_image = scores.to(features.device).split(counts)
-        planned = self.plan_images(list(per_image), grid_list)
         starts = itertools.accumulate(counts[:-1], initial=0)
         indices = [index + start * n_tok for (_, index), start in zip(planned, starts, strict=True)]
-        handle.publish([plan for plan, _ in planned])
-        return flat[torch.cat(indices)].unsqueeze(1)
+        return flat[torch.cat(indices)]
 
     def plan_images(
         self, tile_scores: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]

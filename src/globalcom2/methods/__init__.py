@@ -198,29 +198,17 @@ def _random(model: Any, processor: Any, *, ratio: float | None, max_image_tokens
 
 def _pooling(model: Any, processor: Any, *, ratio: float | None,
              max_image_tokens: int | None = None) -> Any:  # fmt: skip
-    from .native import native_pooling_class
-    from .vision import PoolingAdapter
+    from .vision import pooling_class
 
-    family = _family(model, "pooling")
-    cls = PoolingAdapter if _is_llava_next(family) else native_pooling_class(family)
+    cls = pooling_class(_family(model, "pooling"))
     return cls(model, processor, GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens))
 
 
-def _is_llava_next(cls: type) -> bool:
-    from ..adapters.llava_next import LlavaNextAdapter
-
-    return issubclass(cls, LlavaNextAdapter)
-
-
 def _pooling_rule(cls: type) -> str | None:
-    """Pooling is written for LLaVA-NeXT's packed rows and for the native-resolution grids (methods.native)."""
-    from ..adapters.qwen import QwenAdapter
+    """Pooling has a rule per token layout (anyres, InternVL's tiles, native grids: methods.vision.pooling_class)."""
+    from .vision import pooling_rule
 
-    return (
-        None
-        if _is_llava_next(cls) or issubclass(cls, QwenAdapter)
-        else "written for LLaVA-NeXT and Qwen-VL only"
-    )
+    return pooling_rule(cls)
 
 
 def _fastv(model: Any, processor: Any, *, ratio: float, layer: int = 2, equivalent: bool = False) -> Any:

@@ -27,6 +27,7 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,10 @@ from typing import Any
 
 import torch
 
-from ..adapters.anyres import AnyresGeometry
+from ..adapters.anyres import AnyresGeometry, resample_blocks
 from ..adapters.base import GlobalComHandle
 from ..adapters.llava_next import LlavaNextAdapter
 from ..core.budget import largest_fitting_ratio
-from ..core.layout import grid_to_tiles
 from ..core.plan import Plan
 
 #: The steps FasterVLM swaps in GlobalCom²'s config: uniform r_j = R, local scores only, softmax [CLS] scores.
@@ -113,11 +113,18 @@ class PoolingPlan(Plan):
         crops_cover: Long ``(rows*g, cols*g)``: index (raster order over the pooled crop grid, newlines not
             counted) of the pooled crop token each cell is averaged into; -1 on padding.
         pooled_shape: ``(sum_r a_r, sum_c b_c)``: the pooled crop grid.
+        token_cover: Long ``(H, W)``: the same index for every crop token the LLM receives (anyres families:
+            the unpadded, possibly down-sampled, token grid; ``crops_cover`` inside the valid box when not
+            down-sampled); None for families whose tiles are pooled whole (InternVL's layout).
+        tile_tokens: pooled tokens of every tile in the family's tile order (InternVL's layout: one run per tile
+            on the families that frame each tile's run); empty for the anyres families.
     """
 
     thumbnail_cover: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     crops_cover: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     pooled_shape: tuple[int, int] = (0, 0)
+    token_cover: torch.Tensor | None = None
+    tile_tokens: tuple[int, ...] = ()
 
 
 def pooled_side(num_cells: int, ratio: float) -> int:
@@ -131,69 +138,140 @@ def _bins(num_cells: int, num_bins: int) -> torch.Tensor:
     return (torch.arange(num_cells) * num_bins) // max(num_cells, 1)
 
 
-def _axis(num_tiles: int, g: int, lo: int, hi: int, ratio: float) -> tuple[torch.Tensor, list[int]]:
-    """Pooled index along one axis of the padded crop grid (-1 outside ``[lo, hi)``) and pooled length per tile."""
-    index = torch.full((num_tiles * g,), -1, dtype=torch.long)
-    sides, offset = [], 0
-    for t in range(num_tiles):  # one step per tile row/column, not per token
-        start, stop = max(t * g, lo), min((t + 1) * g, hi)
-        side = pooled_side(stop - start, ratio)
-        if side:
-            index[start:stop] = offset + _bins(stop - start, side)
-        sides.append(side)
-        offset += side
-    return index, sides
+def _axis(blocks: torch.Tensor, num_tiles: int, ratio: float) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Pooling along one axis of a crop token grid whose rows (or columns) belong to the tiles ``blocks``.
+
+    Args:
+        blocks: Long ``(H,)``: the tile row (column) of every token row (column), non-decreasing.
+        num_tiles: tile rows (columns) of the crop grid.
+
+    Returns:
+        ``(index, sides, lengths)``: Long ``(H,)`` pooled row of every token row (bins within each tile, tiles
+        after each other), the pooled length a_r of each tile row and its token rows h_r.
+    """
+    lengths = torch.bincount(blocks, minlength=num_tiles)[:num_tiles]
+    sizes = [int(n) for n in lengths.tolist()]  # host arithmetic on the geometry (no device tensor)
+    sides = [pooled_side(n, ratio) for n in sizes]
+    first = torch.tensor([0, *itertools.accumulate(sizes)][:num_tiles], dtype=torch.long)
+    offset = torch.tensor([0, *itertools.accumulate(sides)][:num_tiles], dtype=torch.long)
+    side = torch.tensor(sides, dtype=torch.long)
+    within = torch.arange(blocks.numel()) - first[blocks]
+    index = offset[blocks] + within * side[blocks] // lengths[blocks].clamp_min(1)
+    return index, sides, sizes
+
+
+def _anyres_axes(geo: AnyresGeometry, ratio: float) -> tuple[tuple, tuple]:
+    """Both axes of an anyres crop token grid (:func:`_axis`); token rows belong to the crop of their anchor patch
+    (:func:`~globalcom2.adapters.anyres.resample_blocks`: their own patch when the grid is not down-sampled)."""
+    row_block, col_block = resample_blocks(geo.box, geo.token_grid, geo.g)
+    rows, cols = geo.grid
+    return _axis(row_block, rows, ratio), _axis(col_block, cols, ratio)
 
 
 def pooling_counts(geo: AnyresGeometry, ratio: float, newline: bool = True) -> int:
-    """Image tokens handed to the LLM by the pooling baseline (formula in the module docstring)."""
-    rows, cols = geo.grid
-    top, bottom, left, right = geo.box
-    a = sum(_axis(rows, geo.g, top, bottom, ratio)[1])
-    b = sum(_axis(cols, geo.g, left, right, ratio)[1])
+    """Image tokens handed to the LLM by the pooling baseline on an anyres image (module docstring)."""
+    (_, a, _), (_, b, _) = _anyres_axes(geo, ratio)
     a0 = pooled_side(geo.g, ratio)
-    return a0 * a0 + a * b + (a if newline else 0)
+    return a0 * a0 + sum(a) * sum(b) + (sum(a) if newline else 0)
 
 
 def plan_pooling(geo: AnyresGeometry, ratio: float, newline: bool = True) -> PoolingPlan:
-    """Pooling geometry of one tiled image: which pooled token covers each thumbnail and crop-grid cell."""
+    """Pooling geometry of one anyres image: which pooled token covers each thumbnail cell and crop token."""
     rows, cols = geo.grid
     g = geo.g
     a0 = pooled_side(g, ratio)
     tb = _bins(g, a0)
-    top, bottom, left, right = geo.box
-    row_index, a = _axis(rows, g, top, bottom, ratio)
-    col_index, b = _axis(cols, g, left, right, ratio)
+    (row_index, a, heights), (col_index, b, widths) = _anyres_axes(geo, ratio)
     width = sum(b)
-    crops_cover = torch.where(
-        (row_index[:, None] >= 0) & (col_index[None, :] >= 0),
-        row_index[:, None] * width + col_index[None, :],
-        torch.full((rows * g, cols * g), -1, dtype=torch.long),
-    )
-    valid = crops_cover >= 0
+    token_cover = row_index[:, None] * width + col_index[None, :]  # (H, W)
+    top, bottom, left, right = geo.box
+    crops_cover = torch.full((rows * g, cols * g), -1, dtype=torch.long)
+    h, w = bottom - top, right - left
+    if h > 0 and w > 0 and token_cover.numel():  # each patch takes the token over it (footprint's rule)
+        ri = torch.arange(h) * token_cover.shape[0] // h
+        ci = torch.arange(w) * token_cover.shape[1] // w
+        crops_cover[top:bottom, left:right] = token_cover[ri][:, ci]
     per_crop = torch.tensor([ar * bc for ar in a for bc in b], dtype=torch.long)
-    valid_counts = grid_to_tiles(valid, rows, cols).reshape(rows * cols, -1).sum(-1)
+    valid_counts = torch.tensor([hr * wc for hr in heights for wc in widths], dtype=torch.long)
     return PoolingPlan(
         grid=geo.grid,
         thumbnail_mask=torch.ones(g, g, dtype=torch.bool),
-        crops_mask=valid,
+        crops_mask=crops_cover >= 0,
         crop_ratios=per_crop.float() / valid_counts.clamp_min(1).float(),
-        num_tokens=pooling_counts(geo, ratio, newline),
+        num_tokens=a0 * a0 + sum(a) * width + (sum(a) if newline else 0),
         num_tokens_full=geo.num_tokens(None, newline),
         valid_box=geo.box,
         crop_keep_counts=per_crop,
         crop_valid_counts=valid_counts,
         mode="pooling",
         thumbnail_order=None,
+        token_mask=torch.ones(geo.token_grid, dtype=torch.bool) if geo.resampled else None,
+        token_grid=geo.token_grid if geo.resampled else None,
         ratio=ratio,
         thumbnail_cover=tb[:, None] * a0 + tb[None, :],
         crops_cover=crops_cover,
         pooled_shape=(sum(a), width),
+        token_cover=token_cover,
     )
 
 
-def _segment_mean(values: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Mean of the rows of ``values`` ``(M, D)`` per segment id in ``index`` ``(M,)``."""
+def tile_pooling_bins(g: int, ratio: float) -> tuple[int, torch.Tensor]:
+    """``(a, bins)``: a tile's ``g x g`` token grid pooled to ``a x a`` (a = :func:`pooled_side`), Long ``(g*g,)``
+    pooled token (raster order of the ``a x a`` grid) of every token in raster order."""
+    a = pooled_side(g, ratio)
+    bins = _bins(g, a)
+    return a, (bins[:, None] * a + bins[None, :]).reshape(-1)
+
+
+def plan_tile_pooling(grid: tuple[int, int], g: int, ratio: float) -> tuple[PoolingPlan, torch.Tensor]:
+    """Pooling of one image of InternVL's layout: every tile (crops row-major and the thumbnail) is a full
+    ``g x g`` grid of LLM tokens (after the pixel shuffle or the projector's pooling), pooled whole to ``a x a``.
+
+    Args:
+        grid: ``(rows, cols)`` of crops; ``(1, 1)``: one tile, the whole image (its own global view).
+        g: LLM tokens per tile side.
+        ratio: the image's R.
+
+    Returns:
+        ``(plan, bins)``: Long ``(tiles*g*g,)``: the pooled token (in the LLM's order: tile after tile, raster
+        order inside each) that each of the image's tokens, in the family's tile order, is averaged into. Every
+        tile pools alike, so the thumbnail's place (last on InternVL, Idefics3, Aya Vision; first on Gemma 3)
+        changes nothing here.
+    """
+    rows, cols = grid
+    n = rows * cols if rows * cols > 1 else 0
+    tiles = n + 1
+    a, tb = tile_pooling_bins(g, ratio)
+    bins = (torch.arange(tiles)[:, None] * (a * a) + tb[None, :]).reshape(-1)
+    # the crop grid's cover: cell (r*g + y, c*g + x) -> pooled crop token (r*a + y*a//g, c*a + x*a//g), raster
+    cell = _bins(g, a)
+    row_index = (torch.arange(rows * g) // g) * a + cell.repeat(rows) if n else torch.zeros(0, dtype=torch.long)
+    col_index = (torch.arange(cols * g) // g) * a + cell.repeat(cols) if n else torch.zeros(0, dtype=torch.long)
+    crops_cover = row_index[:, None] * (cols * a if n else 0) + col_index[None, :]
+    plan = PoolingPlan(
+        grid=(rows, cols) if n else (0, 0),
+        thumbnail_mask=torch.ones(g, g, dtype=torch.bool),
+        crops_mask=torch.ones(crops_cover.shape, dtype=torch.bool),
+        crop_ratios=torch.full((n,), a * a / (g * g)),
+        num_tokens=tiles * a * a,
+        num_tokens_full=tiles * g * g,
+        valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
+        crop_keep_counts=torch.full((n,), a * a, dtype=torch.long),
+        crop_valid_counts=torch.full((n,), g * g, dtype=torch.long),
+        mode="pooling",
+        thumbnail_order=None,
+        ratio=ratio,
+        thumbnail_cover=tb.reshape(g, g),
+        crops_cover=crops_cover,
+        pooled_shape=(rows * a, cols * a) if n else (0, 0),
+        tile_tokens=(a * a,) * tiles,
+    )
+    return plan, bins
+
+
+def segment_mean(values: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Mean of the rows of ``values`` ``(M, D)`` per segment id in ``index`` ``(M,)``, in float32 (the input's
+    dtype returned)."""
     out = values.new_zeros(num_segments, values.shape[-1], dtype=torch.float32)
     out.index_add_(0, index, values.float())
     count = torch.zeros(num_segments, device=values.device).index_add_(
@@ -203,11 +281,11 @@ def _segment_mean(values: torch.Tensor, index: torch.Tensor, num_segments: int) 
 
 
 def pool_packed(seq: torch.Tensor, plan: PoolingPlan, newline: bool) -> torch.Tensor:
-    """The pooled token sequence of one image from HF's packed one.
+    """The pooled token sequence of one anyres image from HF's packed one.
 
     Args:
         seq: ``(g*g + H*(W + newline), D)``: HF's ``pack_image_features`` output of the image (thumbnail, then the
-            valid crop grid row by row, each row followed by ``image_newline`` if ``newline``).
+            crop token grid row by row, each row followed by ``image_newline`` if ``newline``).
         plan: its :func:`plan_pooling` plan.
         newline: whether ``seq`` carries the newlines; the pooled rows then end with the same newline token.
 
@@ -216,25 +294,27 @@ def pool_packed(seq: torch.Tensor, plan: PoolingPlan, newline: bool) -> torch.Te
     """
     g = plan.patches_per_side
     dev, d = seq.device, seq.shape[-1]
-    top, bottom, left, right = plan.valid_box
-    height, width = bottom - top, right - left
+    assert plan.token_cover is not None  # an anyres plan
+    height, width = plan.token_cover.shape
     num_thumb = int(plan.thumbnail_cover.max()) + 1
-    thumb = _segment_mean(seq[: g * g], plan.thumbnail_cover.reshape(-1).to(dev), num_thumb)
+    thumb = segment_mean(seq[: g * g], plan.thumbnail_cover.reshape(-1).to(dev), num_thumb)
     rows = seq[g * g :].reshape(height, width + int(newline), d)
-    cover = plan.crops_cover[top:bottom, left:right].reshape(-1).to(dev)
     h, w = plan.pooled_shape
-    crops = _segment_mean(rows[:, :width].reshape(-1, d), cover, h * w).reshape(h, w, d)
+    crops = segment_mean(rows[:, :width].reshape(-1, d), plan.token_cover.reshape(-1).to(dev), h * w)
+    crops = crops.reshape(h, w, d)
     if newline:
         crops = torch.cat([crops, rows[:1, width:].expand(h, 1, d)], dim=1)
     return torch.cat([thumb, crops.reshape(-1, d)])
 
 
-class PoolingAdapter(LlavaNextAdapter):
-    """Spatial average pooling of every tile to about R of its tokens (see the module docstring).
+class AnyresPooling:
+    """The pooling baseline in front of an anyres family adapter (LLaVA-NeXT, LLaVA-OneVision; :func:`pooling_class`).
 
     Overrides what pooling changes: no scoring hook (nothing is ranked), its own count and the rows handed to
     the LLM (pooled means of HF's packed rows instead of a selection of them).
     """
+
+    config: Any
 
     def install_scoring(self, handle: GlobalComHandle) -> None:
         """Pooling ranks nothing: no scoring hook."""
@@ -252,17 +332,17 @@ class PoolingAdapter(LlavaNextAdapter):
     def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
                       arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
         newline = arguments.get("image_newline") is not None
-        options = self.geometry_options(arguments)
+        options = self.geometry_options(arguments)  # type: ignore[attr-defined]
         plans: list[Plan] = []
         out = []
         sizes = image_sizes_list(arguments["image_sizes"])
         for feats, seq, (h, w) in zip(arguments["image_features"], packed, sizes, strict=True):
             if int(feats.shape[0]) == 1:  # a single tile is not compressed (as in GlobalCom²)
-                plan, index = self.plan_single_tile(newline, seq.device)
+                plan, index = self.plan_single_tile(newline, seq.device)  # type: ignore[attr-defined]
                 _check_packed(seq, plan, (h, w))
                 out.append(seq[index])
             else:
-                geo = self.geometry((h, w), **options)
+                geo = self.geometry((h, w), **options)  # type: ignore[attr-defined]
                 pooling = plan_pooling(geo, self.image_ratio(geo, newline), newline)
                 _check_packed(seq, pooling, (h, w))
                 out.append(pool_packed(seq, pooling, newline))
@@ -277,3 +357,100 @@ def _check_packed(seq: torch.Tensor, plan: Plan, size: tuple[int, int]) -> None:
             f"pooling: HF packed {seq.shape[0]} tokens for an image of {size[0]}x{size[1]}, the geometry gives "
             f"{plan.num_tokens_full}; this transformers version packs differently"
         )
+
+
+class TilePooling:
+    """The pooling baseline in front of a family adapter of InternVL's layout (InternVL, Idefics3, SmolVLM, Gemma 3,
+    Aya Vision; :func:`pooling_class`): every tile's ``g x g`` LLM tokens averaged to ``a x a``
+    (:func:`plan_tile_pooling`).
+
+    Swaps the family's planner (no scores: the scoring hooks are not installed), the gather of the kept tokens
+    (a segment mean instead), the budget counts (``tiles * a*a`` per image, every run ``a*a``) and the R under
+    ``max_image_tokens`` (the largest whose pooling count, the family's layout tokens included, fits T).
+    """
+
+    config: Any
+    g: int
+
+    def install_scoring(self, handle: GlobalComHandle) -> None:
+        """Pooling ranks nothing: no scoring hook."""
+
+    def take_scores(self, handle: GlobalComHandle) -> None:
+        """No scores are recorded (nothing is ranked)."""
+        return None
+
+    def _pooled_count(self, grid: tuple[int, int], ratio: float) -> int:
+        tiles = grid[0] * grid[1] + 1 if grid[0] * grid[1] > 1 else 1
+        return tiles * pooled_side(self.g, ratio) ** 2
+
+    def ratio_for_grid(self, grid: tuple[int, int]) -> float:
+        """R of one image of this crop grid: ``ratio``, or the largest R whose pooling count plus the family's
+        layout tokens fits ``max_image_tokens``."""
+        limit = self.config.max_image_tokens
+        if limit is None:
+            return float(self.config.ratio)
+        layout = self.layout_tokens(grid)  # type: ignore[attr-defined]
+        return largest_fitting_ratio(lambda r: layout + self._pooled_count(grid, r), limit)
+
+    def num_image_tokens_for_grid(self, grid: tuple[int, int]) -> int:
+        """Placeholders of one image of this crop grid (the layout tokens not included)."""
+        return self._pooled_count(grid, self.ratio_for_grid(grid))
+
+    def emitted_runs(self, grid: tuple[int, int]) -> list[int]:
+        """Placeholders per run (families that frame every tile's run): ``a*a`` each, known before the forward."""
+        tiles = grid[0] * grid[1] + 1 if grid[0] * grid[1] > 1 else 1
+        return [pooled_side(self.g, self.ratio_for_grid(grid)) ** 2] * tiles
+
+    def placeholder_run_counts(self, plans: list[Any]) -> list[int]:
+        """Every run's length: one run per image (InternVL), or ``a*a`` per tile where each tile has its run."""
+        if not hasattr(super(), "in_run_order"):
+            return [p.num_tokens for p in plans]
+        return [t for p in plans for t in p.tile_tokens]
+
+    def plan_images(
+        self, tile_scores: Sequence[Any], grids: Sequence[tuple[int, int]]
+    ) -> list[tuple[Plan, torch.Tensor]]:
+        """One :func:`plan_tile_pooling` per image (the scores are not used); the index is every token's bin."""
+        return [plan_tile_pooling(grid, self.g, self.ratio_for_grid(grid)) for grid in grids]
+
+    def take_planned(
+        self, flat: torch.Tensor, planned: list[tuple[Plan, torch.Tensor]], counts: list[int]
+    ) -> torch.Tensor:
+        """The pooled tokens of every image, in order: one segment mean over the whole batch's tokens."""
+        offsets = itertools.accumulate([p.num_tokens for p, _ in planned[:-1]], initial=0)
+        bins = torch.cat([b + o for (_, b), o in zip(planned, offsets, strict=True)]).to(flat.device)
+        return segment_mean(flat, bins, sum(p.num_tokens for p, _ in planned))
+
+
+@functools.cache
+def pooling_class(family: type) -> type:
+    """The pooling baseline's adapter class on ``family`` (one class per family, made once); TypeError for a family
+    without a pooling rule."""
+    from ..adapters.anyres import AnyresAdapter
+    from ..adapters.internvl import InternVLAdapter
+    from ..adapters.qwen import QwenAdapter
+
+    if issubclass(family, AnyresAdapter):
+        mixin: type = AnyresPooling
+    elif issubclass(family, InternVLAdapter):
+        mixin = TilePooling
+    elif issubclass(family, QwenAdapter):
+        from .native import NativePooling
+
+        mixin = NativePooling
+    else:
+        raise TypeError(f"pooling has no rule for the token layout of {family.__name__}")
+    return type(f"Pooling{family.__name__}", (mixin, family), {})
+
+
+def pooling_rule(family: type) -> str | None:
+    """None when :func:`pooling_class` has a rule for ``family``'s token layout, else why not."""
+    try:
+        pooling_class(family)
+    except TypeError as err:
+        return str(err)
+    return None
+
+
+#: The pooling baseline on LLaVA-NeXT.
+PoolingAdapter = pooling_class(LlavaNextAdapter)
