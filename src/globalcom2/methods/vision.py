@@ -238,24 +238,24 @@ def plan_tile_pooling(grid: tuple[int, int], g: int, ratio: float) -> tuple[Pool
         tile pools alike, so the thumbnail's place (last on InternVL, Idefics3, Aya Vision; first on Gemma 3)
         changes nothing here.
     """
-    rows, cols = grid
-    n = rows * cols if rows * cols > 1 else 0
+    rows, cols = grid if grid[0] * grid[1] > 1 else (0, 0)  # a lone tile: no crops
+    n = rows * cols
     tiles = n + 1
     a, tb = tile_pooling_bins(g, ratio)
     bins = (torch.arange(tiles)[:, None] * (a * a) + tb[None, :]).reshape(-1)
     # the crop grid's cover: cell (r*g + y, c*g + x) -> pooled crop token (r*a + y*a//g, c*a + x*a//g), raster
     cell = _bins(g, a)
-    row_index = (torch.arange(rows * g) // g) * a + cell.repeat(rows) if n else torch.zeros(0, dtype=torch.long)
-    col_index = (torch.arange(cols * g) // g) * a + cell.repeat(cols) if n else torch.zeros(0, dtype=torch.long)
-    crops_cover = row_index[:, None] * (cols * a if n else 0) + col_index[None, :]
+    row_index = (torch.arange(rows * g) // g) * a + cell.repeat(rows)
+    col_index = (torch.arange(cols * g) // g) * a + cell.repeat(cols)
+    crops_cover = row_index[:, None] * (cols * a) + col_index[None, :]
     plan = PoolingPlan(
-        grid=(rows, cols) if n else (0, 0),
+        grid=(rows, cols),
         thumbnail_mask=torch.ones(g, g, dtype=torch.bool),
         crops_mask=torch.ones(crops_cover.shape, dtype=torch.bool),
         crop_ratios=torch.full((n,), a * a / (g * g)),
         num_tokens=tiles * a * a,
         num_tokens_full=tiles * g * g,
-        valid_box=(0, rows * g, 0, cols * g) if n else (0, 0, 0, 0),
+        valid_box=(0, rows * g, 0, cols * g),
         crop_keep_counts=torch.full((n,), a * a, dtype=torch.long),
         crop_valid_counts=torch.full((n,), g * g, dtype=torch.long),
         mode="pooling",
@@ -263,7 +263,7 @@ def plan_tile_pooling(grid: tuple[int, int], g: int, ratio: float) -> tuple[Pool
         ratio=ratio,
         thumbnail_cover=tb.reshape(g, g),
         crops_cover=crops_cover,
-        pooled_shape=(rows * a, cols * a) if n else (0, 0),
+        pooled_shape=(rows * a, cols * a),
         tile_tokens=(a * a,) * tiles,
     )
     return plan, bins
