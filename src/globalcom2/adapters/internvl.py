@@ -475,6 +475,18 @@ class InternVLAdapter(FamilyAdapter):
         self, handle: GlobalComHandle, features: torch.Tensor, scores: torch.Tensor | None, grids: Any
     ) -> torch.Tensor:
         """Keep each image's selected tokens; ``(num_kept_tokens, 1, D)`` in LLM order."""
+        grid_list, counts = self.tile_counts(features, grids)
+        flat = features.reshape(-1, features.shape[-1])
+        # scores None: a method that ranks nothing (pooling) plans from the grids alone
+        per_image: list[Any] = (
+            [None] * len(counts) if scores is None else list(scores.to(features.device).split(counts))
+        )
+        planned = self.plan_images(per_image, grid_list)
+        handle.publish([plan for plan, _ in planned])
+        return self.take_planned(flat, planned, counts).unsqueeze(1)
+
+    def tile_counts(self, features: torch.Tensor, grids: Any) -> tuple[list[tuple[int, int]], list[int]]:
+        """Every image's ``(rows, cols)`` and tile count, checked against the tiles the features hold."""
         grid_list = [(int(r), int(c)) for r, c in (grids.tolist() if hasattr(grids, "tolist") else grids)]
         counts = [num_tiles(r, c) for r, c in grid_list]
         if sum(counts) != features.shape[0]:
@@ -483,12 +495,7 @@ class InternVLAdapter(FamilyAdapter):
                 f"{features.shape[0]}; a call that mixes videos and images cannot be compressed on "
                 f"{self.model_class_name} (pass them in separate calls)"
             )
-        flat = features.reshape(-1, features.shape[-1])
-        # scores None: a method that ranks nothing (pooling) plans from the grids alone
-        per_image = [None] * len(counts) if scores is None else list(scores.to(features.device).split(counts))
-        planned = self.plan_images(per_image, grid_list)
-        handle.publish([plan for plan, _ in planned])
-        return self.take_planned(flat, planned, counts).unsqueeze(1)
+        return grid_list, counts
 
     def take_planned(
         self, flat: torch.Tensor, planned: list[tuple[Plan, torch.Tensor]], counts: list[int]

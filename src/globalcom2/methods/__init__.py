@@ -229,12 +229,12 @@ def _globalcom2_fastv(model: Any, processor: Any, *, ratio: float, layer: int = 
 
 def _prumerge(plus: bool) -> Callable[..., Any]:
     def build(model: Any, processor: Any, *, ratio: float, **options: Any) -> Any:
-        from .prumerge import PRUMERGE_OPTIONS, PruMergeAdapter
+        from .prumerge import PRUMERGE_OPTIONS, prumerge_class
 
-        _family(model, "prumerge+" if plus else "prumerge")
+        cls = prumerge_class(_family(model, "prumerge+" if plus else "prumerge"))
         # mode="reference": the adaptive count is known after the vision tower only (see methods/prumerge.py)
         cfg = GlobalComConfig(ratio=ratio, mode="reference")
-        return PruMergeAdapter(model, processor, cfg, plus=plus, **{**PRUMERGE_OPTIONS, **options})
+        return cls(model, processor, cfg, plus=plus, **{**PRUMERGE_OPTIONS, **options})
 
     return build
 
@@ -315,15 +315,23 @@ register_method(MethodSpec(
     _globalcom2_sparsevlm, requires=_sparsevlm_layout,
 ))  # fmt: skip
 _PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
-_PM_FAMILIES = ("llava_next",)
 _PM_NOTE = "needs a [CLS] attention (a tower without one: TypeError before patching)"
+
+
+def _prumerge_rule(cls: type) -> str | None:
+    """PruMerge needs a [CLS] attention and a per-tile rule for the family's layout (methods.prumerge)."""
+    from .prumerge import prumerge_rule
+
+    return prumerge_rule(cls)
+
+
 register_method(MethodSpec(
     "prumerge", "vision", "PruMerge: per-tile [CLS]-attention outliers (IQR), pruned tokens merged by key kNN",
-    dict(_PM_OPTIONS), _prumerge(plus=False), uses_ratio=False, families=_PM_FAMILIES, note=_PM_NOTE,
+    dict(_PM_OPTIONS), _prumerge(plus=False), uses_ratio=False, requires=_prumerge_rule, note=_PM_NOTE,
 ))  # fmt: skip
 register_method(MethodSpec(
     "prumerge+", "vision", "PruMerge+: PruMerge plus spatially uniform samples per tile",
-    dict(_PM_OPTIONS), _prumerge(plus=True), uses_ratio=False, families=_PM_FAMILIES, note=_PM_NOTE,
+    dict(_PM_OPTIONS), _prumerge(plus=True), uses_ratio=False, requires=_prumerge_rule, note=_PM_NOTE,
 ))  # fmt: skip
 
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..adapters.anyres import AnyresGeometry, footprint, packed_positions
 from ..adapters.base import GlobalComHandle
 from ..adapters.errors import UnsupportedModelError
+from ..adapters.internvl import merge_pool
 from ..adapters.llava_next import LlavaNextAdapter
 from ..adapters.towers import TowerInfo
 from ..core.layout import grid_to_tiles, tiles_to_grid
@@ -68,7 +69,11 @@ __all__ = [
     "iqr_outliers",
     "merge_tokens",
     "plan_prumerge",
+    "plan_prumerge_tiles",
     "prumerge_attention",
+    "prumerge_class",
+    "prumerge_rule",
+    "shuffle_keys",
     "spatial_samples",
     "tile_valid_mask",
 ]
@@ -354,24 +359,115 @@ def emit_image(
     return torch.cat([thumb, extra[:head], merged_seq[crops[crops_keep]], extra[head:]])
 
 
-# -------------------------------------------------------------------------------------------- the adapter
+# -------------------------------------------------------------------------------------------- InternVL's tiles
 
 
-class PruMergeAdapter(LlavaNextAdapter):
-    """PruMerge / PruMerge+ on LLaVA-NeXT (see the module docstring).
+def shuffle_keys(keys: torch.Tensor, factor: int) -> torch.Tensor:
+    """The keys of the LLM tokens of a pixel-shuffled tile: each token's ``factor x factor`` patch keys side by
+    side (the cosine of step 4 then compares the groups' keys together).
+
+    Args:
+        keys: ``(T, P, D)`` patch keys in raster order of a ``p x p`` patch grid.
+
+    Returns:
+        ``(T, (p/factor)**2, factor*factor*D)`` in raster order of the merged grid.
+    """
+    t, pp, d = keys.shape
+    p = int(round(pp**0.5))
+    m = p // factor
+    return keys.reshape(t, m, factor, m, factor, d).permute(0, 1, 3, 2, 4, 5).reshape(t, m * m, -1)
+
+
+def plan_prumerge_tiles(
+    tile_scores: torch.Tensor,
+    grid: tuple[int, int],
+    g: int,
+    *,
+    plus: bool,
+    extra_token: bool = True,
+    k: int = 32,
+    thumbnail_first: bool = False,
+) -> tuple[PruMergePlan, torch.Tensor]:
+    """Which LLM tokens PruMerge(+) keeps in one image of InternVL's layout (every tile a full ``g x g`` grid of
+    pixel-shuffled tokens; steps 2-3 on each tile).
+
+    Args:
+        tile_scores: ``(tiles, g*g)`` [CLS] attention of each LLM token (summed over its pixel-shuffle group), in
+            the family's tile order: crops row-major, the thumbnail last (first if ``thumbnail_first``); one tile
+            when the image is a lone tile (grid ``(1, 1)``).
+        grid: ``(rows, cols)`` of crops.
+        g: LLM tokens per tile side.
+        plus, extra_token, k: as :func:`plan_prumerge`.
+
+    Returns:
+        ``(plan, keep)``: Bool ``(tiles, g*g)`` kept tokens, in the family's tile order. The plan's per-tile records
+        (``outlier_counts``, ...) are thumbnail first, as on every family.
+    """
+    rows, cols = grid if grid[0] * grid[1] > 1 else (0, 0)  # a lone tile: no crops
+    n = rows * cols
+    valid = torch.ones_like(tile_scores, dtype=torch.bool)
+    keep, outliers = prumerge_keep(tile_scores, valid, plus)
+    thumb = 0 if thumbnail_first else n
+    order = torch.tensor(
+        [thumb] + [t for t in range(n + 1) if t != thumb], device=keep.device
+    )  # thumbnail first
+    crops = order[1:]
+    extra_tiles = (valid & ~keep).any(-1) & extra_token
+    kept_counts = keep[crops].sum(-1)
+    plan = PruMergePlan(
+        grid=(rows, cols),
+        thumbnail_mask=keep[thumb].reshape(g, g),
+        crops_mask=tiles_to_grid(keep[crops].reshape(n, g, g), rows, cols),
+        crop_ratios=kept_counts.float() / (g * g),
+        num_tokens=int(keep.sum()) + int(extra_tiles.sum()),
+        num_tokens_full=(n + 1) * g * g,
+        valid_box=(0, rows * g, 0, cols * g),
+        crop_keep_counts=kept_counts,
+        crop_valid_counts=torch.full((n,), g * g, dtype=torch.long, device=keep.device),
+        mode="prumerge+" if plus else "prumerge",
+        thumbnail_order=keep[thumb].nonzero().reshape(-1),
+        outlier_counts=outliers.sum(-1)[order],
+        fallback_tiles=~_iqr_rule(tile_scores, valid).any(-1)[order],
+        sample_counts=(keep & ~outliers).sum(-1)[order],
+        extra_tiles=extra_tiles[order],
+        extra_tokens=int(extra_tiles.sum()),
+        neighbours=k,
+    )
+    return plan, keep
+
+
+def tile_token_order(keep: torch.Tensor, extra_tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the LLM's run of the kept tokens (``keep.nonzero()`` order) and of the remainder tokens (tiles
+    in ``extra_tiles``): tile after tile, each tile's kept tokens in raster order, then its remainder token."""
+    kept = keep.sum(-1)
+    lengths = kept + extra_tiles.long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    rank = torch.cumsum(keep.long(), -1) - 1
+    return (starts[:, None] + rank)[keep], (starts + kept)[extra_tiles]
+
+
+# -------------------------------------------------------------------------------------------- the adapters
+
+
+class PruMergeMethod:
+    """PruMerge / PruMerge+ in front of a family adapter with a [CLS] tower (:func:`prumerge_class`).
 
     What it swaps in the shared pipeline: its own last-layer hook (the [CLS] attention of step 1 and the keys), a
-    pre-hook on the projector that records the tokens y, and the rows of each packed image (merged, projected
-    tokens instead of a selection of HF's rows). The config runs in ``mode="reference"`` so that ``forward`` /
-    ``generate`` resize the placeholder runs to the adaptive counts.
+    pre-hook on the projector that records the tokens y, and each image's tokens (merged, projected tokens instead
+    of a selection of the family's). The config runs in ``mode="reference"`` so that ``forward`` / ``generate``
+    resize the placeholder runs to the adaptive counts. The family part (:class:`AnyresPruMerge`,
+    :class:`TilePruMerge`) says where the tiles' tokens are and in which order the LLM reads them.
     """
+
+    tower: TowerInfo
+    inner: Any
 
     def __init__(self, model: Any, processor: Any, config: Any, *, plus: bool, k: int = 32,
                  attention: str = "full", extra_token: bool = True) -> None:  # fmt: skip
         self.k, self.attention, self.extra_token = check_options(k, attention, extra_token)
         self.plus = bool(plus)
         self._handle: GlobalComHandle | None = None  # the one handle this adapter is installed on
-        super().__init__(model, processor, config)
+        super().__init__(model, processor, config)  # type: ignore[call-arg]
         if not self.tower.has_cls:
             raise UnsupportedModelError(
                 f"PruMerge ranks tokens by [CLS] attention; the {self.tower.name} vision tower has no [CLS] token"
@@ -386,7 +482,7 @@ class PruMergeAdapter(LlavaNextAdapter):
         """A new encode starts: forget the keys and tokens of the previous one."""
         if self._handle is not None:
             self._stash(self._handle).update(keys=[], inputs=[])
-        return super().pop_encode_inputs(kwargs)
+        return super().pop_encode_inputs(kwargs)  # type: ignore[misc]
 
     def install_scoring(self, handle: GlobalComHandle) -> None:
         self._handle = handle
@@ -415,10 +511,11 @@ class PruMergeAdapter(LlavaNextAdapter):
         if handle.state.capturing:
             self._stash(handle)["inputs"].append(args[0])
 
-    # -- the packed rows of every image --------------------------------------------------------------------------
-    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
-                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
-        scores = self.take_scores(handle)
+    def take_encoded(
+        self, handle: GlobalComHandle, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, inputs)`` of this encode's tiles (and clear the stash): the last layer's keys and the
+        projector's input, one row per tile, checked against the scores' tiles."""
         stash = self._stash(handle)
         keys, inputs = torch.cat(stash["keys"]), torch.cat(stash["inputs"])
         stash.update(keys=[], inputs=[])
@@ -426,6 +523,17 @@ class PruMergeAdapter(LlavaNextAdapter):
             raise RuntimeError(
                 f"PruMerge: {scores.shape[0]} tiles were scored but the projector saw {inputs.shape[0]}"
             )
+        return keys, inputs
+
+
+class AnyresPruMerge(PruMergeMethod):
+    """PruMerge(+) on LLaVA-NeXT's packed rows (:func:`plan_prumerge`, :func:`emit_image`)."""
+
+    def select_packed(self, handle: GlobalComHandle, packed: list[torch.Tensor],
+                      arguments: dict[str, Any]) -> tuple[list[Plan], list[torch.Tensor]]:  # fmt: skip
+        adapter: Any = self
+        scores = adapter.take_scores(handle)
+        keys, inputs = self.take_encoded(handle, scores)
         newline = arguments.get("image_newline") is not None
         projector = self.inner.multi_modal_projector
         plans: list[Plan] = []
@@ -435,11 +543,11 @@ class PruMergeAdapter(LlavaNextAdapter):
             tiles = slice(offset, offset + int(feats.shape[0]))
             offset = tiles.stop
             if tiles.stop - tiles.start == 1:  # a single tile is not compressed (as by every method here)
-                plan, index = self.plan_single_tile(newline, seq.device)
+                plan, index = adapter.plan_single_tile(newline, seq.device)
                 out.append(seq[index])
                 plans.append(plan)
                 continue
-            geo = self.geometry(size)
+            geo = adapter.geometry(size)
             s = scores[tiles].to(seq.device)
             plan, keep, valid = plan_prumerge(s, geo, plus=self.plus, newline=newline,
                                               extra_token=self.extra_token, k=self.k)  # fmt: skip
@@ -460,3 +568,81 @@ class PruMergeAdapter(LlavaNextAdapter):
         if offset != scores.shape[0]:
             raise RuntimeError(f"PruMerge: {scores.shape[0]} tiles were scored but {offset} were packed")
         return plans, out
+
+
+class TilePruMerge(PruMergeMethod):
+    """PruMerge(+) on InternVL's tiles (module docstring, "InternVL"): the [CLS] attention summed over each
+    pixel-shuffle group, the group's keys side by side, the merge on the projector's (pixel-shuffled) input."""
+
+    factor: int
+    g: int
+
+    def _select(
+        self, handle: GlobalComHandle, features: torch.Tensor, scores: torch.Tensor | None, grids: Any
+    ) -> torch.Tensor:
+        """Every image's merged, projected tokens: ``(num_tokens, 1, D)`` in the LLM's order."""
+        adapter: Any = self
+        assert scores is not None  # the attention hook ran
+        grid_list, counts = adapter.tile_counts(features, grids)
+        keys, inputs = self.take_encoded(handle, scores)
+        device = features.device
+        scores = merge_pool(scores, self.factor).to(device)  # Eq. 2's attention per LLM token
+        keys = shuffle_keys(keys, self.factor).to(device)
+        projector = self.inner.multi_modal_projector
+        first = bool(getattr(self, "thumbnail_first", False))
+        plans: list[Plan] = []
+        out = []
+        for s, y, key, grid in zip(scores.split(counts), inputs.to(device).split(counts), keys.split(counts),
+                                   grid_list, strict=True):  # fmt: skip
+            plan, keep = plan_prumerge_tiles(s, grid, self.g, plus=self.plus, extra_token=self.extra_token,
+                                             k=self.k, thumbnail_first=first)  # fmt: skip
+            valid = torch.ones_like(keep)
+            merged, extra = merge_tokens(y, key, s, keep, valid, self.k)
+            extra_tiles = (valid & ~keep).any(-1) & self.extra_token
+            proj = projector.forward(
+                torch.cat([merged, extra[extra_tiles]])
+            )  # not through the recording hook
+            at_kept, at_extra = tile_token_order(keep, extra_tiles)
+            run = proj.new_empty(plan.num_tokens, proj.shape[-1])
+            run[at_kept], run[at_extra] = proj[: merged.shape[0]], proj[merged.shape[0] :]
+            out.append(run)
+            plans.append(plan)
+        handle.publish(plans)
+        return torch.cat(out).unsqueeze(1)
+
+
+@functools.cache
+def prumerge_class(family: type) -> type:
+    """PruMerge(+)'s adapter class on ``family`` (one class per family, made once); TypeError for a family without
+    a rule (a tower without [CLS], or a token layout PruMerge is not written for)."""
+    reason = prumerge_rule(family)
+    if reason is not None:
+        raise TypeError(reason)
+    from ..adapters.internvl import InternVLAdapter
+
+    mixin = TilePruMerge if issubclass(family, InternVLAdapter) else AnyresPruMerge
+    return type(f"PruMerge{family.__name__}", (mixin, family), {})
+
+
+#: the families whose vision tower has a [CLS] token PruMerge ranks by, and why the others have none
+CLS_TOWERS = {"llava_next": None, "internvl": None}
+_NO_CLS = {
+    "llava_onevision": "SigLIP", "idefics3": "SigLIP", "smolvlm": "SigLIP", "gemma3": "SigLIP",
+    "aya_vision": "SigLIP2", "qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "qwen3_vl": "Qwen-VL",
+    "qwen3_5": "Qwen-VL",
+}  # fmt: skip
+
+
+def prumerge_rule(family: type) -> str | None:
+    """None where PruMerge(+) runs on ``family`` (an adapter class), else why not (one line)."""
+    name = getattr(family, "family", family.__name__)
+    if name in CLS_TOWERS:
+        return None
+    tower = _NO_CLS.get(name)
+    if tower is not None:
+        return f"PruMerge ranks tokens by [CLS] attention and the {tower} vision tower has no [CLS] token"
+    return "PruMerge is not written for this family's token layout"
+
+
+#: PruMerge(+) on LLaVA-NeXT.
+PruMergeAdapter = prumerge_class(LlavaNextAdapter)
