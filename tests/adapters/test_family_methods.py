@@ -19,7 +19,15 @@ import torch
 
 from globalcom2.methods import METHODS, apply_method, method_support
 from globalcom2.methods.layout import plan_from_keep
-from tests.adapters.families import FAMILIES, family_fixtures, greedy, inputs_for, plan_key, run_in_threads
+from tests.adapters.families import (
+    FAMILIES,
+    family_fixtures,
+    greedy,
+    inputs_for,
+    make_scores_tie,
+    plan_key,
+    run_in_threads,
+)
 from tests.conftest import module_state, sweep
 
 #: by default: tiles with markers (InternVL), Idefics3's runs and Eq. 7 (SmolVLM), M-RoPE positions only (Qwen2.5-VL);
@@ -77,7 +85,7 @@ def test_apply_method_accepts_exactly_the_registry_pairs(fam):
         assert "_globalcom2_handle" not in model.__dict__ and "_globalcom2_handle" not in processor.__dict__
 
 
-@pytest.mark.parametrize("method", sweep(BASELINES, DEFAULT))
+@pytest.mark.parametrize("method", sweep(BASELINES, [*DEFAULT, "pooling", "prumerge"]))
 def test_remove_is_bit_exact_and_a_batch_equals_each_alone(fam, method):
     family, model, processor = fam
     _runs(family, method)
@@ -199,3 +207,35 @@ def test_vision_baselines_keep_the_budget_counts_of_globalcom2(fam, method):
         theirs = handle.plans[0]
     assert theirs.num_tokens == ours.num_tokens < ours.num_tokens_full
     assert torch.equal(theirs.crop_keep_counts, ours.crop_keep_counts)
+
+
+@pytest.mark.parametrize("method", sweep(["prumerge", "prumerge+"], ["prumerge"]))
+def test_prumerge_tie_rule_keeps_the_earliest_tokens(fam, method):
+    """Every [CLS] score of every tile exactly equal (zero last-layer keys): no tile has an IQR outlier, so each keeps
+    its first token (the fallback, marked in ``fallback_tiles``), plus PruMerge+'s samples 0, s, 2s, ... < N - 1 with
+    s = N // 3; among equal scores the earlier token wins everywhere."""
+    family, model, processor = fam
+    _runs(family, method)
+    make_scores_tie(model)
+    with apply_method(model, processor, method) as handle:
+        greedy(model, inputs_for(family, processor, [family.images()[0]]), new_tokens=1)
+        plan = handle.plans[0]
+    g = plan.thumbnail_mask.shape[0]
+    rows, cols = plan.grid
+    top, bottom, left, right = plan.valid_box  # LLaVA-NeXT: a crop's tokens are its unpadded ones
+    inside = torch.zeros(rows * g, cols * g, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    tiles = [(plan.thumbnail_mask.reshape(-1), list(range(g * g)))]
+    for r in range(rows):
+        for c in range(cols):
+            block = (slice(r * g, (r + 1) * g), slice(c * g, (c + 1) * g))
+            tiles.append(
+                (plan.crops_mask[block].reshape(-1), inside[block].reshape(-1).nonzero().reshape(-1).tolist())
+            )
+    for kept, valid in tiles:
+        step = max(1, len(valid) // 3)
+        expected = {valid[0]} | (
+            {valid[p] for p in range(0, len(valid) - 1, step)} if "+" in method else set()
+        )
+        assert set(kept.nonzero().reshape(-1).tolist()) == expected
+    assert plan.fallback_tiles.all() and plan.outlier_counts.tolist() == [1] * len(tiles)

@@ -31,6 +31,8 @@ from globalcom2.methods.prumerge import (
 )
 from globalcom2.viz.numbers import panel_numbers, panel_text
 from tests.conftest import PROMPT, assert_sweep_plans_match, module_state, random_image
+from tests.methods.plain_prumerge import plain_keep as _plain_keep
+from tests.methods.plain_prumerge import plain_merge as _plain_merge
 
 SIZES = [(100, 180), (120, 130), (180, 100)]
 SHARPEN = 12.0  # the tiny random tower's [CLS] attention is flat; a sharper one gives tiles several outliers
@@ -100,32 +102,6 @@ def _plain_tower(model, inputs, attention: str):
         # second witness: HF's eager attention maps
         torch.testing.assert_close(a.float(), out.attentions[-1][:, :, 0].mean(1), atol=1e-5, rtol=1e-4)
     return a[:, 1:], k[:, 1:], out.hidden_states[-2][:, 1:].double()
-
-
-def _plain_keep(a: torch.Tensor, valid: list[int], plus: bool) -> tuple[set[int], int]:
-    """Paper Sec. 3.2: IQR outliers (top token when none); PruMerge+: positions 0, s, 2s, ... < N - 1."""
-    v = a[valid].numpy()
-    q1, q3 = np.percentile(v, [25, 75])
-    out = [i for i, s in zip(valid, v, strict=True) if s > q3 + 1.5 * (q3 - q1)]
-    if not out:
-        out = [valid[int(np.argmax(v))]]  # first maximum
-    keep = set(out)
-    if plus:
-        step = max(1, (len(valid) // len(out)) // 3)
-        keep |= {valid[p] for p in range(0, len(valid) - 1, step)}
-    return keep, len(out)
-
-
-def _plain_merge(a, keys, y, valid: list[int], keep: set[int], k: int):
-    """Algorithm 1 lines 4-8, token by token: y'_p = y_p + sum over its k key-nearest other tokens of a_q y_q."""
-    merged = {}
-    for p in sorted(keep):
-        others = [q for q in valid if q != p]
-        sim = {q: float(F.cosine_similarity(keys[p], keys[q], dim=0)) for q in others}
-        nearest = sorted(others, key=lambda q: (-sim[q], q))[:k]
-        merged[p] = y[p] + sum(a[q] * y[q] for q in nearest)
-    extra = sum((a[q] * y[q] for q in valid if q not in keep), torch.zeros_like(y[0]))
-    return merged, extra
 
 
 def _plain_image(
