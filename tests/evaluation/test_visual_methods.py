@@ -35,7 +35,7 @@ def _supported(family: str) -> list[str]:
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("family", ["internvl", "smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", ["internvl", "smolvlm", "llava_onevision", "gemma3", "aya_vision"])
 def test_every_supported_method_draws_on_every_family(tmp_path, family):
     methods = _supported(family)
     plans = _visualize(tmp_path, family, methods, "--ratio", "0.5")["plans"]
@@ -54,19 +54,20 @@ def test_every_supported_method_draws_on_every_family(tmp_path, family):
 @pytest.mark.parametrize("family", sweep(["internvl", "smolvlm"], default=["internvl"]))
 def test_max_image_tokens_with_methods(tmp_path, family):
     """T = 200: the vision-side methods that take T keep fewer than T image tokens (the layout's markers count
-    towards T), all at the same R (same counts, different tokens)."""
-    methods = ["globalcom2", "fastervlm", "random"]
+    towards T), all at the same R (same counts, different tokens); pooling at its own R (its own count)."""
+    methods = ["globalcom2", "fastervlm", "random", "pooling"]
     plans = _visualize(tmp_path, family, methods, "--max-image-tokens", "200")["plans"]
     assert [p["method"] for p in plans] == methods
-    counts = {p["num_tokens"] for p in plans}
+    counts = {p["num_tokens"] for p in plans[:3]}
     assert len(counts) == 1 and 0 < counts.pop() < 200
+    assert 0 < plans[3]["num_tokens"] < 200
     assert all(p["max_image_tokens"] == 200 and 0 < p["ratio"] < 1 for p in plans)
 
 
 @pytest.mark.parametrize(
     ("family", "args", "message"),
     [
-        ("internvl", ["--methods", "globalcom2,pooling", "--ratio", "0.5"], "'pooling' is not implemented for internvl"),
+        ("smolvlm", ["--methods", "globalcom2,prumerge", "--ratio", "0.5"], "'prumerge' is not implemented for smolvlm"),
         ("smolvlm", ["--methods", "pdrop", "--ratio", "0.25"], "always above 1/4 = 0.25; use a ratio above 0.25"),
         ("llava_next", ["--methods", "fastv", "--max-image-tokens", "300"], "does not support max_image_tokens"),
         ("llava_next", ["--methods", "fastv", "--method-option", "stages=2"], "'stages' is an option of none of fastv"),
@@ -118,7 +119,7 @@ def test_method_option_reaches_the_method(tmp_path):
 def test_bench_table4_family_refuses_before_building(tmp_path):
     """`bench --table4 --family F`: a method F does not run, or a schedule out of reach, fails in seconds."""
     for args, message in (
-        (["--family", "internvl", "--methods", "uncompressed,prumerge"], "'prumerge' is not implemented for internvl"),
+        (["--family", "smolvlm", "--methods", "uncompressed,prumerge"], "'prumerge' is not implemented for smolvlm"),
         (["--family", "smolvlm", "--methods", "pdrop", "--llm-layers", "8"], "out of reach for pdrop on a 8-layer LLM"),
     ):  # fmt: skip
         start = time.perf_counter()
