@@ -1,4 +1,4 @@
-"""PruMerge and PruMerge+ (Shang et al., "LLaVA-PruMerge", ICCV 2025), per tile of a LLaVA-NeXT image.
+"""PruMerge and PruMerge+ (Shang et al., "LLaVA-PruMerge", ICCV 2025), per tile, on the families with a [CLS] tower.
 
 The rule (paper Sec. 3.2-3.3 and Algorithm 1, with the defaults of the authors' public code):
 
@@ -20,10 +20,24 @@ The rule (paper Sec. 3.2-3.3 and Algorithm 1, with the defaults of the authors' 
    With ``extra_token=True`` (public code) each tile also hands on one more token, sum over its pruned tokens of
    a_j y_j (a tile that pruned nothing hands on none: the public code would add a zero vector).
 
-Applied per tile: the thumbnail and every crop separately, each crop on its valid (unpadded) tokens only, which
-then play the role of the tile (N = the crop's valid tokens, raster positions in its valid-token list). The merge
-acts on the projector's input (CLIP space, as in the public code); the merged tokens are projected by the model's
-own projector. An image encoded as a single tile is not compressed (as by every method here).
+Applied per tile on LLaVA-NeXT (:class:`AnyresPruMerge`): the thumbnail and every crop separately, each crop on its
+valid (unpadded) tokens only, which then play the role of the tile (N = the crop's valid tokens, raster positions in
+its valid-token list). The merge acts on the projector's input (CLIP space, as in the public code); the merged tokens
+are projected by the model's own projector. An image LLaVA-NeXT encodes as a single tile is not compressed (as by
+every method there).
+
+**InternVL** (:class:`TilePruMerge`): InternViT has a [CLS] token, but the LLM receives pixel-shuffled tokens, each
+made of a 2 x 2 group of patches. The rule runs on that grid, every tile (each crop, the thumbnail, or the lone tile
+of a one-tile image) a full g x g block without padding: a token's attention is the **sum** of its group's [CLS]
+attention (the share of the [CLS] row its patches hold, as GlobalCom²'s scores on InternVL; step 1 over all
+patches first), the IQR rule and the PruMerge+ samples run on those g*g sums (steps 2-3), and the merge compares
+tokens by the cosine of their groups' four keys side by side (:func:`shuffle_keys`) and adds the projector's
+inputs (the pixel-shuffled features; step 4). The LLM reads tile after tile in InternVL's order (crops row-major,
+then the thumbnail), each tile's kept tokens in raster order followed by its remainder token.
+
+**Families without a [CLS]** (SigLIP / SigLIP2: OneVision, Idefics3, SmolVLM, Gemma 3, Aya Vision; the Qwen-VL
+ViT) have no attention to rank by: :func:`prumerge_rule` gives the reason and ``apply_method`` raises a TypeError
+before anything is patched.
 
 **Counts and R.** PruMerge's count depends on the image's attention, not on R: ``ratio`` is recorded on the handle
 but not used (``METHODS["prumerge"].uses_ratio`` is False); the plans report what was kept. The count is only known
@@ -31,9 +45,9 @@ after the vision tower has run, so the processor stays unpatched and ``forward``
 mode: the call encodes the images first and resizes each image's placeholder run to its plan's count
 (:meth:`~globalcom2.adapters.family.FamilyAdapter._reference_call`).
 
-**Token order** handed to the LLM: the thumbnail's kept tokens in raster order (then its extra token), the kept
-crop tokens in raster order of the unpadded crop grid with one ``image_newline`` after every row (as HF packs),
-then the crops' extra tokens in crop order.
+**Token order** handed to the LLM (LLaVA-NeXT): the thumbnail's kept tokens in raster order (then its extra token),
+the kept crop tokens in raster order of the unpadded crop grid with one ``image_newline`` after every row (as HF
+packs), then the crops' extra tokens in crop order.
 """
 
 from __future__ import annotations
@@ -230,8 +244,9 @@ class PruMergePlan(Plan):
     """`Plan` of PruMerge(+): the masks mark the kept tokens, each of which carries its merged neighbours.
 
     Attributes:
-        outlier_counts: Long ``(1 + rows*cols,)``: tokens kept per tile by the outlier step (thumbnail first): its
-            IQR outliers, or its one top token where it has none (see ``fallback_tiles``).
+        outlier_counts: Long ``(1 + rows*cols,)``: tokens kept per tile by the outlier step (thumbnail first): the
+            number of its IQR outliers, or 1 for a tile without any, which keeps its top token instead (that token
+            is not an IQR outlier; ``fallback_tiles`` marks those tiles).
         fallback_tiles: Bool ``(1 + rows*cols,)``: the tiles without an IQR outlier, whose one counted "outlier"
             is their top token (:func:`iqr_outliers`).
         sample_counts: Long ``(1 + rows*cols,)``: tokens added by PruMerge+'s spatial sampling (0 for PruMerge).

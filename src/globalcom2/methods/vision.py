@@ -1,4 +1,4 @@
-"""Pre-LLM baselines: FasterVLM-style top-k and random on every family, spatial average pooling on LLaVA-NeXT.
+"""Pre-LLM baselines on every family: FasterVLM-style top-k, random and spatial average pooling.
 
 Each is the GlobalCom² pipeline with one step swapped (a different score or a different allocation, see
 docs/design.md §1): the same install path, scoring hook, packing, placeholder checks and processor patch as
@@ -14,14 +14,26 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 - **random** (:class:`RandomScores` on any family, :func:`random_class`): the same selection and counts on scores
   drawn uniformly at random instead of the tiles' own scores. The draw of an image comes from a generator made for that image from ``seed`` alone, so
   the same seed keeps the same tokens for the same geometry in any batch, thread or call order.
-- **pooling** (:class:`PoolingAdapter`): each tile's valid block of h x w cells is averaged down to a x b cells
-  with a = max(1, floor(h*sqrt(R) + 1/2)), b likewise; cell (y, x) goes to bin (y*a // h, x*b // w) (a partition,
-  bins differ by at most one cell per side). Nothing is discarded, so the plan's masks mark every valid cell as
-  kept and :class:`PoolingPlan` records which pooled token covers each cell. Count (its own, replacing
-  ``count_tokens``): a0*a0 (thumbnail) + (sum_r a_r) * (sum_c b_c) (crop grid) + sum_r a_r (one newline per pooled
-  row), close to but not always equal to the budget count (R = 10 %, g = 24: 8*8 = 64 thumbnail tokens vs
-  int(57.6) = 57). Under ``max_image_tokens=T`` an image's R is the largest whose pooling count fits T
-  (:func:`~globalcom2.core.budget.largest_fitting_ratio` on this count, which never falls as R grows).
+- **pooling** (:func:`pooling_class`: one mixin per token layout, on every family). A side of n cells is pooled to
+  a = max(1, floor(n*sqrt(R) + 1/2)) cells (:func:`pooled_side`), cell k going to bin k*a // n (a partition, bins
+  differ by at most one cell). Nothing is discarded: the plan's masks mark every valid cell as kept and
+  :class:`PoolingPlan` records which pooled token covers each cell. Per layout:
+
+  - *anyres* (LLaVA-NeXT, LLaVA-OneVision; :class:`AnyresPooling`): the thumbnail's g x g grid to a0 x a0; the crop
+    token grid the LLM receives (the unpadded valid box; on OneVision the possibly down-sampled grid, each token row
+    and column belonging to the crop of its anchor patch, :func:`~globalcom2.adapters.anyres.resample_blocks`) cut
+    into per-crop blocks of h_r x w_c tokens, each averaged to a_r x b_c; the pooled crop grid keeps HF's packing
+    (raster order, one ``image_newline`` per pooled row). Count: a0*a0 + (sum_r a_r) * (sum_c b_c) + sum_r a_r.
+  - *InternVL's tiles* (InternVL, Idefics3, SmolVLM, Gemma 3, Aya Vision; :class:`TilePooling`): every tile -- each
+    crop and the thumbnail, or the lone tile of a one-tile image -- is a full g x g grid of LLM tokens (after the
+    pixel shuffle; Gemma 3: the projector's 16 x 16 pooled grid) averaged to a x a, tile after tile in the family's
+    order (raster inside each). Count: tiles * a*a, every run a*a where each tile has its own run.
+  - *native grids* (Qwen-VL): :mod:`globalcom2.methods.native`.
+
+  The count is close to but not always equal to the budget count (R = 10 %, g = 24: 8*8 = 64 thumbnail tokens vs
+  int(57.6) = 57). Under ``max_image_tokens=T`` an image's R is the largest whose pooling count (plus the family's
+  layout tokens) fits T (:func:`~globalcom2.core.budget.largest_fitting_ratio` on this count, which never falls as R
+  grows).
 """
 
 from __future__ import annotations
