@@ -198,15 +198,15 @@ def _random(model: Any, processor: Any, *, ratio: float | None, max_image_tokens
 
 def _pooling(model: Any, processor: Any, *, ratio: float | None,
              max_image_tokens: int | None = None) -> Any:  # fmt: skip
-    from .vision import pooling_class
+    from .pooling import pooling_class
 
     cls = pooling_class(_family(model, "pooling"))
     return cls(model, processor, GlobalComConfig(ratio=ratio, max_image_tokens=max_image_tokens))
 
 
 def _pooling_rule(cls: type) -> str | None:
-    """Pooling has a rule per token layout (anyres, InternVL's tiles, native grids: methods.vision.pooling_class)."""
-    from .vision import pooling_rule
+    """Pooling has a rule per token layout (anyres, InternVL's tiles, native grids: methods.pooling)."""
+    from .pooling import pooling_rule
 
     return pooling_rule(cls)
 

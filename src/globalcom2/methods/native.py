@@ -46,7 +46,8 @@ def pooling_bins(height: int, width: int, ratio: float) -> tuple[int, int, torch
 
 
 class NativePooling:
-    """The pooling baseline, put in front of a native-resolution family adapter (:func:`native_pooling_class`)."""
+    """The pooling baseline, put in front of a native-resolution family adapter (:func:`native_pooling_class`,
+    :func:`globalcom2.methods.pooling.pooling_class`)."""
 
     config: Any
 

@@ -14,9 +14,9 @@ docs/design.md §1): the same install path, scoring hook, packing, placeholder c
 - **random** (:class:`RandomScores` on any family, :func:`random_class`): the same selection and counts on scores
   drawn uniformly at random instead of the tiles' own scores. The draw of an image comes from a generator made for that image from ``seed`` alone, so
   the same seed keeps the same tokens for the same geometry in any batch, thread or call order.
-- **pooling** (:func:`pooling_class`: one mixin per token layout, on every family). A side of n cells is pooled to
-  a = max(1, floor(n*sqrt(R) + 1/2)) cells (:func:`pooled_side`), cell k going to bin k*a // n (a partition, bins
-  differ by at most one cell). Nothing is discarded: the plan's masks mark every valid cell as kept and
+- **pooling** (one mixin per token layout, on every family: :func:`globalcom2.methods.pooling.pooling_class`). A
+  side of n cells is pooled to a = max(1, floor(n*sqrt(R) + 1/2)) cells (:func:`pooled_side`), cell k going to bin
+  k*a // n (a partition, bins differ by at most one cell). Nothing is discarded: the plan's masks mark every valid cell as kept and
   :class:`PoolingPlan` records which pooled token covers each cell. Per layout:
 
   - *anyres* (LLaVA-NeXT, LLaVA-OneVision; :class:`AnyresPooling`): the thumbnail's g x g grid to a0 x a0; the crop
@@ -320,7 +320,7 @@ def pool_packed(seq: torch.Tensor, plan: PoolingPlan, newline: bool) -> torch.Te
 
 
 class AnyresPooling:
-    """The pooling baseline in front of an anyres family adapter (LLaVA-NeXT, LLaVA-OneVision; :func:`pooling_class`).
+    """The pooling baseline in front of an anyres family adapter (LLaVA-NeXT, LLaVA-OneVision).
 
     Overrides what pooling changes: no scoring hook (nothing is ranked), its own count and the rows handed to
     the LLM (pooled means of HF's packed rows instead of a selection of them).
@@ -373,7 +373,7 @@ def _check_packed(seq: torch.Tensor, plan: Plan, size: tuple[int, int]) -> None:
 
 class TilePooling:
     """The pooling baseline in front of a family adapter of InternVL's layout (InternVL, Idefics3, SmolVLM, Gemma 3,
-    Aya Vision; :func:`pooling_class`): every tile's ``g x g`` LLM tokens averaged to ``a x a``
+    Aya Vision): every tile's ``g x g`` LLM tokens averaged to ``a x a``
     (:func:`plan_tile_pooling`).
 
     Swaps the family's planner (no scores: the scoring hooks are not installed), the gather of the kept tokens
@@ -434,35 +434,5 @@ class TilePooling:
         return segment_mean(flat, bins, sum(p.num_tokens for p, _ in planned))
 
 
-@functools.cache
-def pooling_class(family: type) -> type:
-    """The pooling baseline's adapter class on ``family`` (one class per family, made once); TypeError for a family
-    without a pooling rule."""
-    from ..adapters.anyres import AnyresAdapter
-    from ..adapters.internvl import InternVLAdapter
-    from ..adapters.qwen import QwenAdapter
-
-    if issubclass(family, AnyresAdapter):
-        mixin: type = AnyresPooling
-    elif issubclass(family, InternVLAdapter):
-        mixin = TilePooling
-    elif issubclass(family, QwenAdapter):
-        from .native import NativePooling
-
-        mixin = NativePooling
-    else:
-        raise TypeError(f"pooling has no rule for the token layout of {family.__name__}")
-    return type(f"Pooling{family.__name__}", (mixin, family), {})
-
-
-def pooling_rule(family: type) -> str | None:
-    """None when :func:`pooling_class` has a rule for ``family``'s token layout, else why not."""
-    try:
-        pooling_class(family)
-    except TypeError as err:
-        return str(err)
-    return None
-
-
-#: The pooling baseline on LLaVA-NeXT.
-PoolingAdapter = pooling_class(LlavaNextAdapter)
+#: The pooling baseline on LLaVA-NeXT (:func:`globalcom2.methods.pooling.pooling_class` gives it for LLaVA-NeXT).
+PoolingAdapter = type("PoolingLlavaNextAdapter", (AnyresPooling, LlavaNextAdapter), {})
