@@ -613,3 +613,41 @@ def test_qwen_refuses_what_it_cannot_serve():
     ]:
         with pytest.raises(ValueError, match=message):
             setup(**kwargs)
+
+
+@pytest.mark.parametrize("name", sweep(list(QWEN_CLASSES), default=["qwen3_vl"]))
+def test_qwen_videos_pass_through_beside_a_compressed_image(checkpoints, name):
+    """vLLM's own processor with a prompt holding an image and a video: the image's run has the budget count, the
+    video's placeholders (Qwen3-VL: frames with their timestamp text) are exactly stock vLLM's for the same inputs."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    family = FAMILIES[name]
+    _, model_dir = checkpoints(name)
+    register_vllm()
+
+    def processor(overrides: dict | None):
+        config = ModelConfig(model=str(model_dir), dtype="float32", max_model_len=4096, seed=0,
+                             hf_overrides=overrides or {})  # fmt: skip
+        return MULTIMODAL_REGISTRY.create_processor(config)
+
+    ours = processor({"architectures": [family.architecture], "globalcom2": {"ratio": 0.25}})
+    stock = processor(None)
+    assert type(ours).__name__.startswith("GlobalCom") and not type(stock).__name__.startswith("GlobalCom")
+    video = stock.dummy_inputs._get_dummy_videos(width=64, height=48, num_frames=4, num_videos=1)
+    h, w = family.sizes[3]
+    data = {"image": [random_image(h, w, seed=0)], "video": video}
+    prompt = f"USER: {family.image_token}<|vision_start|><|video_pad|><|vision_end|>\nhi\nASSISTANT:"
+    got = ours(prompt, ours.info.parse_mm_data(data), hf_processor_mm_kwargs={})
+    want = stock(prompt, stock.info.parse_mm_data(data), hf_processor_mm_kwargs={})
+    assert [p.length for p in got["mm_placeholders"]["image"]] == [
+        image_tokens(family, model_dir, h, w, {"ratio": 0.25})
+    ]
+    assert [p.length for p in want["mm_placeholders"]["image"]] == [
+        image_tokens(family, model_dir, h, w, None)
+    ]
+    got_video, want_video = got["mm_placeholders"]["video"], want["mm_placeholders"]["video"]
+    assert [p.length for p in got_video] == [p.length for p in want_video] and want_video[0].length > 0
+    shift = want["mm_placeholders"]["image"][0].length - got["mm_placeholders"]["image"][0].length
+    assert [p.offset for p in got_video] == [p.offset - shift for p in want_video]
+    assert got["prompt_token_ids"][got_video[0].offset :] == want["prompt_token_ids"][want_video[0].offset :]
