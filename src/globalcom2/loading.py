@@ -123,6 +123,7 @@ def _load_checkpoint(name: str, *, device: Any = None, **kwargs: Any) -> tuple[A
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         if device is not None:
             model = model.to(device)
+        fix_llama4_outputs(model)  # transformers 5.24's Llama 4 forward (a no-op elsewhere)
         processor = load_processor(name)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(err)}") from err

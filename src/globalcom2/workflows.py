@@ -34,7 +34,7 @@ def render_plan(image: Image.Image, plan: Plan, model: Any, title: str, out_path
     from .viz.overlay import render_overlay
 
     adapter = adapter_for(model)
-    if hasattr(adapter, "render_plan"):  # families with their own drawing (native resolution: regions)
+    if hasattr(adapter, "render_plan"):  # own drawing (native resolution: regions; Llama 4: padded canvas)
         return adapter.render_plan(model, image, plan, title, out_path)
     image, tile, best = adapter.overlay_geometry(model, image, plan)
     return render_overlay(image, plan, tile_size=tile, best_resolution=best, title=title, out_path=out_path)

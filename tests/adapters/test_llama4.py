@@ -30,6 +30,7 @@ from globalcom2.adapters import family as family_module
 from globalcom2.adapters import internvl as internvl_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.adapters.llama4 import llama4_canvas
+from tests.adapters.families import visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
     check_tiles_plan,
@@ -328,3 +329,18 @@ def test_max_image_tokens_counts_the_span(fam, max_tokens):
             assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
             assert span <= max_tokens, (size, span)
             assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
+
+
+@pytest.mark.slow
+def test_cli_visualize_llama4_geometry(tmp_path):
+    """`visualize --model standin --family llama4` (random vision weights at Llama-4-Scout's geometry) on the rocket
+    photo (640x427): a 2 x 2 canvas of 336 px tiles + the global tile, 144 tokens each, the budget count at R = 0.25."""
+    plan = visualize_standin_plan("llama4", tmp_path / "kept.png")
+    assert plan["grid"] == [2, 2] and plan["num_tokens_full"] == 5 * 144
+    assert plan["num_tokens"] == int(144 * 0.25) + int(0.25 * 4 * 144)
+    assert llama4_canvas(427, 640, 336, 16) == (
+        2,
+        2,
+        427,
+        640,
+    )  # the photo is not upscaled: padding below, right

@@ -126,9 +126,9 @@ def test_qwen_record_at_real_width():
     ]
 
 
-@pytest.mark.parametrize("family", sweep(["aya_vision", "gemma3"], ["aya_vision"]))
+@pytest.mark.parametrize("family", sweep(["aya_vision", "gemma3", "llama4"], ["aya_vision"]))
 def test_tiling_family_bench_models_give_five_tiles_and_their_budget(family):
-    """The real-width Gemma 3 / Aya Vision models of the bench: their image is 5 tiles (the 2 ms target's size) and
+    """The real-width Gemma 3 / Aya Vision / Llama 4 models of the bench: their image is 5 tiles (the 2 ms target's size) and
     a budget-mode encode keeps exactly the processor's count."""
     import globalcom2
     from globalcom2.bench.measure import bench_image
@@ -144,6 +144,6 @@ def test_tiling_family_bench_models_give_five_tiles_and_their_budget(family):
             k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")
         }
         with torch.no_grad():
-            model.model.get_image_features(**vision)
+            getattr(model, "model", model).get_image_features(**vision)  # Llama 4 has no inner model
         plan = handle.plans[0]
     assert plan.num_tokens == int((inputs["input_ids"] == model.config.image_token_id).sum()) > 0

@@ -310,5 +310,22 @@ class Llama4Adapter(AyaVisionAdapter):
         canvas.paste(image.convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR))
         return canvas, tile, (rows * tile, cols * tile)
 
+    @staticmethod
+    def render_plan(model: Any, image: Any, plan: Any, title: str, out_path: Any = None) -> Any:
+        """The Figure-7 overlay: the tiles on the padded canvas (:meth:`overlay_geometry`), the global tile from the
+        photo itself (:func:`globalcom2.viz.overlay.render_overlay`)."""
+        from ..viz.overlay import render_overlay
+
+        canvas, tile, best = Llama4Adapter.overlay_geometry(model, image, plan)
+        return render_overlay(
+            canvas,
+            plan,
+            tile_size=tile,
+            best_resolution=best,
+            title=title,
+            out_path=out_path,
+            thumbnail=image,
+        )
+
 
 ADAPTER = Llama4Adapter

@@ -47,9 +47,10 @@ from typing import Any
 import torch
 
 from ..apply import apply
+from ..loading import fix_llama4_outputs
 from .measure import _DTYPES, _sync, _time_ms, bench_image
 
-FAMILIES = ("llava_next", "internvl", "llava_onevision", "qwen2_5_vl", "gemma3", "aya_vision")
+FAMILIES = ("llava_next", "internvl", "llava_onevision", "qwen2_5_vl", "gemma3", "aya_vision", "llama4")
 #: native-resolution families: one "tile" per image; their selection target is one image's selection
 NATIVE = ("qwen2_5_vl",)
 TARGET_NEXT_24 = 0.97  # compressed / plain vision stage, 24-layer CLIP-L
@@ -81,6 +82,7 @@ class StageSettings:
             "qwen2_5_vl": (448, 448),
             "gemma3": (400, 1600),  # pan-and-scan: 4 crops + the original image = 5 tiles
             "aya_vision": (728, 728),  # 2 x 2 crops + the thumbnail = 5 tiles
+            "llama4": (672, 672),  # 2 x 2 tiles + the global tile = 5 tiles
         }
     )
 
@@ -253,9 +255,36 @@ def _aya_vision(layers: int):
     return config, processor, "AyaVisionForConditionalGeneration", "<image>"
 
 
+def _llama4(layers: int):
+    """Llama-4-Scout's tower at real width: 336 px tiles of 14 px patches, width 1408, 16 heads, the class embedding
+    last, 2-D RoPE; pixel shuffle 0.5 + MLP to 144 tokens of 4096 per tile; tiles up to 16 (stand-in processor)."""
+    from transformers import Llama4Config, Llama4Processor, Llama4TextConfig, Llama4VisionConfig
+
+    from ..demo.tiny_parts import build_family_tokenizer, llm_config
+    from ..demo.tiny_tiling import LLAMA4_SPECIALS
+    from ..processors import llama4_image_processor_pil_class
+
+    tok = build_family_tokenizer(LLAMA4_SPECIALS)
+    vision = Llama4VisionConfig(
+        hidden_size=1408, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=16, image_size=336,
+        patch_size=14, vision_output_dim=4096, projector_input_dim=4096, projector_output_dim=4096,
+        pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    text = llm_config(Llama4TextConfig, tok, 64, 1, 2, max_positions=16384, head_dim=32, intermediate_size_mlp=128,
+                      num_local_experts=1)  # fmt: skip
+    config = Llama4Config(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<|patch|>"),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    ip = llama4_image_processor_pil_class()(size={"height": 336, "width": 336}, max_patches=16)
+    specials: dict[str, Any] = dict(LLAMA4_SPECIALS)
+    processor = Llama4Processor(image_processor=ip, tokenizer=tok, patch_size=14, **specials)
+    return config, processor, "Llama4ForConditionalGeneration", "<|image|>"
+
+
 _BUILDERS: dict[str, Callable[[int], tuple]] = {
     "llava_next": _llava_next, "internvl": _internvl, "llava_onevision": _onevision, "qwen2_5_vl": _qwen2_5_vl,
-    "gemma3": _gemma3, "aya_vision": _aya_vision,
+    "gemma3": _gemma3, "aya_vision": _aya_vision, "llama4": _llama4,
 }  # fmt: skip
 #: processor options per family (Gemma 3's high-resolution mode: pan-and-scan)
 _CALL_KWARGS: dict[str, dict[str, Any]] = {"gemma3": {"do_pan_and_scan": True}}
@@ -269,6 +298,7 @@ def build_family_model(family: str, layers: int, device: str = "cpu", dtype: str
     with torch.device(device):
         model = getattr(transformers, cls_name)._from_config(config, dtype=_DTYPES[dtype]).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    fix_llama4_outputs(model)  # transformers 5.24's Llama 4 forward (a no-op elsewhere)
     return model, processor, token
 
 
@@ -422,7 +452,8 @@ def bench_family(family: str, s: StageSettings, log: Callable[[str], None] = pri
     )
 
     def vision(inputs: dict) -> Any:
-        return model.model.get_image_features(**{k: inputs[k] for k in vision_keys if k in inputs})
+        inner = getattr(model, "model", model)  # Llama 4: the tower hangs off the model itself
+        return inner.get_image_features(**{k: inputs[k] for k in vision_keys if k in inputs})
 
     def prefill(inputs: dict) -> Any:
         return model(**inputs, logits_to_keep=1)

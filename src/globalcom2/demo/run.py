@@ -73,6 +73,15 @@ FAMILY_NOTES = {
         "last, a TILE marker before every run). Scores: Eq. 7 on the projector's input, summed over each 2x2 "
         "group. LLM: tiny and random; no accuracy is claimed."
     ),
+    "llama4": (
+        "Llama-4-shaped: a stock Llama4ForConditionalGeneration with a RANDOM 2-layer vision encoder (no stand-in: "
+        "the DINOv2 weights cannot be expressed in Llama 4's encoder, which appends its class embedding last, "
+        "rotates q/k with a 2-D RoPE in every layer and normalises the embeddings first) at Llama-4-Scout's "
+        "geometry: 336 px tiles of 14 px patches, pixel shuffle 0.5 to 144 tokens per tile, a canvas of up to 16 "
+        "tiles chosen without distortion (padded at the bottom and right) plus the global tile, tile separators "
+        "in the prompt. Scores: the [CLS] row of the last layer (Eq. 1), summed over each 2x2 group; with random "
+        "weights they show the geometry and the allocation, not saliency. LLM: tiny and random."
+    ),
 }
 #: Options the demo passes to ``globalcom2.apply`` per family (OneVision: Eq. 7, as for SigLIP).
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"llava_onevision": {"importance": "cosine"}}
@@ -110,7 +119,10 @@ def _image_features(model, inputs) -> torch.Tensor:
         for k in ("image_sizes", "batch_num_images", "globalcom2_tile_grids", "pixel_attention_mask")
         if k in inputs
     }
-    out = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
+    encoded = getattr(model, "model", model).get_image_features(inputs["pixel_values"], **extra)
+    out = encoded.pooler_output
+    if out is None:  # Llama 4: its forward projects the encoder's last_hidden_state after get_image_features
+        out = model.multi_modal_projector(encoded.last_hidden_state)
     return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
 
 

@@ -41,7 +41,7 @@ from .tiny_parts import (
     tiny_vit_config,
 )
 
-FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision")
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision", "llama4")
 
 _ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 _INTERNVL_SPECIALS = {
@@ -259,7 +259,9 @@ def build_standin_checkpoint(
     the stand-in in its SigLIP-style tower, 378 px crops (27x27 patches as SmolVLM's 384 px crops, 3x3 shuffle: 81 tokens), up to 4x4 crops.
     ``gemma3``: Gemma3ForConditionalGeneration, the stand-in as SigLIP at 896 px (64x64 patches pooled 4x4 to 256
     tokens). ``aya_vision``: AyaVisionForConditionalGeneration, the stand-in as SigLIP at 364 px (26x26 patches,
-    2x2 shuffle: 169 tokens per tile), up to 6 crops.
+    2x2 shuffle: 169 tokens per tile), up to 6 crops. ``llama4``: Llama4ForConditionalGeneration at Llama-4-Scout's
+    geometry (336 px tiles of 14 px patches, 144 tokens per tile, up to 16 tiles + the global tile) with a *random*
+    2-layer vision encoder: the stand-in's weights do not fit Llama 4's encoder (class embedding last, 2-D RoPE).
     """
     from transformers.utils import logging as hf_logging
 
@@ -297,6 +299,12 @@ def build_standin_checkpoint(
             patch_size=14,
             **geometry,
             **text,
+        )
+    if family == "llama4":
+        from .tiny_tiling import build_tiny_llama4
+
+        return build_tiny_llama4(
+            workdir / "llama4_random_vision", tile_size=336, patch_size=14, max_patches=16, **text
         )
     if family == "internvl":
         return build_tiny_internvl(

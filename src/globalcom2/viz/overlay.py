@@ -196,6 +196,7 @@ def _compose(
     tile_size: int,
     best_resolution: tuple[int, int],
     title: str | None,
+    thumbnail: Image.Image | None = None,
 ) -> tuple[Image.Image, _Layout]:
     """Draw the overlay; returns the RGB picture and its pixel layout (used by the tests)."""
     from matplotlib import patheffects
@@ -204,7 +205,8 @@ def _compose(
     rows, cols = plan.grid
     multi = rows > 0 and cols > 0
     thumb_mask = _to_numpy(plan.thumbnail_mask).astype(bool)
-    thumb_src = np.asarray(image.convert("RGB").resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    squashed = image if thumbnail is None else thumbnail
+    thumb_src = np.asarray(squashed.convert("RGB").resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     thumb = shade_discarded(thumb_src, thumb_mask)
 
     crops = None
@@ -373,6 +375,7 @@ def render_overlay(
     best_resolution: tuple[int, int],
     title: str | None = None,
     out_path: str | Path | None = None,
+    thumbnail: Image.Image | None = None,
 ) -> Image.Image:
     """Draw which tokens of ``image`` survive ``plan`` (paper Figure 7 style).
 
@@ -390,11 +393,15 @@ def render_overlay(
             ``(rows * tile_size, cols * tile_size)``. Ignored for single-tile plans.
         title: optional first suptitle line.
         out_path: if given, the picture is also saved there as PNG (parent folders are created).
+        thumbnail: the picture the thumbnail squashes, when it is not ``image`` (Llama 4: ``image`` is the padded
+            canvas, its global tile the photo alone).
 
     Returns:
         The rendered RGB picture (at most ~1400 px wide, 100 dpi).
     """
-    picture, _ = _compose(image, plan, tile_size=tile_size, best_resolution=best_resolution, title=title)
+    picture, _ = _compose(
+        image, plan, tile_size=tile_size, best_resolution=best_resolution, title=title, thumbnail=thumbnail
+    )
     if out_path is not None:
         path = Path(out_path)
         path.parent.mkdir(parents=True, exist_ok=True)
