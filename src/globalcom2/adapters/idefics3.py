@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -138,7 +139,35 @@ class Idefics3Adapter(InternVLAdapter):
 
     def __init__(self, model: Any, processor: Any, config: Any) -> None:
         FamilyAdapter.__init__(self, model, processor, config)
-        vcfg = model.config.vision_config
+        self._init_geometry()
+
+    @classmethod
+    def without_model(
+        cls,
+        hf_config: Any,
+        processor: Any,
+        config: Any,
+        layouts: dict[tuple[int, int], list[int]] | None = None,
+    ) -> Any:
+        """An adapter for the processor-side arithmetic and the planning alone (counts, layouts, provisional runs,
+        :meth:`plan_images`, :meth:`placeholder_run_counts`), from the model's config instead of the model: what an
+        engine that runs its own model (the vLLM plugin) needs to count and select exactly as :func:`globalcom2.apply`
+        does. Nothing is checked or patched.
+
+        Args:
+            hf_config: the model's HF config (``vision_config``, ``image_token_id``, ...).
+            processor: the HF processor, or None where ``layouts`` gives every grid's layout.
+            config: a :class:`~globalcom2.GlobalComConfig`.
+            layouts: crop grid -> :meth:`layout_ids` already known (e.g. handed over by a processor elsewhere).
+        """
+        self = cls.__new__(cls)
+        self.model, self.processor, self.config = SimpleNamespace(config=hf_config), processor, config
+        self._init_geometry()
+        self._layout_ids.update({(int(g[0]), int(g[1])): list(ids) for g, ids in (layouts or {}).items()})
+        return self
+
+    def _init_geometry(self) -> None:
+        vcfg = self.model.config.vision_config
         self.tile_hw = (int(vcfg.image_size),) * 2
         self.patch = int(vcfg.patch_size)
         self.patches_per_side = self.tile_hw[0] // self.patch
@@ -146,7 +175,7 @@ class Idefics3Adapter(InternVLAdapter):
         self.g = self.patches_per_side // max(self.factor, 1)  # merged tokens per crop side
         self._warned = False
         self.anchor_ids = torch.zeros(0, dtype=torch.long)  # ids of the markers runs follow (check_processor)
-        self._layout: dict[tuple[int, int], int] = {}  # layout tokens per crop grid (layout_tokens)
+        self._layout_ids: dict[tuple[int, int], list[int]] = {}  # layout per crop grid (layout_ids)
         self._emitted: dict[tuple[int, int], list[int]] = {}  # provisional runs per crop grid (emitted_runs)
 
     def merge_factor(self) -> int:
@@ -273,16 +302,21 @@ class Idefics3Adapter(InternVLAdapter):
         ``<global-img>``, the newlines) with one placeholder per run, tokenised by its tokenizer, the placeholders
         left out. So a ``"\\n\\n"`` the tokenizer merges, or a marker it splits (rows or columns above 6), counts
         as the prompt has it. Cached per grid."""
+        return len(self.layout_ids(grid)) - num_tiles(*grid)
+
+    def layout_ids(self, grid: tuple[int, int]) -> list[int]:
+        """Token ids of one image of this crop grid as the processor lays it out, with one placeholder
+        (``image_token_id``) per run: the layout the runs are widened in. Cached per grid."""
         grid = (int(grid[0]), int(grid[1]))
-        if grid not in self._layout:
+        if grid not in self._layout_ids:
             proc: Any = self.processor
             text = self.one_token_layout(type(proc).replace_image_token, self.layout_inputs(grid), 0)
-            ids = torch.tensor(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
-            runs = int((ids == self.model.config.image_token_id).sum())
+            ids = [int(i) for i in proc.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            runs = ids.count(int(self.model.config.image_token_id))
             if runs != num_tiles(*grid):
                 raise RuntimeError(f"GlobalCom²: expected {num_tiles(*grid)} placeholder runs, found {runs}")
-            self._layout[grid] = int(ids.numel()) - runs
-        return self._layout[grid]
+            self._layout_ids[grid] = ids
+        return list(self._layout_ids[grid])
 
     def layout_inputs(self, grid: tuple[int, int]) -> dict:
         """The processed-image fields ``replace_image_token`` reads, for one image of this crop grid."""

@@ -50,6 +50,7 @@ class VllmArchitecture(NamedTuple):
 
 
 _QWEN_MODULE = "globalcom2.plugins.vllm_qwen"
+_MARKERS_MODULE = "globalcom2.plugins.vllm_markers"
 #: vLLM architecture name -> :class:`VllmArchitecture` (stock name, class name, module).
 VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
     "GlobalCom2LlavaNextForConditionalGeneration": VllmArchitecture(
@@ -69,6 +70,12 @@ VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
     ),
     "GlobalCom2Qwen3VLForConditionalGeneration": VllmArchitecture(
         "Qwen3VLForConditionalGeneration", "GlobalComQwen3VLForConditionalGeneration", _QWEN_MODULE
+    ),
+    "GlobalCom2Idefics3ForConditionalGeneration": VllmArchitecture(
+        "Idefics3ForConditionalGeneration", "GlobalComIdefics3ForConditionalGeneration", _MARKERS_MODULE
+    ),
+    "GlobalCom2SmolVLMForConditionalGeneration": VllmArchitecture(
+        "SmolVLMForConditionalGeneration", "GlobalComSmolVLMForConditionalGeneration", _MARKERS_MODULE
     ),
 }
 #: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.

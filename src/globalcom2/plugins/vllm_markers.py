@@ -1,0 +1,345 @@
+"""vLLM out-of-tree models for the families with markers between crops: Idefics3 / SmolVLM with GlobalCom² in budget
+mode (paper Eq. 2-7; the vLLM side of :mod:`globalcom2.adapters.idefics3`).
+
+Idefics3 frames every crop's run of ``<image>`` tokens with text markers (``<fake_token_around_image><row_r_col_c>``,
+the global image last behind ``<global-img>``). Budget mode fixes each image's *total* (markers + ``int(N*R) +
+int(R*n*N)``, a function of the crop grid and R or T), but how the kept tokens split over the crops follows the scores
+(Eq. 3-4), and vLLM writes the prompt before any encoding. So **the whole image span, markers included, comes from
+the model's multimodal embedding**:
+
+- the processor writes the span with the transformers adapter's provisional split
+  (:meth:`~globalcom2.adapters.idefics3.Idefics3Adapter.emitted_runs`, the same prompt ids as
+  :func:`globalcom2.apply`'s processor) and marks *every* position of it as embedding (``PromptUpdateDetails`` with
+  ``is_embed=None``, vLLM 0.32 and 0.33 alike), so vLLM asks the model for one embedding per position; it hands the
+  model each image's crop grid (``globalcom2_tile_grids``) and its layout with one placeholder per run
+  (``globalcom2_layouts``: the processor's own layout, tokenised by its tokenizer);
+- the model scores and selects with the transformers adapter's own planning
+  (:meth:`~globalcom2.adapters.idefics3.Idefics3Adapter.plan_images`, i.e.
+  :func:`~globalcom2.adapters.internvl.plan_internvl_batch`, on Eq. 7 scores summed per pixel-shuffle group:
+  :func:`~globalcom2.adapters.internvl.merge_pool`), then widens each run of the layout to its crop's kept count and
+  returns the span: marker rows from the LLM's embedding table, each crop's kept features after its marker
+  (:func:`span_embeddings`). What the LLM reads is what the transformers adapter hands it after moving the markers.
+
+The counting and planning pieces are the transformers adapter's, built without a model
+(:meth:`~globalcom2.adapters.idefics3.Idefics3Adapter.without_model`): one count function, one selection.
+
+Switched on per model (see docs/engines.md)::
+
+    vllm serve HuggingFaceM4/Idefics3-8B-Llama3 --hf-overrides \\
+      '{"architectures": ["GlobalCom2Idefics3ForConditionalGeneration"], "globalcom2": {"ratio": 0.25}}'
+
+(``GlobalCom2SmolVLMForConditionalGeneration`` alike). Per-request options work as on the other families
+(:data:`~globalcom2.plugins.vllm.REQUEST_OPTIONS` in ``mm_processor_kwargs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.idefics3 import Idefics3Adapter
+from ..adapters.internvl import GRID_KEY, merge_pool, num_tiles
+from ..config import GlobalComConfig
+from ..core.plan import Plan
+from ..core.scores import cosine_scores
+from ..extras import MissingDependencyError, install_command
+
+try:
+    from vllm.config import VllmConfig
+    from vllm.model_executor.models.idefics3 import (
+        Idefics3DummyInputsBuilder,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImagePixelInputs,
+        Idefics3MultiModalProcessor,
+        Idefics3ProcessingInfo,
+    )
+    from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration, SmolVLMProcessingInfo
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.inputs import MultiModalFieldConfig
+    from vllm.multimodal.parse import ImageProcessorItems
+    from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError(
+        f"globalcom2.plugins.vllm_markers needs vLLM (>=0.32,<0.34): {install_command('vllm')}", name="vllm"
+    ) from exc
+
+from .vllm import (
+    OPTIONS_KEY,
+    RequestOptionsInfoMixin,
+    RequestOptionsProcessorMixin,
+    image_options,
+    options_from_config,
+    plan_by_options,
+    without_request_options,
+)
+
+#: Per-image field: the image's layout token ids with one placeholder per run (ragged: one 1-D tensor per image).
+LAYOUT_KEY = "globalcom2_layouts"
+
+
+def span_embeddings(
+    layout: torch.Tensor,
+    placeholder_id: int,
+    run_counts: torch.Tensor,
+    kept: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One image's whole prompt span as embeddings: its layout with each run widened to its kept count.
+
+    Args:
+        layout: ``(L,)`` token ids of the image's layout with one ``placeholder_id`` per run, in prompt order.
+        run_counts: ``(runs,)`` kept tokens of each run, in prompt order.
+        kept: ``(sum(run_counts), D)`` the kept features, run after run.
+        embed: the LLM's token embedding (ids -> ``(n, D)``), for the marker rows.
+
+    Returns:
+        ``(L - runs + sum(run_counts), D)``: marker rows from ``embed``, each run's kept features in its place.
+    """
+    is_run = layout == placeholder_id
+    if int(is_run.sum()) != run_counts.numel():
+        raise RuntimeError(f"GlobalCom²: {run_counts.numel()} run counts for {int(is_run.sum())} runs")
+    repeats = torch.ones_like(layout).masked_scatter(is_run, run_counts.to(layout))
+    ids = layout.repeat_interleave(repeats)
+    rows = is_run.repeat_interleave(repeats)
+    out = embed(ids.to(kept.device)).to(kept.dtype)
+    if int(rows.sum()) != kept.shape[0]:
+        raise RuntimeError(f"GlobalCom²: {kept.shape[0]} kept tokens for runs of {int(rows.sum())}")
+    return out.masked_scatter(rows.to(out.device).unsqueeze(-1), kept)
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A batched per-image field as a list (vLLM stacks equal shapes into one tensor, else hands a list)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else list(value.unbind(0))
+
+
+# -- processing (API server side) ----------------------------------------------------------------------------------
+class MarkerInfoMixin(RequestOptionsInfoMixin):
+    """Processing-info side: the transformers adapter (without a model) counts each image under its options."""
+
+    adapter_class: ClassVar[type[Idefics3Adapter]] = Idefics3Adapter
+    get_hf_processor: Callable[..., Any]
+    ctx: Any
+
+    def globalcom_adapter(self, options: GlobalComConfig) -> Any:
+        """The transformers adapter of these options for counting and layouts (one per options, cached)."""
+        cache: dict[GlobalComConfig, Any] = self.__dict__.setdefault("_globalcom_adapters", {})
+        if options not in cache:
+            cache[options] = self.adapter_class.without_model(
+                self.get_hf_config(), self.get_hf_processor(), options
+            )
+        return cache[options]
+
+    def globalcom_grid(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
+    ) -> tuple[int, int]:
+        """(rows, cols) of crops of one image under the request's HF options; (1, 1): one tile."""
+        raise NotImplementedError
+
+    def globalcom_span(self, grid: tuple[int, int], options: GlobalComConfig) -> list[int]:
+        """The prompt ids of one image's span: the layout with the adapter's provisional runs."""
+        adapter = self.globalcom_adapter(options)
+        placeholder = int(self.get_hf_config().image_token_id)
+        counts = iter(adapter.emitted_runs(grid))
+        out: list[int] = []
+        for token in adapter.layout_ids(grid):
+            out += [placeholder] * next(counts) if token == placeholder else [token]
+        return out
+
+
+class MarkerProcessorMixin(RequestOptionsProcessorMixin):
+    """Multimodal-processor side: each image's grid and layout for the model, and its whole span as embedding."""
+
+    info: Any
+
+    def _globalcom_grids(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> list[tuple[int, int]]:
+        images = mm_items.get_items("image", ImageProcessorItems)
+        sizes = [images.get_image_size(i) for i in range(images.get_count())]
+        return [self.info.globalcom_grid(image_width=s.width, image_height=s.height, mm_kwargs=hf_kwargs)
+                for s in sizes]  # fmt: skip
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        images = mm_items.get("image")
+        if isinstance(images, ImageProcessorItems) and images.get_count():
+            grids = self._globalcom_grids(mm_items, hf_kwargs)
+            adapter = self.info.globalcom_adapter(self.info.globalcom_options(hf_kwargs))
+            processed[GRID_KEY] = torch.tensor(grids, dtype=torch.long)
+            processed[LAYOUT_KEY] = [torch.tensor(adapter.layout_ids(g), dtype=torch.long) for g in grids]
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[GRID_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        fields[LAYOUT_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
+                            out_mm_kwargs: Any) -> Sequence[Any]:  # fmt: skip
+        options = self.info.globalcom_options(hf_processor_mm_kwargs)
+        token_id = int(self.info.get_hf_config().image_token_id)
+
+        def replacement(item_idx: int) -> Any:
+            images = mm_items.get_items("image", ImageProcessorItems)
+            size = images.get_image_size(item_idx)
+            grid = self.info.globalcom_grid(
+                image_width=size.width, image_height=size.height, mm_kwargs=hf_processor_mm_kwargs
+            )
+            # is_embed=None: every position of the span (markers too) takes the model's embedding.
+            return PromptUpdateDetails.from_seq(self.info.globalcom_span(grid, options))
+
+        return [PromptReplacement(modality="image", target=[token_id], replacement=replacement)]
+
+
+# -- the model -----------------------------------------------------------------------------------------------------
+class MarkerModelMixin:
+    """Model side: encode, score, plan with the transformers adapter, return each image's whole span."""
+
+    adapter_class: ClassVar[type[Idefics3Adapter]] = Idefics3Adapter
+    config: Any
+    globalcom_config: GlobalComConfig
+    globalcom_plans: list[Plan]
+
+    def _globalcom_setup(self) -> None:
+        self.globalcom_config = options_from_config(self.config)
+        if self.globalcom_config.importance == "cls":
+            raise ValueError(
+                f"importance='cls' needs a vision tower with a [CLS] token; {type(self).__name__}'s SigLIP tower has "
+                "none (use importance='cosine' or 'auto')"
+            )
+        self.globalcom_plans = []
+
+    def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``(embeds (tiles, n_tok, H), scores (tiles, n_tok), tiles per image)`` of the pixel input."""
+        raise NotImplementedError
+
+    def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        grids, layouts, options = (
+            kwargs.pop(GRID_KEY, None),
+            kwargs.pop(LAYOUT_KEY, None),
+            kwargs.pop(OPTIONS_KEY, None),
+        )
+        image_input = self._parse_and_validate_image_input(**kwargs)  # type: ignore[attr-defined]
+        if image_input is None or image_input["type"] != "pixel_values" or grids is None or layouts is None:
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        grid_list = [(int(r), int(c)) for r, c in torch.as_tensor(grids).reshape(-1, 2).tolist()]
+        layout_list = [torch.as_tensor(x).reshape(-1) for x in _as_list(layouts)]
+        embeds, scores, tiles = self._globalcom_encode(image_input)
+        for grid, count in zip(grid_list, tiles, strict=True):
+            if num_tiles(*grid) != count:
+                raise RuntimeError(f"GlobalCom²: tile grid {grid} does not match {count} tiles")
+        layouts_by_grid = {g: x.tolist() for g, x in zip(grid_list, layout_list, strict=True)}
+        configs = image_options(options, len(grid_list), self.globalcom_config)
+        tile_scores = list(scores.split(tiles))
+
+        def plan(idx: list[int], cfg: GlobalComConfig) -> list[tuple[Plan, torch.Tensor, list[int]]]:
+            adapter = self.adapter_class.without_model(self.config, None, cfg, layouts_by_grid)
+            planned = adapter.plan_images([tile_scores[i] for i in idx], [grid_list[i] for i in idx])
+            runs = adapter.placeholder_run_counts([p for p, _ in planned])  # one host read for the group
+            out, start = [], 0
+            for i, (p, index) in zip(idx, planned, strict=True):
+                n = num_tiles(*grid_list[i])
+                out.append((p, index, runs[start : start + n]))
+                start += n
+            return out
+
+        planned = plan_by_options(configs, plan)
+        placeholder = int(self.config.image_token_id)
+        spans = []
+        for image, layout, (_, index, runs) in zip(embeds.split(tiles), layout_list, planned, strict=True):
+            kept = image.reshape(-1, image.shape[-1])[index.to(image.device)]
+            spans.append(
+                span_embeddings(layout, placeholder, torch.tensor(runs), kept, self._globalcom_embed_tokens)
+            )
+        self.globalcom_plans = [p for p, _, _ in planned]
+        return tuple(spans)
+
+
+# -- Idefics3 / SmolVLM ----------------------------------------------------------------------------------------------
+class GlobalComIdefics3ProcessingInfo(MarkerInfoMixin, Idefics3ProcessingInfo):
+    """vLLM's Idefics3 processing info with the budget-mode span (markers + kept tokens) per image."""
+
+    def globalcom_grid(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
+    ) -> tuple[int, int]:
+        _, rows, cols = self._get_image_feature_grid_size(
+            image_width=image_width, image_height=image_height, processor=self.get_hf_processor(),
+            mm_kwargs=without_request_options(mm_kwargs),
+        )  # fmt: skip
+        return max(int(rows), 1), max(int(cols), 1)  # (0, 0): the global image alone
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, processor: Any,
+                             mm_kwargs: Mapping[str, object]) -> int:  # fmt: skip
+        grid = self.globalcom_grid(image_width=image_width, image_height=image_height, mm_kwargs=mm_kwargs)
+        return len(self.globalcom_span(grid, self.globalcom_options(mm_kwargs)))
+
+
+class GlobalComSmolVLMProcessingInfo(GlobalComIdefics3ProcessingInfo, SmolVLMProcessingInfo):
+    """:class:`GlobalComIdefics3ProcessingInfo` on SmolVLM's processor."""
+
+
+class GlobalComIdefics3MultiModalProcessor(MarkerProcessorMixin, Idefics3MultiModalProcessor):
+    """vLLM's Idefics3 / SmolVLM processor: each image's whole span is the model's embedding."""
+
+
+class Idefics3MarkerMixin(MarkerModelMixin):
+    """Idefics3 / SmolVLM encoding: the tower's output (the connector's input) is scored by Eq. 7, summed per
+    pixel-shuffle group, as the transformers adapter's connector hook does."""
+
+    model: Any
+    supports_encoder_cudagraph = False  # the span is not the tower's output shape
+
+    def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        assert isinstance(image_input, Idefics3ImagePixelInputs)
+        hidden = self.model.image_pixels_to_features(
+            image_input["pixel_values"], pixel_attention_mask=image_input["pixel_attention_mask"]
+        )
+        scores = merge_pool(cosine_scores(hidden), int(self.config.scale_factor))  # Eq. 7, summed per group
+        embeds = self.model.connector(hidden)
+        return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
+
+    def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(ids)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlobalComIdefics3MultiModalProcessor,
+    info=GlobalComIdefics3ProcessingInfo,
+    dummy_inputs=Idefics3DummyInputsBuilder,
+)
+class GlobalComIdefics3ForConditionalGeneration(Idefics3MarkerMixin, Idefics3ForConditionalGeneration):
+    """vLLM's Idefics3 with GlobalCom² (budget mode): each image's span is its markers and kept tokens."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._globalcom_setup()
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlobalComIdefics3MultiModalProcessor,
+    info=GlobalComSmolVLMProcessingInfo,
+    dummy_inputs=Idefics3DummyInputsBuilder,
+)
+class GlobalComSmolVLMForConditionalGeneration(Idefics3MarkerMixin, SmolVLMForConditionalGeneration):
+    """vLLM's SmolVLM with GlobalCom² (budget mode), as :class:`GlobalComIdefics3ForConditionalGeneration`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._globalcom_setup()
+
+
+__all__ = [
+    "LAYOUT_KEY",
+    "GlobalComIdefics3ForConditionalGeneration",
+    "GlobalComIdefics3MultiModalProcessor",
+    "GlobalComIdefics3ProcessingInfo",
+    "GlobalComSmolVLMForConditionalGeneration",
+    "GlobalComSmolVLMProcessingInfo",
+    "span_embeddings",
+]
