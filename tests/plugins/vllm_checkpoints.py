@@ -51,7 +51,7 @@ class VllmFamily:
         if self.video_processor is not None:
             _add_video_processor(hf_dir, self.video_processor)
         (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        if self.name == "internvl" or self.is_native:
+        if self.name in SAME_KEYS or self.is_native:
             return hf_dir, hf_dir
         vllm_dir = root / f"{self.name}_vllm"
         vllm_dir.mkdir()
@@ -92,8 +92,18 @@ FAMILIES: dict[str, VllmFamily] = {
               ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
               ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
               ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLVideoProcessor"))),
+        VllmFamily("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
+                   "GlobalCom2Idefics3ForConditionalGeneration", "Idefics3ForConditionalGeneration",
+                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 40)), 80, None),
     )
 }  # fmt: skip
+#: Registered architectures without a tiny checkpoint here, and why (docs/engines.md says so too).
+UNTESTED_ARCHITECTURES = {
+    "GlobalCom2SmolVLMForConditionalGeneration": "vLLM's SmolVLM processor needs num2words and SmolVLM's video "
+    "processor, which the vLLM test environment does not install; the class is Idefics3's mixin on vLLM's SmolVLM",
+}
+#: Families whose vision keys vLLM reads as transformers writes them (no renamed copy).
+SAME_KEYS = ("internvl", "idefics3")
 
 
 def _add_video_processor(path: Path, class_name: str) -> None:
@@ -125,7 +135,8 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
 
     LLaVA families: the ``<image>`` run (thumbnail + crop tokens + one newline per row). InternVL: ``<img>`` + the
     ``<IMG_CONTEXT>`` run + ``</img>``. Qwen: the ``<|image_pad|>`` run, ``int(R * H * W)`` (at least 1) of the
-    ``H x W`` merged grid HF's ``smart_resize`` gives (the ``<|vision_start|>``/``<|vision_end|>`` markers are text).
+    ``H x W`` merged grid HF's ``smart_resize`` gives (the ``<|vision_start|>``/``<|vision_end|>`` markers are text). Idefics3: its whole span, the markers
+    (:func:`layout_tokens`) and the runs.
     """
     from globalcom2 import GlobalComConfig
 
@@ -142,6 +153,15 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
                               max_pixels=ip["size"]["longest_edge"])  # fmt: skip
         merged = (rh // factor) * (rw // factor)
         return merged if budget is None else qwen_num_image_tokens(budget, merged)
+    if family.name == "idefics3":
+        from globalcom2.adapters.internvl import internvl_num_image_tokens, num_tiles
+
+        layout, (rows, cols), per_tile = _idefics3_layout(model_dir, height, width)
+        tiles = num_tiles(rows, cols)
+        run = (
+            tiles * per_tile if budget is None else internvl_num_image_tokens(budget, tiles, per_tile, layout)
+        )
+        return layout + run
     if family.name == "internvl":
         from globalcom2.adapters.internvl import (
             IMAGE_MARKERS,
@@ -161,6 +181,33 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
         return IMAGE_MARKERS + run
     geo = anyres_geometry(config, height, width)
     return geo.num_tokens(None) if budget is None else geo.num_budget_tokens(budget)
+
+
+def layout_tokens(family: VllmFamily, model_dir: Path, height: int, width: int) -> int:
+    """Prompt tokens of one image's span besides its image-token runs (InternVL: ``<img>``, ``</img>``; Idefics3:
+    its markers and newlines)."""
+    if family.name == "internvl":
+        from globalcom2.adapters.internvl import IMAGE_MARKERS
+
+        return IMAGE_MARKERS
+    if family.name == "idefics3":
+        return _idefics3_layout(model_dir, height, width)[0]
+    return 0
+
+
+def _idefics3_layout(model_dir: Path, height: int, width: int) -> tuple[int, tuple[int, int], int]:
+    """(layout tokens, crop grid, tokens per crop) of one Idefics3 image: the grid by transformers' image processor,
+    the layout by the library's formula (:func:`~globalcom2.adapters.idefics3.idefics3_layout_tokens`) with the
+    tokenizer's count of ``"\n\n"``."""
+    from transformers import AutoProcessor
+
+    from globalcom2.adapters.idefics3 import idefics3_layout_tokens
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    _, rows, cols = processor.image_processor.get_number_of_image_patches(height, width, {})
+    rows, cols = max(int(rows), 1), max(int(cols), 1)
+    pair = len(processor.tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    return idefics3_layout_tokens(rows, cols, pair), (rows, cols), int(processor.image_seq_len)
 
 
 def anyres_geometry(config: dict, height: int, width: int) -> Any:
