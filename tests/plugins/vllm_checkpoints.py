@@ -94,7 +94,7 @@ FAMILIES: dict[str, VllmFamily] = {
               ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLVideoProcessor"))),
         VllmFamily("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
                    "GlobalCom2Idefics3ForConditionalGeneration", "Idefics3ForConditionalGeneration",
-                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 40)), 80, None),
+                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 80, None),
     )
 }  # fmt: skip
 #: Registered architectures without a tiny checkpoint here, and why (docs/engines.md says so too).
