@@ -203,7 +203,8 @@ class MarkerModelMixin:
     globalcom_config: GlobalComConfig
     globalcom_plans: list[Plan]
 
-    def _globalcom_setup(self) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.globalcom_config = options_from_config(self.config)
         if self.globalcom_config.importance == "cls":
             raise ValueError(
@@ -316,10 +317,6 @@ class Idefics3MarkerMixin(MarkerModelMixin):
 class GlobalComIdefics3ForConditionalGeneration(Idefics3MarkerMixin, Idefics3ForConditionalGeneration):
     """vLLM's Idefics3 with GlobalCom² (budget mode): each image's span is its markers and kept tokens."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._globalcom_setup()
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     GlobalComIdefics3MultiModalProcessor,
@@ -328,10 +325,6 @@ class GlobalComIdefics3ForConditionalGeneration(Idefics3MarkerMixin, Idefics3For
 )
 class GlobalComSmolVLMForConditionalGeneration(Idefics3MarkerMixin, SmolVLMForConditionalGeneration):
     """vLLM's SmolVLM with GlobalCom² (budget mode), as :class:`GlobalComIdefics3ForConditionalGeneration`."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._globalcom_setup()
 
 
 __all__ = [
