@@ -29,7 +29,7 @@ Switched on per model (see docs/engines.md)::
       '{"architectures": ["GlobalCom2Idefics3ForConditionalGeneration"], "globalcom2": {"ratio": 0.25}}'
 
 (``GlobalCom2SmolVLMForConditionalGeneration`` alike). Per-request options work as on the other families
-(:data:`~globalcom2.plugins.vllm.REQUEST_OPTIONS` in ``mm_processor_kwargs``).
+(:data:`~globalcom2.plugins.vllm_common.REQUEST_OPTIONS` in ``mm_processor_kwargs``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         f"globalcom2.plugins.vllm_markers needs vLLM (>=0.32,<0.34): {install_command('vllm')}", name="vllm"
     ) from exc
 
-from .vllm import (
+from .vllm_common import (
     OPTIONS_KEY,
     RequestOptionsInfoMixin,
     RequestOptionsProcessorMixin,
