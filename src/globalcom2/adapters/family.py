@@ -450,6 +450,35 @@ class FamilyAdapter:
             extra=extra,
         )
 
+    # -- inside the LLM (the LLM-side methods' pruner, globalcom2.methods.pruner) ---------------------------------
+    def pruned_llm_masks(
+        self, lm: Any, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any, layers: range,
+        entries: dict[str, torch.Tensor] | None, token_type_ids: torch.Tensor | None,
+    ) -> Any:  # fmt: skip
+        """The attention masks of the decoder layers ``layers`` (one pruning stage) for a pruned sequence, where
+        this family's LLM masks more than each layer kind's causal / sliding-window rule (which the pruner
+        rebuilds itself); None by default.
+
+        Args:
+            lm: the decoder stack.
+            hidden: ``(B, L, D)`` the pruned sequence.
+            mask2d: Bool ``(B, L)`` visible entries (not padding, not a filler), or None (all visible); in decode,
+                the pruned prompt plus the new tokens.
+            cache: the call's cache (the stage's layers hold only the stage's tokens).
+            layers: the stage's decoder layers.
+            entries: in prefill, the pruner's per-entry records of the pruned sequence, each ``(B, L)``:
+                ``origin`` (index in the caller's sequence, -1 for an inserted token), ``valid``, ``image``;
+                None in decode.
+            token_type_ids: the caller's ``token_type_ids`` ``(B, S)`` (None if it passed none).
+
+        Returns:
+            None, a mask for every layer, or ``{layer kind: mask}`` over the ``layer_types`` of the LLM's config.
+        """
+        return None
+
+    def install_pruner_hooks(self, handle: GlobalComHandle, pruner: Any) -> None:
+        """Family patches the LLM-side methods' pruner needs inside this family's LLM (none by default)."""
+
     # -- vision side only (plans without the LLM) ----------------------------------------------------------------
     def plan_for_image(self, handle: GlobalComHandle, image: Any) -> Any:
         """Run the vision side only for one image and return its `Plan`."""

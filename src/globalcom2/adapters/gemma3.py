@@ -242,6 +242,35 @@ class Gemma3Adapter(Idefics3Adapter):
             out.append((plan, torch.cat([moved[index.numel() - k :], moved[: index.numel() - k]])))
         return out
 
+    # -- inside the LLM (the LLM-side methods) -----------------------------------------------------------------
+    def pruned_llm_masks(
+        self, lm: Any, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any, layers: range,
+        entries: dict[str, torch.Tensor] | None, token_type_ids: torch.Tensor | None,
+    ) -> Any:  # fmt: skip
+        """Gemma 3's own masks for a pruned prompt: every image run stays one bidirectional block.
+
+        The kept entries take their token types from the caller's ``token_type_ids`` (an inserted SparseVLM token
+        is an image token: it sits right after the last kept image token, so it joins that run), and HF's own
+        rule (``create_masks_for_vision_model``) builds the full-attention mask, OR(causal, block), and the
+        sliding-window mask, AND(window, OR(causal, block)), for the pruned sequence. The window counts entries of
+        the pruned sequence (what the stage's layers and their caches hold), not original positions. Sized for
+        the stage's layers, whose caches are empty in prefill (``cache=None``). Decode (text queries) and calls
+        without ``token_type_ids`` use the pruner's causal / sliding-window masks (None), as HF does.
+        """
+        if entries is None or token_type_ids is None:
+            return None
+        from transformers.models.gemma3 import modeling_gemma3 as gemma
+
+        origin = entries["origin"]
+        types = token_type_ids.to(origin.device).gather(1, origin.clamp_min(0))
+        types = torch.where(origin >= 0, types, entries["image"].to(types.dtype))
+        types = torch.where(entries["valid"], types, 0)
+        blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
+        return gemma.create_masks_for_vision_model(
+            config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, cache=None, position_ids=None,
+            block_sequence_ids=blocks,
+        )  # fmt: skip
+
     def encode_for_reference(self, handle: Any, kwargs: dict) -> dict[str, Any] | None:
         if handle.state.context.get(GRID_KEY) is None:
             return None  # no crop grids: left uncompressed (see the InternVL adapter)

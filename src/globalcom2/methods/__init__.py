@@ -123,7 +123,6 @@ def _tile_planner(cls: type) -> str | None:
 
 #: families whose LLM builds an attention mask the pruner does not rebuild after a drop
 _OWN_MASKS = {
-    "gemma3": "bidirectional image attention and sliding-window layers (the pruner rebuilds a causal mask)",
     "qwen3_vl": "DeepStack adds visual features to image positions of later LLM layers",
     "qwen3_5": "hybrid linear-attention LLM with DeepStack (not verified)",
     # found by the family table (tests/adapters/test_family_methods.py --full); refused until fixed

@@ -33,6 +33,7 @@ supported.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
 import warnings
@@ -308,6 +309,8 @@ class PrunerState(threading.local):
     Attributes:
         call: the current language-model call (set by the LM's pre-hook, read by the layer hooks).
         pending_ids: ``input_ids`` of the current outer call, until the LM's pre-hook takes them.
+        pending_inputs: the outer call's 2D ``attention_mask`` and ``token_type_ids`` (for LLMs that receive
+            their masks prebuilt, e.g. Gemma 3's per-layer-type mapping), until the LM's pre-hook takes them.
         prefill: the last pruned prefill of this thread, for its decode steps.
         layouts: token layouts of the images of this thread's last encode (batch order).
         vision_plans: GlobalCom²'s plans of those images (the GlobalCom² combinations only).
@@ -318,6 +321,7 @@ class PrunerState(threading.local):
     def __init__(self) -> None:
         self.call = _Call()
         self.pending_ids: torch.Tensor | None = None
+        self.pending_inputs: dict[str, Any] = {}
         self.prefill: _Prefill | None = None
         self.layouts: list[ImageTokenLayout] | None = None
         self.vision_plans: list[Plan] | None = None
@@ -402,9 +406,16 @@ class StagedPruner:
         self.image_token_id = int(model.config.image_token_id)
         self.state = PrunerState()
         self.handle: GlobalComHandle | None = None
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask
 
         self._create_mask = create_causal_mask
+        self._mask_functions = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
+        #: the attention kind of every decoder layer ("full_attention", "sliding_attention", ...), where the
+        #: config names them; each kind gets its own mask for a pruned sequence
+        self.layer_types = tuple(getattr(self.lm.config, "layer_types", None) or ())
+        # rotary embeddings per layer kind (Gemma 3: local and global layers have their own bases)
+        forward = getattr(getattr(self.lm, "rotary_emb", None), "forward", None)
+        self._rotary_by_kind = forward is not None and "layer_type" in inspect.signature(forward).parameters
         self._warned: set[str] = set()
 
     @property
@@ -443,6 +454,11 @@ class StagedPruner:
         state = self.state
         ids = kwargs.get("input_ids", args[0] if args else None)
         state.pending_ids = ids if isinstance(ids, torch.Tensor) else None
+        types = kwargs.get("token_type_ids")
+        state.pending_inputs = {
+            "attention_mask": _attn2d(kwargs.get("attention_mask")),
+            "token_type_ids": types if isinstance(types, torch.Tensor) else None,
+        }
         if kwargs.get("pixel_values") is None and isinstance(kwargs.get("image_sizes"), torch.Tensor):
             # precomputed image features (mm_encoder_outputs): the sizes come with the call, not the packing
             self.record_images(self.layouts_from_sizes(kwargs["image_sizes"]))
@@ -451,10 +467,13 @@ class StagedPruner:
         state = self.state
         embeds = kwargs.get("inputs_embeds")
         ids, state.pending_ids = state.pending_ids, None
+        outer, state.pending_inputs = state.pending_inputs, {}
         if ids is not None and embeds is not None and ids.shape != embeds.shape[:2]:
             ids = None
-        state.call = _Call(input_ids=ids, attention_mask=_attn2d(kwargs.get("attention_mask")),
+        mask = _attn2d(kwargs.get("attention_mask"))  # a prebuilt mapping: the outer call's 2D mask
+        state.call = _Call(input_ids=ids, attention_mask=mask if mask is not None else outer.get("attention_mask"),
                            cache=_cache_of(kwargs))  # fmt: skip
+        state.call.extra["token_type_ids"] = outer.get("token_type_ids")
         if ids is None and embeds is not None and state.prefill is None:
             self.warn_once(
                 "embeds", f"{self.name}: the model was called with inputs_embeds only; image positions are unknown, "
@@ -524,6 +543,7 @@ class StagedPruner:
                 self.method.prepare(self, hidden, call)
         if call.replace:
             kwargs.update(call.replace)
+            self._per_kind(j, kwargs)
         if call.active and self.positions == "keep":
             # this layer's own rotary embedding (layer types may differ: local / global) at the kept positions
             call.extra["layer_pe"] = kwargs["position_embeddings"]  # full length, as the LM computed it
@@ -535,6 +555,7 @@ class StagedPruner:
             prune_first = self.method.score_offset > 0
             if prune_first and j in self.boundaries:
                 hidden = self._prune(self.boundaries.index(j), hidden, kwargs)
+                self._per_kind(j, kwargs)
             if j in self.score_layers:
                 s = self.score_layers.index(j)
                 normed = module.input_layernorm(hidden)
@@ -545,15 +566,57 @@ class StagedPruner:
                 hidden = self._prune(self.boundaries.index(j), hidden, kwargs)
         elif j in self.boundaries:
             self._decode_mask(self.boundaries.index(j), hidden, kwargs)
+        self._per_kind(j, kwargs)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _mask(self, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any, layer: int) -> Any:
-        # position_ids are not passed: kept positions jump, which the mask code would read as packed sequences.
-        return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=layer)
+    def _per_kind(self, j: int, kwargs: dict) -> None:
+        """Layer j's own mask and rotary embedding where the stage's are given per layer kind (see _mask, _rotary)."""
+        for key in ("attention_mask", "position_embeddings"):
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = kwargs[key][self.layer_types[j]]
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+        """The LLM's rotary ``(cos, sin)`` at ``positions``; ``{layer kind: (cos, sin)}`` where each kind has its
+        own (resolved per layer by :meth:`_layer_pre`)."""
+        if self._rotary_by_kind:
+            return {kind: self.lm.rotary_emb(hidden, positions, kind) for kind in dict.fromkeys(self.layer_types)}
+        return self.lm.rotary_emb(hidden, positions)
+
+    def stage_layers(self, s: int) -> range:
+        """The decoder layers of stage s: K_s up to (not including) K_{s+1}, the last stage up to L."""
+        end = self.boundaries[s + 1] if s + 1 < len(self.boundaries) else len(self.layers)
+        return range(self.boundaries[s], end)
+
+    def _mask(self, s: int, hidden: torch.Tensor, mask2d: torch.Tensor | None, cache: Any,
+              entries: dict[str, torch.Tensor] | None = None) -> Any:  # fmt: skip
+        """The ``attention_mask`` the layers of stage s receive for the current (pruned) sequence.
+
+        The family's own masks where it builds them (``pruned_llm_masks`` of the adapter, e.g. Gemma 3's
+        bidirectional image runs), else the LLM's mask of each layer kind (causal, sliding window, ...: the
+        ``layer_types`` of its config) rebuilt for the shorter sequence, each sized against the stage's first layer
+        of that kind (its cache). Several kinds: a ``{kind: mask}`` mapping that :meth:`_layer_pre` resolves per
+        layer. ``position_ids`` are not passed: kept positions jump, which the mask code would read as packed
+        sequences, so a sliding window counts entries of the pruned sequence.
+        """
+        layers = self.stage_layers(s)
+        hook = getattr(self.method, "pruned_llm_masks", None)
+        masks = None if hook is None else hook(self.lm, hidden, mask2d, cache, layers, entries,
+                                                  self.state.call.extra.get("token_type_ids"))  # fmt: skip
+        if masks is not None:
+            return masks
+        if not self.layer_types:
+            return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=layers[0])
+        built: dict[str, Any] = {}
+        for j in layers:
+            kind = self.layer_types[j]
+            if kind not in built:
+                create = self._mask_functions.get(kind, self._create_mask)
+                built[kind] = create(self.lm.config, hidden, mask2d, cache, None, layer_idx=j)
+        return next(iter(built.values())) if len(built) == 1 else built
 
     def _decode_mask(self, s: int, hidden: torch.Tensor, kwargs: dict) -> None:
         state = self.state
@@ -585,14 +648,14 @@ class StagedPruner:
                     f"{self.name}: the cache of layer {layer} holds {cache_len} tokens but the attention mask "
                     f"implies {mask2d.shape[1] - q}; was the cache reordered (beam search is not supported)?"
                 )
-        call.replace["attention_mask"] = self._mask(hidden, mask2d, cache, layer)
+        call.replace["attention_mask"] = self._mask(s, hidden, mask2d, cache)
         if stage.shift is not None:
             pos = call.extra.get("position_ids")
             if pos is None:
                 pos = torch.arange(cache_len, cache_len + q, device=hidden.device)[None]
             pos = pos.to(hidden.device).expand(b, -1) - stage.shift[:, None]
             call.replace["position_ids"] = pos
-            call.replace["position_embeddings"] = self.lm.rotary_emb(hidden, pos)
+            call.replace["position_embeddings"] = self._rotary(hidden, pos)
         kwargs.update(call.replace)
 
     # -- a stage boundary in prefill -------------------------------------------------------------------------
@@ -654,13 +717,13 @@ class StagedPruner:
             mask2d = None
         cache = _cache_of(kwargs)
         call.replace = {
-            "attention_mask": self._mask(hidden_p, mask2d, cache, self.boundaries[s]),
+            "attention_mask": self._mask(s, hidden_p, mask2d, cache, new),
             "position_ids": new_pos,
         }
         if self.positions == "keep":  # every later layer gathers its own (see _layer_pre)
             kwargs["position_embeddings"] = _gather_rows(call.extra["layer_pe"], new["anchor"])
         else:
-            call.replace["position_embeddings"] = self.lm.rotary_emb(hidden_p, new_pos)
+            call.replace["position_embeddings"] = self._rotary(hidden_p, new_pos)
         kwargs.update(call.replace)
         shift = None
         if self.positions == "compact":
@@ -846,6 +909,7 @@ class LLMPruningAdapter:
     def install_family(self, handle: GlobalComHandle) -> None:
         super().install_family(handle)  # type: ignore[misc]
         self.pruner.install(handle)
+        self.install_pruner_hooks(handle, self.pruner)  # type: ignore[attr-defined]
 
     def layouts_from_sizes(self, image_sizes: Any) -> list[ImageTokenLayout] | None:
         """Layouts of images from their sizes alone (calls with precomputed image features); None: unknown."""
