@@ -188,18 +188,200 @@ def test_fastv_with_mrope_positions_equals_a_plain_run(fam):
     with apply_method(model, processor, "fastv", ratio=ratio, layer=k_layer) as handle:
         ours = model(**inputs_for(family, processor, [family.images()[0]])).logits
         survivors = handle.adapter.pruner.state.survivors[0]
-    assert handle.plans == []  # no token layout for this family: positions only
+        plan = handle.plans[0]
     assert survivors.nonzero().reshape(-1).tolist() == keep
+    # the plan: the kept tokens on the image's H x W merged grid, raster order (the run is the grid)
+    assert plan.num_tokens_full == len(run) == plan.crops_mask.numel()
+    assert plan.crops_mask.reshape(-1).tolist() == [p in keep for p in run]
     torch.testing.assert_close(ours, logits, atol=2e-4, rtol=2e-4)
 
 
-def test_a_positions_only_plan_is_refused_by_visualize_with_the_reason(fam):
-    from globalcom2.adapters.errors import UnsupportedModelError
+def test_visualize_draws_an_llm_side_plan_on_a_native_family(fam):
     from globalcom2.evaluation.visual import method_plan
 
     family, model, processor = fam
     if not family.native:
         pytest.skip("an M-RoPE family")
-    with pytest.raises(UnsupportedModelError, match="no per-image plan to draw"):
-        method_plan(model, processor, family.images()[0], "fastv", 0.5, question="What is it?", layer=1)
+    plan = method_plan(model, processor, family.images()[0], "fastv", 0.5, question="What is it?", layer=1)
     assert "_globalcom2_handle" not in model.__dict__  # removed on the way out
+    assert plan.num_tokens == int(plan.crops_mask.sum()) == plan.num_tokens_full // 2
+    assert int(plan.crop_keep_counts.sum()) == plan.num_tokens and plan.thumbnail_mask.sum() == 0
+
+
+# -------------------------------------------------------------------------------- rules of one family's LLM
+
+
+def _gemma_row(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: int, window: int | None):
+    """Head-mean softmax attention row of entry ``q`` over the entries of ``h`` (1, L, D) in a Gemma 3 layer, eager
+    math head by head: per-head q/k norms, rotary, ``attn.scaling``, causal, and in a sliding layer only the last
+    ``window`` entries up to ``q``."""
+    from tests.methods.plain_llm import rotate_half
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)[0].float()
+    dh, nh = attn.head_dim, attn.q_proj.out_features // attn.head_dim
+    nkv = attn.k_proj.out_features // dh
+    rows = []
+    for head in range(nh):
+        kv = head // (nh // nkv)
+        qh = attn.q_norm(x[q : q + 1] @ attn.q_proj.weight[head * dh : (head + 1) * dh].float().T)
+        kh = attn.k_norm(x @ attn.k_proj.weight[kv * dh : (kv + 1) * dh].float().T)
+        qh = qh * cos[0, q : q + 1] + rotate_half(qh) * sin[0, q : q + 1]
+        kh = kh * cos[0] + rotate_half(kh) * sin[0]
+        logits = (qh @ kh.T)[0] * attn.scaling
+        seen = [k <= q and (window is None or k > q - window) for k in range(x.shape[0])]
+        logits = logits.masked_fill(~torch.tensor(seen), float("-inf"))
+        rows.append(logits.softmax(-1))
+    return torch.stack(rows).mean(0)
+
+
+def _gemma_mask(types: list[int], kind: str, window: int) -> torch.Tensor:
+    """Gemma 3's mask over the current entries, written from its docs: a query sees the keys up to itself and every
+    entry of its own image run (a maximal run of consecutive image entries); a sliding layer also only keys less
+    than ``window`` entries before the query."""
+    n = len(types)
+    run, runs = -1, []
+    for i, t in enumerate(types):
+        run = (run + 1 if i == 0 or types[i - 1] != 1 else run) if t == 1 else run
+        runs.append(run if t == 1 else None)
+    allowed = [
+        [(k <= q or (runs[q] is not None and runs[q] == runs[k])) and (kind != "sliding_attention" or k > q - window)
+         for k in range(n)]
+        for q in range(n)
+    ]  # fmt: skip
+    return torch.tensor(allowed)[None, None]
+
+
+GEMMA_KINDS = ("sliding_attention", "full_attention", "sliding_attention")
+GEMMA_WINDOW = 16
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@torch.no_grad()
+def test_llm_methods_on_gemma3_keep_its_image_blocks_and_windows(checkpoint, method):
+    """Gemma 3: image runs stay bidirectional blocks of the pruned sequence, sliding layers keep a window of
+    ``sliding_window`` entries of the pruned sequence, each layer kind its own rotary base; FastV's and PDrop's
+    rows are the layer's own (windowed) attention. Against a plain layer-by-layer run (3 layers: sliding, full,
+    sliding; window 16, shorter than the pruned prompt)."""
+    from globalcom2.demo.tiny_tiling import build_tiny_gemma3
+    from globalcom2.methods.schedule import pdrop_schedule
+    from tests.adapters.families import load
+    from tests.methods.plain_llm import embed
+
+    family = next(f for f in FAMILIES if f.name == "gemma3")
+    model, processor = load(checkpoint(build_tiny_gemma3, text_layers=3, layer_types=GEMMA_KINDS,
+                                       sliding_window=GEMMA_WINDOW))  # fmt: skip
+    image = family.images()[0]
+    inputs = inputs_for(family, processor, [image])
+    ids, types0 = inputs["input_ids"][0], inputs["token_type_ids"][0].tolist()
+    image_id = int(model.config.image_token_id)
+    run = (ids == image_id).nonzero().reshape(-1).tolist()
+    assert len(set(types0[i] for i in run)) == 1 and types0[run[0]] == 1
+    lm = text_model(model)
+    s = ids.shape[0]
+    if method == "fastv":
+        ratio, options, boundaries, counts, score_offset, compact = 0.5, {"layer": 1}, [1], [len(run) // 2], 1, False
+    else:
+        ratio, options, score_offset, compact = 0.75, {"stages": 2}, 0, True
+        sched = pdrop_schedule(len(lm.layers), ratio, stages=2)
+        boundaries, counts = list(sched.boundaries), [int(len(run) * sh) for sh in sched.shares]
+    h = embed(model, inputs)
+    origin = list(range(s))
+    full = h.clone()
+    kept_sets = []
+    entering = []  # (h, cos, sin) entering each layer
+    for j, layer in enumerate(lm.layers):
+        kind = GEMMA_KINDS[j]
+        window = GEMMA_WINDOW if kind == "sliding_attention" else None
+        if j in boundaries:
+            stage = boundaries.index(j)
+            if score_offset:  # FastV: the last token's row in layer j - 1, as that layer saw it
+                ph, pcos, psin, pwin = entering[j - 1]
+                row = _gemma_row(lm.layers[j - 1], ph, pcos, psin, ph.shape[1] - 1, pwin)
+            else:  # PDrop: the last token's row in layer j itself, on the sequence entering it (positions as before)
+                positions = torch.arange(len(origin)) if compact else torch.tensor(origin)
+                cos, sin = lm.rotary_emb(h, positions[None], kind)
+                row = _gemma_row(layer, h, cos, sin, h.shape[1] - 1, window)
+            images = [i for i, o in enumerate(origin) if o in run]
+            kept = top_by_score(row.tolist(), images, counts[stage])
+            keep = sorted(kept + [i for i, o in enumerate(origin) if o not in run])
+            for i, o in enumerate(origin):
+                if i not in keep:
+                    full[0, o] = h[0, i]
+            h, origin = h[:, keep], [origin[i] for i in keep]
+            kept_sets.append(list(origin))
+        positions = torch.arange(len(origin)) if compact else torch.tensor(origin)
+        cos, sin = lm.rotary_emb(h, positions[None], kind)
+        entering.append((h, cos, sin, window))
+        mask = _gemma_mask([types0[o] for o in origin], kind, GEMMA_WINDOW)
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None])
+    for i, o in enumerate(origin):
+        full[0, o] = h[0, i]
+    expected = model.lm_head(lm.norm(full))
+    assert len(origin) > GEMMA_WINDOW  # the window matters after the drop
+    with apply_method(model, processor, method, ratio=ratio, **options) as handle:
+        ours = model(**inputs_for(family, processor, [image])).logits
+        survivors = handle.adapter.pruner.state.survivors[0]
+    assert survivors.nonzero().reshape(-1).tolist() == kept_sets[-1]
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+
+
+@torch.no_grad()
+def test_fastv_on_qwen3_vl_trims_the_deepstack_features_to_the_kept_tokens(checkpoint):
+    """Qwen3-VL's DeepStack adds one visual feature per image token after each of the LLM's first layers; after
+    FastV's drop at layer 1 only the kept image tokens get theirs (their own rows), at their uncompressed M-RoPE
+    positions. Against a plain layer-by-layer run (3 layers, deepstack after layers 0 and 1)."""
+    from globalcom2.demo.tiny_qwen import build_tiny_qwen3_vl
+    from tests.adapters.families import load
+
+    family = next(f for f in FAMILIES if f.name == "qwen3_vl")
+    model, processor = load(checkpoint(build_tiny_qwen3_vl, text_layers=3, deepstack_layers=2))
+    lm = text_model(model)
+    inputs = inputs_for(family, processor, [family.images()[0]])
+    ids = inputs["input_ids"]
+    run = _run_positions(ids, int(model.config.image_token_id))
+    seen: dict = {"deepstack": []}
+
+    def grab(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        seen["rope"] = kwargs["position_embeddings"]
+
+    def record(hidden_states, visual_pos_masks, visual_embeds):
+        seen["deepstack"].append((visual_pos_masks[0].nonzero().reshape(-1).tolist(), visual_embeds))
+        return original(hidden_states, visual_pos_masks, visual_embeds)
+
+    original = lm._deepstack_process
+    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    lm._deepstack_process = record
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+        del lm._deepstack_process
+    assert len(seen["deepstack"]) == 2 and all(pos == run for pos, _ in seen["deepstack"])
+    cos, sin = seen["rope"]
+    h, s, ratio = seen["h"], ids.shape[1], 0.5
+    origin = list(range(s))
+    entering = []
+    for j, layer in enumerate(lm.layers):
+        if j == 1:  # FastV: layer 0's last-token row (after layer 0's deepstack add nothing changes the row)
+            row = head_mean_rows(lm, lm.layers[0], entering[0], None, [s - 1], cos_sin=(cos, sin))[0]
+            keep = sorted(top_by_score(row.tolist(), run, int(len(run) * ratio)) + [i for i in range(s) if i not in run])
+            full = h.clone()
+            h, cos, sin, origin = h[:, keep], cos[:, keep], sin[:, keep], keep
+        entering.append(h)
+        n = h.shape[1]
+        h = layer(h, attention_mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None], position_embeddings=(cos, sin))
+        if j < len(seen["deepstack"]):  # each kept image token gets its own row of this layer's features
+            embeds = seen["deepstack"][j][1]
+            h = h.clone()
+            for i, o in enumerate(origin):
+                if o in run:
+                    h[0, i] += embeds[run.index(o)]
+    full[:, keep] = h
+    expected = model.lm_head(lm.norm(full))
+    with apply_method(model, processor, "fastv", ratio=ratio, layer=1) as handle:
+        ours = model(**inputs_for(family, processor, [family.images()[0]])).logits
+        survivors = handle.adapter.pruner.state.survivors[0]
+    assert survivors.nonzero().reshape(-1).tolist() == keep
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)

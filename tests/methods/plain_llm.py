@@ -42,6 +42,8 @@ def head_mean_rows(
         if attn.q_proj.bias is not None:
             q = q + attn.q_proj.bias[head * dh : (head + 1) * dh].float()
             k = k + attn.k_proj.bias[kv * dh : (kv + 1) * dh].float()
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head RMS norms of q and k
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = []

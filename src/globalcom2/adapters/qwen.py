@@ -436,6 +436,27 @@ class Qwen2_5_VLAdapter(QwenAdapter):  # noqa: N801  (named after the model clas
     processor_class_name = "Qwen2_5_VLProcessor"
 
 
+def kept_deepstack_rows(
+    visual_pos_masks: torch.Tensor, origin: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a pruned sequence's visual tokens are and which deepstack rows they take.
+
+    Args:
+        visual_pos_masks: Bool ``(B, S)`` the visual positions of the full sequence (one deepstack row each, in
+            row-major order).
+        origin: Long ``(B, L)`` each entry's index in the full sequence (-1: an inserted token, which has none).
+        valid: Bool ``(B, L)`` real entries (not fillers).
+
+    Returns:
+        ``(mask, rows)``: Bool ``(B, L)`` the kept visual entries, Long ``(M,)`` their deepstack rows (row-major).
+    """
+    b, s = visual_pos_masks.shape
+    rank = (torch.cumsum(visual_pos_masks.reshape(-1).long(), 0) - 1).reshape(b, s)
+    at = origin.clamp_min(0).to(visual_pos_masks.device)
+    mask = valid.to(at.device) & (origin.to(at.device) >= 0) & visual_pos_masks.gather(1, at)
+    return mask, rank.gather(1, at)[mask]
+
+
 @register_adapter
 class Qwen3VLAdapter(QwenAdapter):
     """GlobalCom² for ``Qwen3VLForConditionalGeneration`` + ``Qwen3VLProcessor`` (deepstack features trimmed with
@@ -444,6 +465,24 @@ class Qwen3VLAdapter(QwenAdapter):
     family = "qwen3_vl"
     model_class_name = "Qwen3VLForConditionalGeneration"
     processor_class_name = "Qwen3VLProcessor"
+
+    def install_pruner_hooks(self, handle: GlobalComHandle, pruner: Any) -> None:
+        """DeepStack adds a visual feature to every visual position after each of the LLM's first layers; once an
+        LLM-side method drops image tokens there, the kept ones get their own rows
+        (:func:`kept_deepstack_rows`), a dropped token none (it left the sequence), an inserted one none (it has
+        no position of the image). Wraps the language model's ``_deepstack_process`` on the instance."""
+        lm = pruner.lm
+        original = lm._deepstack_process
+
+        @functools.wraps(original)
+        def deepstack_process(hidden_states: Any, visual_pos_masks: Any, visual_embeds: Any) -> Any:
+            entries = pruner.pruned_entries()
+            if entries is None or visual_pos_masks is None:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            mask, rows = kept_deepstack_rows(visual_pos_masks, entries["origin"], entries["valid"])
+            return original(hidden_states, mask, visual_embeds[rows.to(visual_embeds.device)])
+
+        handle.patch(lm, "_deepstack_process", deepstack_process)
 
 
 @register_adapter

@@ -45,7 +45,7 @@ TINY_PATCH = 4
 TINY_MERGE = 2
 
 
-def _vision_config(family: str, patch: int, out_hidden: int) -> dict[str, Any]:
+def _vision_config(family: str, patch: int, out_hidden: int, deepstack_layers: int = 1) -> dict[str, Any]:
     common = dict(
         depth=2, num_heads=2, patch_size=patch, spatial_merge_size=TINY_MERGE, temporal_patch_size=2,
         in_channels=3,
@@ -58,7 +58,8 @@ def _vision_config(family: str, patch: int, out_hidden: int) -> dict[str, Any]:
             common, hidden_size=32, intermediate_size=64, out_hidden_size=out_hidden,
             window_size=4 * patch * TINY_MERGE, fullatt_block_indexes=[1],
         )  # fmt: skip
-    extra = {"deepstack_visual_indexes": [0]} if family == "qwen3_vl" else {}
+    # Qwen3-VL: the tower's first blocks feed the LLM's first `deepstack_layers` layers
+    extra = {"deepstack_visual_indexes": list(range(deepstack_layers))} if family == "qwen3_vl" else {}
     return dict(
         common, hidden_size=32, intermediate_size=64, out_hidden_size=out_hidden, num_position_embeddings=64,
         **extra,
@@ -74,6 +75,7 @@ def build_tiny_qwen(
     text_heads: int = 2,
     max_side_tokens: int = 32,
     patch_size: int = TINY_PATCH,
+    deepstack_layers: int = 1,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random checkpoint + processor of one native-resolution family to ``out_dir``; return the path.
@@ -83,6 +85,7 @@ def build_tiny_qwen(
         text_hidden, text_layers, text_heads: the tiny LLM (head dimension ``text_hidden // text_heads``).
         max_side_tokens: the processor's ``max_pixels`` is ``(max_side_tokens * 2 * patch_size)**2``.
         patch_size: vision patch in pixels (4 keeps tests cheap; 14 or 16 gives a real checkpoint's geometry).
+        deepstack_layers: Qwen3-VL: LLM layers that receive deepstack features (at most the tower's 2 blocks).
     """
     import transformers
 
@@ -115,7 +118,7 @@ def build_tiny_qwen(
     )  # fmt: skip
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_SPECIALS.items()}
     config = getattr(transformers, config_name)(
-        vision_config=_vision_config(family, patch_size, text_hidden), text_config=text_config.to_dict(),
+        vision_config=_vision_config(family, patch_size, text_hidden, deepstack_layers), text_config=text_config.to_dict(),
         image_token_id=ids["image_token"], video_token_id=ids["video_token"],
         vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
         tie_word_embeddings=False,

@@ -85,6 +85,8 @@ def build_tiny_gemma3(
     text_hidden: int = 64,
     text_layers: int = 2,
     text_heads: int = 2,
+    sliding_window: int = 64,
+    layer_types: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random Gemma 3 checkpoint + processor to ``out_dir`` and return the path.
@@ -94,6 +96,8 @@ def build_tiny_gemma3(
         tile_size, patch_size: image side and SigLIP patch in pixels (the tower's grid is their quotient).
         tokens_per_image: ``mm_tokens_per_image``, a square whose side divides the patch grid (the pooling).
         text_hidden, text_layers, text_heads: tiny Gemma 3 LLM (head_dim 32).
+        sliding_window, layer_types: its local layers' window and the kind of every layer (default Gemma 3's:
+            five ``"sliding_attention"`` layers, then one ``"full_attention"``).
     """
     from transformers import (
         Gemma3Config,
@@ -107,7 +111,7 @@ def build_tiny_gemma3(
     tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
     text_config = llm_config(
         Gemma3TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
-        sliding_window=64,
+        sliding_window=sliding_window, **({} if layer_types is None else {"layer_types": list(layer_types)}),
     )  # fmt: skip
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_SPECIALS.items()}
     config = Gemma3Config(

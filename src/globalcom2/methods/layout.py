@@ -11,6 +11,9 @@ the run and are never pruned):
   anchor patch, :func:`~globalcom2.adapters.anyres.resample_blocks`), each row followed by one ``image_newline``;
 - **tiles** (InternVL, Idefics3/SmolVLM; :func:`tile_token_layout`): the crops row-major, each a full g x g block
   in raster order, then the thumbnail; an image of one tile is its own thumbnail.
+- **native** (Qwen-VL; :func:`native_token_layout`): the ``H x W`` merged tokens in raster order; the crops are the
+  regions of :mod:`globalcom2.core.regions` (bands of at most G x G tokens); no thumbnail tokens (the global view
+  is virtual).
 
 The crop regions are those of paper Eq. 2 / Eq. 4 (token ``(y, x)`` of the padded grid belongs to crop
 ``(y // g) * cols + x // g``).
@@ -24,6 +27,7 @@ import torch
 
 from ..adapters.anyres import AnyresGeometry, footprint, resample_blocks
 from ..core.plan import Plan
+from ..core.regions import band_index, pooled_shape, region_grid
 
 THUMBNAIL = 0  # region id of the thumbnail; crop j (row-major, 0-based) has region id j + 1
 NEWLINE = -1  # region id of an image_newline token
@@ -42,6 +46,8 @@ class ImageTokenLayout:
             (``y*cols*g + x``) for crops (with ``token_grid``: the crop token's index ``y*W + x`` in that grid),
             -1 for newlines.
         token_grid: ``(H, W)`` of a down-sampled crop token grid (OneVision), else None.
+        native: ``(H, W)`` of a native-resolution image (the crops are regions of that token grid, ``g`` is the
+            region size G, ``cell`` is ``y*W + x``), else None.
     """
 
     grid: tuple[int, int]
@@ -50,6 +56,7 @@ class ImageTokenLayout:
     region: torch.Tensor
     cell: torch.Tensor
     token_grid: tuple[int, int] | None = None
+    native: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +127,17 @@ def tile_token_layout(grid: tuple[int, int], g: int, thumbnail_first: bool = Fal
     return ImageTokenLayout((rows, cols), g, (0, rows * g, 0, cols * g), region=region, cell=cell)
 
 
+def native_token_layout(height: int, width: int, region_tokens: int) -> ImageTokenLayout:
+    """Layout of one native-resolution image (Qwen-VL) of ``height x width`` merged tokens: raster order, token
+    ``(y, x)`` in region ``band(y) * nc + band(x)`` (:func:`~globalcom2.core.regions.band_index`, regions of at
+    most ``region_tokens`` per side), region id j + 1 for region j as for crops."""
+    rows, cols = band_index(height, region_tokens), band_index(width, region_tokens)
+    nr, nc = region_grid(height, width, region_tokens)
+    region = (rows[:, None] * nc + cols[None, :] + 1).reshape(-1)
+    return ImageTokenLayout((nr, nc), region_tokens, (0, height, 0, width), region=region,
+                            cell=torch.arange(height * width), native=(height, width))  # fmt: skip
+
+
 def plan_from_keep(
     layout: ImageTokenLayout, keep: torch.Tensor, crop_ratios: torch.Tensor | None = None, mode: str = "llm"
 ) -> Plan:
@@ -139,11 +157,13 @@ def plan_from_keep(
     keep = keep.to(torch.bool).cpu()
     region, cell = layout.region, layout.cell
     is_thumb = region == THUMBNAIL
-    thumbnail_mask = torch.zeros(g * g, dtype=torch.bool)
+    thumb_shape = (g, g) if layout.native is None else pooled_shape(*layout.native, g)
+    thumbnail_mask = torch.zeros(thumb_shape[0] * thumb_shape[1], dtype=torch.bool)
     thumbnail_mask[cell[is_thumb]] = keep[is_thumb]
     n = rows * cols
     is_crop = region > 0
     token_mask = None
+    crops_shape = (rows * g, cols * g) if layout.native is None else layout.native
     if layout.token_grid is not None:  # down-sampled crop tokens: the footprint of the kept ones on the cells
         height, width = layout.token_grid
         token_mask = torch.zeros(height * width, dtype=torch.bool)
@@ -151,7 +171,7 @@ def plan_from_keep(
         token_mask = token_mask.reshape(height, width)
         crops_mask = footprint(token_mask, layout.valid_box, (rows * g, cols * g)).reshape(-1)
     else:
-        crops_mask = torch.zeros(rows * g * cols * g, dtype=torch.bool)
+        crops_mask = torch.zeros(crops_shape[0] * crops_shape[1], dtype=torch.bool)
         crops_mask[cell[is_crop]] = keep[is_crop]
     crop_idx = region[is_crop] - 1
     kept = torch.zeros(n, dtype=torch.long).index_add_(0, crop_idx, keep[is_crop].long())
@@ -160,8 +180,8 @@ def plan_from_keep(
         crop_ratios = kept.float() / valid.clamp_min(1).float()
     return Plan(
         grid=layout.grid,
-        thumbnail_mask=thumbnail_mask.reshape(g, g),
-        crops_mask=crops_mask.reshape(rows * g, cols * g),
+        thumbnail_mask=thumbnail_mask.reshape(thumb_shape),
+        crops_mask=crops_mask.reshape(crops_shape),
         crop_ratios=crop_ratios.float().cpu(),
         num_tokens=int(keep.sum()),
         num_tokens_full=layout.num_tokens,

@@ -52,6 +52,7 @@ from ..core.ranking import topk_mask
 from .layout import (
     ImageTokenLayout,
     image_token_layout,
+    native_token_layout,
     plan_from_keep,
     single_tile_layout,
     tile_token_layout,
@@ -128,7 +129,8 @@ def query_attention(
     query_index: torch.Tensor,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-mean softmax attention of a few query rows over all keys, in one layer (causal, keys up to the query).
+    """Head-mean softmax attention of a few query rows over all keys, in one layer (causal, keys up to the query;
+    in a sliding-window layer, ``attn.sliding_window`` set, only the last ``window`` entries up to the query).
 
     Computed from the attention module's input with its own projections and rotary embedding: O(Q*S*D) work, no
     (S x S) map.
@@ -148,6 +150,9 @@ def query_attention(
     dh = int(attn.head_dim)
     pos = torch.arange(s, device=hidden.device)
     visible = pos[None, None, :] <= query_index[:, :, None]  # (B, Q, S)
+    window = getattr(attn, "sliding_window", None)  # a sliding-window layer: the last `window` entries only
+    if window:
+        visible = visible & (pos[None, None, :] > query_index[:, :, None] - int(window))
     if key_mask is not None:
         visible = visible & key_mask.to(device=hidden.device, dtype=torch.bool)[:, None, :]
     rows = torch.arange(b, device=hidden.device)[:, None]
@@ -522,6 +527,13 @@ class StagedPruner:
         call.active = True
         self.state.stage_scores = []
         return True
+
+    def pruned_entries(self) -> dict[str, torch.Tensor] | None:
+        """This thread's per-entry records of the pruned sequence while a pruned prefill runs inside the LLM
+        (``origin``, ``valid``, ``image``, ... each ``(B, L)``; see :class:`_Call`), else None (nothing pruned yet,
+        decode, or after the last layer put the full length back)."""
+        call = self.state.call
+        return call.entries if call.active and call.full is not None else None
 
     def key_mask(self, call: _Call) -> torch.Tensor:
         """``(B, L)`` visible keys of the current sequence (not a filler, not padding)."""
@@ -1017,6 +1029,34 @@ class TileLLMSide(LLMPruningAdapter):
         return super().after_encode(handle, out, extra)  # type: ignore[misc]
 
 
+class NativeLLMSide(LLMPruningAdapter):
+    """The LLM-side methods' vision side on the native-resolution families (Qwen-VL): the merger's output reaches
+    the LLM unchanged, every token at the M-RoPE position of the uncompressed run (HF's own ``get_rope_index``:
+    the family's wrapper for dropped tokens is not installed), and each image's layout is recorded
+    (:func:`~globalcom2.methods.layout.native_token_layout`: raster order, the crops are the regions of the
+    family's rule); the combinations take GlobalCom²'s per-region counts from the family's planner. The pruner
+    keeps every surviving token's position (no renumbering under M-RoPE)."""
+
+    def install_family(self, handle: GlobalComHandle) -> None:
+        self.pruner.install(handle)
+        self.install_pruner_hooks(handle, self.pruner)  # type: ignore[attr-defined]
+
+    def _select(self, handle: GlobalComHandle, features: tuple, deepstack: list | None,
+                grids: list[tuple[int, int]]) -> tuple[tuple, list | None]:  # fmt: skip
+        from ..adapters.qwen import region_tokens_of
+
+        g = region_tokens_of(self.config)
+        layouts = [native_token_layout(h, w, g) for h, w in grids]
+        for lay, f, (h, w) in zip(layouts, features, grids, strict=True):
+            self.check_layout(lay, int(f.shape[0]), f"an image of {h}x{w} merged tokens")
+        vision = None
+        if self.uses_vision_plans:
+            vision = [plan for plan, _ in self.plan_images(list(features), grids)]  # type: ignore[attr-defined]
+        self.pruner.record_images(layouts, vision)
+        handle.publish(_everything(layouts, self.plan_mode))
+        return features, deepstack
+
+
 class PositionsOnly(LLMPruningAdapter):
     """The LLM-side methods on a family whose token layout this module does not know: nothing outside the LLM is
     patched; the pruner uses the image-token positions alone (``input_ids == image_token_id``), so markers are
@@ -1041,8 +1081,9 @@ class PositionsOnly(LLMPruningAdapter):
 def has_token_layout(family: type) -> bool:
     """Whether :mod:`globalcom2.methods.layout` knows the token layout of ``family``'s image runs (anyres or tiles)."""
     from ..adapters.internvl import InternVLAdapter
+    from ..adapters.qwen import QwenAdapter
 
-    return issubclass(family, (AnyresAdapter, InternVLAdapter))
+    return issubclass(family, (AnyresAdapter, InternVLAdapter, QwenAdapter))
 
 
 def llm_method_class(method: type, family: type) -> type:
@@ -1053,11 +1094,14 @@ def llm_method_class(method: type, family: type) -> type:
 @functools.cache
 def _llm_method_class(method: Any, family: Any) -> type:
     from ..adapters.internvl import InternVLAdapter
+    from ..adapters.qwen import QwenAdapter
 
     if issubclass(family, AnyresAdapter):
         side: type = AnyresLLMSide
     elif issubclass(family, InternVLAdapter):
         side = TileLLMSide
+    elif issubclass(family, QwenAdapter):
+        side = NativeLLMSide
     else:
         if method.uses_vision_plans:
             raise UnsupportedModelError(
@@ -1070,6 +1114,7 @@ def _llm_method_class(method: Any, family: Any) -> type:
 __all__ = [
     "AnyresLLMSide",
     "LLMPruningAdapter",
+    "NativeLLMSide",
     "PositionsOnly",
     "TileLLMSide",
     "has_token_layout",
