@@ -280,7 +280,14 @@ def test_llm_methods_on_gemma3_keep_its_image_blocks_and_windows(checkpoint, met
     lm = text_model(model)
     s = ids.shape[0]
     if method == "fastv":
-        ratio, options, boundaries, counts, score_offset, compact = 0.5, {"layer": 1}, [1], [len(run) // 2], 1, False
+        ratio, options, boundaries, counts, score_offset, compact = (
+            0.5,
+            {"layer": 1},
+            [1],
+            [len(run) // 2],
+            1,
+            False,
+        )
     else:
         ratio, options, score_offset, compact = 0.75, {"stages": 2}, 0, True
         sched = pdrop_schedule(len(lm.layers), ratio, stages=2)
@@ -366,12 +373,18 @@ def test_fastv_on_qwen3_vl_trims_the_deepstack_features_to_the_kept_tokens(check
     for j, layer in enumerate(lm.layers):
         if j == 1:  # FastV: layer 0's last-token row (after layer 0's deepstack add nothing changes the row)
             row = head_mean_rows(lm, lm.layers[0], entering[0], None, [s - 1], cos_sin=(cos, sin))[0]
-            keep = sorted(top_by_score(row.tolist(), run, int(len(run) * ratio)) + [i for i in range(s) if i not in run])
+            keep = sorted(
+                top_by_score(row.tolist(), run, int(len(run) * ratio)) + [i for i in range(s) if i not in run]
+            )
             full = h.clone()
             h, cos, sin, origin = h[:, keep], cos[:, keep], sin[:, keep], keep
         entering.append(h)
         n = h.shape[1]
-        h = layer(h, attention_mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None], position_embeddings=(cos, sin))
+        h = layer(
+            h,
+            attention_mask=torch.ones(n, n, dtype=torch.bool).tril()[None, None],
+            position_embeddings=(cos, sin),
+        )
         if j < len(seen["deepstack"]):  # each kept image token gets its own row of this layer's features
             embeds = seen["deepstack"][j][1]
             h = h.clone()
@@ -385,3 +398,58 @@ def test_fastv_on_qwen3_vl_trims_the_deepstack_features_to_the_kept_tokens(check
         survivors = handle.adapter.pruner.state.survivors[0]
     assert survivors.nonzero().reshape(-1).tolist() == keep
     torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+
+
+@torch.no_grad()
+def test_globalcom2_fastv_on_a_native_family_gives_each_region_globalcom2s_count(fam):
+    """GlobalCom² + FastV on Qwen-VL: the regions of docs/qwen.md (bands of at most 16 x 16 merged tokens) are the
+    crops; each keeps GlobalCom²'s budget count (``globalcom2.apply``'s plan of the same image at the same R), and
+    FastV's row (layer K - 1's last token) picks which of its tokens inside it."""
+    import math
+
+    import globalcom2
+
+    family, model, processor = fam
+    if not family.native:
+        pytest.skip("an M-RoPE family")
+    image, ratio = family.images()[0], 0.5
+    with globalcom2.apply(model, processor, ratio=ratio) as gc:
+        model(**inputs_for(family, processor, [image]))
+        counts = gc.plans[0].crop_keep_counts.tolist()
+        height, width = gc.plans[0].crops_mask.shape
+    inputs = inputs_for(family, processor, [image])
+    ids = inputs["input_ids"]
+    run = _run_positions(ids, int(model.config.image_token_id))
+    assert len(run) == height * width
+    nr, nc = math.ceil(height / 16), math.ceil(width / 16)
+    region = [
+        ((y + 1) * nr - 1) // height * nc + ((x + 1) * nc - 1) // width
+        for y in range(height)
+        for x in range(width)
+    ]
+    assert len(counts) == nr * nc
+    lm = text_model(model)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"], seen["rope"] = (
+            (args[0] if args else kwargs["hidden_states"]),
+            kwargs["position_embeddings"],
+        )
+
+    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    model(**inputs)
+    hook.remove()
+    s = ids.shape[1]
+    row = head_mean_rows(lm, lm.layers[0], seen["h"], None, [s - 1], cos_sin=seen["rope"])[0]
+    kept = sorted(
+        p
+        for r, k in enumerate(counts)
+        for p in top_by_score(row.tolist(), [run[i] for i, g in enumerate(region) if g == r], k)
+    )
+    with apply_method(model, processor, "globalcom2+fastv", ratio=ratio, layer=1) as handle:
+        model(**inputs_for(family, processor, [image]))
+        survivors = handle.adapter.pruner.state.survivors[0]
+        plan = handle.plans[0]
+    assert [p for p in run if survivors[p]] == kept
+    assert plan.crop_keep_counts.tolist() == counts

@@ -111,7 +111,7 @@ def build_tiny_gemma3(
     tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
     text_config = llm_config(
         Gemma3TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
-        sliding_window=sliding_window, **({} if layer_types is None else {"layer_types": list(layer_types)}),
+        sliding_window=sliding_window, layer_types=None if layer_types is None else list(layer_types),
     )  # fmt: skip
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in GEMMA3_SPECIALS.items()}
     config = Gemma3Config(

@@ -595,7 +595,9 @@ class StagedPruner:
         """The LLM's rotary ``(cos, sin)`` at ``positions``; ``{layer kind: (cos, sin)}`` where each kind has its
         own (resolved per layer by :meth:`_layer_pre`)."""
         if self._rotary_by_kind:
-            return {kind: self.lm.rotary_emb(hidden, positions, kind) for kind in dict.fromkeys(self.layer_types)}
+            return {
+                kind: self.lm.rotary_emb(hidden, positions, kind) for kind in dict.fromkeys(self.layer_types)
+            }
         return self.lm.rotary_emb(hidden, positions)
 
     def stage_layers(self, s: int) -> range:
