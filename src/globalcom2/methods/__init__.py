@@ -123,9 +123,9 @@ def _tile_planner(cls: type) -> str | None:
 
 #: families whose LLM builds an attention mask the pruner does not rebuild after a drop
 _OWN_MASKS = {
-    "qwen3_5": "hybrid linear-attention LLM: a pruned batch pads shorter rows with masked filler entries after their "
-    "last token, which its recurrent (Gated DeltaNet) layers' convolution and state would read, so a batch row would "
-    "differ from the same prompt alone",
+    "qwen3_5": "hybrid LLM: its Gated DeltaNet (linear-attention) layers have no attention row to score tokens by "
+    "(a scoring layer may be one), and their convolution and recurrent state would run over the filler entries of a "
+    "pruned batch, so a batch row would differ from the same prompt alone",
     # found by the family table (tests/adapters/test_family_methods.py --full); refused until fixed
     "aya_vision": "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)",
     "llama4": "its LLM (chunked-attention and NoPE layers, MoE) hangs off the model itself; the pruner does not "
