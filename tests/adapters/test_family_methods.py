@@ -151,7 +151,7 @@ def _first_per_region(layout, counts: dict[int, int]) -> torch.Tensor:
 LLM_TIES = ["fastv", "pdrop", "sparsevlm", "globalcom2+fastv", "globalcom2+sparsevlm"]
 
 
-@pytest.mark.parametrize("method", sweep(LLM_TIES, ["fastv"]))
+@pytest.mark.parametrize("method", sweep(LLM_TIES, ["fastv", "globalcom2+fastv"]))
 def test_llm_side_tie_rule_keeps_the_earliest_image_tokens(fam, method):
     """All LLM scores exactly equal: each stage keeps the earliest image tokens (per sample; per region for the
     combinations); markers are not image tokens and stay. SparseVLM without recycling (recycled tokens are new)."""
