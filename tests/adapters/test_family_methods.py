@@ -30,7 +30,7 @@ from tests.adapters.families import (
 )
 from tests.conftest import module_state, sweep
 
-#: by default: tiles with markers (InternVL), Idefics3's runs and Eq. 7 (SmolVLM), M-RoPE positions only (Qwen2.5-VL);
+#: by default: tiles with markers (InternVL), Idefics3's runs and Eq. 7 (SmolVLM), M-RoPE and regions (Qwen2.5-VL);
 #: OneVision, Gemma 3 and the rest with --full; LLaVA-NeXT's methods are tested in tests/methods
 family_dir, fam = family_fixtures(FAMILIES, default=["internvl", "smolvlm", "qwen2_5_vl"])
 
