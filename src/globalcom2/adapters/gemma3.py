@@ -267,7 +267,9 @@ class Gemma3Adapter(Idefics3Adapter):
         types = torch.where(entries["valid"], types, 0)
         blocks = gemma.get_block_sequence_ids_for_mask(types, device=hidden.device)
         # positional: the cache argument is `cache` from transformers 5.20 on, `past_key_values` before
-        return gemma.create_masks_for_vision_model(lm.config, hidden, mask2d, None, None, block_sequence_ids=blocks)
+        return gemma.create_masks_for_vision_model(
+            lm.config, hidden, mask2d, None, None, block_sequence_ids=blocks
+        )
 
     def encode_for_reference(self, handle: Any, kwargs: dict) -> dict[str, Any] | None:
         if handle.state.context.get(GRID_KEY) is None:
