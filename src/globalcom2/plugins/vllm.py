@@ -52,8 +52,9 @@ Switched on per model (see docs/engines.md)::
       '{"architectures": ["GlobalCom2LlavaNextForConditionalGeneration"], "globalcom2": {"ratio": 0.25}}'
 
 (``GlobalCom2LlavaOnevisionForConditionalGeneration`` / ``GlobalCom2InternVLForConditionalGeneration`` alike;
-``{"max_image_tokens": 300}`` instead of a ratio), or for every model of the three families that the process serves:
-``GLOBALCOM2_VLLM='{"ratio": 0.25}' vllm serve ...``.
+``{"max_image_tokens": 300}`` instead of a ratio), or for every model of every GlobalCom² family (these three and the
+Qwen ones of :mod:`globalcom2.plugins.vllm_qwen`) that the process serves: ``GLOBALCOM2_VLLM='{"ratio": 0.25}' vllm
+serve ...``.
 """
 
 from __future__ import annotations
