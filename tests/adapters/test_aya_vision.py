@@ -195,3 +195,68 @@ def test_max_image_tokens_counts_the_span(fam, max_tokens):
             assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
             assert span <= max_tokens, (size, span)
             assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
+
+
+def test_llm_side_pruning_keeps_the_sliding_window_of_cohere2(fam, aya_dir):
+    """Cohere2's layers attend within a sliding window (64 entries here; these prompts are longer). Regression: the
+    pruner gave the layers after a drop a plain causal mask and put a short row's fillers after its tokens, so
+    the sliding-window cache kept fillers instead of the row's last tokens and a batch row got other tokens than
+    its prompt alone. Now FastV at R = 1 (the pruned path, every token kept) equals the unpatched model, a
+    left-padded batch equals each prompt alone, and FastV's scores are the eager model's attention of the last
+    token over its window."""
+    from globalcom2.loading import load_tiny_family
+    from globalcom2.methods import apply_method
+
+    model, processor = fam
+    window = model.config.text_config.sliding_window
+    images = [random_image(60, 250, seed=1), random_image(100, 190, seed=2), random_image(64, 64, seed=3)]
+    batch = _inputs(processor, images)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert max(lengths) > window and min(lengths) < max(lengths), lengths  # past the window, left-padded rows
+    with torch.no_grad():
+        plain = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    with apply_method(model, processor, "fastv", ratio=1.0, layer=1), torch.no_grad():
+        batch = _inputs(processor, images)  # with the tile grids the patched processor adds
+        torch.testing.assert_close(model(**batch).logits[real], plain[real], atol=1e-5, rtol=1e-5)
+    with apply_method(model, processor, "fastv", ratio=0.5, layer=1) as gc, torch.no_grad():
+        gen = model.generate(**_inputs(processor, images), max_new_tokens=4, do_sample=False)[:, -4:]
+        for i, image in enumerate(images):
+            alone = _inputs(processor, [image])
+            assert torch.equal(
+                model.generate(**alone, max_new_tokens=4, do_sample=False)[:, -4:], gen[i : i + 1]
+            )
+        alone = _inputs(processor, images[:1])
+        model(**alone)
+        ours = gc.adapter.pruner.last_scores[0]
+    eager = load_tiny_family(aya_dir, attn_implementation="eager")[0]
+    with torch.no_grad():
+        maps = eager(**alone, output_attentions=True).attentions[0][0].mean(0)  # layer K - 1 = 0, (S, S)
+    assert int((maps[-1] > 0).sum()) == window  # the last token sees its window only
+    torch.testing.assert_close(ours, maps[-1], atol=1e-6, rtol=1e-5)
+
+
+def test_llm_side_scores_on_a_cohere2_full_attention_layer_use_no_positions(aya_dir):
+    """Cohere2 rotates q and k only in its sliding-window layers; its full-attention layers use no positions (Aya
+    Vision 8B: every fourth layer, e.g. SparseVLM's third pruning layer). With the tiny LLM's second layer made a
+    full-attention layer, PDrop's scores (that layer's attention of the last token) are the eager model's."""
+    from transformers import AutoConfig
+
+    from globalcom2.loading import load_tiny_family
+    from globalcom2.methods import apply_method
+
+    def load(**kwargs):
+        config = AutoConfig.from_pretrained(aya_dir)
+        config.text_config.layer_types = ["sliding_attention", "full_attention"]
+        return load_tiny_family(aya_dir, config=config, **kwargs)
+
+    model, processor = load()
+    with apply_method(model, processor, "pdrop", ratio=0.75, stages=2) as gc, torch.no_grad():
+        assert gc.adapter.schedule.boundaries == (1,)  # PDrop scores in its stage's first layer: the full one
+        inputs = _inputs(processor, [random_image(100, 190, seed=1)])
+        model(**inputs)
+        ours = gc.adapter.pruner.last_scores[0]
+    eager = load(attn_implementation="eager")[0]
+    with torch.no_grad():
+        maps = eager(**inputs, output_attentions=True).attentions[1][0].mean(0)  # (S, S)
+    torch.testing.assert_close(ours, maps[-1], atol=1e-6, rtol=1e-5)

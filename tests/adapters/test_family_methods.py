@@ -129,13 +129,22 @@ def test_threads_on_one_patched_model_get_what_they_get_alone(fam, method):
 
 
 def _tie_llm(model) -> None:
-    """Every LLM attention logit exactly 0 (zero key projections): every image token gets the same score."""
+    """Every LLM attention logit exactly 0 (zero key projections): every image token gets the same score.
+
+    A sliding-window LLM (Aya Vision's Cohere2, 64 entries here) has its window widened past these prompts (this
+    instance's config and layers): the scoring rows see only the layer's window, so tokens outside it would score
+    0 and only those inside would tie."""
     inner = model.model
     lm = getattr(inner, "language_model", None) or inner.text_model
     with torch.no_grad():
         for layer in lm.layers:
             for param in layer.self_attn.k_proj.parameters():
                 param.zero_()
+    if getattr(lm.config, "sliding_window", None) is not None:
+        lm.config.sliding_window = 4096
+        for layer in lm.layers:
+            if getattr(layer.self_attn, "sliding_window", None) is not None:
+                layer.self_attn.sliding_window = 4096
 
 
 def _first_per_region(layout, counts: dict[int, int]) -> torch.Tensor:

@@ -12,7 +12,8 @@ import globalcom2
 from globalcom2.methods import apply_method
 from globalcom2.methods.layout import image_token_layout
 from globalcom2.methods.schedule import sparsevlm_layers, sparsevlm_schedule
-from tests.conftest import batch_inputs
+from tests.adapters.families import plan_key
+from tests.conftest import PROMPT, batch_inputs, random_image, sweep
 from tests.methods.conftest import assert_llm_batch_equals_alone
 from tests.methods.plain_llm import embed, head_mean_rows, staged_forward, top_by_score
 
@@ -243,3 +244,28 @@ def test_bad_options(tiny8):
     with pytest.raises(TypeError, match="unknown option"):
         apply_method(model, processor, "sparsevlm", ratio=0.5, lam=0.5)
     assert getattr(model, "_globalcom2_handle", None) is None
+
+
+@pytest.mark.parametrize("method", sweep(["sparsevlm", "globalcom2+sparsevlm"], ["sparsevlm"]))
+def test_a_left_padded_row_with_fewer_raters_equals_it_alone(tiny8, method):
+    """Regression: the shorter prompt of a batch is left-padded and has fewer raters than the longer one, so the
+    filler slots of its rater rows index its padding, where no key is visible. Those rows are zero (they were NaN,
+    which made every score of the row NaN and its kept set arbitrary); the row gets what it gets alone."""
+    model, processor = tiny8
+    image = random_image(100, 180, seed=1)
+    prompts = [PROMPT, PROMPT.replace("?", ", in one long sentence that names every object and its colour?")]
+    alone = [processor(images=[image], text=[prompt], return_tensors="pt") for prompt in prompts]
+    image_id = model.config.image_token_id
+    raters = [len(_plain_raters(embed(model, a), (a["input_ids"][0] == image_id).tolist())) for a in alone]
+    assert raters[0] < raters[1]  # the padded row has filler rater slots
+    batch = processor(images=[image, image], text=prompts, return_tensors="pt", padding=True)
+    assert not bool(batch["attention_mask"][0].all())  # the short prompt is left-padded
+    with apply_method(model, processor, method, ratio=0.5) as gc, torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
+        assert bool(torch.isfinite(gc.adapter.pruner.last_scores).all())
+        kept = [plan_key(plan) for plan in gc.plans]
+        for i in range(len(prompts)):
+            assert torch.equal(
+                model.generate(**alone[i], max_new_tokens=4, do_sample=False)[:, -4:], gen[i : i + 1]
+            )
+            assert plan_key(gc.plans[0]) == kept[i], i

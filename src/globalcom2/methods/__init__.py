@@ -126,30 +126,14 @@ _OWN_MASKS = {
     "qwen3_5": "hybrid LLM: its Gated DeltaNet (linear-attention) layers have no attention row to score tokens by "
     "(a scoring layer may be one), and their convolution and recurrent state would run over the filler entries of a "
     "pruned batch, so a batch row would differ from the same prompt alone",
-    # found by the family table (tests/adapters/test_family_methods.py --full); refused until fixed
-    "aya_vision": "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)",
     "llama4": "its LLM (chunked-attention and NoPE layers, MoE) hangs off the model itself; the pruner does not "
     "rebuild its masks (not verified)",
 }
-#: SparseVLM's token recycling gave a batch row other tokens than the same prompt alone on every family but these
-#: (tests/adapters/test_family_methods.py --full); refused elsewhere until that is fixed.
-_SPARSEVLM_VERIFIED = ("llava_next",)
 
 
 def _plain_causal_llm(cls: type) -> str | None:
     """The LLM-side methods rebuild a causal mask for the shorter sequence (methods.pruner)."""
     return _OWN_MASKS.get(getattr(cls, "family", ""))
-
-
-def _sparsevlm_verified(cls: type) -> str | None:
-    family = getattr(cls, "family", "")
-    if family not in _SPARSEVLM_VERIFIED:
-        return "a batch row got other tokens than the same prompt alone (known defect, not fixed yet)"
-    return _plain_causal_llm(cls)
-
-
-def _sparsevlm_layout(cls: type) -> str | None:
-    return _token_layout(cls) or _sparsevlm_verified(cls)
 
 
 def _token_layout(cls: type) -> str | None:
@@ -307,12 +291,12 @@ register_method(MethodSpec(
 ))  # fmt: skip
 register_method(MethodSpec(
     "sparsevlm", "llm", "SparseVLM: text raters' attention, staged drops at layer average R, token recycling",
-    dict(_SV_OPTIONS), _sparsevlm, requires=_sparsevlm_verified,
+    dict(_SV_OPTIONS), _sparsevlm, requires=_plain_causal_llm,
 ))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+sparsevlm", "vision+llm", "GlobalCom² per-crop budgets r_j, SparseVLM token choice inside each crop",
     {**_SV_OPTIONS, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_sparsevlm, requires=_sparsevlm_layout,
+    _globalcom2_sparsevlm, requires=_token_layout,
 ))  # fmt: skip
 _PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
 _PM_NOTE = "needs a [CLS] attention (a tower without one: TypeError before patching)"

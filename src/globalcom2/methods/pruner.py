@@ -81,8 +81,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+#: attention classes whose layers rotate q and k only where they attend within a sliding window; their
+#: full-attention layers use no positional embedding (Cohere2, the LLM of Aya Vision)
+_ROPE_ON_SLIDING_ONLY = ("Cohere2Attention",)
+
+
 def _rope(attn: Any):
-    """The rotary function of the attention module's own modelling file (Llama-style fallback)."""
+    """The rotary function of the attention module's own modelling file (Llama-style fallback); the identity where
+    the layer uses no positions (:data:`_ROPE_ON_SLIDING_ONLY` outside a sliding window)."""
+    if type(attn).__name__ in _ROPE_ON_SLIDING_ONLY and getattr(attn, "sliding_window", None) is None:
+        return lambda q, k, cos, sin, unsqueeze_dim=1: (q, k)
     fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
     if fn is not None:
         return fn
@@ -143,7 +151,9 @@ def query_attention(
         key_mask: optional Bool ``(B, S)`` (True = visible key, e.g. not padding).
 
     Returns:
-        ``(B, Q, S)`` float32 attention probabilities (each row sums to 1 over its visible keys).
+        ``(B, Q, S)`` float32 attention probabilities (each row sums to 1 over its visible keys). A row that sees no
+        key (the filler slot of a ragged set of query rows, e.g. at a padding position of a left-padded batch row)
+        is all zeros, not NaN, so a masked sum over the rows stays finite.
     """
     b, s, _ = hidden.shape
     nq = query_index.shape[1]
@@ -168,7 +178,8 @@ def query_attention(
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, Q, S)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+    probs = logits.softmax(dim=-1).mean(dim=1)
+    return torch.where(visible.any(dim=-1, keepdim=True), probs, 0.0)
 
 
 def last_token_attention(
@@ -688,10 +699,12 @@ class StagedPruner:
             full_len = call.full.shape[1] - 1
             dest = torch.where(removed & (ent["origin"] >= 0), ent["origin"], full_len)
             call.full.scatter_(1, dest[..., None].expand(-1, -1, d), hidden)
-        # new order: kept entries in order, inserted tokens right after ``extras_after``, then fillers
-        big = 4 * length + 4
+        # new order: fillers first (a shorter row is left-padded, as the caller's batch: every row's real entries end
+        # the sequence, so a sliding-window layer's cache keeps the same last tokens of each row as alone), then the
+        # kept entries in order, inserted tokens right after ``extras_after``
+        filler = -1
         ar = torch.arange(length, device=dev)
-        key = torch.where(keep, 2 * ar[None], big)
+        key = torch.where(keep, 2 * ar[None], filler)
         num_extra = torch.zeros(b, dtype=torch.long, device=dev)
         cat = dict(ent)
         hid = hidden
@@ -700,7 +713,7 @@ class StagedPruner:
             ev = sel.extras_valid.to(dev)
             after = sel.extras_after.to(dev)
             num_extra = ev.sum(1)
-            key = torch.cat([key, torch.where(ev, 2 * after[:, None] + 1, big)], dim=1)
+            key = torch.cat([key, torch.where(ev, 2 * after[:, None] + 1, filler)], dim=1)
             hid = torch.cat([hidden, sel.extras.to(hidden.dtype)], dim=1)
             last_owner = torch.where(image, ent["owner"], -1).amax(dim=1)
             fill = {"origin": -1, "image": True, "region": RECYCLED, "attn": True}
@@ -719,7 +732,7 @@ class StagedPruner:
             cat["valid"] = keep
             after = None
         new_len = int((keep.sum(1) + num_extra).max())
-        order = torch.sort(key, dim=1, stable=True).indices[:, :new_len]
+        order = torch.sort(key, dim=1, stable=True).indices[:, key.shape[1] - new_len :]
         new_pos = self._positions(ent["position"], removed, num_extra, after, ar, sel, order)
         new = {name: t.gather(1, order) for name, t in cat.items() if name != "position"}
         new["position"] = new_pos
