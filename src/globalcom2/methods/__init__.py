@@ -124,8 +124,8 @@ def _tile_planner(cls: type) -> str | None:
 #: families whose LLM builds an attention mask the pruner does not rebuild after a drop
 _OWN_MASKS = {
     "qwen3_5": "hybrid LLM: its Gated DeltaNet (linear-attention) layers have no attention row to score tokens by "
-    "(a scoring layer may be one), and their convolution and recurrent state would run over the filler entries of a "
-    "pruned batch, so a batch row would differ from the same prompt alone",
+    "(a scoring layer may be one), and its gated attention layers' q_proj also carries the output gate, which the "
+    "pruner's score rows do not separate (not implemented)",
     "llama4": "its LLM (chunked-attention and NoPE layers, MoE) hangs off the model itself; the pruner does not "
     "rebuild its masks (not verified)",
 }
