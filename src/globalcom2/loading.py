@@ -221,8 +221,14 @@ def _llama4_pil() -> type:
     return llama4_image_processor_pil_class()
 
 
+def _cohere2_pil() -> type:
+    from .processors import cohere2_vision_image_processor_pil_class
+
+    return cohere2_vision_image_processor_pil_class()
+
+
 #: processor class -> the PIL image processor that stands in for its torchvision-only one
-_PIL_IMAGE_PROCESSORS = {"Llama4Processor": _llama4_pil}
+_PIL_IMAGE_PROCESSORS = {"Llama4Processor": _llama4_pil, "Cohere2VisionProcessor": _cohere2_pil}
 
 
 def _with_pil_image_processor(cls: Any, path: str, image_processor_cls: Any) -> Any:

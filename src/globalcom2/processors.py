@@ -90,6 +90,8 @@ def __getattr__(name: str) -> type:
     """``globalcom2.processors.<ProcessorClass>``: the class without a video processor (how pickle finds it)."""
     if name == "Llama4ImageProcessorPil":
         return llama4_image_processor_pil_class()
+    if name == "Cohere2VisionImageProcessorPil":
+        return cohere2_vision_image_processor_pil_class()
     if name.startswith("_") or not name.endswith("Processor"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import transformers
@@ -150,14 +152,7 @@ def llama4_image_processor_pil_class() -> type:
             resize_to_max_canvas: bool = False, **kwargs: Any,
         ) -> Any:  # fmt: skip
             tile = int(size.height or 0)
-
-            def finish(x: np.ndarray) -> np.ndarray:
-                if do_rescale:
-                    x = self.rescale(x, rescale_factor)
-                if do_normalize:
-                    x = self.normalize(x, image_mean, image_std)
-                return x.astype(np.float32)
-
+            norm = _normaliser(self, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
             tiles: list[np.ndarray] = []
             ratios: list[list[int]] = []
             for image in images:  # channel-first arrays
@@ -168,13 +163,7 @@ def llama4_image_processor_pil_class() -> type:
                 resized = self.resize(image, SizeDict(height=new_h, width=new_w), resample=resample)
                 canvas = np.zeros((image.shape[0], rows * tile, cols * tile), dtype=resized.dtype)
                 canvas[:, :new_h, :new_w] = resized
-                canvas = finish(canvas)
-                cut = canvas.reshape(-1, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
-                tiles.extend(cut.reshape(rows * cols, -1, tile, tile))
-                if rows * cols > 1:
-                    tiles.append(
-                        finish(self.resize(image, SizeDict(height=tile, width=tile), resample=resample))
-                    )
+                tiles += _tiles_and_thumbnail(self, image, norm(canvas), rows, cols, tile, resample, norm)
                 ratios.append([rows, cols])
             return BatchFeature(
                 data={"pixel_values": np.stack(tiles), "aspect_ratios": np.array(ratios)},
@@ -187,3 +176,118 @@ def llama4_image_processor_pil_class() -> type:
 
 
 _LLAMA4_PIL: type | None = None
+
+
+def _normaliser(proc: Any, do_rescale: bool, factor: float, do_normalize: bool, mean: Any, std: Any) -> Any:
+    """``x -> x`` rescaled and normalised as ``proc`` does it (float32 out)."""
+    import numpy as np
+
+    def norm(x: Any) -> Any:
+        if do_rescale:
+            x = proc.rescale(x, factor)
+        if do_normalize:
+            x = proc.normalize(x, mean, std)
+        return x.astype(np.float32)
+
+    return norm
+
+
+def _tiles_and_thumbnail(proc: Any, image: Any, canvas: Any, rows: int, cols: int, tile: int, resample: Any,
+                         norm: Any) -> list:  # fmt: skip
+    """The ``(C, tile, tile)`` tiles of a normalised ``rows x cols`` canvas, row-major, then -- for more than one
+    tile -- the whole ``image`` squashed to one tile and normalised (the thumbnail / global tile, last)."""
+    from transformers.image_utils import SizeDict
+
+    cut = canvas.reshape(-1, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
+    out = list(cut.reshape(rows * cols, -1, tile, tile))
+    if rows * cols > 1:
+        out.append(norm(proc.resize(image, SizeDict(height=tile, width=tile), resample=resample)))
+    return out
+
+
+def cohere2_vision_image_processor_pil_class() -> type:
+    """``Cohere2VisionImageProcessorPil``: Cohere2 Vision's image processing without torchvision (the stock
+    ``Cohere2VisionImageProcessor`` is torchvision-only). Built on first use, cached.
+
+    Lays the pixel values out as the stock processor does: the grid of
+    :func:`globalcom2.adapters.cohere2_vision.cohere2_tile_grid`, the image stretched onto it (PIL bicubic), cut
+    into tiles row-major, and -- for more than one tile -- the whole image squashed to one tile appended last;
+    rescaled and normalised; ``num_patches`` (tiles) per image. The stock processor resizes with torchvision, so
+    pixel values differ from it in the low bits; the layout, the grid and the token counts are the same. Saved as
+    ``Cohere2VisionImageProcessor``."""
+    global _COHERE2_PIL
+    if _COHERE2_PIL is not None:
+        return _COHERE2_PIL
+    import numpy as np
+    from transformers.image_processing_backends import PilBackend
+    from transformers.image_processing_utils import BatchFeature
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+    from transformers.processing_utils import ImagesKwargs
+
+    from .adapters.cohere2_vision import cohere2_tile_grid
+
+    class Cohere2VisionImageProcessorKwargs(ImagesKwargs, total=False):  # the stock processor's options
+        crop_to_patches: bool
+        min_patches: int
+        max_patches: int
+
+    class Cohere2VisionImageProcessorPil(PilBackend):
+        resample = PILImageResampling.BICUBIC
+        image_mean = OPENAI_CLIP_MEAN
+        image_std = OPENAI_CLIP_STD
+        size = {"height": 512, "width": 512}
+        do_resize = True
+        do_rescale = True
+        do_normalize = True
+        do_convert_rgb = True
+        crop_to_patches = True
+        min_patches = 1
+        max_patches = 12
+        patch_size = 16  # merged tokens per tile side, which the processor reads
+        model_input_names = ["pixel_values"]
+        valid_kwargs = Cohere2VisionImageProcessorKwargs
+
+        def _preprocess(  # type: ignore[override]  # the stock processor's options added
+            self, images: list, size: SizeDict, resample: Any, do_rescale: bool, rescale_factor: float,
+            do_normalize: bool, image_mean: Any, image_std: Any, return_tensors: Any, crop_to_patches: bool = True,
+            min_patches: int = 1, max_patches: int = 12, **kwargs: Any,
+        ) -> Any:  # fmt: skip
+            tile = int(size.height or 0)
+            norm = _normaliser(self, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            tiles: list[np.ndarray] = []
+            counts: list[int] = []
+            for image in images:  # channel-first arrays
+                height, width = image.shape[-2:]
+                rows, cols = (
+                    cohere2_tile_grid(height, width, (tile, tile), min_patches, max_patches)
+                    if crop_to_patches and max_patches > 1
+                    else (1, 1)
+                )
+                canvas = self.resize(
+                    image, SizeDict(height=rows * tile, width=cols * tile), resample=resample
+                )
+                made = _tiles_and_thumbnail(self, image, norm(canvas), rows, cols, tile, resample, norm)
+                tiles += made
+                counts.append(len(made))
+            return BatchFeature(
+                data={"pixel_values": np.stack(tiles), "num_patches": counts}, tensor_type=return_tensors
+            )
+
+        def get_number_of_image_patches(
+            self, height: int, width: int, images_kwargs: dict | None = None
+        ) -> int:
+            options = {"crop_to_patches": self.crop_to_patches, "min_patches": self.min_patches,
+                       "max_patches": self.max_patches, "size": self.size, **(images_kwargs or {})}  # fmt: skip
+            size = options["size"]
+            tile = int(size["height"]) if isinstance(size, dict) else int(size.height)
+            if not (options["crop_to_patches"] and int(options["max_patches"]) > 1):
+                return 1
+            rows, cols = cohere2_tile_grid(height, width, (tile, tile), 1, int(options["max_patches"]))
+            return 1 if rows * cols == 1 else rows * cols + 1
+
+    Cohere2VisionImageProcessorPil.__module__ = __name__
+    _COHERE2_PIL = Cohere2VisionImageProcessorPil
+    return Cohere2VisionImageProcessorPil
+
+
+_COHERE2_PIL: type | None = None

@@ -77,6 +77,8 @@ FAMILIES = (
            call_kwargs=tuple(GEMMA3_PAN_AND_SCAN.items())),
     Family("aya_vision", "globalcom2.demo.tiny_tiling:build_tiny_aya_vision", "<image>",
            ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
+    Family("cohere2_vision", "globalcom2.demo.tiny_tiling:build_tiny_cohere2_vision", "<|IMG_PATCH|>",
+           ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
     Family("llama4", "globalcom2.demo.tiny_tiling:build_tiny_llama4", "<|image|>",
            ((100, 190), (190, 100), (64, 64), (60, 250)), (100, 190), needs_grids=True, default=False),
 )  # fmt: skip

@@ -308,3 +308,11 @@ def plain_llama4_cls_logits(hidden: torch.Tensor, layer, freqs: torch.Tensor, nu
             qh, kh = q[:, -1, h * dh : (h + 1) * dh], k[:, :-1, h * dh : (h + 1) * dh]
             total = total + torch.einsum("td,tsd->ts", qh, kh) / math.sqrt(dh)
         return (total / num_heads).float()
+
+
+def plain_cohere2_image_text(crop_counts, thumb_count) -> str:
+    """One image's span in a Cohere2 Vision prompt with the given run lengths (HF's documented layout): every tile's
+    run followed by ``<|IMG_LINE_BREAK|>``, crops first, the thumbnail last, inside the image markers."""
+    runs = [*crop_counts, thumb_count] if len(crop_counts) else [thumb_count]
+    body = "".join("<|IMG_PATCH|>" * int(c) + "<|IMG_LINE_BREAK|>" for c in runs)
+    return "<|START_OF_IMG|>" + body + "<|END_OF_IMG|>"

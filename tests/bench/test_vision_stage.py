@@ -126,7 +126,9 @@ def test_qwen_record_at_real_width():
     ]
 
 
-@pytest.mark.parametrize("family", sweep(["aya_vision", "gemma3", "llama4"], ["aya_vision"]))
+@pytest.mark.parametrize(
+    "family", sweep(["aya_vision", "gemma3", "llama4", "cohere2_vision"], ["aya_vision"])
+)
 def test_tiling_family_bench_models_give_five_tiles_and_their_budget(family):
     """The real-width Gemma 3 / Aya Vision / Llama 4 models of the bench: their image is 5 tiles (the 2 ms target's size) and
     a budget-mode encode keeps exactly the processor's count."""

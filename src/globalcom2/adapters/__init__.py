@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
-from . import aya_vision, gemma3, idefics3, internvl, llama4, llava_next, llava_onevision, qwen  # noqa: F401  (registers the built-in families)
+# the built-in families register themselves on import
+from . import (  # noqa: F401
+    aya_vision,
+    cohere2_vision,
+    gemma3,
+    idefics3,
+    internvl,
+    llama4,
+    llava_next,
+    llava_onevision,
+    qwen,
+)
 from .registry import ADAPTERS, adapter_for, register_adapter
 
 __all__ = ["ADAPTERS", "adapter_for", "register_adapter"]

@@ -23,8 +23,8 @@ int(N*R) (thumbnail, descending score order) and int(N*r_j); budget mode emits `
 a provisional split and the model moves the markers to the real split after scoring (the span keeps its length).
 ``max_image_tokens=T`` counts the span's markers as the tokenizer tokenises them.
 
-**Cohere2 Vision is not this adapter**: its tiles are the same, but its prompt puts an ``<|IMG_LINE_BREAK|>`` after
-every tile instead of a marker before it, and its image processor needs torchvision (see docs/families.md).
+Cohere2 Vision is the diff from this adapter (:mod:`globalcom2.adapters.cohere2_vision`): its own tile grid, a line
+break after every run instead of a marker before it.
 
 What is patched (recorded on the handle, undone by ``remove()``): a pre-hook on ``multi_modal_projector``,
 ``get_image_features``, ``get_placeholder_mask``, the processor's ``_process_images`` (grids), ``replace_image_token``
@@ -111,7 +111,7 @@ class AyaVisionAdapter(Idefics3Adapter):
                 f"tower's {self.tile_hw[0]} px and {self.g}x{self.g} merged tokens"
             )
         tok = proc.tokenizer
-        for marker in (proc.start_of_img_token, proc.end_of_img_token, proc.img_patch_token):
+        for marker in (*self.span_markers(), self.placeholder_text):
             if tok.convert_tokens_to_ids(marker) in (None, tok.unk_token_id):
                 raise IncompatibleProcessorError(
                     f"the tokenizer has no single token {marker!r}; GlobalCom² locates each image span by it"
@@ -142,6 +142,11 @@ class AyaVisionAdapter(Idefics3Adapter):
             grids = [(1, int(t) - 1) if int(t) > 1 else (1, 1) for t in patches]
             out.num_image_tokens = [self.layout_tokens(g) + self.num_image_tokens_for_grid(g) for g in grids]
         return out
+
+    def span_markers(self) -> tuple[str, str]:
+        """The tokens that open and close an image span (``<|START_OF_IMG|>``, ``<|END_OF_IMG|>``)."""
+        proc: Any = self.processor
+        return str(proc.start_of_img_token), str(proc.end_of_img_token)
 
     def layout_key(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The grid that stands for every grid of the same layout: Aya's depends on the tile count only."""
@@ -186,8 +191,8 @@ class AyaVisionAdapter(Idefics3Adapter):
             else "in reference mode make the inputs with the plain processor"
         )
         return rewrite_image_spans(
-            input_ids, start_id=int(tok.convert_tokens_to_ids(proc.start_of_img_token)),
-            end_id=int(tok.convert_tokens_to_ids(proc.end_of_img_token)), old_spans=old_spans, new_spans=new_spans,
+            input_ids, start_id=int(tok.convert_tokens_to_ids(self.span_markers()[0])),
+            end_id=int(tok.convert_tokens_to_ids(self.span_markers()[1])), old_spans=old_spans, new_spans=new_spans,
             image_token_id=self.model.config.image_token_id, pad_token_id=pad_token_id(self.model, self.processor),
             extra=extra, hint=hint,
         )  # fmt: skip

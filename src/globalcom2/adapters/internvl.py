@@ -126,12 +126,17 @@ def num_tiles(rows: int, cols: int) -> int:
 
 
 def tile_grids_for(
-    image_sizes: list[tuple[int, int]], counts: list[int], option: Callable[[str], Any]
+    image_sizes: list[tuple[int, int]],
+    counts: list[int],
+    option: Callable[[str], Any],
+    rule: Callable[..., tuple[int, int]] | None = None,
 ) -> list[list[int]]:
     """(rows, cols) of every image by InternVL's tiling rule, checked against the tile counts HF produced.
 
     ``option(name)`` reads the image processor's effective option (``size``, ``crop_to_patches``, ``min_patches``,
     ``max_patches``): the call's value, else the processor's. The transformers adapter and the vLLM plugin share it.
+    ``rule``: the grid rule ``(height, width, tile, min_patches, max_patches) -> (rows, cols)`` (default
+    :func:`tile_grid`, InternVL's; Cohere2 Vision has its own).
     """
     size = option("size")
     tile = (size["height"], size["width"]) if isinstance(size, Mapping) else (size.height, size.width)
@@ -139,7 +144,7 @@ def tile_grids_for(
     grids = []
     for (height, width), count in zip(image_sizes, counts, strict=True):
         rows, cols = (
-            tile_grid(height, width, tile, int(option("min_patches")), int(option("max_patches")))
+            (rule or tile_grid)(height, width, tile, int(option("min_patches")), int(option("max_patches")))
             if crop
             else (1, 1)
         )
@@ -305,6 +310,8 @@ class InternVLAdapter(FamilyAdapter):
     #: processor options of the vision-side-only plan (:meth:`plan_for_image`: ``visualize``, workflows)
     plan_processor_kwargs: ClassVar[dict[str, Any]] = {}
     supports_max_image_tokens = True
+    #: ``(height, width, tile, min_patches, max_patches) -> (rows, cols)``: the image processor's crop grid
+    tiling_rule: ClassVar[Callable[..., tuple[int, int]]] = staticmethod(tile_grid)  # type: ignore[assignment]
     #: the field of ``get_image_features``' output that the model reads (Llama 4: ``last_hidden_state``)
     feature_field: ClassVar[str] = "pooler_output"
 
@@ -379,7 +386,7 @@ class InternVLAdapter(FamilyAdapter):
         crop = bool(ip.crop_to_patches) and int(ip.max_patches) > 1
         if not crop:
             return 1, 1
-        return tile_grid(height, width, self.tile_hw, int(ip.min_patches), int(ip.max_patches))
+        return type(self).tiling_rule(height, width, self.tile_hw, int(ip.min_patches), int(ip.max_patches))
 
     def tiles_for_image(self, height: int, width: int) -> int:
         """Tiles the processor makes for one image of ``height x width`` pixels."""
@@ -430,7 +437,7 @@ class InternVLAdapter(FamilyAdapter):
             return getattr(ip, name) if value is None else value
 
         counts = [int(n) for n in (num_patches.tolist() if hasattr(num_patches, "tolist") else num_patches)]
-        return tile_grids_for(image_sizes_of(images), counts, opt)
+        return tile_grids_for(image_sizes_of(images), counts, opt, type(self).tiling_rule)
 
     # -- model side: the grids travel with the call, selection runs after get_image_features ----------------
     @contextmanager
@@ -526,11 +533,13 @@ class InternVLAdapter(FamilyAdapter):
     def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
         if handle.state.context.get(GRID_KEY) is None:
             return None  # no tile grids: left uncompressed (see the module docstring)
-        features = self.inner.get_image_features(
-            pixel_values=kwargs.pop("pixel_values"),
-            vision_feature_layer=kwargs.pop("vision_feature_layer", None),
-            vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
-            return_dict=True,
+        options = {k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
+        features = (
+            self.inner.get_image_features(  # options left unset take the config's (families without them)
+                pixel_values=kwargs.pop("pixel_values"),
+                **{k: v for k, v in options.items() if v is not None},
+                return_dict=True,
+            )
         )
         return {"image": features}
 

@@ -290,13 +290,6 @@ class Llama4Adapter(AyaVisionAdapter):
         return str(self.processor.img_patch_token)  # type: ignore[union-attr]
 
     # -- model side --------------------------------------------------------------------------------------------
-    def encode_for_reference(self, handle: GlobalComHandle, kwargs: dict) -> dict[str, Any] | None:
-        if handle.state.context.get(GRID_KEY) is None:
-            return None  # no tile grids: left uncompressed (see the InternVL adapter)
-        kwargs.pop("vision_feature_select_strategy", None)
-        features = self.inner.get_image_features(pixel_values=kwargs.pop("pixel_values"), return_dict=True)
-        return {"image": features}
-
     @staticmethod
     def overlay_geometry(model: Any, image: Any, plan: Any) -> tuple[Any, int, tuple[int, int]]:
         """The canvas as the tiles see it: the image resized without distortion, top-left, padded black (the

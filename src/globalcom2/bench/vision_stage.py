@@ -50,7 +50,9 @@ from ..apply import apply
 from ..loading import fix_llama4_outputs
 from .measure import _DTYPES, _sync, _time_ms, bench_image
 
-FAMILIES = ("llava_next", "internvl", "llava_onevision", "qwen2_5_vl", "gemma3", "aya_vision", "llama4")
+FAMILIES = (
+    "llava_next", "internvl", "llava_onevision", "qwen2_5_vl", "gemma3", "aya_vision", "llama4", "cohere2_vision",
+)  # fmt: skip
 #: native-resolution families: one "tile" per image; their selection target is one image's selection
 NATIVE = ("qwen2_5_vl",)
 TARGET_NEXT_24 = 0.97  # compressed / plain vision stage, 24-layer CLIP-L
@@ -83,6 +85,7 @@ class StageSettings:
             "gemma3": (400, 1600),  # pan-and-scan: 4 crops + the original image = 5 tiles
             "aya_vision": (728, 728),  # 2 x 2 crops + the thumbnail = 5 tiles
             "llama4": (672, 672),  # 2 x 2 tiles + the global tile = 5 tiles
+            "cohere2_vision": (1024, 1024),  # 2 x 2 crops + the thumbnail = 5 tiles
         }
     )
 
@@ -282,9 +285,37 @@ def _llama4(layers: int):
     return config, processor, "Llama4ForConditionalGeneration", "<|image|>"
 
 
+def _cohere2_vision(layers: int):
+    """Command-A-Vision's tower at real width (Cohere2VisionConfig's SigLIP2 defaults: 512 px tiles of 16 px
+    patches, width 1152, 12 heads), 2 x 2 shuffle in the projector: 256 tokens per tile; its own tile grid, up to 12."""
+    from transformers import Cohere2Config, Cohere2VisionConfig, Cohere2VisionProcessor, SiglipVisionConfig
+
+    from ..demo.tiny_parts import build_family_tokenizer, llm_config
+    from ..demo.tiny_tiling import COHERE2_SPECIALS
+    from ..processors import cohere2_vision_image_processor_pil_class
+
+    tok = build_family_tokenizer(COHERE2_SPECIALS)
+    vision = SiglipVisionConfig(image_size=512, patch_size=16, hidden_size=1152, intermediate_size=3072,
+                                num_hidden_layers=layers, num_attention_heads=12, vision_use_head=False)  # fmt: skip
+    config = Cohere2VisionConfig(
+        vision_config=vision, text_config=llm_config(Cohere2Config, tok, 64, 1, 2, max_positions=16384),
+        downsample_factor=2, image_token_id=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+        alignment_intermediate_size=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    ip = cohere2_vision_image_processor_pil_class()(
+        size={"height": 512, "width": 512}, max_patches=12, patch_size=16
+    )
+    return (
+        config,
+        Cohere2VisionProcessor(image_processor=ip, tokenizer=tok),
+        "Cohere2VisionForConditionalGeneration",
+        ("<|IMG_PATCH|>"),
+    )
+
+
 _BUILDERS: dict[str, Callable[[int], tuple]] = {
     "llava_next": _llava_next, "internvl": _internvl, "llava_onevision": _onevision, "qwen2_5_vl": _qwen2_5_vl,
-    "gemma3": _gemma3, "aya_vision": _aya_vision, "llama4": _llama4,
+    "gemma3": _gemma3, "aya_vision": _aya_vision, "llama4": _llama4, "cohere2_vision": _cohere2_vision,
 }  # fmt: skip
 #: processor options per family (Gemma 3's high-resolution mode: pan-and-scan)
 _CALL_KWARGS: dict[str, dict[str, Any]] = {"gemma3": {"do_pan_and_scan": True}}

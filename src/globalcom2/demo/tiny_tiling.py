@@ -256,3 +256,62 @@ def build_tiny_llama4(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, **specials
     )
     return save_random_checkpoint(out_dir, Llama4ForConditionalGeneration, config, processor, seed=seed)
+
+
+#: Cohere2 Vision's special tokens (read by its processor from the tokenizer).
+COHERE2_SPECIALS = {
+    "image_token": "<|IMG_PATCH|>",
+    "boi_token": "<|START_OF_IMG|>",
+    "eoi_token": "<|END_OF_IMG|>",
+    "img_line_break_token": "<|IMG_LINE_BREAK|>",
+}
+
+
+def build_tiny_cohere2_vision(
+    out_dir: str | Path,
+    *,
+    tile_size: int = 64,
+    patch_size: int = 8,
+    downsample_factor: int = 2,
+    max_patches: int = 6,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Cohere2 Vision checkpoint + processor to ``out_dir`` and return the path.
+
+    A random 2-layer SigLIP tower on ``tile_size`` px tiles, the projector's pixel shuffle by ``downsample_factor``
+    (16 tokens per tile here; Command-A-Vision: 512 px / 16 px patches, 2 x 2: 256), Cohere2 Vision's own tile grid
+    (up to ``max_patches`` tiles plus the thumbnail last; :func:`~globalcom2.processors.cohere2_vision_image_processor_pil_class`,
+    the stock image processor needing torchvision), a tiny Cohere2 LLM.
+    """
+    from transformers import (
+        Cohere2Config,
+        Cohere2VisionConfig,
+        Cohere2VisionForConditionalGeneration,
+        Cohere2VisionProcessor,
+        SiglipVisionConfig,
+    )
+
+    from ..processors import cohere2_vision_image_processor_pil_class
+
+    tokenizer = build_family_tokenizer(COHERE2_SPECIALS)
+    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    text_config = llm_config(
+        Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
+    )
+    config = Cohere2VisionConfig(
+        vision_config=vision_config, text_config=text_config, downsample_factor=downsample_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids(COHERE2_SPECIALS["image_token"]),
+        alignment_intermediate_size=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    tokens_per_side = tile_size // patch_size // downsample_factor
+    image_processor = cohere2_vision_image_processor_pil_class()(
+        size={"height": tile_size, "width": tile_size}, max_patches=max_patches, patch_size=tokens_per_side,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )  # fmt: skip
+    processor = Cohere2VisionProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return save_random_checkpoint(
+        out_dir, Cohere2VisionForConditionalGeneration, config, processor, seed=seed
+    )

@@ -1,0 +1,210 @@
+"""GlobalCom² on a real (tiny, random) Cohere2VisionForConditionalGeneration.
+
+The family-generic checks run on it in test_families.py (``--full``); here: the tile grid against the stock image
+processor's own grid code, the counts, and the kept sets, per-crop counts and the exact sequence (line breaks, runs,
+rows) against plain re-implementations of docs/families.md's Cohere2 Vision section.
+
+**Image processor.** transformers' ``Cohere2VisionImageProcessor`` is torchvision-only; its grid choice
+(``get_all_supported_aspect_ratios``, ``get_optimal_tiled_canvas``) is NumPy, so :func:`_stock_grid_functions`
+compiles those two functions from the installed module's source (no import of the module, nothing patched) and
+the grid rule is checked against them. The stand-in (``globalcom2.processors.Cohere2VisionImageProcessorPil``) does
+the resizing with PIL; the model-side tests run from its pixel values.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import globalcom2
+from globalcom2.adapters import idefics3 as idefics3_module
+from globalcom2.adapters.cohere2_vision import cohere2_tile_grid
+from globalcom2.adapters.internvl import GRID_KEY
+from tests.adapters.plain_families import (
+    capture_llm_inputs,
+    check_tiles_plan,
+    forward_and_capture,
+    plain_cohere2_image_text,
+    plain_cosine,
+    plain_internvl_sequence,
+    plain_pool,
+    spy,
+)
+from tests.conftest import random_image, sweep
+
+SIZES = [
+    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
+    (129, 64), (90, 400), (200, 130),
+]  # fmt: skip
+PROMPT = "USER: <|IMG_PATCH|>\nWhat is shown in this image? ASSISTANT:"
+ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
+
+
+@pytest.fixture(scope="module")
+def c2_dir(checkpoint):
+    from globalcom2.demo.tiny_tiling import build_tiny_cohere2_vision
+
+    return checkpoint(build_tiny_cohere2_vision)  # the family table's checkpoint, built once per session
+
+
+@pytest.fixture()
+def fam(c2_dir):
+    from globalcom2.loading import load_tiny_family
+
+    return load_tiny_family(c2_dir)
+
+
+def _inputs(processor, images, prompts=None):
+    prompts = prompts or [PROMPT] * len(images)
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _stock_grid_functions() -> dict:
+    """``get_all_supported_aspect_ratios`` and ``get_optimal_tiled_canvas`` of the installed
+    ``transformers.models.cohere2_vision.image_processing_cohere2_vision``, compiled from its source (the module
+    imports torchvision at the top)."""
+    import transformers
+
+    path = transformers.__file__.replace(
+        "__init__.py", "models/cohere2_vision/image_processing_cohere2_vision.py"
+    )
+    tree = ast.parse(open(path).read())
+    wanted = ("get_all_supported_aspect_ratios", "get_optimal_tiled_canvas")
+    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    assert len(body) == len(wanted), "the stock module's grid functions moved"
+    namespace: dict = {"np": np, "lru_cache": functools.lru_cache}
+    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("max_patches", sweep([12, 6, 2], [12]))
+def test_grid_rule_equals_the_stock_image_processor(max_patches):
+    """:func:`cohere2_tile_grid` equals the stock processor's own grid code for 60 sizes, at Command-A-Vision's
+    512 px tiles and the tiny model's 64 px."""
+    fns = _stock_grid_functions()
+    rng = np.random.default_rng(max_patches)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(20, 3000, (54, 2))]
+    sizes += [(512, 512), (513, 512), (100, 2000), (2000, 100), (1024, 512), (1, 1)]
+    for tile in (512, 64):
+        for h, w in sizes:
+            cols, rows = fns["get_optimal_tiled_canvas"]((h, w), (tile, tile), 1, max_patches)
+            assert cohere2_tile_grid(h, w, (tile, tile), 1, max_patches) == (rows, cols), (h, w, tile)
+
+
+@pytest.mark.parametrize("ratio", sweep([0.5, 0.25, 0.1], [0.25]))
+def test_processor_count_equals_features_for_many_sizes(fam, ratio):
+    """Budget mode: placeholder count == features == int(N*R) + int(R*n*N) (one tile: int(N*R)); the prompt shrinks
+    by exactly the tokens saved; the serving count is the span (markers + runs)."""
+    model, processor = fam
+    vc = model.config.vision_config
+    g = vc.image_size // vc.patch_size // model.config.downsample_factor
+    n = g * g
+    token = model.config.image_token_id
+    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
+    full = _inputs(processor, images)
+    tiles_of = [int(t) for t in processor.image_processor(images)["num_patches"]]
+    with globalcom2.apply(model, processor, ratio=ratio) as gc:
+        inputs = _inputs(processor, images)
+        with torch.no_grad():
+            feats = model.model.get_image_features(
+                inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
+            ).pooler_output
+        plans = list(gc.plans)
+        served = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
+        formula = [gc.adapter.num_image_tokens(*s) for s in SIZES]
+    assert feats.shape[0] == sum(p.num_tokens for p in plans)
+    counted = (inputs["input_ids"] == token).sum(1).tolist()
+    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+    for k, size in enumerate(SIZES):
+        crops = tiles_of[k] - 1
+        expected = int(n * ratio) + int(ratio * crops * n)
+        plan = plans[k]
+        assert counted[k] == plan.num_tokens == formula[k] == expected, size
+        assert plan.num_tokens_full == tiles_of[k] * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+        assert served[k] == 2 + tiles_of[k] + expected, (
+            size
+        )  # <|START_OF_IMG|>, a line break per tile, <|END_..|>
+
+
+@pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum"]))
+@pytest.mark.parametrize(
+    "case", sweep([("reference", 0.25), ("budget", 0.1), ("budget", 0.5)], [("budget", 0.1)])
+)
+def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation):
+    """Eq. 7 on the projector's input (the tower's last_hidden_state), summed per 2x2 group, the kept sets,
+    per-crop counts, the prompt the LLM reads (line breaks, runs) and the features at every placeholder equal a
+    plain re-implementation on 2 x 3, 3 x 2, 1 x 4 and single-tile images, for every scoring."""
+    model, processor = fam
+    mode, ratio = case
+    vc = model.config.vision_config
+    s = model.config.downsample_factor
+    g = vc.image_size // vc.patch_size // s
+    token = model.config.image_token_id
+    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
+    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
+    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
+    used = spy(monkeypatch, idefics3_module, "merge_pool")
+    checked = False
+    for scoring in ("holistic", "local", "global"):
+        for k, image in enumerate(images):
+            with globalcom2.apply(
+                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
+            ) as gc:
+                inputs = _inputs(processor, [image])
+                rows, cols = inputs[GRID_KEY][0].tolist()
+                del used[:], used_patch[:]
+                seen = forward_and_capture(
+                    model, inputs, capture_llm_inputs(model.model, model.model.language_model)
+                )
+                plan = gc.plans[0]
+            with torch.no_grad():
+                raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output
+                raw = raw.reshape(-1, raw.shape[-1])
+                if not checked:
+                    tower = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+                    np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower), atol=2e-6)
+                    np.testing.assert_allclose(
+                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
+                    )
+                    checked = True
+            scores = used[0].numpy()
+            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
+            order, keep, ks, k0 = check_tiles_plan(
+                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
+            )
+            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
+            text = PROMPT.replace("<|IMG_PATCH|>", plain_cohere2_image_text(ks, k0))
+            ids = seen["input_ids"][0][seen["attention_mask"][0].bool()].tolist()
+            assert ids == processor.tokenizer(text)["input_ids"], where
+            embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
+            torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
+    assert checked
+
+
+@pytest.mark.parametrize("max_tokens", sweep([20, 45, 80], [45]))
+def test_max_image_tokens_counts_the_span(fam, max_tokens):
+    """Each image's span (markers, line breaks and runs) is at most T; count == features; too small is refused."""
+    model, processor = fam
+    token = model.config.image_token_id
+    bare = len(processor.tokenizer(PROMPT.replace("<|IMG_PATCH|>", ""))["input_ids"])
+    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
+        for k, size in enumerate(SIZES[:8]):
+            image = random_image(*size, seed=k)
+            grid = gc.adapter.grid_for_image(*size)
+            tiles = grid[0] * grid[1] + 1 if grid != (1, 1) else 1
+            assert gc.adapter.layout_tokens(grid) == 2 + tiles, grid
+            if 2 + tiles + 1 > max_tokens:
+                with pytest.raises(ValueError, match="too small"):
+                    _inputs(processor, [image])
+                continue
+            inputs = _inputs(processor, [image])
+            with torch.no_grad():
+                model(**inputs)
+            plan = gc.plans[0]
+            span = int(inputs["attention_mask"].sum()) - bare
+            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
+            assert span <= max_tokens, (size, span)
