@@ -242,3 +242,30 @@ def standin_tower_or_skip(size: int) -> Any:
         return load_standin_vision_tower(size)
     except FileNotFoundError as err:
         pytest.skip(str(err))
+
+
+#: (height, width) of images for the tiling families' count tests (64 px tiles, up to 6 of them): several crops of
+#: either orientation, square and small images (one tile)
+TILING_SIZES = (
+    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
+    (129, 64), (90, 400), (200, 130),
+)  # fmt: skip
+
+
+def tiny_checkpoint_fixtures(builder: str) -> tuple[Any, Any]:
+    """A test module's ``tiny_dir`` (the checkpoint ``builder`` = "module:function" writes, built once per session,
+    shared with the family table) and ``fam`` (a fresh ``(model, processor)`` per test) fixtures:
+    ``tiny_dir, fam = tiny_checkpoint_fixtures("globalcom2.demo.tiny_tiling:build_tiny_llama4")``."""
+    import pytest
+
+    family = Family("", builder, "", (), (0, 0))
+
+    @pytest.fixture(scope="module")
+    def tiny_dir(checkpoint: Any) -> Path:
+        return checkpoint(family.builder_function())
+
+    @pytest.fixture()
+    def fam(tiny_dir: Path) -> tuple[Any, Any]:
+        return load(tiny_dir)
+
+    return tiny_dir, fam

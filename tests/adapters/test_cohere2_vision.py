@@ -24,6 +24,7 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.cohere2_vision import cohere2_tile_grid
 from globalcom2.adapters.internvl import GRID_KEY
+from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures
 from tests.adapters.plain_families import (
     capture_llm_inputs,
     check_tiles_plan,
@@ -36,26 +37,12 @@ from tests.adapters.plain_families import (
 )
 from tests.conftest import random_image, sweep
 
-SIZES = [
-    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
-    (129, 64), (90, 400), (200, 130),
-]  # fmt: skip
+SIZES = list(TILING_SIZES)
 PROMPT = "USER: <|IMG_PATCH|>\nWhat is shown in this image? ASSISTANT:"
 ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
-@pytest.fixture(scope="module")
-def c2_dir(checkpoint):
-    from globalcom2.demo.tiny_tiling import build_tiny_cohere2_vision
-
-    return checkpoint(build_tiny_cohere2_vision)  # the family table's checkpoint, built once per session
-
-
-@pytest.fixture()
-def fam(c2_dir):
-    from globalcom2.loading import load_tiny_family
-
-    return load_tiny_family(c2_dir)
+tiny_dir, fam = tiny_checkpoint_fixtures("globalcom2.demo.tiny_tiling:build_tiny_cohere2_vision")
 
 
 def _inputs(processor, images, prompts=None):

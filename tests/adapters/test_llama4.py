@@ -30,7 +30,7 @@ from globalcom2.adapters import family as family_module
 from globalcom2.adapters import internvl as internvl_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.adapters.llama4 import llama4_canvas
-from tests.adapters.families import visualize_standin_plan
+from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures, visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
     check_tiles_plan,
@@ -44,26 +44,12 @@ from tests.adapters.plain_families import (
 from tests.conftest import random_image, sweep
 
 # (height, width): up to 6 tiles of 64 px plus the global tile; small or square images are one tile
-SIZES = [
-    (100, 190), (190, 100), (64, 64), (60, 250), (250, 60), (150, 150), (120, 200), (40, 41), (300, 290),
-    (129, 64), (90, 400), (200, 130),
-]  # fmt: skip
+SIZES = list(TILING_SIZES)
 PROMPT = "USER: <|image|>\nWhat is shown in this image? ASSISTANT:"
 ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 
-@pytest.fixture(scope="module")
-def llama4_dir(checkpoint):
-    from globalcom2.demo.tiny_tiling import build_tiny_llama4
-
-    return checkpoint(build_tiny_llama4)  # the family table's checkpoint, built once per session
-
-
-@pytest.fixture()
-def fam(llama4_dir):
-    from globalcom2.loading import load_tiny_family
-
-    return load_tiny_family(llama4_dir)
+tiny_dir, fam = tiny_checkpoint_fixtures("globalcom2.demo.tiny_tiling:build_tiny_llama4")
 
 
 def _inputs(processor, images, prompts=None, **kwargs):
