@@ -327,6 +327,10 @@ def _hf_reference(family, hf_dir: Path, options: dict | None) -> tuple[list[list
     tokens, plans = [], []
     for i, (h, w) in enumerate(_sizes(family)):
         enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt")
+        if family.single_tile:
+            # Gemma 3: vLLM's CPU attention ignores its bidirectional image blocks (causal over images, plugin or
+            # not), so the reference is transformers without token_type_ids (causal too). See docs/engines.md.
+            enc.pop("token_type_ids", None)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
         tokens.append(out[0, enc["input_ids"].shape[1] :].tolist())
@@ -372,7 +376,8 @@ def test_vllm_generates_with_and_without_the_plugin(checkpoints, tmp_path, name)
     gc_tokens, gc_plans = _hf_reference(family, hf_dir, options)
     assert comp["generated"] == gc_tokens
     assert comp["plans"] == gc_plans
-    assert comp["generated"] != plain["generated"]
+    if not family.single_tile:  # the tiny Gemma 3's greedy tokens do not depend on the image
+        assert comp["generated"] != plain["generated"]
 
 
 @pytest.mark.slow

@@ -262,9 +262,28 @@ def _text_tokens(family: Any, model_dir: Path, num_images: int = 1) -> int:
 
 
 def _expected(family: Any, model_dir: Path, options: dict, *sizes: tuple[int, int]) -> int:
+    if family.single_tile and len(sizes) > 1:
+        return _gemma3_expected(family, model_dir, options, sizes)
     return _text_tokens(family, model_dir, len(sizes)) + sum(
         image_tokens(family, model_dir, h, w, options) for h, w in sizes
     )
+
+
+def _gemma3_expected(family: Any, model_dir: Path, options: dict, sizes: Any) -> int:
+    """Gemma 3 with several images: the chat prompt with each ``<start_of_image>`` expanded as Gemma's processor
+    expands it (``"\n\n<start_of_image>"``, the run at the formula's count, ``"<end_of_image>\n\n"``), tokenised
+    whole: Gemma's tokenizer merges the newlines between two images into one token, as vLLM does."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok, n = processor.tokenizer, int(processor.image_seq_length)
+    layout = image_tokens(family, model_dir, *sizes[0], None) - n
+    parts = _chat_prompt(family, model_dir, len(sizes)).split(tok.boi_token)
+    text = parts[0]
+    for (h, w), part in zip(sizes, parts[1:], strict=True):
+        run = image_tokens(family, model_dir, h, w, options) - layout
+        text += processor.full_image_sequence.replace(tok.image_token * n, tok.image_token * run) + part
+    return len(tok(text)["input_ids"])
 
 
 def _prefix_cache_hits(base_url: str) -> float:
@@ -356,11 +375,15 @@ def test_prompt_tokens_match_the_formula_per_request(served):
     _REPORT[family.name]["counts"] = counts
     fulls = [r["image_full"] for r in counts]
     assert [r["full"]["image_tokens"] for r in counts] == fulls  # R = 1 is the uncompressed count
-    assert all(r["ratio"]["image_tokens"] < 0.4 * f for r, f in zip(counts, fulls, strict=True))
+    limit = 0.45 if family.single_tile else 0.4  # the tiny Gemma 3: 4 of a tile's 20 span tokens are markers
+    assert all(r["ratio"]["image_tokens"] < limit * f for r, f in zip(counts, fulls, strict=True))
     tokens = [r["tokens"]["image_tokens"] for r in counts]
     assert all(i <= t for i in tokens)
-    assert tokens[0] == fulls[0] <= t  # an image already under T is left whole
-    assert all(i < f for i, f in zip(tokens[1:], fulls[1:], strict=True))
+    if family.single_tile:  # one tile per image: one count whatever the size, compressed under T
+        assert len(set(fulls)) == 1 and all(i < f for i, f in zip(tokens, fulls, strict=True))
+    else:
+        assert tokens[0] == fulls[0] <= t  # an image already under T is left whole
+        assert all(i < f for i, f in zip(tokens[1:], fulls[1:], strict=True))
 
 
 def test_concurrent_requests_equal_sequential_ones(served):
@@ -403,7 +426,8 @@ def test_same_image_with_two_budgets_never_shares_a_cached_result(served, refere
         _same_as_reference(got, ref, f"request {i} ({'AB'[i % 2]})")
         assert got["prompt_tokens"] == _expected(family, model_dir, (a, b)[i % 2], (h, w))
     # The cache was in play: the repeated requests were served (partly) from the prefix cache.
-    assert hits_sequential > 0, hits_sequential
+    if not family.single_tile:  # the tiny Gemma 3's prompts (under 40 tokens) fill no KV-cache block
+        assert hits_sequential > 0, hits_sequential
     _REPORT[family.name]["cache"] = (
         f"same {h}x{w} image, A = {a}, B = {b} per request, A B A B sequential then concurrent: prompt_tokens "
         f"{ref_a['prompt_length']} / {ref_b['prompt_length']} and greedy tokens equal to a fresh engine without "
@@ -427,7 +451,7 @@ def test_multi_image_prompt_gets_one_plan_per_image(served, reference):
     kept = [p["num_tokens"] for p in ref["plans"]]
     dropped = [p["num_tokens_full"] - p["num_tokens"] for p in ref["plans"]]
     assert dropped == [f - o for f, o in zip(full, own, strict=True)]  # each image as if alone
-    assert full[0] != full[1] and min(dropped) > 0  # two different images, both compressed
+    assert (full[0] != full[1] or family.single_tile) and min(dropped) > 0  # two different images, compressed
     _REPORT[family.name]["multi_image"] = (
         f"two images {sizes[0]} and {sizes[1]} under {b}: prompt_tokens {got['prompt_tokens']} = formula "
         f"(image counts {own}), answer equal to a fresh engine's, one plan per image (kept {kept})"

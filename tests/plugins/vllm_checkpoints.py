@@ -30,6 +30,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+#: Gemma 3's: vLLM's string chat-content format puts "\n" after the placeholder, and vLLM 0.32's Gemma 3 processor
+#: does not find an image span followed by "\n" (it re-splits the merged "\n\n\n" the other way round): a space
+#: goes between them.
+GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ message['content'] }}",
+    "{{ message['content'] | replace('<start_of_image>\\n', '<start_of_image> \\n') }}",
+)
+
 
 @dataclass(frozen=True)
 class VllmFamily:
@@ -50,7 +58,11 @@ class VllmFamily:
         hf_dir = getattr(importlib.import_module(module), function)(root / f"{self.name}_hf")
         if self.video_processor is not None:
             _add_video_processor(hf_dir, self.video_processor)
-        (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if self.name == "gemma3":
+            _add_newline_tokens(hf_dir)
+        (hf_dir / "chat_template.jinja").write_text(
+            GEMMA3_CHAT_TEMPLATE if self.name == "gemma3" else CHAT_TEMPLATE
+        )
         if self.name in SAME_KEYS or self.is_native:
             return hf_dir, hf_dir
         vllm_dir = root / f"{self.name}_vllm"
@@ -62,6 +74,11 @@ class VllmFamily:
 
     def prompt(self, text: str) -> str:
         return f"USER: {self.image_token}\n{text}\nASSISTANT:"
+
+    @property
+    def single_tile(self) -> bool:
+        """Every image is one tile (Gemma 3 without pan-and-scan): the same count whatever the image size."""
+        return self.name == "gemma3"
 
     @property
     def is_native(self) -> bool:
@@ -92,6 +109,9 @@ FAMILIES: dict[str, VllmFamily] = {
               ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
               ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLVideoProcessor"),
               ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLVideoProcessor"))),
+        VllmFamily("gemma3", "globalcom2.demo.tiny_tiling:build_tiny_gemma3", "<start_of_image> ",
+                   "GlobalCom2Gemma3ForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 10, None),
         VllmFamily("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
                    "GlobalCom2Idefics3ForConditionalGeneration", "Idefics3ForConditionalGeneration",
                    ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 80, None),
@@ -104,6 +124,21 @@ UNTESTED_ARCHITECTURES = {
 }
 #: Families whose vision keys vLLM reads as transformers writes them (no renamed copy).
 SAME_KEYS = ("internvl", "idefics3")
+
+
+def _add_newline_tokens(path: Path) -> None:
+    """Give the tiny Gemma 3 tokenizer Gemma's newline tokens ``"\n"`` ... ``"\n\n\n\n"`` (vLLM's Gemma 3 processor
+    looks them up in the vocabulary; the tiny byte-level tokenizer has none) and the LLM their embedding rows."""
+    import torch
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.add_tokens(["\n", "\n\n", "\n\n\n", "\n\n\n\n"])
+    model = Gemma3ForConditionalGeneration.from_pretrained(path)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
 
 
 def _add_video_processor(path: Path, class_name: str) -> None:
@@ -153,6 +188,12 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
                               max_pixels=ip["size"]["longest_edge"])  # fmt: skip
         merged = (rh // factor) * (rw // factor)
         return merged if budget is None else qwen_num_image_tokens(budget, merged)
+    if family.name == "gemma3":
+        from globalcom2.adapters.internvl import internvl_num_image_tokens
+
+        layout, per_image = _gemma3_layout(model_dir)
+        run = per_image if budget is None else internvl_num_image_tokens(budget, 1, per_image, layout)
+        return layout + run
     if family.name == "idefics3":
         from globalcom2.adapters.internvl import internvl_num_image_tokens, num_tiles
 
@@ -192,7 +233,20 @@ def layout_tokens(family: VllmFamily, model_dir: Path, height: int, width: int) 
         return IMAGE_MARKERS
     if family.name == "idefics3":
         return _idefics3_layout(model_dir, height, width)[0]
+    if family.name == "gemma3":
+        return _gemma3_layout(model_dir)[0]
     return 0
+
+
+def _gemma3_layout(model_dir: Path) -> tuple[int, int]:
+    """(layout tokens, tokens per image) of one Gemma 3 image without pan-and-scan: the processor's image sequence
+    (``"\n\n<start_of_image>"`` + the run + ``"<end_of_image>\n\n"``) tokenised, the run left out."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok, n = processor.tokenizer, int(processor.image_seq_length)
+    ids = tok(processor.full_image_sequence, add_special_tokens=False)["input_ids"]
+    return len(ids) - n, n
 
 
 def _idefics3_layout(model_dir: Path, height: int, width: int) -> tuple[int, tuple[int, int], int]:

@@ -8,7 +8,8 @@ calls it (and the host is then installed by definition).
   ``globalcom2_llava_hf_chat``), built on lmms-eval's ``llava_hf``; see :mod:`globalcom2.plugins.lmms_eval`.
 - ``vllm.general_plugins`` -> :func:`register_vllm`: the architectures of :data:`VLLM_ARCHITECTURES` (budget mode),
   switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm` (LLaVA-NeXT, LLaVA-OneVision,
-  InternVL) and :mod:`globalcom2.plugins.vllm_qwen` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+  InternVL), :mod:`globalcom2.plugins.vllm_qwen` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and
+  :mod:`globalcom2.plugins.vllm_markers` (Idefics3, SmolVLM, Gemma 3).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
     ),
     "GlobalCom2SmolVLMForConditionalGeneration": VllmArchitecture(
         "SmolVLMForConditionalGeneration", "GlobalComSmolVLMForConditionalGeneration", _MARKERS_MODULE
+    ),
+    "GlobalCom2Gemma3ForConditionalGeneration": VllmArchitecture(
+        "Gemma3ForConditionalGeneration", "GlobalComGemma3ForConditionalGeneration", _MARKERS_MODULE
     ),
 }
 #: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.

@@ -1,5 +1,6 @@
-"""vLLM out-of-tree models for the families with markers between crops: Idefics3 / SmolVLM with GlobalCom² in budget
-mode (paper Eq. 2-7; the vLLM side of :mod:`globalcom2.adapters.idefics3`).
+"""vLLM out-of-tree models for the families with markers between crops: Idefics3 / SmolVLM and Gemma 3 with GlobalCom²
+in budget mode (paper Eq. 2-7; the vLLM side of :mod:`globalcom2.adapters.idefics3` and
+:mod:`globalcom2.adapters.gemma3`).
 
 Idefics3 frames every crop's run of ``<image>`` tokens with text markers (``<fake_token_around_image><row_r_col_c>``,
 the global image last behind ``<global-img>``). Budget mode fixes each image's *total* (markers + ``int(N*R) +
@@ -28,7 +29,17 @@ Switched on per model (see docs/engines.md)::
     vllm serve HuggingFaceM4/Idefics3-8B-Llama3 --hf-overrides \\
       '{"architectures": ["GlobalCom2Idefics3ForConditionalGeneration"], "globalcom2": {"ratio": 0.25}}'
 
-(``GlobalCom2SmolVLMForConditionalGeneration`` alike). Per-request options work as on the other families
+(``GlobalCom2SmolVLMForConditionalGeneration`` alike).
+
+**Gemma 3** (``GlobalCom2Gemma3ForConditionalGeneration``): one tile per image (pan-and-scan off, Gemma 3's default);
+an image that would get pan-and-scan crops is refused (HTTP 400). Gemma 3's LLM attends bidirectionally inside an
+image run, which vLLM derives from the span's ``is_embed`` positions when the prompt is written: with score-dependent
+crop runs the whole span would become one block. A single tile keeps its run behind ``<start_of_image>``, shrunk to
+the budget count and marked by ``select_token_id``, so the block is exactly the kept run; the model returns the kept
+tokens only (:attr:`MarkerModelMixin.globalcom_whole_span` False), chosen by
+:meth:`~globalcom2.adapters.gemma3.Gemma3Adapter.plan_images` from Eq. 7 scores summed per 4x4 pooling group.
+
+Per-request options work as on the other families
 (:data:`~globalcom2.plugins.vllm_common.REQUEST_OPTIONS` in ``mm_processor_kwargs``).
 """
 
@@ -39,6 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..adapters.gemma3 import Gemma3Adapter
 from ..adapters.idefics3 import Idefics3Adapter
 from ..adapters.internvl import GRID_KEY, merge_pool, num_tiles
 from ..config import GlobalComConfig
@@ -48,6 +60,13 @@ from ..extras import MissingDependencyError, install_command
 
 try:
     from vllm.config import VllmConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.model_executor.models.gemma3_mm import (
+        Gemma3DummyInputsBuilder,
+        Gemma3ForConditionalGeneration,
+        Gemma3MultiModalProcessor,
+        Gemma3ProcessingInfo,
+    )
     from vllm.model_executor.models.idefics3 import (
         Idefics3DummyInputsBuilder,
         Idefics3ForConditionalGeneration,
@@ -58,7 +77,7 @@ try:
     from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration, SmolVLMProcessingInfo
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.inputs import MultiModalFieldConfig
-    from vllm.multimodal.parse import ImageProcessorItems
+    from vllm.multimodal.parse import ImageProcessorItems, ImageSize
     from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
@@ -139,6 +158,14 @@ class MarkerInfoMixin(RequestOptionsInfoMixin):
         """(rows, cols) of crops of one image under the request's HF options; (1, 1): one tile."""
         raise NotImplementedError
 
+    def globalcom_target(self) -> int:
+        """The prompt token each image's span replaces."""
+        return int(self.get_hf_config().image_token_id)
+
+    def globalcom_update(self, grid: tuple[int, int], options: GlobalComConfig) -> Any:
+        """One image's prompt update: its span, every position of it embedding (``is_embed=None``)."""
+        return PromptUpdateDetails.from_seq(self.globalcom_span(grid, options))
+
     def globalcom_span(self, grid: tuple[int, int], options: GlobalComConfig) -> list[int]:
         """The prompt ids of one image's span: the layout with the adapter's provisional runs."""
         adapter = self.globalcom_adapter(options)
@@ -180,7 +207,6 @@ class MarkerProcessorMixin(RequestOptionsProcessorMixin):
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: Any) -> Sequence[Any]:  # fmt: skip
         options = self.info.globalcom_options(hf_processor_mm_kwargs)
-        token_id = int(self.info.get_hf_config().image_token_id)
 
         def replacement(item_idx: int) -> Any:
             images = mm_items.get_items("image", ImageProcessorItems)
@@ -188,10 +214,13 @@ class MarkerProcessorMixin(RequestOptionsProcessorMixin):
             grid = self.info.globalcom_grid(
                 image_width=size.width, image_height=size.height, mm_kwargs=hf_processor_mm_kwargs
             )
-            # is_embed=None: every position of the span (markers too) takes the model's embedding.
-            return PromptUpdateDetails.from_seq(self.info.globalcom_span(grid, options))
+            return self.info.globalcom_update(grid, options)
 
-        return [PromptReplacement(modality="image", target=[token_id], replacement=replacement)]
+        return [
+            PromptReplacement(
+                modality="image", target=[self.info.globalcom_target()], replacement=replacement
+            )
+        ]
 
 
 # -- the model -----------------------------------------------------------------------------------------------------
@@ -199,6 +228,8 @@ class MarkerModelMixin:
     """Model side: encode, score, plan with the transformers adapter, return each image's whole span."""
 
     adapter_class: ClassVar[type[Idefics3Adapter]] = Idefics3Adapter
+    #: the model returns each image's whole span (markers too); False: its kept tokens only (one run per image)
+    globalcom_whole_span: ClassVar[bool] = True
     config: Any
     globalcom_config: GlobalComConfig
     globalcom_plans: list[Plan]
@@ -255,6 +286,9 @@ class MarkerModelMixin:
         spans = []
         for image, layout, (_, index, runs) in zip(embeds.split(tiles), layout_list, planned, strict=True):
             kept = image.reshape(-1, image.shape[-1])[index.to(image.device)]
+            if not self.globalcom_whole_span:
+                spans.append(kept)
+                continue
             spans.append(
                 span_embeddings(layout, placeholder, torch.tensor(runs), kept, self._globalcom_embed_tokens)
             )
@@ -327,8 +361,84 @@ class GlobalComSmolVLMForConditionalGeneration(Idefics3MarkerMixin, SmolVLMForCo
     """vLLM's SmolVLM with GlobalCom² (budget mode), as :class:`GlobalComIdefics3ForConditionalGeneration`."""
 
 
+# -- Gemma 3 -------------------------------------------------------------------------------------------------------
+class GlobalComGemma3ProcessingInfo(MarkerInfoMixin, Gemma3ProcessingInfo):
+    """vLLM's Gemma 3 processing info: one tile per image (pan-and-scan crops refused), its run at the budget count."""
+
+    adapter_class = Gemma3Adapter
+
+    def globalcom_grid(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
+    ) -> tuple[int, int]:
+        crops = self.get_num_crops(
+            image_width=image_width, image_height=image_height, processor=self.get_hf_processor(),
+            mm_kwargs=without_request_options(mm_kwargs),
+        )  # fmt: skip
+        if crops:
+            raise VLLMValidationError(
+                f"GlobalCom² on Gemma 3 in vLLM compresses an image as one tile; this {image_width}x{image_height} "
+                f"image gets {crops} pan-and-scan crops (do_pan_and_scan=True): vLLM fixes Gemma 3's bidirectional "
+                "image blocks when the prompt is written, before the scores split the kept tokens over the crops. "
+                "Send do_pan_and_scan=False (the default)",
+                parameter="mm_processor_kwargs.do_pan_and_scan",
+            )
+        return 1, 1
+
+    def globalcom_target(self) -> int:
+        processor = self.get_hf_processor()
+        return int(processor.tokenizer.convert_tokens_to_ids(processor.boi_token))
+
+    def globalcom_update(self, grid: tuple[int, int], options: GlobalComConfig) -> Any:
+        # Only the run is embedding: vLLM's bidirectional image block is exactly the shrunken run.
+        return PromptUpdateDetails.select_token_id(
+            self.globalcom_span(grid, options), int(self.get_hf_config().image_token_id)
+        )
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, processor: Any,
+                             mm_kwargs: Mapping[str, object]) -> int:  # fmt: skip
+        grid = self.globalcom_grid(image_width=image_width, image_height=image_height, mm_kwargs=mm_kwargs)
+        return int(self.globalcom_adapter(self.globalcom_options(mm_kwargs)).num_image_tokens_for_grid(grid))
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        size = int(self.get_hf_config().vision_config.image_size)  # one tile: every size gives the same count
+        return ImageSize(width=size, height=size)
+
+
+class GlobalComGemma3MultiModalProcessor(MarkerProcessorMixin, Gemma3MultiModalProcessor):
+    """vLLM's Gemma 3 processor (newline merging included) with the budget-mode run per image."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlobalComGemma3MultiModalProcessor,
+    info=GlobalComGemma3ProcessingInfo,
+    dummy_inputs=Gemma3DummyInputsBuilder,
+)
+class GlobalComGemma3ForConditionalGeneration(MarkerModelMixin, Gemma3ForConditionalGeneration):
+    """vLLM's Gemma 3 with GlobalCom² (budget mode): each image's run holds its kept tokens (Eq. 7 on the SigLIP
+    patches, summed per pooling group; a lone tile keeps its top int(N*R) by the thumbnail rule)."""
+
+    adapter_class = Gemma3Adapter
+    globalcom_whole_span = (
+        False  # the run only: the markers stay prompt tokens, the run stays one image block
+    )
+    supports_encoder_cudagraph = False
+
+    def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        hidden = self.vision_tower(image_input["pixel_values"])  # the projector's input
+        adapter = self.adapter_class.without_model(self.config, None, self.globalcom_config)
+        scores = merge_pool(cosine_scores(hidden), adapter.factor)  # Eq. 7, summed per 4x4 pooling group
+        embeds = self.multi_modal_projector(hidden)
+        return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
+
+    def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_input_ids(ids)
+
+
 __all__ = [
     "LAYOUT_KEY",
+    "GlobalComGemma3ForConditionalGeneration",
+    "GlobalComGemma3MultiModalProcessor",
+    "GlobalComGemma3ProcessingInfo",
     "GlobalComIdefics3ForConditionalGeneration",
     "GlobalComIdefics3MultiModalProcessor",
     "GlobalComIdefics3ProcessingInfo",
