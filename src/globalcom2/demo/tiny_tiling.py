@@ -270,6 +270,7 @@ COHERE2_SPECIALS = {
 def build_tiny_cohere2_vision(
     out_dir: str | Path,
     *,
+    vision: str = "random",
     tile_size: int = 64,
     patch_size: int = 8,
     downsample_factor: int = 2,
@@ -284,20 +285,20 @@ def build_tiny_cohere2_vision(
     A random 2-layer SigLIP tower on ``tile_size`` px tiles, the projector's pixel shuffle by ``downsample_factor``
     (16 tokens per tile here; Command-A-Vision: 512 px / 16 px patches, 2 x 2: 256), Cohere2 Vision's own tile grid
     (up to ``max_patches`` tiles plus the thumbnail last; :func:`~globalcom2.processors.cohere2_vision_image_processor_pil_class`,
-    the stock image processor needing torchvision), a tiny Cohere2 LLM.
+    the stock image processor needing torchvision), a tiny Cohere2 LLM. ``vision="dinov2"``: the stand-in tower
+    (``tile_size`` 448, patch 14: 32 x 32 patches, Command-A-Vision's grid).
     """
     from transformers import (
         Cohere2Config,
         Cohere2VisionConfig,
         Cohere2VisionForConditionalGeneration,
         Cohere2VisionProcessor,
-        SiglipVisionConfig,
     )
 
     from ..processors import cohere2_vision_image_processor_pil_class
 
     tokenizer = build_family_tokenizer(COHERE2_SPECIALS)
-    vision_config = tiny_vit_config(SiglipVisionConfig, tile_size, patch_size, 2, vision_use_head=False)
+    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
     text_config = llm_config(
         Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
     )
@@ -309,9 +310,9 @@ def build_tiny_cohere2_vision(
     tokens_per_side = tile_size // patch_size // downsample_factor
     image_processor = cohere2_vision_image_processor_pil_class()(
         size={"height": tile_size, "width": tile_size}, max_patches=max_patches, patch_size=tokens_per_side,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        image_mean=mean, image_std=std,
     )  # fmt: skip
     processor = Cohere2VisionProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return save_random_checkpoint(
-        out_dir, Cohere2VisionForConditionalGeneration, config, processor, seed=seed
+        out_dir, Cohere2VisionForConditionalGeneration, config, processor, seed=seed, vision_tower=tower
     )
