@@ -129,6 +129,27 @@ def build_tiny_gemma3(
     )
 
 
+def _cohere2_parts(
+    specials: dict[str, str],
+    vision: str,
+    tile_size: int,
+    patch_size: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+) -> tuple[Any, Any, Any, list[float], list[float], Any]:
+    """What the Aya Vision and Cohere2 Vision builders share: ``(tokenizer, tower or None, vision config, image mean,
+    image std, tiny Cohere2 LLM config)`` (sliding-window layers of 64, as the released LLMs interleave them)."""
+    from transformers import Cohere2Config
+
+    tokenizer = build_family_tokenizer(specials)
+    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
+    text_config = llm_config(
+        Cohere2Config, tokenizer, hidden, layers, heads, max_positions=16384, sliding_window=64
+    )
+    return tokenizer, tower, vision_config, mean, std, text_config
+
+
 #: Aya Vision's special tokens (the tile markers ``TILE_k`` / ``TILE_GLOBAL`` are plain text, as in the released
 #: tokenizer's prompts).
 AYA_SPECIALS = {
@@ -164,14 +185,11 @@ def build_tiny_aya_vision(
         AyaVisionConfig,
         AyaVisionForConditionalGeneration,
         AyaVisionProcessor,
-        Cohere2Config,
         GotOcr2ImageProcessorPil,
     )
 
-    tokenizer = build_family_tokenizer(AYA_SPECIALS)
-    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
-    text_config = llm_config(
-        Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
+    tokenizer, tower, vision_config, mean, std, text_config = _cohere2_parts(
+        AYA_SPECIALS, vision, tile_size, patch_size, text_hidden, text_layers, text_heads
     )
     config = AyaVisionConfig(
         vision_config=vision_config, text_config=text_config, downsample_factor=downsample_factor,
@@ -289,7 +307,6 @@ def build_tiny_cohere2_vision(
     (``tile_size`` 448, patch 14: 32 x 32 patches, Command-A-Vision's grid).
     """
     from transformers import (
-        Cohere2Config,
         Cohere2VisionConfig,
         Cohere2VisionForConditionalGeneration,
         Cohere2VisionProcessor,
@@ -297,10 +314,8 @@ def build_tiny_cohere2_vision(
 
     from ..processors import cohere2_vision_image_processor_pil_class
 
-    tokenizer = build_family_tokenizer(COHERE2_SPECIALS)
-    tower, vision_config, mean, std = _vision(vision, tile_size, patch_size)
-    text_config = llm_config(
-        Cohere2Config, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, sliding_window=64
+    tokenizer, tower, vision_config, mean, std, text_config = _cohere2_parts(
+        COHERE2_SPECIALS, vision, tile_size, patch_size, text_hidden, text_layers, text_heads
     )
     config = Cohere2VisionConfig(
         vision_config=vision_config, text_config=text_config, downsample_factor=downsample_factor,
