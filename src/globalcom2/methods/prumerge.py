@@ -35,8 +35,8 @@ tokens by the cosine of their groups' four keys side by side (:func:`shuffle_key
 inputs (the pixel-shuffled features; step 4). The LLM reads tile after tile in InternVL's order (crops row-major,
 then the thumbnail), each tile's kept tokens in raster order followed by its remainder token.
 
-**Families without a [CLS]** (SigLIP / SigLIP2: OneVision, Idefics3, SmolVLM, Gemma 3, Aya Vision; the Qwen-VL
-ViT) have no attention to rank by: :func:`prumerge_rule` gives the reason and ``apply_method`` raises a TypeError
+**Families without a [CLS]** (SigLIP / SigLIP2: OneVision, Idefics3, SmolVLM, Gemma 3, Aya Vision, Cohere2
+Vision; the Qwen-VL ViT) have no attention to rank by: :func:`prumerge_rule` gives the reason and ``apply_method`` raises a TypeError
 before anything is patched.
 
 **Counts and R.** PruMerge's count depends on the image's attention, not on R: ``ratio`` is recorded on the handle
@@ -643,7 +643,7 @@ def prumerge_class(family: type) -> type:
 CLS_TOWERS = {"llava_next": None, "internvl": None}
 _NO_CLS = {
     "llava_onevision": "SigLIP", "idefics3": "SigLIP", "smolvlm": "SigLIP", "gemma3": "SigLIP",
-    "aya_vision": "SigLIP2", "qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "qwen3_vl": "Qwen-VL",
+    "aya_vision": "SigLIP2", "cohere2_vision": "SigLIP2", "qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "qwen3_vl": "Qwen-VL",
     "qwen3_5": "Qwen-VL",
 }  # fmt: skip
 
