@@ -184,7 +184,7 @@ def test_max_image_tokens_counts_the_span(fam, max_tokens):
             assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
 
 
-def test_llm_side_pruning_keeps_the_sliding_window_of_cohere2(fam, aya_dir):
+def test_llm_side_pruning_keeps_the_sliding_window_of_cohere2(fam, tiny_dir):
     """Cohere2's layers attend within a sliding window (64 entries here; these prompts are longer). Regression: the
     pruner gave the layers after a drop a plain causal mask and put a short row's fillers after its tokens, so
     the sliding-window cache kept fillers instead of the row's last tokens and a batch row got other tokens than
@@ -216,14 +216,14 @@ def test_llm_side_pruning_keeps_the_sliding_window_of_cohere2(fam, aya_dir):
         alone = _inputs(processor, images[:1])
         model(**alone)
         ours = gc.adapter.pruner.last_scores[0]
-    eager = load_tiny_family(aya_dir, attn_implementation="eager")[0]
+    eager = load_tiny_family(tiny_dir, attn_implementation="eager")[0]
     with torch.no_grad():
         maps = eager(**alone, output_attentions=True).attentions[0][0].mean(0)  # layer K - 1 = 0, (S, S)
     assert int((maps[-1] > 0).sum()) == window  # the last token sees its window only
     torch.testing.assert_close(ours, maps[-1], atol=1e-6, rtol=1e-5)
 
 
-def test_llm_side_scores_on_a_cohere2_full_attention_layer_use_no_positions(aya_dir):
+def test_llm_side_scores_on_a_cohere2_full_attention_layer_use_no_positions(tiny_dir):
     """Cohere2 rotates q and k only in its sliding-window layers; its full-attention layers use no positions (Aya
     Vision 8B: every fourth layer, e.g. SparseVLM's third pruning layer). With the tiny LLM's second layer made a
     full-attention layer, PDrop's scores (that layer's attention of the last token) are the eager model's."""
@@ -233,9 +233,9 @@ def test_llm_side_scores_on_a_cohere2_full_attention_layer_use_no_positions(aya_
     from globalcom2.methods import apply_method
 
     def load(**kwargs):
-        config = AutoConfig.from_pretrained(aya_dir)
+        config = AutoConfig.from_pretrained(tiny_dir)
         config.text_config.layer_types = ["sliding_attention", "full_attention"]
-        return load_tiny_family(aya_dir, config=config, **kwargs)
+        return load_tiny_family(tiny_dir, config=config, **kwargs)
 
     model, processor = load()
     with apply_method(model, processor, "pdrop", ratio=0.75, stages=2) as gc, torch.no_grad():
