@@ -7,22 +7,20 @@ re-implementation of docs/families.md's Aya Vision section, and the model end to
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
-from globalcom2.adapters.internvl import GRID_KEY
 from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures
-from tests.adapters.plain_families import (
-    capture_llm_inputs,
-    check_tiles_plan,
-    forward_and_capture,
-    plain_cosine,
-    plain_internvl_sequence,
-    plain_pool,
-    spy,
+from tests.adapters.plain_families import capture_llm_inputs, plain_cosine, plain_internvl_sequence
+from tests.adapters.tiling_checks import (
+    TilingFamily,
+    check_budget_counts,
+    check_generate_with_labels,
+    check_llm_reads,
+    check_max_image_tokens,
+    replay_tiling_plans,
 )
 from tests.conftest import random_image, sweep
 
@@ -40,12 +38,19 @@ def _inputs(processor, images, prompts=None):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
-def _geometry(model) -> tuple[int, int, int]:
-    """(N tokens per tile, g merged tokens per side, shuffle factor)."""
+def _family(model) -> TilingFamily:
+    """Aya's geometry: Eq. 7 on the projector's input (layer -1, before post_layernorm), s x s pixel shuffle."""
     vc = model.config.vision_config
     s = int(model.config.downsample_factor)
-    g = vc.image_size // vc.patch_size // s
-    return g * g, g, s
+
+    def plain_scores(model, inputs):
+        tower = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        return plain_cosine(tower.hidden_states[model.config.vision_feature_layer])
+
+    return TilingFamily(
+        _inputs, PROMPT, "<image>", vc.image_size // vc.patch_size // s, s, (idefics3_module, "cosine_scores"),
+        idefics3_module, plain_scores, lambda model: capture_llm_inputs(model.model, model.model.language_model),
+    )  # fmt: skip
 
 
 def plain_aya_image_text(crop_counts, thumb_count) -> str:
@@ -62,36 +67,20 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
     """Budget mode: placeholder count == features == int(N*R) + int(R*n*N) for n crops (the plain processor's tile
     count; one tile: int(N*R)); the prompt shrinks by exactly the tokens saved; the serving count is the span."""
     model, processor = fam
-    n, _, _ = _geometry(model)
-    token = model.config.image_token_id
-    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
-    full = _inputs(processor, images)
-    tiles_of = [int(t) for t in processor.image_processor(images)["num_patches"]]
-    with globalcom2.apply(model, processor, ratio=ratio) as gc:
-        inputs = _inputs(processor, images)
-        with torch.no_grad():
-            feats = model.model.get_image_features(
-                inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
-            ).pooler_output
-        plans = list(gc.plans)
+    family = _family(model)
+    n = family.n
+    tiles_of = [int(t) for t in processor.image_processor([random_image(*s) for s in SIZES])["num_patches"]]
+    counts = check_budget_counts(family, model, processor, SIZES, ratio)
+    with globalcom2.apply(model, processor, ratio=ratio):
         served = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
-    assert feats.shape[0] == sum(p.num_tokens for p in plans)
-    counted = (inputs["input_ids"] == token).sum(1).tolist()
-    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
     for k, size in enumerate(SIZES):
         crops = tiles_of[k] - 1
         expected = int(n * ratio) + int(ratio * crops * n)
-        plan = plans[k]
-        assert counted[k] == plan.num_tokens == expected, size
-        assert plan.num_tokens_full == tiles_of[k] * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+        assert counts.counted[k] == expected and counts.plans[k].num_tokens_full == tiles_of[k] * n, size
         span = len(
             processor.tokenizer(plain_aya_image_text([0] * crops, 0), add_special_tokens=False)["input_ids"]
         )
         assert served[k] == span + expected, size
-
-
-def _capture_llm_inputs(model):
-    return capture_llm_inputs(model.model, model.model.language_model)
 
 
 @pytest.mark.parametrize("allocation", sweep(ALLOCATIONS, ["softmax-sum", "topk-count"]))
@@ -104,84 +93,32 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
     1 x n, n x 1 and single-tile images, for every scoring."""
     model, processor = fam
     mode, ratio = case
-    n, g, s = _geometry(model)
+    family = _family(model)
     token = model.config.image_token_id
-    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
-    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
-    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
-    used = spy(monkeypatch, idefics3_module, "merge_pool")
-    checked = False
-    for scoring in ("holistic", "local", "global"):
-        for k, image in enumerate(images):
-            with globalcom2.apply(
-                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
-            ) as gc:
-                inputs = _inputs(processor, [image])
-                rows, cols = inputs[GRID_KEY][0].tolist()
-                del used[:], used_patch[:]
-                seen = forward_and_capture(model, inputs, _capture_llm_inputs(model))
-                plan = gc.plans[0]
-            with torch.no_grad():
-                raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output
-                raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): crops, then the thumbnail
-                if not checked:
-                    tower = (
-                        model.model.vision_tower(  # the projector's input: layer -1, before post_layernorm
-                            pixel_values=inputs["pixel_values"], output_hidden_states=True
-                        ).hidden_states[model.config.vision_feature_layer]
-                    )
-                    np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower), atol=2e-6)
-                    np.testing.assert_allclose(
-                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
-                    )
-                    checked = True
-            scores = used[0].numpy()
-            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
-            order, keep, ks, k0 = check_tiles_plan(
-                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
-            )
-            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
-            text = PROMPT.replace("<image>", plain_aya_image_text(ks, k0))
-            ids = seen["input_ids"][0][seen["attention_mask"][0].bool()].tolist()
-            assert ids == processor.tokenizer(text)["input_ids"], where
-            embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
-            torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
+    runs = replay_tiling_plans(
+        family, model, processor, monkeypatch, mode=mode, ratio=ratio, allocation=allocation
+    )
+    for run in runs:
+        seq = (
+            run.order
+            if run.keep is None
+            else plain_internvl_sequence(run.order, run.keep, run.grid, family.g)
+        )
+        text = PROMPT.replace("<image>", plain_aya_image_text(run.crop_counts, run.thumb_count))
+        check_llm_reads(run, processor, token, text, seq)
 
 
 @pytest.mark.parametrize("mode", ["budget", "reference"])
 def test_generate_with_labels_and_left_padding(fam, mode):
     model, processor = fam
-    images = [random_image(100, 190, seed=1), random_image(64, 64, seed=2)]
-    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
-        inputs = _inputs(processor, images, prompts=[PROMPT, "A longer prompt first. " + PROMPT])
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
-    assert out.shape[0] == 2 and torch.isfinite(loss)
+    check_generate_with_labels(_family(model), model, processor, mode)
 
 
 @pytest.mark.parametrize("max_tokens", sweep([30, 45, 80], [45]))
 def test_max_image_tokens_counts_the_span(fam, max_tokens):
     """Each image's span (markers and runs, as tokenised) is at most T; count == features; too small is refused."""
     model, processor = fam
-    token = model.config.image_token_id
-    bare = len(processor.tokenizer(PROMPT.replace("<image>", ""))["input_ids"])
-    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
-        for k, size in enumerate(SIZES[:8]):
-            image = random_image(*size, seed=k)
-            grid = gc.adapter.grid_for_image(*size)
-            if gc.adapter.layout_tokens(grid) + 1 > max_tokens:
-                with pytest.raises(ValueError, match="too small"):
-                    _inputs(processor, [image])
-                continue
-            inputs = _inputs(processor, [image])
-            with torch.no_grad():
-                model(**inputs)
-            plan = gc.plans[0]
-            span = int(inputs["attention_mask"].sum()) - bare
-            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
-            assert span <= max_tokens, (size, span)
-            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
+    check_max_image_tokens(_family(model), model, processor, SIZES[:8], max_tokens)
 
 
 def test_llm_side_pruning_keeps_the_sliding_window_of_cohere2(fam, tiny_dir):

@@ -18,22 +18,23 @@ import functools
 
 import numpy as np
 import pytest
-import torch
 
 import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
 from globalcom2.adapters.cohere2_vision import cohere2_tile_grid
-from globalcom2.adapters.internvl import GRID_KEY
 from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures, visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
-    check_tiles_plan,
-    forward_and_capture,
     plain_cohere2_image_text,
     plain_cosine,
     plain_internvl_sequence,
-    plain_pool,
-    spy,
+)
+from tests.adapters.tiling_checks import (
+    TilingFamily,
+    check_budget_counts,
+    check_llm_reads,
+    check_max_image_tokens,
+    replay_tiling_plans,
 )
 from tests.conftest import random_image, sweep
 
@@ -82,36 +83,35 @@ def test_grid_rule_equals_the_stock_image_processor(max_patches):
             assert cohere2_tile_grid(h, w, (tile, tile), 1, max_patches) == (rows, cols), (h, w, tile)
 
 
+def _family(model) -> TilingFamily:
+    """Cohere2's geometry: Eq. 7 on the projector's input (the tower's last_hidden_state), 2 x 2 pixel shuffle."""
+    vc = model.config.vision_config
+    s = int(model.config.downsample_factor)
+
+    def plain_scores(model, inputs):
+        return plain_cosine(model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state)
+
+    return TilingFamily(
+        _inputs, PROMPT, "<|IMG_PATCH|>", vc.image_size // vc.patch_size // s, s,
+        (idefics3_module, "cosine_scores"), idefics3_module, plain_scores,
+        lambda model: capture_llm_inputs(model.model, model.model.language_model),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("ratio", sweep([0.5, 0.25, 0.1], [0.25]))
 def test_processor_count_equals_features_for_many_sizes(fam, ratio):
     """Budget mode: placeholder count == features == int(N*R) + int(R*n*N) (one tile: int(N*R)); the prompt shrinks
     by exactly the tokens saved; the serving count is the span (markers + runs)."""
     model, processor = fam
-    vc = model.config.vision_config
-    g = vc.image_size // vc.patch_size // model.config.downsample_factor
-    n = g * g
-    token = model.config.image_token_id
-    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
-    full = _inputs(processor, images)
-    tiles_of = [int(t) for t in processor.image_processor(images)["num_patches"]]
-    with globalcom2.apply(model, processor, ratio=ratio) as gc:
-        inputs = _inputs(processor, images)
-        with torch.no_grad():
-            feats = model.model.get_image_features(
-                inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
-            ).pooler_output
-        plans = list(gc.plans)
+    family = _family(model)
+    n = family.n
+    tiles_of = [int(t) for t in processor.image_processor([random_image(*s) for s in SIZES])["num_patches"]]
+    counts = check_budget_counts(family, model, processor, SIZES, ratio)
+    with globalcom2.apply(model, processor, ratio=ratio):
         served = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
-        formula = [gc.adapter.num_image_tokens(*s) for s in SIZES]
-    assert feats.shape[0] == sum(p.num_tokens for p in plans)
-    counted = (inputs["input_ids"] == token).sum(1).tolist()
-    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
     for k, size in enumerate(SIZES):
-        crops = tiles_of[k] - 1
-        expected = int(n * ratio) + int(ratio * crops * n)
-        plan = plans[k]
-        assert counted[k] == plan.num_tokens == formula[k] == expected, size
-        assert plan.num_tokens_full == tiles_of[k] * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+        expected = int(n * ratio) + int(ratio * (tiles_of[k] - 1) * n)
+        assert counts.counted[k] == expected and counts.plans[k].num_tokens_full == tiles_of[k] * n, size
         assert served[k] == 2 + tiles_of[k] + expected, (
             size
         )  # <|START_OF_IMG|>, a line break per tile, <|END_..|>
@@ -127,74 +127,30 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
     plain re-implementation on 2 x 3, 3 x 2, 1 x 4 and single-tile images, for every scoring."""
     model, processor = fam
     mode, ratio = case
-    vc = model.config.vision_config
-    s = model.config.downsample_factor
-    g = vc.image_size // vc.patch_size // s
+    family = _family(model)
     token = model.config.image_token_id
-    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
-    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
-    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
-    used = spy(monkeypatch, idefics3_module, "merge_pool")
-    checked = False
-    for scoring in ("holistic", "local", "global"):
-        for k, image in enumerate(images):
-            with globalcom2.apply(
-                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
-            ) as gc:
-                inputs = _inputs(processor, [image])
-                rows, cols = inputs[GRID_KEY][0].tolist()
-                del used[:], used_patch[:]
-                seen = forward_and_capture(
-                    model, inputs, capture_llm_inputs(model.model, model.model.language_model)
-                )
-                plan = gc.plans[0]
-            with torch.no_grad():
-                raw = type(model.model).get_image_features(model.model, inputs["pixel_values"]).pooler_output
-                raw = raw.reshape(-1, raw.shape[-1])
-                if not checked:
-                    tower = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state
-                    np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower), atol=2e-6)
-                    np.testing.assert_allclose(
-                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
-                    )
-                    checked = True
-            scores = used[0].numpy()
-            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
-            order, keep, ks, k0 = check_tiles_plan(
-                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
-            )
-            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
-            text = PROMPT.replace("<|IMG_PATCH|>", plain_cohere2_image_text(ks, k0))
-            ids = seen["input_ids"][0][seen["attention_mask"][0].bool()].tolist()
-            assert ids == processor.tokenizer(text)["input_ids"], where
-            embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
-            torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
-    assert checked
+    runs = replay_tiling_plans(
+        family, model, processor, monkeypatch, mode=mode, ratio=ratio, allocation=allocation
+    )
+    for run in runs:
+        seq = (
+            run.order
+            if run.keep is None
+            else plain_internvl_sequence(run.order, run.keep, run.grid, family.g)
+        )
+        text = PROMPT.replace("<|IMG_PATCH|>", plain_cohere2_image_text(run.crop_counts, run.thumb_count))
+        check_llm_reads(run, processor, token, text, seq)
 
 
 @pytest.mark.parametrize("max_tokens", sweep([20, 45, 80], [45]))
 def test_max_image_tokens_counts_the_span(fam, max_tokens):
     """Each image's span (markers, line breaks and runs) is at most T; count == features; too small is refused."""
     model, processor = fam
-    token = model.config.image_token_id
-    bare = len(processor.tokenizer(PROMPT.replace("<|IMG_PATCH|>", ""))["input_ids"])
-    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
-        for k, size in enumerate(SIZES[:8]):
-            image = random_image(*size, seed=k)
-            grid = gc.adapter.grid_for_image(*size)
-            tiles = grid[0] * grid[1] + 1 if grid != (1, 1) else 1
-            assert gc.adapter.layout_tokens(grid) == 2 + tiles, grid
-            if 2 + tiles + 1 > max_tokens:
-                with pytest.raises(ValueError, match="too small"):
-                    _inputs(processor, [image])
-                continue
-            inputs = _inputs(processor, [image])
-            with torch.no_grad():
-                model(**inputs)
-            plan = gc.plans[0]
-            span = int(inputs["attention_mask"].sum()) - bare
-            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
-            assert span <= max_tokens, (size, span)
+
+    def layout(grid):  # <|START_OF_IMG|>, a line break per tile, <|END_OF_IMG|>
+        return 2 + (grid[0] * grid[1] + 1 if grid != (1, 1) else 1)
+
+    check_max_image_tokens(_family(model), model, processor, SIZES[:8], max_tokens, layout=layout)
 
 
 @pytest.mark.slow

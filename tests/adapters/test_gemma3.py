@@ -13,15 +13,15 @@ import torch
 
 import globalcom2
 from globalcom2.adapters import idefics3 as idefics3_module
-from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.demo.tiny_tiling import GEMMA3_PAN_AND_SCAN
-from tests.adapters.plain_families import (
-    capture_llm_inputs,
-    check_tiles_plan,
-    forward_and_capture,
-    plain_cosine,
-    plain_pool,
-    spy,
+from tests.adapters.plain_families import capture_llm_inputs, forward_and_capture, plain_cosine
+from tests.adapters.tiling_checks import (
+    TilingFamily,
+    check_budget_counts,
+    check_generate_with_labels,
+    check_llm_reads,
+    check_max_image_tokens,
+    replay_tiling_plans,
 )
 from tests.conftest import random_image, sweep
 
@@ -49,18 +49,33 @@ def fam(gemma_dir):
     return load_tiny_family(gemma_dir)
 
 
-def _inputs(processor, images, pan_and_scan=True, prompts=None):
-    kwargs = GEMMA3_PAN_AND_SCAN if pan_and_scan else {}
+def _inputs(processor, images, prompts=None, **options):
+    """The processor on one image per prompt, with ``options`` (default: the tiny pan-and-scan, on)."""
     prompts = prompts or [PROMPT] * len(images)
     nested = [[image] for image in images]
-    return processor(images=nested, text=prompts, return_tensors="pt", padding=True, **kwargs)
+    return processor(
+        images=nested, text=prompts, return_tensors="pt", padding=True, **(options or GEMMA3_PAN_AND_SCAN)
+    )
 
 
-def _geometry(model) -> tuple[int, int, int]:
-    """(N tokens per image, g pooled tokens per side, pooling kernel)."""
+def _pas(on: bool) -> dict:
+    return GEMMA3_PAN_AND_SCAN if on else {"do_pan_and_scan": False}
+
+
+def _family(model) -> TilingFamily:
+    """Gemma 3's geometry: Eq. 7 on the projector's input (the tower's patches), summed per k x k pooling group;
+    the original image is tile 0."""
     vc = model.config.vision_config
     g = int(round(model.config.mm_tokens_per_image**0.5))
-    return g * g, g, vc.image_size // vc.patch_size // g
+
+    def plain_scores(model, inputs):
+        return plain_cosine(model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state)
+
+    return TilingFamily(
+        _inputs, PROMPT, "<start_of_image>", g, vc.image_size // vc.patch_size // g,
+        (idefics3_module, "cosine_scores"), idefics3_module, plain_scores, _capture_llm_inputs,
+        thumbnail_first=True,
+    )  # fmt: skip
 
 
 def plain_crop_count(height, width, min_crop=32, max_crops=4, min_ratio=1.2) -> int:
@@ -108,36 +123,22 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
     count == int(N*R) + int(R*n*N) for n pan-and-scan crops (plain crop rule; none: int(N*R)); the prompt shrinks
     by exactly the tokens saved; the token type ids mark exactly the placeholders."""
     model, processor = fam
-    n, _, _ = _geometry(model)
-    token = model.config.image_token_id
-    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
+    family = _family(model)
+    n = family.n
     for pas in (True, False):
-        full = _inputs(processor, images, pas)
-        with globalcom2.apply(model, processor, ratio=ratio) as gc:
-            inputs = _inputs(processor, images, pas)
-            with torch.no_grad():
-                feats = model.model.get_image_features(
-                    inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]}
-                ).pooler_output
-            plans = list(gc.plans)
-            served = processor._get_num_multimodal_tokens(
-                image_sizes=SIZES, **(GEMMA3_PAN_AND_SCAN if pas else {})
-            ).num_image_tokens
-            counted_api = [
-                gc.adapter.num_image_tokens(*s, **(GEMMA3_PAN_AND_SCAN if pas else {})) for s in SIZES
-            ]
-        assert feats.shape[0] == sum(p.num_tokens for p in plans)
-        counted = (inputs["input_ids"] == token).sum(1).tolist()
-        assert torch.equal(inputs["token_type_ids"].bool(), inputs["input_ids"] == token)
-        saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+        counts = check_budget_counts(family, model, processor, SIZES, ratio, **_pas(pas))
+        with globalcom2.apply(model, processor, ratio=ratio):
+            inputs = _inputs(processor, [random_image(*s, seed=k) for k, s in enumerate(SIZES)], **_pas(pas))
+            served = processor._get_num_multimodal_tokens(image_sizes=SIZES, **_pas(pas)).num_image_tokens
+        assert torch.equal(
+            inputs["token_type_ids"].bool(), inputs["input_ids"] == model.config.image_token_id
+        )
         for k, size in enumerate(SIZES):
             crops = plain_crop_count(*size) if pas else 0
             expected = int(n * ratio) + int(ratio * crops * n)
-            plan = plans[k]
-            assert counted[k] == plan.num_tokens == expected == served[k] == counted_api[k], (size, pas)
-            assert plan.num_tokens_full == (crops + 1) * n
-            assert saved[k] == plan.num_tokens_full - plan.num_tokens
-            assert plan.num_crops == crops
+            plan = counts.plans[k]
+            assert counts.counted[k] == expected == served[k], (size, pas)
+            assert plan.num_tokens_full == (crops + 1) * n and plan.num_crops == crops
             if crops:
                 assert plan.grid == ((1, crops) if size[1] >= size[0] else (crops, 1))
 
@@ -147,7 +148,8 @@ def test_pooling_groups_are_the_projectors(fam):
     from globalcom2.adapters.internvl import merge_pool
 
     model, _ = fam
-    _, g, k = _geometry(model)
+    family = _family(model)
+    g, k = family.g, family.shuffle
     p = g * k
     proj = model.model.multi_modal_projector
     eye = torch.eye(p * p, dtype=torch.float32).reshape(1, p * p, p * p)  # patch i's feature = e_i
@@ -173,56 +175,26 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
     scoring. The selection is replayed from the pooled scores the library used (checked against plain first)."""
     model, processor = fam
     mode, ratio = case
-    n, g, k_pool = _geometry(model)
+    family = _family(model)
     token = model.config.image_token_id
     sizes = [(60, 190), (190, 60), (40, 200), (150, 150)]
-    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
-    used_patch = spy(monkeypatch, idefics3_module, "cosine_scores")
-    used = spy(monkeypatch, idefics3_module, "merge_pool")
-    checked_scores = False
-    if True:
-        for scoring in ("holistic", "local", "global"):
-            for k, image in enumerate(images):
-                pas = k < len(images) - 1 or allocation == "uniform"
-                with globalcom2.apply(
-                    model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
-                ) as gc:
-                    inputs = _inputs(processor, [image], pas)
-                    rows, cols = inputs[GRID_KEY][0].tolist()
-                    del used[:], used_patch[:]
-                    seen = forward_and_capture(model, inputs, _capture_llm_inputs(model))
-                    plan = gc.plans[0]
-                with torch.no_grad():
-                    raw = (
-                        type(model.model)
-                        .get_image_features(model.model, inputs["pixel_values"])
-                        .pooler_output
-                    )
-                    raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): the original image, then the crops
-                    if not checked_scores:
-                        tower_out = model.model.vision_tower(
-                            pixel_values=inputs["pixel_values"]
-                        ).last_hidden_state
-                        np.testing.assert_allclose(used_patch[0].numpy(), plain_cosine(tower_out), atol=2e-6)
-                        np.testing.assert_allclose(
-                            used[0].numpy(), plain_pool(used_patch[0].numpy(), k_pool), rtol=1e-5, atol=1e-6
-                        )
-                        checked_scores = True
-                scores = used[0].numpy()  # tile 0: the original image
-                where = f"{sizes[k]} pas={pas} R={ratio} {mode} {allocation} {scoring}"
-                order, keep, ks, k0 = check_tiles_plan(
-                    plan, scores[0], scores[1:], (rows, cols), g, ratio, mode, allocation, scoring, where
-                )
-                seq = order if keep is None else plain_gemma3_sequence(order, keep, (rows, cols), g)
-                text = PROMPT.replace("<start_of_image>", plain_gemma3_image_text(ks, k0))
-                expected_ids = processor.tokenizer(text)["input_ids"]
-                valid = seen["attention_mask"][0].bool()
-                ids = seen["input_ids"][0][valid].tolist()
-                assert ids == expected_ids, where
-                types = seen["token_type_ids"][0][valid]
-                assert torch.equal(types.bool(), seen["input_ids"][0][valid] == token), where
-                embeds = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
-                torch.testing.assert_close(embeds, raw[seq].to(embeds.dtype), msg=where)
+
+    def pas(k):  # the last image without pan-and-scan (with the uniform allocation: with it)
+        return k < len(sizes) - 1 or allocation == "uniform"
+
+    runs = replay_tiling_plans(
+        family, model, processor, monkeypatch, mode=mode, ratio=ratio, allocation=allocation, sizes=sizes,
+        options=lambda k: _pas(pas(k)), label=lambda k: f"{sizes[k]} pas={pas(k)}",
+    )  # fmt: skip
+    for run in runs:
+        rows = (
+            run.order if run.keep is None else plain_gemma3_sequence(run.order, run.keep, run.grid, family.g)
+        )
+        text = PROMPT.replace("<start_of_image>", plain_gemma3_image_text(run.crop_counts, run.thumb_count))
+        check_llm_reads(run, processor, token, text, rows)
+        valid = run.seen["attention_mask"][0].bool()
+        types = run.seen["token_type_ids"][0][valid].bool()
+        assert torch.equal(types, run.seen["input_ids"][0][valid] == token), run.where
 
 
 # -- the model end to end -----------------------------------------------------------------------------------------
@@ -231,14 +203,8 @@ def test_generate_with_labels_and_bidirectional_image_blocks(fam, mode):
     """generate and a forward with labels run; the attention mask the LLM gets lets every kept token of a run see
     every other one (bidirectional inside an image run, one block per run), and no more."""
     model, processor = fam
+    check_generate_with_labels(_family(model), model, processor, mode, sizes=[(60, 190), (150, 150)])
     images = [random_image(60, 190, seed=1), random_image(150, 150, seed=2)]
-    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
-        inputs = _inputs(processor, images)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            assert out.shape[0] == 2
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
-        assert torch.isfinite(loss)
     # The mask the LLM used: rebuilt from what the model received.
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
@@ -266,28 +232,9 @@ def test_max_image_tokens_counts_the_layout(fam, max_tokens):
     """Each image's prompt span (sentences, markers, runs as the prompt tokenises them) is at most T, and the
     processor's count == the features; an image whose layout alone exceeds T is refused with the minimum T."""
     model, processor = fam
-    token = model.config.image_token_id
-    bare = len(processor.tokenizer(PROMPT.replace("<start_of_image>", ""))["input_ids"])
-    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
-        for k, size in enumerate(SIZES[:8]):
-            image = random_image(*size, seed=k)
-            grid = gc.adapter.grid_for_image(*size, **GEMMA3_PAN_AND_SCAN)
-            if gc.adapter.layout_tokens(grid) + 1 > max_tokens:
-                with pytest.raises(ValueError, match="too small"):
-                    _inputs(processor, [image])
-                continue
-            inputs = _inputs(processor, [image])
-            with torch.no_grad():
-                model(**inputs)
-            plan = gc.plans[0]
-            span = int(inputs["attention_mask"].sum()) - bare
-            assert (
-                int((inputs["input_ids"] == token).sum())
-                == plan.num_tokens
-                == gc.adapter.num_image_tokens(*size, **GEMMA3_PAN_AND_SCAN)
-            )
-            assert span <= max_tokens, (size, span)
-            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 2, (size, span)
+    check_max_image_tokens(
+        _family(model), model, processor, SIZES[:8], max_tokens, slack=2, **GEMMA3_PAN_AND_SCAN
+    )
 
 
 def test_single_crop_pan_and_scan_is_refused(fam):

@@ -33,13 +33,17 @@ from globalcom2.adapters.llama4 import llama4_canvas
 from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures, visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
-    check_tiles_plan,
-    forward_and_capture,
     plain_internvl_sequence,
     plain_llama4_cls_logits,
     plain_llama4_image_text,
-    plain_pool,
     spy,
+)
+from tests.adapters.tiling_checks import (
+    TilingFamily,
+    check_budget_counts,
+    check_generate_with_labels,
+    check_max_image_tokens,
+    replay_tiling_plans,
 )
 from tests.conftest import random_image, sweep
 
@@ -57,12 +61,27 @@ def _inputs(processor, images, prompts=None, **kwargs):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True, **kwargs)
 
 
-def _geometry(model) -> tuple[int, int, int]:
-    """(N tokens per tile, g merged tokens per side, pixel-shuffle factor)."""
+def _family(model) -> TilingFamily:
+    """Llama 4's geometry: Eq. 1 with the class embedding last (rotated q/k), s x s pixel shuffle; the model has
+    no inner model, so the LLM's own inputs are the record."""
     vc = model.config.vision_config
     s = int(round(1 / vc.pixel_shuffle_ratio))
-    g = vc.image_size // vc.patch_size // s
-    return g * g, g, s
+
+    def plain_scores(model, inputs):
+        tower = model.vision_model
+        hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        layer = tower.model.layers[-1]
+        freqs = tower.rotary_embedding.freqs_ci
+        return plain_llama4_cls_logits(hidden, layer, freqs, layer.self_attn.num_heads).numpy()
+
+    def capture(model):
+        return capture_llm_inputs(model.language_model, model.language_model, keys=("attention_mask",))
+
+    return TilingFamily(
+        _inputs, PROMPT, "<|image|>", vc.image_size // vc.patch_size // s, s, (family_module, "cls_scores_from_qk"),
+        internvl_module, plain_scores, capture, owner=lambda model: model, output="last_hidden_state",
+        score_tolerance={"rtol": 1e-4, "atol": 1e-5},
+    )  # fmt: skip
 
 
 def _stock_canvas_functions() -> dict:
@@ -151,26 +170,14 @@ def test_processor_count_equals_features_for_many_sizes(fam, ratio):
     """Budget mode: ``<|patch|>`` count == features == int(N*R) + int(R*n*N) for n tiles besides the global one
     (a lone tile: int(N*R)); the prompt shrinks by exactly the tokens saved; the separators stay."""
     model, processor = fam
-    n, _, _ = _geometry(model)
-    token = model.config.image_token_id
-    images = [random_image(*s, seed=k) for k, s in enumerate(SIZES)]
-    full = _inputs(processor, images)
+    n = _family(model).n
+    images = [random_image(*s) for s in SIZES]
     grids = [tuple(int(v) for v in a) for a in processor.image_processor(images)["aspect_ratios"]]
-    with globalcom2.apply(model, processor, ratio=ratio) as gc:
-        inputs = _inputs(processor, images)
-        with torch.no_grad():
-            feats = model.get_image_features(inputs["pixel_values"], **{GRID_KEY: inputs[GRID_KEY]})
-        plans = list(gc.plans)
-        formula = [gc.adapter.num_image_tokens(*s) for s in SIZES]
-    assert feats.last_hidden_state.shape[0] == sum(p.num_tokens for p in plans)
-    counted = (inputs["input_ids"] == token).sum(1).tolist()
-    saved = (full["attention_mask"].sum(1) - inputs["attention_mask"].sum(1)).tolist()
+    counts = check_budget_counts(_family(model), model, processor, SIZES, ratio)
     for k, size in enumerate(SIZES):
         crops = grids[k][0] * grids[k][1] if grids[k] != (1, 1) else 0
         expected = int(n * ratio) + int(ratio * crops * n)
-        plan = plans[k]
-        assert counted[k] == plan.num_tokens == formula[k] == expected, size
-        assert plan.num_tokens_full == (crops + 1) * n and saved[k] == plan.num_tokens_full - plan.num_tokens
+        assert counts.counted[k] == expected and counts.plans[k].num_tokens_full == (crops + 1) * n, size
 
 
 def test_max_patches_call_option_reaches_the_count(fam):
@@ -199,58 +206,29 @@ def test_kept_tokens_and_sequence_match_plain(fam, monkeypatch, case, allocation
     re-implementations on 2 x 3, 3 x 2, 1 x 4 and lone-tile images, for every scoring."""
     model, processor = fam
     mode, ratio = case
-    n, g, s = _geometry(model)
+    family = _family(model)
     token = model.config.image_token_id
-    sizes = [(100, 190), (190, 100), (60, 250), (64, 64)]
-    images = [random_image(*hw, seed=k) for k, hw in enumerate(sizes)]
-    used_patch = spy(monkeypatch, family_module, "cls_scores_from_qk")
-    used = spy(monkeypatch, internvl_module, "merge_pool")
-    tower = model.vision_model
-    checked = False
-    for scoring in ("holistic", "local", "global"):
-        for k, image in enumerate(images):
-            with globalcom2.apply(
-                model, processor, ratio=ratio, mode=mode, allocation=allocation, scoring=scoring
-            ) as gc:
-                inputs = _inputs(processor, [image])
-                rows, cols = inputs[GRID_KEY][0].tolist()
-                del used[:], used_patch[:]
-                lm = model.language_model  # Llama 4 has no inner model: the LLM's own inputs are the record
-                seen = forward_and_capture(
-                    model, inputs, capture_llm_inputs(lm, lm, keys=("attention_mask",))
-                )
-                plan = gc.plans[0]
-            with torch.no_grad():
-                raw = type(model).get_image_features(model, inputs["pixel_values"]).last_hidden_state
-                raw = raw.reshape(-1, raw.shape[-1])  # (tiles * N, D): tiles row-major, then the global tile
-                if not checked:
-                    hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
-                    layer = tower.model.layers[-1]
-                    plain = plain_llama4_cls_logits(
-                        hidden, layer, tower.rotary_embedding.freqs_ci, layer.self_attn.num_heads
-                    )
-                    np.testing.assert_allclose(used_patch[0].numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
-                    np.testing.assert_allclose(
-                        used[0].numpy(), plain_pool(used_patch[0].numpy(), s), rtol=1e-5, atol=1e-6
-                    )
-                    checked = True
-            scores = used[0].numpy()
-            where = f"{sizes[k]} R={ratio} {mode} {allocation} {scoring}"
-            order, keep, ks, k0 = check_tiles_plan(
-                plan, scores[-1], scores[:-1], (rows, cols), g, ratio, mode, allocation, scoring, where
-            )
-            seq = order if keep is None else plain_internvl_sequence(order, keep, (rows, cols), g)
-            text = PROMPT.replace("<|image|>", plain_llama4_image_text((rows, cols), ks, k0))
-            ids = torch.tensor(processor.tokenizer(text)["input_ids"])
-            embeds = seen["inputs_embeds"][0][seen["attention_mask"][0].bool()]
-            assert embeds.shape[0] == ids.numel(), where  # the prompt the LLM reads, row for row
-            is_patch = ids == token
-            with torch.no_grad():
-                text_rows = model.get_input_embeddings()(ids[~is_patch])
-                expected = model.multi_modal_projector(raw[seq])
-            assert torch.equal(embeds[~is_patch], text_rows.to(embeds.dtype)), where  # separators in place
-            torch.testing.assert_close(embeds[is_patch], expected.to(embeds.dtype), msg=where)
-    assert checked
+    runs = replay_tiling_plans(
+        family, model, processor, monkeypatch, mode=mode, ratio=ratio, allocation=allocation
+    )
+    for run in runs:
+        seq = (
+            run.order
+            if run.keep is None
+            else plain_internvl_sequence(run.order, run.keep, run.grid, family.g)
+        )
+        text = PROMPT.replace(
+            "<|image|>", plain_llama4_image_text(run.grid, run.crop_counts, run.thumb_count)
+        )
+        ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+        embeds = run.seen["inputs_embeds"][0][run.seen["attention_mask"][0].bool()]
+        assert embeds.shape[0] == ids.numel(), run.where  # the prompt the LLM reads, row for row
+        is_patch = ids == token
+        with torch.no_grad():
+            text_rows = model.get_input_embeddings()(ids[~is_patch])
+            expected = model.multi_modal_projector(run.features[seq])
+        assert torch.equal(embeds[~is_patch], text_rows.to(embeds.dtype)), run.where  # separators in place
+        torch.testing.assert_close(embeds[is_patch], expected.to(embeds.dtype), msg=run.where)
 
 
 def test_tower_rotary_tap_equals_eager_attention(fam, monkeypatch):
@@ -281,13 +259,7 @@ def test_tower_rotary_tap_equals_eager_attention(fam, monkeypatch):
 @pytest.mark.parametrize("mode", ["budget", "reference"])
 def test_generate_with_labels_and_left_padding(fam, mode):
     model, processor = fam
-    images = [random_image(100, 190, seed=1), random_image(64, 64, seed=2)]
-    with globalcom2.apply(model, processor, ratio=0.25, mode=mode):
-        inputs = _inputs(processor, images, prompts=[PROMPT, "A longer prompt first. " + PROMPT])
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
-    assert out.shape[0] == 2 and torch.isfinite(loss)
+    check_generate_with_labels(_family(model), model, processor, mode)
 
 
 @pytest.mark.parametrize("max_tokens", sweep([20, 45, 80], [45]))
@@ -295,26 +267,11 @@ def test_max_image_tokens_counts_the_span(fam, max_tokens):
     """Each image's span (``<|image_start|>`` ... ``<|image_end|>``, separators and runs) is at most T and
     ``3 + rows * cols`` markers for a split image; count == features; too small is refused."""
     model, processor = fam
-    token = model.config.image_token_id
-    bare = len(processor.tokenizer(PROMPT.replace("<|image|>", ""))["input_ids"])
-    with globalcom2.apply(model, processor, max_image_tokens=max_tokens) as gc:
-        for k, size in enumerate(SIZES[:8]):
-            image = random_image(*size, seed=k)
-            grid = gc.adapter.grid_for_image(*size)
-            layout = gc.adapter.layout_tokens(grid)
-            assert layout == (3 + grid[0] * grid[1] if grid != (1, 1) else 3), grid
-            if layout + 1 > max_tokens:
-                with pytest.raises(ValueError, match="too small"):
-                    _inputs(processor, [image])
-                continue
-            inputs = _inputs(processor, [image])
-            with torch.no_grad():
-                model(**inputs)
-            plan = gc.plans[0]
-            span = int(inputs["attention_mask"].sum()) - bare
-            assert int((inputs["input_ids"] == token).sum()) == plan.num_tokens
-            assert span <= max_tokens, (size, span)
-            assert plan.num_tokens == plan.num_tokens_full or span >= max_tokens - 1, (size, span)
+
+    def layout(grid):
+        return 3 + grid[0] * grid[1] if grid != (1, 1) else 3
+
+    check_max_image_tokens(_family(model), model, processor, SIZES[:8], max_tokens, layout=layout)
 
 
 @pytest.mark.slow
