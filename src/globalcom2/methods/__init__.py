@@ -126,8 +126,6 @@ _OWN_MASKS = {
     "qwen3_5": "hybrid LLM: its Gated DeltaNet (linear-attention) layers have no attention row to score tokens by "
     "(a scoring layer may be one), and its gated attention layers' q_proj also carries the output gate, which the "
     "pruner's score rows do not separate (not implemented)",
-    "llama4": "its LLM (chunked-attention and NoPE layers, MoE) hangs off the model itself; the pruner does not "
-    "rebuild its masks (not verified)",
 }
 
 

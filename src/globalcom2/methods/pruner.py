@@ -63,12 +63,19 @@ from .vision import image_sizes_list
 # -------------------------------------------------------------------------------------------- pure pieces
 
 
+def outer_model(model: Any) -> Any:
+    """The module that merges the image features into the LLM's input: ``model.model`` (LLaVA, InternVL, ...), or
+    the model itself where the tower and the LLM hang off it (Llama 4)."""
+    return getattr(model, "model", model)
+
+
 def language_model(model: Any) -> Any:
-    """The decoder stack of a VLM: ``model.model.language_model`` (LLaVA, InternVL, ...) or ``.text_model``
-    (Idefics3, SmolVLM)."""
-    inner = model.model
+    """The decoder stack of a VLM: ``model.model.language_model`` (LLaVA, InternVL, ...), ``.text_model``
+    (Idefics3, SmolVLM) or ``model.language_model.model`` (Llama 4: a causal LM whose ``model`` holds the layers)."""
+    inner = outer_model(model)
     lm = getattr(inner, "language_model", None)
-    return lm if lm is not None else inner.text_model
+    lm = lm if lm is not None else inner.text_model
+    return lm if hasattr(lm, "layers") else lm.model
 
 
 def num_llm_layers(model: Any) -> int:
@@ -102,13 +109,56 @@ def _rope(attn: Any):
     return apply
 
 
-def _gather_rows(
-    pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` ``(B or 1, S, d)`` at the sequence entries ``index`` ``(B, L)`` -> ``(B, L, d)``."""
+def _gather_rows(pe: Any, index: torch.Tensor) -> Any:
+    """A layer's rotary embedding at the sequence entries ``index`` ``(B, L)``: ``(cos, sin)``, each
+    ``(B or 1, S, d)`` -> ``(B, L, d)``, or Llama 4's one complex ``(B or 1, S, d)`` tensor -> ``(B, L, d)``."""
     b = index.shape[0]
-    g = index[..., None].expand(-1, -1, pair[0].shape[-1])
-    return pair[0].expand(b, -1, -1).gather(1, g), pair[1].expand(b, -1, -1).gather(1, g)
+    if isinstance(pe, torch.Tensor):
+        return pe.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, pe.shape[-1]))
+    g = index[..., None].expand(-1, -1, pe[0].shape[-1])
+    return pe[0].expand(b, -1, -1).gather(1, g), pe[1].expand(b, -1, -1).gather(1, g)
+
+
+def _rotate(attn: Any, q: torch.Tensor, k: torch.Tensor, q_pe: Any, k_pe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``(B, H, Q, dh)`` and k ``(B, Hkv, S, dh)`` as the layer uses them in its softmax, at their rotary
+    embeddings ``q_pe`` / ``k_pe`` (rows of :func:`_gather_rows`).
+
+    ``(cos, sin)``: the module's own rotary function (:func:`_rope`). Llama 4 (one complex tensor per row): its
+    rotation of consecutive pairs, then the L2 norm of ``qk_norm``; its NoPE layers (``use_rope`` False) are not
+    rotated and scale each query row by its temperature, log1p(floor((i + 1) / floor_scale)) * attn_scale + 1 at
+    sequence index i (``query_index`` of a prefill on an empty cache)."""
+    if not isinstance(q_pe, torch.Tensor):
+        rope = _rope(attn)
+        return rope(q, q, *q_pe)[0], rope(k, k, *k_pe)[1]
+    if getattr(attn, "use_rope", True):
+
+        def turn(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+            pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(pairs * pe[:, None].to(x.device)).flatten(-2).type_as(x)
+
+        q, k = turn(q, q_pe), turn(k, k_pe)
+    if hasattr(attn, "qk_norm"):
+        q, k = attn.qk_norm(q), attn.qk_norm(k)
+    return q, k
+
+
+def _temperature(attn: Any, q: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """Llama 4's NoPE layers scale each query row by a temperature of its sequence index (see :func:`_rotate`);
+    other layers: ``q`` unchanged."""
+    if not getattr(attn, "attn_temperature_tuning", False) or getattr(attn, "use_rope", True):
+        return q
+    scale = torch.log1p(torch.floor((query_index.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+    return (q * scale[:, None, :, None]).to(q.dtype)
+
+
+def _chunk_size(attn: Any) -> int | None:
+    """The chunk of a chunked-attention layer (Llama 4: ``layer_types[i] == "chunked_attention"``), else None."""
+    cfg = getattr(attn, "config", None)
+    types = getattr(cfg, "layer_types", None) or ()
+    idx = getattr(attn, "layer_idx", None)
+    if idx is None or idx >= len(types) or types[idx] != "chunked_attention":
+        return None
+    return int(cfg.attention_chunk_size)
 
 
 def uses_mrope(config: Any) -> bool:
@@ -138,7 +188,9 @@ def query_attention(
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean softmax attention of a few query rows over all keys, in one layer (causal, keys up to the query;
-    in a sliding-window layer, ``attn.sliding_window`` set, only the last ``window`` entries up to the query).
+    in a sliding-window layer, ``attn.sliding_window`` set, only the last ``window`` entries up to the query; in a
+    chunked-attention layer, Llama 4's, only the keys of the query's chunk, chunks counted from the first visible
+    key as the LLM's own mask counts them past left padding).
 
     Computed from the attention module's input with its own projections and rotary embedding: O(Q*S*D) work, no
     (S x S) map.
@@ -146,7 +198,8 @@ def query_attention(
     Args:
         attn: the decoder layer's attention module (``q_proj``, ``k_proj``, ``head_dim``, ``scaling``).
         hidden: ``(B, S, D)`` the module's input (after the layer's input norm).
-        position_embeddings: ``(cos, sin)``, each ``(B or 1, S, head_dim)``.
+        position_embeddings: ``(cos, sin)``, each ``(B or 1, S, head_dim)``, or Llama 4's complex
+            ``(B or 1, S, head_dim / 2)``.
         query_index: Long ``(B, Q)`` sequence index of each query row.
         key_mask: optional Bool ``(B, S)`` (True = visible key, e.g. not padding).
 
@@ -165,16 +218,23 @@ def query_attention(
         visible = visible & (pos[None, None, :] > query_index[:, :, None] - int(window))
     if key_mask is not None:
         visible = visible & key_mask.to(device=hidden.device, dtype=torch.bool)[:, None, :]
+    chunk = _chunk_size(attn)
+    if chunk:
+        first = (
+            torch.zeros(b, 1, device=hidden.device, dtype=torch.long)
+            if key_mask is None
+            else (key_mask.to(hidden.device).long().cumsum(1) == 0).sum(1, keepdim=True)
+        )
+        same = (pos[None, None, :] - first[..., None]) // chunk == ((query_index - first) // chunk)[..., None]
+        visible = visible & same
     rows = torch.arange(b, device=hidden.device)[:, None]
     q = attn.q_proj(hidden[rows, query_index]).view(b, nq, -1, dh).transpose(1, 2)  # (B, Hq, Q, dh)
     k = attn.k_proj(hidden).view(b, s, -1, dh).transpose(1, 2)  # (B, Hkv, S, dh)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-    rope = _rope(attn)
-    q, _ = rope(q, q, cos[rows, query_index], sin[rows, query_index])
-    _, k = rope(k, k, cos, sin)
+    full = torch.arange(s, device=hidden.device)[None].expand(b, -1)
+    q, k = _rotate(attn, q, k, _gather_rows(position_embeddings, query_index), _gather_rows(position_embeddings, full))
+    q = _temperature(attn, q, query_index)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, Q, S)
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
@@ -447,7 +507,7 @@ class StagedPruner:
     # -- installation --------------------------------------------------------------------------------------
     def install(self, handle: GlobalComHandle) -> None:
         self.handle = handle
-        handle.add_hook(self.model.model.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+        handle.add_hook(outer_model(self.model).register_forward_pre_hook(self._outer_pre, with_kwargs=True))
         handle.add_hook(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         for j, layer in enumerate(self.layers):
             hook = functools.partial(self._layer_pre, j)
@@ -1034,10 +1094,10 @@ class TileLLMSide(LLMPruningAdapter):
                 for plan in _everything(layouts, self.plan_mode)]  # fmt: skip
 
     def after_encode(self, handle: GlobalComHandle, out: Any, extra: dict) -> Any:
-        if (
-            not self.uses_vision_plans
-        ):  # no scoring hook ran: zero scores of the tiles' shape, which the planner
-            features = out.pooler_output  # above only counts (this thread's state, as a hook would record)
+        if not self.uses_vision_plans:
+            # no scoring hook ran: zero scores of the tiles' shape, which the planner above only counts (this
+            # thread's state, as a hook would record)
+            features = getattr(out, self.feature_field)  # type: ignore[attr-defined]
             flat = torch.cat(list(features)) if not isinstance(features, torch.Tensor) else features
             tokens = self.g * self.g  # type: ignore[attr-defined]
             handle.state.scores = [flat.new_zeros(flat.numel() // (flat.shape[-1] * tokens), tokens)]
