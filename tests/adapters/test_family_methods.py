@@ -29,6 +29,7 @@ from tests.adapters.families import (
     run_in_threads,
 )
 from tests.conftest import module_state, sweep
+from tests.methods.plain_llm import text_model
 
 #: by default: tiles with markers (InternVL), Idefics3's runs and Eq. 7 (SmolVLM), M-RoPE and regions (Qwen2.5-VL);
 #: OneVision, Gemma 3 and the rest with --full; LLaVA-NeXT's methods are tested in tests/methods
@@ -134,8 +135,7 @@ def _tie_llm(model) -> None:
     A sliding-window LLM (Aya Vision's Cohere2, 64 entries here) has its window widened past these prompts (this
     instance's config and layers): the scoring rows see only the layer's window, so tokens outside it would score
     0 and only those inside would tie."""
-    inner = model.model
-    lm = getattr(inner, "language_model", None) or inner.text_model
+    lm = text_model(model)
     with torch.no_grad():
         for layer in lm.layers:
             for param in layer.self_attn.k_proj.parameters():

@@ -75,10 +75,25 @@ Select = Callable[[int, Seq, torch.Tensor], tuple[list[int], torch.Tensor | None
 
 
 def text_model(model):
-    """The VLM's decoder stack (``language_model``; Idefics3 / SmolVLM: ``text_model``)."""
-    inner = model.model
+    """The VLM's decoder stack (``language_model``; Idefics3 / SmolVLM: ``text_model``; Llama 4, whose LLM hangs off
+    the model itself: ``language_model.model``)."""
+    inner = getattr(model, "model", model)
     lm = getattr(inner, "language_model", None)
-    return lm if lm is not None else inner.text_model
+    lm = lm if lm is not None else inner.text_model
+    return lm if hasattr(lm, "layers") else lm.model
+
+
+def lm_head(model):
+    """The VLM's output projection (Llama 4: its causal LM's)."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.language_model.lm_head
+
+
+def causal_inputs(lm, j: int, h: torch.Tensor, positions: torch.Tensor) -> dict:
+    """Layer j's ``attention_mask`` (causal, boolean) and rotary ``(cos, sin)`` for a run of the entries ``h``."""
+    n = h.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    return {"attention_mask": mask, "position_embeddings": lm.rotary_emb(h, positions[None])}
 
 
 def embed(model, inputs) -> torch.Tensor:
@@ -110,6 +125,7 @@ def staged_forward(
     model, inputs, boundaries: list[int], score_offset: int, select: Select, *, compact: bool = True,
     fixed: list[tuple[list[int], torch.Tensor | None, int]] | None = None,
     on_start: Callable[[Seq], None] | None = None,
+    layer_inputs: Callable[..., dict] = causal_inputs,
 ) -> tuple[torch.Tensor, list[list[int]], list]:  # fmt: skip
     """Run the LLM layer by layer, pruning at ``boundaries``; returns (logits, kept origins per stage, decisions).
 
@@ -117,7 +133,8 @@ def staged_forward(
     entry index after which they go). It computes the stage's scores itself from ``seq.extra["score_layer"]``,
     ``["score_input"]`` (the hidden states entering that layer) and ``["score_positions"]``.
     ``fixed``: decisions of an earlier (prompt-only) run to replay on a longer sequence (prompt + generated
-    tokens, which are text and never pruned).
+    tokens, which are text and never pruned). ``layer_inputs(lm, j, h, positions)``: layer j's mask and rotary
+    embedding for the current entries (default :func:`causal_inputs`).
     """
     lm = text_model(model)
     ids = inputs["input_ids"]
@@ -169,13 +186,8 @@ def staged_forward(
             seq.extra["score_positions"] = positions
         if score_offset == 0 and j in boundaries:
             prune(boundaries.index(j))
-        n = seq.h.shape[1]
-        cos, sin = lm.rotary_emb(seq.h, positions[None])
-        mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-        seq.h = layer(
-            seq.h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None]
-        )
+        seq.h = layer(seq.h, **layer_inputs(lm, j, seq.h, positions), position_ids=positions[None])
     for i, o in enumerate(seq.origin):
         if o >= 0:
             full[0, o] = seq.h[0, i]
-    return model.lm_head(lm.norm(full)), kept_sets, decisions
+    return lm_head(model)(lm.norm(full)), kept_sets, decisions

@@ -231,6 +231,7 @@ def build_tiny_llama4(
     text_layers: int = 2,
     text_heads: int = 2,
     seed: int = 0,
+    **text_options: Any,
 ) -> Path:
     """Write a tiny random Llama 4 checkpoint + processor to ``out_dir`` and return the path.
 
@@ -238,7 +239,11 @@ def build_tiny_llama4(
     px tiles of ``patch_size`` px patches, pixel shuffle 0.5 (16 tokens per tile here; Llama-4-Scout: 336 px / 14 px
     patches: 144), up to ``max_patches`` tiles plus the global tile, a tiny Llama 4 text model (one MoE layer of 2
     experts). The image processor is :func:`~globalcom2.processors.llama4_image_processor_pil_class` (the stock one
-    needs torchvision).
+    needs torchvision). ``text_options`` go to ``Llama4TextConfig`` (e.g. ``attention_chunk_size``,
+    ``no_rope_layer_interval``, ``floor_scale``): by Llama 4's rule every ``no_rope_layer_interval``-th text layer (4th)
+    is a NoPE layer with full attention and a query temperature, the others rotate q and k and attend within chunks of
+    ``attention_chunk_size`` tokens (8192); the default 2 layers are both chunked layers whose chunk spans every prompt
+    of the tests.
     """
     from transformers import (
         Llama4Config,
@@ -259,6 +264,7 @@ def build_tiny_llama4(
     text_config = llm_config(
         Llama4TextConfig, tokenizer, text_hidden, text_layers, text_heads, max_positions=16384, head_dim=32,
         intermediate_size_mlp=2 * text_hidden, num_local_experts=2, interleave_moe_layer_step=2,
+        **text_options,
     )  # fmt: skip
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in LLAMA4_SPECIALS.items()}
     config = Llama4Config(

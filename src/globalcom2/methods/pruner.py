@@ -119,7 +119,9 @@ def _gather_rows(pe: Any, index: torch.Tensor) -> Any:
     return pe[0].expand(b, -1, -1).gather(1, g), pe[1].expand(b, -1, -1).gather(1, g)
 
 
-def _rotate(attn: Any, q: torch.Tensor, k: torch.Tensor, q_pe: Any, k_pe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotate(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, q_pe: Any, k_pe: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``(B, H, Q, dh)`` and k ``(B, Hkv, S, dh)`` as the layer uses them in its softmax, at their rotary
     embeddings ``q_pe`` / ``k_pe`` (rows of :func:`_gather_rows`).
 
@@ -156,7 +158,7 @@ def _chunk_size(attn: Any) -> int | None:
     cfg = getattr(attn, "config", None)
     types = getattr(cfg, "layer_types", None) or ()
     idx = getattr(attn, "layer_idx", None)
-    if idx is None or idx >= len(types) or types[idx] != "chunked_attention":
+    if cfg is None or idx is None or idx >= len(types) or types[idx] != "chunked_attention":
         return None
     return int(cfg.attention_chunk_size)
 
@@ -233,7 +235,9 @@ def query_attention(
     if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
     full = torch.arange(s, device=hidden.device)[None].expand(b, -1)
-    q, k = _rotate(attn, q, k, _gather_rows(position_embeddings, query_index), _gather_rows(position_embeddings, full))
+    q, k = _rotate(
+        attn, q, k, _gather_rows(position_embeddings, query_index), _gather_rows(position_embeddings, full)
+    )
     q = _temperature(attn, q, query_index)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # (B, H, Q, S)
