@@ -15,6 +15,8 @@ selection code: Python sorts with the tie rule written out, the LLM run layer by
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from globalcom2.methods import apply_method
 from globalcom2.methods.layout import plan_from_keep
 from tests.adapters.families import FAMILIES, family_fixtures, inputs_for
-from tests.methods.plain_llm import head_mean_rows, staged_forward, text_model, top_by_score
+from tests.methods.plain_llm import head_mean_rows, last_row_select, staged_forward, text_model, top_by_score
 
 family_dir, fam = family_fixtures(
     [f for f in FAMILIES if f.name in ("llava_onevision", "internvl", "smolvlm", "qwen2_vl", "qwen2_5_vl")],
@@ -59,14 +61,7 @@ def test_llm_methods_with_markers_equal_a_plain_run(fam, method):
         sched = pdrop_schedule(len(lm.layers), ratio, stages=2)
         boundaries, counts = list(sched.boundaries), [int(n * s) for s in sched.shares]
 
-    def select(stage, seq, positions):
-        h = seq.extra["score_input"] if offset else seq.h
-        pos = seq.extra["score_positions"] if offset else positions
-        row = head_mean_rows(lm, seq.extra["score_layer"], h, pos, [len(seq.origin) - 1])[0]
-        images = [i for i, is_image in enumerate(seq.image) if is_image]
-        kept = top_by_score(row.tolist(), images, counts[stage])
-        return sorted(kept + [i for i, is_image in enumerate(seq.image) if not is_image]), None, -1
-
+    select = last_row_select(functools.partial(head_mean_rows, lm), counts, offset)
     logits, kept_sets, _ = staged_forward(model, plain_inputs, boundaries, offset, select, compact=compact)
     survivors = set(kept_sets[-1])
     assert all(m in survivors for m in markers)  # the plain rule never drops a marker either

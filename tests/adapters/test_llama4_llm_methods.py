@@ -18,6 +18,7 @@ the shrinking sequence with a boolean mask built the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -26,7 +27,7 @@ import torch
 from globalcom2.methods import apply_method
 from globalcom2.methods.schedule import pdrop_schedule
 from tests.adapters.families import load
-from tests.methods.plain_llm import staged_forward, text_model, top_by_score
+from tests.methods.plain_llm import last_row_select, staged_forward, text_model
 
 CHUNK = 50
 TEXT = {"text_layers": 4, "attention_chunk_size": CHUNK, "floor_scale": 16, "attn_scale": 2.0}
@@ -124,14 +125,7 @@ def test_llm_methods_on_llama4_equal_a_plain_run(llama4_dir, method, ratio, opti
         boundaries, offset, compact = list(sched.boundaries), 0, True
         counts = [int(n * s) for s in sched.shares]
 
-    def select(stage, seq, positions):
-        h = seq.extra["score_input"] if offset else seq.h
-        pos = seq.extra["score_positions"] if offset else positions
-        row = _rows(lm, seq.extra["score_layer"], h, pos, [len(seq.origin) - 1])[0]
-        images = [i for i, is_image in enumerate(seq.image) if is_image]
-        kept = top_by_score(row.tolist(), images, counts[stage])
-        return sorted(kept + [i for i, is_image in enumerate(seq.image) if not is_image]), None, -1
-
+    select = last_row_select(functools.partial(_rows, lm), counts, offset)
     logits, kept_sets, _ = staged_forward(model, inputs, boundaries, offset, select, compact=compact,
                                           layer_inputs=_layer_inputs)  # fmt: skip
     survivors = set(kept_sets[-1])

@@ -61,6 +61,23 @@ def top_by_score(scores: list[float], candidates: list[int], k: int) -> list[int
     return sorted(sorted(candidates, key=lambda i: (-scores[i], i))[:k])
 
 
+def last_row_select(rows: Callable, counts: list[int], score_offset: int) -> Callable:
+    """The ``select`` of :func:`staged_forward` for FastV and PDrop: the last entry's head-mean row
+    (``rows(layer, h, positions, [row])``, e.g. :func:`head_mean_rows` bound to the LM) in the stage's scoring layer
+    (the layer before it, ``score_offset`` 1, on the entries it saw; or the stage's first layer) ranks the image
+    entries, the top ``counts[stage]`` stay, every other entry (text, markers) stays."""
+
+    def select(stage: int, seq: Seq, positions: torch.Tensor) -> tuple[list[int], None, int]:
+        h = seq.extra["score_input"] if score_offset else seq.h
+        pos = seq.extra["score_positions"] if score_offset else positions
+        row = rows(seq.extra["score_layer"], h, pos, [len(seq.origin) - 1])[0]
+        images = [i for i, is_image in enumerate(seq.image) if is_image]
+        kept = top_by_score(row.tolist(), images, counts[stage])
+        return sorted(kept + [i for i, is_image in enumerate(seq.image) if not is_image]), None, -1
+
+    return select
+
+
 @dataclass
 class Seq:
     """The current sequence of the plain run: hidden states and, per entry, its original index (-1 inserted)."""
