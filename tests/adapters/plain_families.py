@@ -274,11 +274,41 @@ def plain_llama4_image_text(grid, crop_counts, thumb_count) -> str:
     return text + "<|image|>" + patch * int(thumb_count) + "<|image_end|>"
 
 
-def plain_llama4_cls_logits(hidden: torch.Tensor, layer, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Paper Eq. 1 on Llama 4's vision encoder, written out in float64: the last layer's pre-norm, q/k projections,
+@torch.no_grad()
+def plain_llama4_qk(
+    hidden: torch.Tensor, layer, freqs: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of a Llama 4 vision layer as it attends with them, in float64: the pre-norm, the q/k projections and
     the 2-D rotary embedding (each consecutive pair of a head's channels turned by its position's angle; ``freqs``
-    the layer's table of unit complex numbers, the [CLS] row unrotated), and the head-mean logits of the **last**
-    position ([CLS], appended after the patches) against every patch key.
+    the layer's table of unit complex numbers, the [CLS] row unrotated).
+
+    Args:
+        hidden: ``(T, P + 1, D)`` input of the layer (patches, then [CLS]).
+
+    Returns:
+        ``(q, k)``, each ``(T, P + 1, D)`` (heads side by side).
+    """
+    att = layer.self_attn
+    x = _plain_norm(hidden.double(), layer.input_layernorm)
+    q = x @ att.q_proj.weight.double().T + att.q_proj.bias.double()
+    k = x @ att.k_proj.weight.double().T + att.k_proj.bias.double()
+    t, s, width = q.shape
+    dh = width // num_heads
+    angle = torch.angle(freqs.reshape(s, -1)).double()  # (S, dh / 2)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+
+    def rotate(v):
+        v = v.reshape(t, s, num_heads, dh // 2, 2)
+        a, b = v[..., 0], v[..., 1]
+        c, d = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.stack([a * c - b * d, a * d + b * c], dim=-1).reshape(t, s, width)
+
+    return rotate(q), rotate(k)
+
+
+def plain_llama4_cls_logits(hidden: torch.Tensor, layer, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Paper Eq. 1 on Llama 4's vision encoder, written out in float64 (:func:`plain_llama4_qk`): the head-mean
+    logits of the **last** position ([CLS], appended after the patches) against every patch key.
 
     Args:
         hidden: ``(T, P + 1, D)`` input of the last layer (patches, then [CLS]).
@@ -286,23 +316,9 @@ def plain_llama4_cls_logits(hidden: torch.Tensor, layer, freqs: torch.Tensor, nu
     Returns:
         ``(T, P)`` float32.
     """
-    att = layer.self_attn
     with torch.no_grad():
-        x = _plain_norm(hidden.double(), layer.input_layernorm)
-        q = x @ att.q_proj.weight.double().T + att.q_proj.bias.double()
-        k = x @ att.k_proj.weight.double().T + att.k_proj.bias.double()
-        t, s, width = q.shape
-        dh = width // num_heads
-        angle = torch.angle(freqs.reshape(s, -1)).double()  # (S, dh / 2)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-
-        def rotate(v):
-            v = v.reshape(t, s, num_heads, dh // 2, 2)
-            a, b = v[..., 0], v[..., 1]
-            c, d = cos[None, :, None, :], sin[None, :, None, :]
-            return torch.stack([a * c - b * d, a * d + b * c], dim=-1).reshape(t, s, width)
-
-        q, k = rotate(q), rotate(k)
+        q, k = plain_llama4_qk(hidden, layer, freqs, num_heads)
+        dh = q.shape[-1] // num_heads
         total = 0
         for h in range(num_heads):
             qh, kh = q[:, -1, h * dh : (h + 1) * dh], k[:, :-1, h * dh : (h + 1) * dh]

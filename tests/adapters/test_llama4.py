@@ -3,7 +3,8 @@
 The family-generic checks (apply/remove bit-exact, batches, threads, tie rule, error classes) run on it in
 test_families.py; here: the tile grid against the stock image processor's own canvas code, the pixel layout of the
 PIL stand-in, the counts, and the kept sets, per-crop counts and the exact sequence (separators, runs, rows) against
-plain re-implementations of docs/families.md's Llama 4 section.
+plain re-implementations of docs/families.md's Llama 4 section; PruMerge(+) against the plain rule of
+docs/prumerge.md's Llama 4 section.
 
 **Image processor.** transformers' ``Llama4ImageProcessor`` is torchvision-only and torchvision is not installed
 beside this CPU torch. The canvas choice is pure torch in that module (``find_supported_resolutions``,
@@ -30,12 +31,15 @@ from globalcom2.adapters import family as family_module
 from globalcom2.adapters import internvl as internvl_module
 from globalcom2.adapters.internvl import GRID_KEY
 from globalcom2.adapters.llama4 import llama4_canvas
+from globalcom2.methods import apply_method
 from tests.adapters.families import TILING_SIZES, tiny_checkpoint_fixtures, visualize_standin_plan
 from tests.adapters.plain_families import (
     capture_llm_inputs,
+    forward_and_capture,
     plain_internvl_sequence,
     plain_llama4_cls_logits,
     plain_llama4_image_text,
+    plain_llama4_qk,
     spy,
 )
 from tests.adapters.tiling_checks import (
@@ -46,6 +50,7 @@ from tests.adapters.tiling_checks import (
     replay_tiling_plans,
 )
 from tests.conftest import random_image, sweep
+from tests.methods.plain_prumerge import plain_shuffled_tiles
 
 # (height, width): up to 6 tiles of 64 px plus the global tile; small or square images are one tile
 SIZES = list(TILING_SIZES)
@@ -287,3 +292,65 @@ def test_cli_visualize_llama4_geometry(tmp_path):
         427,
         640,
     )  # the photo is not upscaled: padding below, right
+
+
+@torch.no_grad()
+def _plain_prumerge_tower(model, inputs):
+    """float64 [CLS] attention ("full": one attention over the whole width, the layer's rotated q and k) of every
+    patch, the patch keys and the pixel-shuffled features ``vision_adapter``'s MLP receives, per tile."""
+    tower = model.vision_model
+    layer = tower.model.layers[-1]
+    captured = {}
+
+    def layer_input(module, args, kwargs):
+        captured.setdefault("h", (args[0] if args else kwargs["hidden_state"]).detach())
+
+    def mlp_input(module, args):
+        captured.setdefault("y", args[0].detach())
+
+    hooks = [layer.register_forward_pre_hook(layer_input, with_kwargs=True),
+             tower.vision_adapter.mlp.register_forward_pre_hook(mlp_input)]  # fmt: skip
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    q, k = plain_llama4_qk(captured["h"], layer, tower.rotary_embedding.freqs_ci, layer.self_attn.num_heads)
+    a = torch.softmax(torch.einsum("td,tsd->ts", q[:, -1], k) / math.sqrt(q.shape[-1]), dim=-1)
+    return a[:, :-1], k[:, :-1], captured["y"].double()  # [CLS] last: the patches are the first P columns
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
+def test_prumerge_equals_the_plain_rule(fam, method):
+    """Per tile (crops row-major, the global tile last): the [CLS] attention summed over each 2 x 2 pixel-shuffle
+    group, IQR outliers, PruMerge+'s samples, the merge by the cosine of the groups' keys side by side on the MLP's
+    input; each tile's run (between its separators) holds its kept rows in raster order, then its remainder."""
+    model, processor = fam
+    with torch.no_grad():  # a sharper [CLS] attention: tiles with several outliers (the tiny tower's is flat)
+        model.vision_model.model.layers[-1].self_attn.q_proj.weight.mul_(120.0)
+    plus = method == "prumerge+"
+    image = random_image(100, 190, seed=0)
+    attention, keys, y = _plain_prumerge_tower(model, _inputs(processor, [image]))
+    tiles = plain_shuffled_tiles(attention, keys, y, 2, plus)
+    expected = [row for _, _, rows in tiles for row in rows]
+    runs, outliers = [len(rows) for _, _, rows in tiles], [num_out for _, num_out, _ in tiles]
+    with apply_method(model, processor, method) as handle:
+        inputs = _inputs(processor, [image])
+        seen = forward_and_capture(model, inputs, _family(model).capture(model))
+        plan = handle.plans[0]
+    grid = plan.grid
+    assert plan.outlier_counts.tolist() == [outliers[-1], *outliers[:-1]]  # the record: thumbnail first
+    # the rule was exercised beyond the one-token fallback (16 tokens a tile here: few IQR outliers)
+    assert max(outliers) >= 2 and not bool(plan.fallback_tiles.all())
+    text = PROMPT.replace("<|image|>", plain_llama4_image_text(grid, runs[:-1], runs[-1]))
+    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+    embeds = seen["inputs_embeds"][0]
+    assert embeds.shape[0] == ids.numel()  # the prompt the LLM reads: separators, then each tile's run
+    is_patch = ids == int(model.config.image_token_id)
+    with torch.no_grad():
+        text_rows = model.get_input_embeddings()(ids[~is_patch])
+        mlp = model.vision_model.vision_adapter.mlp
+        rows = model.multi_modal_projector(mlp(torch.stack(expected).float()))
+    assert plan.num_tokens == len(expected) == int(is_patch.sum())
+    assert torch.equal(embeds[~is_patch], text_rows.to(embeds.dtype))
+    torch.testing.assert_close(embeds[is_patch], rows.to(embeds.dtype), atol=1e-5, rtol=1e-4)

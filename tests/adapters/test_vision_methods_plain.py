@@ -23,7 +23,7 @@ from globalcom2.methods import apply_method
 from tests.adapters.families import FAMILIES, family_fixtures, inputs_for
 from tests.adapters.plain_families import _plain_norm, capture_llm_inputs, forward_and_capture
 from tests.methods.plain_llm import text_model
-from tests.methods.plain_prumerge import plain_keep, plain_merge
+from tests.methods.plain_prumerge import plain_shuffled_tiles
 
 TILED = ("llava_onevision", "internvl", "idefics3", "smolvlm", "gemma3", "aya_vision")
 family_dir, fam = family_fixtures(
@@ -171,16 +171,6 @@ def _plain_internvl_tower(model, inputs):
     return a[:, 1:], k[:, 1:], captured["y"].double()
 
 
-def _groups(p: int, factor: int) -> list[list[int]]:
-    """The patches (raster indices of the ``p x p`` grid) of every pixel-shuffle group, in raster order."""
-    m = p // factor
-    return [
-        [(gy * factor + dy) * p + gx * factor + dx for dy in range(factor) for dx in range(factor)]
-        for gy in range(m)
-        for gx in range(m)
-    ]
-
-
 @pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
 def test_internvl_prumerge_equals_the_plain_rule(fam, method):
     family, model, processor = fam
@@ -191,21 +181,11 @@ def test_internvl_prumerge_equals_the_plain_rule(fam, method):
     plus = method == "prumerge+"
     image = family.images()[0]
     attention, keys, y = _plain_internvl_tower(model, inputs_for(family, processor, [image]))
-    p = int(round(attention.shape[1] ** 0.5))
-    groups = _groups(p, 2)
     proj = _projector(model)
-    expected, kept_sets, outliers = [], [], []
-    for t in range(attention.shape[0]):
-        a = torch.tensor([float(sum(attention[t, i] for i in grp)) for grp in groups], dtype=torch.float64)
-        key = torch.stack([torch.cat([keys[t, i] for i in grp]) for grp in groups])
-        valid = list(range(len(groups)))
-        keep, m = plain_keep(a, valid, plus)
-        merged, extra = plain_merge(a, key, y[t], valid, keep, 32)
-        rows = [merged[i] for i in sorted(keep)] + ([extra] if len(keep) < len(valid) else [])
-        with torch.no_grad():
-            expected += [proj(r.float()[None])[0].double() for r in rows]
-        kept_sets.append(keep)
-        outliers.append(m)
+    tiles = plain_shuffled_tiles(attention, keys, y, 2, plus)
+    with torch.no_grad():
+        expected = [proj(r.float()[None])[0].double() for _, _, rows in tiles for r in rows]
+    kept_sets, outliers = [keep for keep, _, _ in tiles], [m for _, m, _ in tiles]
     rows, plan, _ = _image_rows(model, processor, family, image, method)
     n = plan.num_crops
     g = plan.thumbnail_mask.shape[0]

@@ -35,6 +35,17 @@ tokens by the cosine of their groups' four keys side by side (:func:`shuffle_key
 inputs (the pixel-shuffled features; step 4). The LLM reads tile after tile in InternVL's order (crops row-major,
 then the thumbnail), each tile's kept tokens in raster order followed by its remainder token.
 
+**Llama 4** (:class:`Llama4PruMerge`): its vision encoder appends the class embedding **last** in each tile's
+sequence and rotates q and k by a 2-D RoPE (the [CLS] position unrotated); the family's taps
+(:class:`~globalcom2.adapters.llama4.ClsLastRotaryTap`) rotate the last layer's q and k as the layer does and move
+the [CLS] first, so step 1 is the [CLS] row of the layer's own (rotated) q and k, and step 4 compares tokens by
+those rotated keys. Then InternVL's rule per tile: the attention summed over each 2 x 2 pixel-shuffle group (as
+Eq. 1's scores on Llama 4), the groups' keys side by side, every tile (each crop, the global tile last, or the lone
+tile) a full g x g block. The tokens y merged are the pixel-shuffled patch features ``vision_adapter``'s MLP
+receives; the merged rows go through that MLP, and the model's own projector maps them into the LLM. The tile
+separators stay: each tile's run (between its markers) holds its kept tokens in raster order, then its remainder
+token.
+
 **Families without a [CLS]** (SigLIP / SigLIP2: OneVision, Idefics3, SmolVLM, Gemma 3, Aya Vision, Cohere2
 Vision; the Qwen-VL ViT) have no attention to rank by: :func:`prumerge_rule` gives the reason and ``apply_method`` raises a TypeError
 before anything is patched.
@@ -65,7 +76,7 @@ from ..adapters.base import GlobalComHandle
 from ..adapters.errors import UnsupportedModelError
 from ..adapters.internvl import merge_pool
 from ..adapters.llava_next import LlavaNextAdapter
-from ..adapters.towers import TowerInfo
+from ..adapters.towers import Tap, TowerInfo
 from ..core.layout import grid_to_tiles, tiles_to_grid
 from ..core.plan import Plan
 from ..core.ranking import descending_rank
@@ -79,6 +90,7 @@ __all__ = [
     "ATTENTIONS",
     "PRUMERGE_OPTIONS",
     "PruMergeAdapter",
+    "Llama4PruMerge",
     "PruMergePlan",
     "iqr_outliers",
     "merge_tokens",
@@ -118,7 +130,8 @@ def prumerge_attention(
     """[CLS] attention over the patches and the patches' keys of the tower's last layer (step 1).
 
     Args:
-        hidden: ``(T, P + N, D)`` input of the last layer (P prefix tokens, [CLS] first).
+        hidden: ``(T, P + N, D)`` input of the last layer (P prefix tokens, [CLS] first; Llama 4: [CLS] last, its
+            taps rotate q and k as the layer does and move the [CLS] first).
         tower: the tower's scoring pieces (norm, q/k projections, heads, prefix tokens).
         attention: ``"full"`` (one attention over the whole width, scale D^-1/2) or ``"heads"`` (per-head softmax,
             mean over heads).
@@ -127,8 +140,13 @@ def prumerge_attention(
         ``(scores, keys)``: float32 ``(T, N)`` attention probabilities of the patch keys and ``(T, N, D)`` keys.
     """
     x = tower.norm(hidden)
-    q = tower.q_proj(x[:, :1]).float()  # (T, 1, D): the [CLS] query only
-    k = tower.k_proj(x).float()  # (T, P + N, D)
+    if tower.q_out is not None and tower.k_out is not None and type(tower.q_out).take is not Tap.take:
+        # taps that transform the projections (Llama 4's ClsLastRotaryTap): q and k as the layer attends with them
+        q = tower.q_out.take(tower.q_proj(x))[:, :1].float()
+        k = tower.k_out.take(tower.k_proj(x)).float()
+    else:
+        q = tower.q_proj(x[:, :1]).float()  # (T, 1, D): the [CLS] query only
+        k = tower.k_proj(x).float()  # (T, P + N, D)
     t, s, d = k.shape
     if attention == "full":
         probs = ((q @ k.transpose(-1, -2)).squeeze(1) * d**-0.5).softmax(-1)
@@ -477,6 +495,11 @@ class PruMergeMethod:
     tower: TowerInfo
     inner: Any
 
+    def merge_module(self) -> Any:
+        """The module whose input holds the tokens y of step 4 and which maps the merged tokens to the image
+        features the family hands on: the multimodal projector (LLaVA-NeXT, InternVL)."""
+        return self.inner.multi_modal_projector
+
     def __init__(self, model: Any, processor: Any, config: Any, *, plus: bool, k: int = 32,
                  attention: str = "full", extra_token: bool = True) -> None:  # fmt: skip
         self.k, self.attention, self.extra_token = check_options(k, attention, extra_token)
@@ -505,9 +528,7 @@ class PruMergeMethod:
         hook = t.last_layer.register_forward_pre_hook(functools.partial(self._attention_hook, handle),
                                                       with_kwargs=True)  # fmt: skip
         handle.add_hook(hook)
-        hook = self.inner.multi_modal_projector.register_forward_pre_hook(
-            functools.partial(self._projector_hook, handle)
-        )
+        hook = self.merge_module().register_forward_pre_hook(functools.partial(self._projector_hook, handle))
         handle.add_hook(hook)
 
     @torch.no_grad()
@@ -515,9 +536,9 @@ class PruMergeMethod:
         state = handle.state
         if not state.capturing:
             return
-        scores, keys = prumerge_attention(
-            args[0] if args else kwargs["hidden_states"], self.tower, self.attention
-        )
+        # the layer's input: positional, or by name (Llama 4's vision layers take ``hidden_state``)
+        hidden = args[0] if args else kwargs["hidden_states" if "hidden_states" in kwargs else "hidden_state"]
+        scores, keys = prumerge_attention(hidden, self.tower, self.attention)
         state.scores.append(scores)
         self._stash(handle)["keys"].append(keys)
 
@@ -550,7 +571,7 @@ class AnyresPruMerge(PruMergeMethod):
         scores = adapter.take_scores(handle)
         keys, inputs = self.take_encoded(handle, scores)
         newline = arguments.get("image_newline") is not None
-        projector = self.inner.multi_modal_projector
+        projector = self.merge_module()
         plans: list[Plan] = []
         out, offset = [], 0
         for feats, seq, size in zip(arguments["image_features"], packed, image_sizes_list(arguments["image_sizes"]),
@@ -603,7 +624,7 @@ class TilePruMerge(PruMergeMethod):
         device = features.device
         scores = merge_pool(scores, self.factor).to(device)  # Eq. 2's attention per LLM token
         keys = shuffle_keys(keys, self.factor).to(device)
-        projector = self.inner.multi_modal_projector
+        projector = self.merge_module()
         first = bool(getattr(self, "thumbnail_first", False))
         plans: list[Plan] = []
         out = []
@@ -626,6 +647,26 @@ class TilePruMerge(PruMergeMethod):
         return torch.cat(out).unsqueeze(1)
 
 
+class Llama4PruMerge(TilePruMerge):
+    """PruMerge(+) on Llama 4's tiles (module docstring, "Llama 4"): InternVL's rule with the class embedding last,
+    the merge on the pixel-shuffled patch features ``vision_adapter``'s MLP receives, and one run per tile."""
+
+    vision_tower_name: str
+
+    def merge_module(self) -> Any:
+        """``vision_adapter.mlp``: its input is the pixel-shuffled patch features (one row per LLM token), its output
+        the image features the model's own projector maps into the LLM (after the encode)."""
+        return getattr(self.inner, self.vision_tower_name).vision_adapter.mlp
+
+    def placeholder_run_counts(self, plans: list[Any]) -> list[int]:
+        """Every tile's run: its kept tokens and its remainder token (markers stand between the tiles' runs)."""
+        adapter: Any = self
+        runs = super().placeholder_run_counts(plans)  # type: ignore[misc]  # the family's: kept tokens per tile
+        extra = [adapter.in_run_order(p.extra_tiles[1:].long(), p.extra_tiles[:1].long()) for p in plans]
+        counts = torch.cat(extra).tolist() if extra else []
+        return [int(r) + int(e) for r, e in zip(runs, counts, strict=True)]
+
+
 @functools.cache
 def prumerge_class(family: type) -> type:
     """PruMerge(+)'s adapter class on ``family`` (one class per family, made once); TypeError for a family without
@@ -634,13 +675,18 @@ def prumerge_class(family: type) -> type:
     if reason is not None:
         raise TypeError(reason)
     from ..adapters.internvl import InternVLAdapter
+    from ..adapters.llama4 import Llama4Adapter
 
-    mixin = TilePruMerge if issubclass(family, InternVLAdapter) else AnyresPruMerge
+    mixin: type = AnyresPruMerge
+    if issubclass(family, Llama4Adapter):
+        mixin = Llama4PruMerge
+    elif issubclass(family, InternVLAdapter):
+        mixin = TilePruMerge
     return type(f"PruMerge{family.__name__}", (mixin, family), {})
 
 
 #: the families whose vision tower has a [CLS] token PruMerge ranks by, and why the others have none
-CLS_TOWERS = {"llava_next": None, "internvl": None}
+CLS_TOWERS = {"llava_next": None, "internvl": None, "llama4": None}
 _NO_CLS = {
     "llava_onevision": "SigLIP", "idefics3": "SigLIP", "smolvlm": "SigLIP", "gemma3": "SigLIP",
     "aya_vision": "SigLIP2", "cohere2_vision": "SigLIP2", "qwen2_vl": "Qwen-VL", "qwen2_5_vl": "Qwen-VL", "qwen3_vl": "Qwen-VL",
