@@ -22,7 +22,9 @@ ALLOCATIONS = ("softmax-sum", "softmax-max", "topk-count", "uniform")
 
 def _ratio_column(ratio: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """R as a float32 ``(..., 1)`` column (float32(R) * x is what ``R * x`` computes for a Python float R)."""
-    r = torch.as_tensor(ratio, dtype=torch.float64).to(device=like.device, dtype=torch.float32)
+    if not isinstance(ratio, torch.Tensor):
+        ratio = torch.tensor(ratio, dtype=torch.float64)
+    r = ratio.to(device=like.device, dtype=torch.float32)
     return r.reshape(*r.shape, 1) if r.dim() else r
 
 

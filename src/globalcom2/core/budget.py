@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from .ranking import descending_rank
+
 _ONE_BITS = struct.unpack("<q", struct.pack("<d", 1.0))[0]
 
 
@@ -119,14 +121,21 @@ def _integer_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(w, (_GRID_BITS - exponent).to(w.dtype)).floor().long()
 
 
-def _mul(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a * x`` as two int64 limbs ``(hi, lo)``, value ``hi * 2^32 + lo``, for ``0 <= a < 2^31``, ``0 <= x < 2^62``."""
-    low = a * (x & _MASK)
-    return a * (x >> _LIMB) + (low >> _LIMB), low & _MASK
+def _limbs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x >> 32, x & (2^32 - 1))``: the high and low 32-bit limbs of a non-negative int64."""
+    return x >> _LIMB, x & _MASK
 
 
-def _greater(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return (x[0] > y[0]) | ((x[0] == y[0]) & (x[1] > y[1]))
+def _exceeds(
+    a: torch.Tensor, x: tuple[torch.Tensor, torch.Tensor], b: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """``a * x > b * y`` exactly, for ``0 <= a, b < 2^31`` and ``0 <= x, y < 2^62`` (``x`` given as its limbs).
+
+    With ``d1 = a*x_hi - b*y_hi`` and ``d0 = a*x_lo - b*y_lo`` (each term below 2^63, so no int64 overflow),
+    ``a*x - b*y = d1 * 2^32 + d0``, which is positive iff ``d1 > floor(-d0 / 2^32)`` (an arithmetic shift).
+    """
+    y_hi, y_lo = _limbs(y)
+    return a * x[0] - b * y_hi > (b * y_lo - a * x[1]) >> _LIMB
 
 
 def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
@@ -138,10 +147,12 @@ def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: tor
 
     Every decision is taken in exact integer arithmetic: the weights become int64 on a power-of-two grid
     (:func:`_integer_weights`), sums are integer sums (no float reduction whose rounding depends on the machine's
-    summation order), each comparison ``left * w_j > cap_j * sum_free w`` is made on two-limb products, and the
-    fractional parts are compared as exact remainders over a common denominator. So the counts equal the rational
-    computation on every machine and device. Vectorised: a fixed number of tensor passes (<= number of crops), no
-    host synchronisation; leading dimensions are independent splits (e.g. the images of a batch).
+    summation order), each comparison ``left * w_j > cap_j * sum_free w`` is made on 32-bit limbs
+    (:func:`_exceeds`), and the fractional parts are compared as exact remainders over a common denominator. So the
+    counts equal the rational computation on every machine and device. Vectorised: a fixed number of tensor passes
+    (<= number of crops), no host synchronisation; leading dimensions are independent splits (e.g. the images of a
+    batch). A single crop takes the whole total (what the general path computes for it, without its ~100 small
+    tensor operations: the selection of a one-region image spends most of its time in such operations).
 
     Args:
         total: tokens to hand out, ``0 <= total <= capacity.sum(-1)``, < 2^31; an int or a tensor of the leading
@@ -154,33 +165,41 @@ def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: tor
     """
     cap = capacity.long()
     tot = torch.as_tensor(total, dtype=torch.long, device=cap.device).expand(cap.shape[:-1]).unsqueeze(-1)
+    if cap.shape[-1] == 1:
+        return tot.clamp(min=0).minimum(cap)
     w = _integer_weights(weights.double().clamp_min(0)) * (cap > 0)
     w = torch.where(w.sum(-1, keepdim=True) > 0, w, cap)  # no weight at all: split by capacity
+    w_limbs = _limbs(w)
     capped = torch.zeros_like(cap, dtype=torch.bool)
+
+    def free_and_left(capped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        free = torch.where(capped, 0, w).sum(-1, keepdim=True)
+        return free, (tot - torch.where(capped, cap, 0).sum(-1, keepdim=True)).clamp_min(0)
+
     for _ in range(cap.shape[-1]):  # a crop is capped once lam * w_j > cap_j; at most n rounds
-        free = (w * ~capped).sum(-1, keepdim=True)
-        left = (tot - (cap * capped).sum(-1, keepdim=True)).clamp_min(0)
-        capped = capped | (~capped & _greater(_mul(left, w), _mul(cap, free)))
-    free = (w * ~capped).sum(-1, keepdim=True)
-    left = (tot - (cap * capped).sum(-1, keepdim=True)).clamp_min(0)
+        free, left = free_and_left(capped)
+        capped = capped | _exceeds(left, w_limbs, cap, free)
+    free, left = free_and_left(capped)
     # Uncapped weighted crops: floor(left * w_j / free) and its exact remainder (denominator free). The float
-    # estimate is within one of the floor; the two-limb remainder corrects it.
+    # estimate is within one of the floor; the remainder, exact on limbs, corrects it.
     den = free.clamp_min(1)
-    q = (left.double() * w.double() / den.double()).floor().long().clamp(min=0)
-    q = torch.minimum(q, cap)
-    (ph, pl), (qh, ql) = _mul(left, w), _mul(q, den)
-    rem = (ph - qh) * (1 << _LIMB) + (pl - ql)
-    q, rem = torch.where(rem < 0, q - 1, q), torch.where(rem < 0, rem + den, rem)
-    q, rem = torch.where(rem >= den, q + 1, q), torch.where(rem >= den, rem - den, rem)
+    q = torch.minimum((left.double() * w.double() / den.double()).floor().long().clamp(min=0), cap)
+    # rem = left*w - q*den = e1 * 2^32 + e0 (no term overflows int64); carrying e0's high part into e1 keeps the
+    # recombination below 2^63, since |rem| <= 2 * den < 2^62.
+    den_hi, den_lo = _limbs(den)
+    e0 = left * w_limbs[1] - q * den_lo
+    rem = (left * w_limbs[0] - q * den_hi + (e0 >> _LIMB)) * (1 << _LIMB) + (e0 & _MASK)
+    low = rem < 0
+    q, rem = torch.where(low, q - 1, q), torch.where(low, rem + den, rem)
+    high = rem >= den
+    q, rem = torch.where(high, q + 1, q), torch.where(high, rem - den, rem)
     # Zero-weight crops with room share what is left once no weighted crop has room (free == 0), by capacity.
     room = (w == 0) & (cap > 0) & (free == 0)
-    room_den = (cap * room).sum(-1, keepdim=True).clamp_min(1)
+    room_den = torch.where(room, cap, 0).sum(-1, keepdim=True).clamp_min(1)
     share = left * cap
-    counts = torch.where(capped, cap, torch.where(room, share // room_den, torch.where(free > 0, q, 0)))
-    key = torch.where(room, share % room_den, torch.where(free > 0, rem, 0))
+    weighted = free > 0
+    counts = torch.where(capped, cap, torch.where(room, share // room_den, torch.where(weighted, q, 0)))
+    key = torch.where(room, share % room_den, torch.where(weighted, rem, 0))
     key = torch.where(capped | (counts >= cap), -1, key)  # only crops with room may take one more
     short = tot - counts.sum(-1, keepdim=True)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    return counts + ((rank < short) & (key >= 0)).long()
+    return counts + ((descending_rank(key) < short) & (key >= 0)).long()

@@ -104,6 +104,13 @@ class CropLayout:
         out = torch.full((self.num_crops * self.width,), fill, dtype=values.dtype, device=values.device)
         return out.index_copy(0, self.slot.to(values.device), values.reshape(-1)).reshape(self.num_crops, -1)
 
+    def to_tables(self, values: torch.Tensor, fill: float | bool | int = 0) -> torch.Tensor:
+        """``(k, H*W)`` values of ``k`` grids -> ``(k, n, M)`` tables in one scatter (:meth:`to_table` for each)."""
+        k, device = values.shape[0], values.device
+        out = torch.full((k, self.num_crops * self.width), fill, dtype=values.dtype, device=device)
+        out = out.index_copy(1, self.slot.to(device), values.reshape(k, -1))
+        return out.reshape(k, self.num_crops, -1)
+
     def from_table(self, table: torch.Tensor) -> torch.Tensor:
         """``(n, M)`` table -> ``(H, W)`` grid (the inverse of :meth:`to_table` on the grid's cells)."""
         return table.reshape(-1)[self.slot.to(table.device)].reshape(self.shape)

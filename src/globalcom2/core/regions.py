@@ -116,8 +116,6 @@ def native_selection_input(
     mean_norms = means.norm(dim=-1).clamp_min(1e-8)
     # Local scores: Eq. 7 of every token against its own region's mean.
     local_flat = -dots.gather(1, region[:, None]).squeeze(1) / (norms * mean_norms[region])
-    valid = layout.valid(device)
-    local = layout.to_table(local_flat, 0.0)  # (n, M)
     # Global view: Eq. 7 of the pooled cells against the image mean. Adaptive average pooling is separable: two
     # small matmuls with the per-axis averaging matrices; without pooling the cells are the tokens themselves.
     if (ph, pw) == (height, width):
@@ -131,18 +129,26 @@ def native_selection_input(
         cells = grid_x.reshape(ph * pw, -1)
         global_cells = -(cells @ means[n]) / (cells.norm(dim=-1).clamp_min(1e-8) * mean_norms[n])
     global_map = bilinear_resize(global_cells.reshape(ph, pw), (height, width))
+    # both score maps into the region table in one scatter: (2, n, M), float64
+    local, global_table = layout.to_tables(torch.stack((local_flat.double(), global_map.reshape(-1))), 0.0)
     return (
         SelectionInput(
             global_cells,
-            local.double(),
-            valid,
-            layout.to_table(global_map, 0.0),
+            local,
+            _valid_table(height, width, region_tokens).to(device),
+            global_table,
             region_map.to(device),
             ratio,
             height * width,
         ),  # fmt: skip
         layout,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_table(height: int, width: int, region_tokens: int) -> torch.Tensor:
+    """Bool ``(n, M)`` valid cells of the region table of one grid size (on the CPU, built once, never written)."""
+    return _geometry(height, width, region_tokens)[0].valid()
 
 
 @functools.lru_cache(maxsize=256)

@@ -41,7 +41,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def _l2_normalise(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    x = torch.where(valid, _wide(x), torch.zeros((), dtype=_wide(x).dtype, device=x.device))
+    x = torch.where(valid, _wide(x), 0.0)
     # The norm's sum of squares is order-free (core.sums): the same normaliser alone, in a padded batch and on
     # every machine, so equal inputs give equal holistic scores everywhere.
     return x / exact_sum(x * x).sqrt().clamp_min(1e-12)
@@ -63,7 +63,9 @@ def holistic_scores(
         ``(n, M)`` float64 (float32 on MPS); ``-inf`` on invalid cells.
     """
     if scoring == "holistic":
-        s = alpha * _l2_normalise(global_, valid) + (1 - alpha) * _l2_normalise(local, valid)
+        # both sources normalised in one pass (each row is normalised on its own: stacking changes no bit)
+        g, l_ = _l2_normalise(torch.stack((_wide(global_), _wide(local))), valid).unbind(0)
+        s = alpha * g + (1 - alpha) * l_
     elif scoring == "local":
         s = _l2_normalise(local, valid)
     elif scoring == "global":
@@ -224,7 +226,7 @@ def select_batch(
     by_score = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     positions = torch.arange(thumb.shape[-1], device=device).expand_as(by_score)
     rank = torch.empty_like(by_score).scatter_(-1, by_score, positions)
-    thumbnail_keep = rank < torch.tensor(k0, dtype=torch.long).to(device)[:, None]
+    thumbnail_keep = rank < torch.tensor(k0, dtype=torch.long, device=device)[:, None]
     # Budget mode emits the kept tokens in raster order: a stable sort puts them first, in index order.
     order = (
         by_score if mode == "reference" else torch.sort((~thumbnail_keep).byte(), dim=-1, stable=True).indices
@@ -235,8 +237,8 @@ def select_batch(
             thumbnail_keep, order, k0, crop_valid.clone(), thumb.new_zeros(batch, 0), empty, empty
         )
 
-    crop_mask = torch.arange(n_max) < torch.tensor(list(num_crops), dtype=torch.long)[:, None]
-    crop_mask = crop_mask.to(device)
+    real_crops = torch.tensor(list(num_crops), dtype=torch.long, device=device)
+    crop_mask = torch.arange(n_max, device=device) < real_crops[:, None]
     ratio = torch.tensor(list(ratios), dtype=torch.float64)  # host values; moved once
     if thumb_valid is None:
         r = allocate_ratios(
@@ -255,7 +257,7 @@ def select_batch(
         r_exact = ratio.to(device)[:, None].expand_as(r) if allocation == "uniform" else r.double()
         k = (num_valid.double() * r_exact).floor().long()  # padded crops: N_j = 0
     else:
-        total = torch.tensor([c[1] for c in counts], dtype=torch.long).to(device)
+        total = torch.tensor([c[1] for c in counts], dtype=torch.long, device=device)
         k = split_budget(total, r.double() * num_valid, num_valid)
     crop_keep = (descending_rank(s) < k[..., None]) & crop_valid  # Eq. 6 in every crop at once
     return BatchSelection(thumbnail_keep, order, k0, crop_keep, r, k, num_valid)
@@ -281,19 +283,26 @@ def select_images(
     n_max = max(x.crop_scores.shape[0] for x in images)
     m_max = max(x.crop_scores.shape[1] for x in images)
 
+    # Padding and stacking copy; a lone image (or one already of the batch's size) needs neither.
+    def batched(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
     def stack(name: str, fill: float | bool) -> torch.Tensor:
         parts = []
         for x in images:
             t = getattr(x, name)
             t = t.reshape(-1, t.shape[-1]) if t.numel() else t.new_zeros(0, m_max)
-            parts.append(F.pad(t, (0, m_max - t.shape[1], 0, n_max - t.shape[0]), value=fill))
-        return torch.stack(parts)
+            if t.shape != (n_max, m_max):
+                t = F.pad(t, (0, m_max - t.shape[1], 0, n_max - t.shape[0]), value=fill)
+            parts.append(t)
+        return batched(parts)
 
     sizes = [x.thumbnail_scores.numel() for x in images]
     n_thumb = max(sizes)
 
     def pad_thumb(parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([F.pad(t.reshape(-1), (0, n_thumb - t.numel())) for t in parts])
+        flat = [t.reshape(-1) for t in parts]
+        return batched([F.pad(t, (0, n_thumb - t.numel())) if t.numel() < n_thumb else t for t in flat])
 
     device = images[0].thumbnail_scores.device
     known = [x.num_crop_tokens for x in images]

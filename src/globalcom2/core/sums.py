@@ -17,14 +17,17 @@ _SUM_BITS = 40
 
 
 def _on_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, e)``: int64 ``q = trunc(x * 2^(40 - e))`` with ``2^e`` > max |x| of each row (last dim)."""
+    """``(q, e)``: int64 ``q = trunc(x * 2^(40 - e))`` with ``2^e`` > max |x| of each row (last dim); ``e`` as
+    float64 (integer-valued, so exact)."""
     wide = x.double()
-    _, exponent = torch.frexp(wide.abs().amax(dim=-1, keepdim=True))
-    return torch.ldexp(wide, (_SUM_BITS - exponent).double()).long(), exponent
+    # the infinity norm is max |x| (exact), one operation instead of abs + amax
+    _, exponent = torch.frexp(torch.linalg.vector_norm(wide, float("inf"), dim=-1, keepdim=True))
+    exponent = exponent.double()
+    return torch.ldexp(wide, _SUM_BITS - exponent).long(), exponent
 
 
 def _back(q: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ldexp(q.double(), (exponent - _SUM_BITS).double()).to(dtype)
+    return torch.ldexp(q.double(), exponent - _SUM_BITS).to(dtype)
 
 
 def exact_sum(x: torch.Tensor) -> torch.Tensor:
@@ -48,13 +51,11 @@ def exact_segment_sum(x: torch.Tensor, segment: torch.Tensor, num_segments: int)
     """
     rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     idx = segment.to(x.device).expand_as(x).reshape(rows.shape)
-    flat_idx = (idx + torch.arange(rows.shape[0], device=x.device)[:, None] * num_segments).reshape(-1)
-    size = rows.shape[0] * num_segments
+    shape = (rows.shape[0], num_segments)
     if x.device.type == "mps":
-        out = torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(0, flat_idx, rows.reshape(-1))
+        out = torch.zeros(shape, dtype=x.dtype, device=x.device).scatter_add_(-1, idx, rows)
         return out.reshape(*x.shape[:-1], num_segments)
     q, exponent = _on_grid(rows)
-    total = torch.zeros(size, dtype=torch.long, device=x.device).index_add_(0, flat_idx, q.reshape(-1))
-    return _back(total.reshape(rows.shape[0], num_segments), exponent, x.dtype).reshape(
-        *x.shape[:-1], num_segments
-    )
+    # integer additions: exact, so the scatter's order of additions does not matter
+    total = torch.zeros(shape, dtype=torch.long, device=x.device).scatter_add_(-1, idx, q)
+    return _back(total, exponent, x.dtype).reshape(*x.shape[:-1], num_segments)
