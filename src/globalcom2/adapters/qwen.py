@@ -280,10 +280,13 @@ class QwenAdapter(FamilyAdapter):
         """Plan the images of one encode; their selected rows, in the image features and (Qwen3-VL) in every
         deepstack layer, one row per image token."""
         planned = self.plan_images(list(features), grids)
-        kept = tuple(f[index] for f, (_, index) in zip(features, planned, strict=True))
+        # index_select copies whole rows (memcpy); advanced indexing f[index] goes element by element and takes
+        # ~5x longer on a CPU for these wide rows (same values)
+        kept = tuple(f.index_select(0, index) for f, (_, index) in zip(features, planned, strict=True))
         if deepstack is not None:
             deepstack = [
-                tuple(f[index] for f, (_, index) in zip(layer, planned, strict=True)) for layer in deepstack
+                tuple(f.index_select(0, index) for f, (_, index) in zip(layer, planned, strict=True))
+                for layer in deepstack
             ]
         handle.publish([plan for plan, _ in planned])
         return kept, deepstack
