@@ -448,3 +448,67 @@ def test_globalcom2_fastv_on_a_native_family_gives_each_region_globalcom2s_count
         plan = handle.plans[0]
     assert [p for p in run if survivors[p]] == kept
     assert plan.crop_keep_counts.tolist() == counts
+
+
+def _image_runs(ids: torch.Tensor, image_id: int) -> list[list[int]]:
+    """The maximal runs of consecutive image-token positions of a prompt ``(L,)``, in prompt order."""
+    runs: list[list[int]] = []
+    for p in (ids == image_id).nonzero().reshape(-1).tolist():
+        if runs and runs[-1][-1] == p - 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
+@torch.no_grad()
+def test_llm_side_plans_on_gemma3_cover_the_original_image_and_every_crop(checkpoint, method):
+    """Gemma 3's token layout with pan-and-scan (docs/families.md): the original image's run first (the thumbnail),
+    then one run per crop in the processor's order, each behind its ``<start_of_image>``. FastV ranks the tokens of
+    every run together; GlobalCom² + FastV gives each run GlobalCom²'s budget count (the original image: the
+    thumbnail's) and FastV's row picks inside it. The plan is the survivors put back on their runs' cells (run 0:
+    the g x g thumbnail, run j: crop j - 1's block of the padded crop grid), written out here."""
+    import globalcom2
+    from globalcom2.demo.tiny_tiling import build_tiny_gemma3
+    from tests.adapters.families import load
+    from tests.methods.plain_llm import embed
+
+    family = next(f for f in FAMILIES if f.name == "gemma3")
+    model, processor = load(checkpoint(build_tiny_gemma3))
+    image, ratio = family.images()[0], 0.5  # 60 x 190: pan-and-scan cuts it into a 1 x n row of crops
+    inputs = inputs_for(family, processor, [image])
+    ids = inputs["input_ids"][0]
+    runs = _image_runs(ids, int(model.config.image_token_id))
+    assert len(runs) >= 3 and len({len(run) for run in runs}) == 1
+    g = int(round(len(runs[0]) ** 0.5))
+    lm = text_model(model)
+    h, s = embed(model, inputs), ids.shape[0]
+    kind = lm.config.layer_types[0]  # FastV at layer 1 ranks by layer 0's last-token row
+    cos, sin = lm.rotary_emb(h, torch.arange(s)[None], kind)
+    window = lm.config.sliding_window if kind == "sliding_attention" else None
+    row = _gemma_row(lm.layers[0], h, cos, sin, s - 1, window).tolist()
+    if method == "fastv":
+        every = [p for run in runs for p in run]
+        kept = top_by_score(row, every, int(len(every) * ratio))
+    else:
+        with globalcom2.apply(model, processor, ratio=ratio) as gc:
+            model(**inputs_for(family, processor, [image]))
+            vision = gc.plans[0]
+        counts = [int(vision.thumbnail_mask.sum()), *vision.crop_keep_counts.tolist()]
+        kept = sorted(p for run, k in zip(runs, counts, strict=True) for p in top_by_score(row, run, k))
+    with apply_method(model, processor, method, ratio=ratio, layer=1) as handle:
+        model(**inputs_for(family, processor, [image]))
+        survivors = handle.adapter.pruner.state.survivors[0]
+        plan = handle.plans[0]
+    assert [p for run in runs for p in run if survivors[p]] == kept
+    rows, cols = plan.grid
+    assert rows * cols == len(runs) - 1 and rows == 1  # a landscape image: crops left to right
+    thumbnail = torch.tensor([p in kept for p in runs[0]]).reshape(g, g)
+    crops = torch.zeros(rows * g, cols * g, dtype=torch.bool)
+    for j, run in enumerate(runs[1:]):
+        r, c = divmod(j, cols)
+        crops[r * g : (r + 1) * g, c * g : (c + 1) * g] = torch.tensor([p in kept for p in run]).reshape(g, g)
+    assert torch.equal(plan.thumbnail_mask, thumbnail) and torch.equal(plan.crops_mask, crops)
+    assert plan.num_tokens == len(kept) and plan.num_tokens_full == sum(len(run) for run in runs)
+    assert plan.crop_keep_counts.tolist() == [sum(p in kept for p in run) for run in runs[1:]]

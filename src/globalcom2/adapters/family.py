@@ -217,6 +217,9 @@ class FamilyAdapter:
 
     #: what ``Plan.num_tokens`` counts, in the order the LLM reads it (for tables and messages)
     token_layout: ClassVar[str] = "image placeholders"
+    #: processor options of the plans drawn and compared by ``visualize``, ``eval`` and the workflows (vision-side
+    #: :meth:`plan_for_image` and the LLM-side methods' prefill alike; Gemma 3: pan-and-scan on, so it has crops)
+    plan_processor_kwargs: ClassVar[dict[str, Any]] = {}
     #: what an image's prompt span holds besides its placeholders and counts towards ``max_image_tokens``
     #: (for messages; LLaVA-NeXT's newlines are placeholders, so they are in ``Plan.num_tokens`` already).
     layout_label: ClassVar[str] = "newlines included"

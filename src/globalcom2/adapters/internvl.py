@@ -307,8 +307,6 @@ class InternVLAdapter(FamilyAdapter):
     model_class_name = "InternVLForConditionalGeneration"
     processor_class_name = "InternVLProcessor"
     wraps_calls = True  # forward/generate take the tile grids off the inputs
-    #: processor options of the vision-side-only plan (:meth:`plan_for_image`: ``visualize``, workflows)
-    plan_processor_kwargs: ClassVar[dict[str, Any]] = {}
     supports_max_image_tokens = True
     #: ``(height, width, tile, min_patches, max_patches) -> (rows, cols)``: the image processor's crop grid
     tiling_rule: ClassVar[Callable[..., tuple[int, int]]] = staticmethod(tile_grid)  # type: ignore[assignment]

@@ -114,9 +114,6 @@ def markdown_report(agg: list[dict], summary: dict[str, Any], plot_names: list[s
     ]
     md += ["Every number is a mean over the photos (random: also over "
            f"{summary['random_draws']} draws). Definitions: docs/eval.md.", ""]  # fmt: skip
-    if summary.get("methods_without_layout"):
-        md += ["Left out of the metrics (their plans on this family carry no per-crop token layout): "
-               + ", ".join(summary["methods_without_layout"]) + ".", ""]  # fmt: skip
     md += ["## Methods (pre-LLM, same budget-mode token count except pooling)", ""]
     md += _method_rows(agg, "method", ratios)
     if summary["llm"]:

@@ -426,7 +426,6 @@ def run_family_eval(
     detail_all: dict[str, Any] = {}
     info: dict[str, Any] = {}
     skipped: list[str] = []
-    no_layout: list[str] = []  # methods whose plans have no per-crop layout on this family (left out)
     bar = _progress(len(photos) * len(ratios), progress)
     for photo in photos:
         image = load_photo(photo)
@@ -448,19 +447,9 @@ def run_family_eval(
                     continue
                 group = "method" if METHODS[method].stage == "vision" else "llm"
                 seeds = range(draws) if method == "random" else (None,)
-                if method in no_layout:
-                    continue
                 for k, seed in enumerate(seeds):
                     options = {} if seed is None else {"seed": seed}
                     plan = method_plan(model, processor, image, method, ratio, question=QUESTION, **options)
-                    if plan.crops_mask.numel() == 0:
-                        # an LLM-side plan that knows the image-token positions but not the family's token layout
-                        # (which crop each kept token is in): nothing to compare with the per-crop reference maps
-                        no_layout.append(method)
-                        log(
-                            f"{method} on {family}: its plans carry no per-crop token layout; left out of the metrics"
-                        )
-                        break
                     rows.append(_row(group, photo, method, ratio, plan_metrics(plan, ref), draw=k))
                     detail.setdefault(method, plan)
             for allocation, scoring, score in settings:
@@ -483,7 +472,7 @@ def run_family_eval(
     summary = {
         "note": note, "command": command, "family": family, "photos": info, "single_tile_photos": skipped,
         "ratios": list(ratios), "ablation_settings": [list(s) for s in settings], "random_draws": draws,
-        "llm": llm, "methods": [m for m in methods if m not in no_layout], "methods_without_layout": no_layout,
+        "llm": llm, "methods": methods,
         "seconds": round(elapsed, 1),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "allocation": detail_all,

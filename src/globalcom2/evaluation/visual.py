@@ -29,6 +29,7 @@ def method_plan(
 ) -> Plan:  # fmt: skip
     """The `Plan` of ``method`` for one image on any family: the family's own vision pass
     (:meth:`~globalcom2.adapters.family.FamilyAdapter.plan_for_image`), or one prefill for LLM-side methods."""
+    from ..adapters import adapter_for
     from ..methods import METHODS, apply_method
     from ..workflows import default_prompt
 
@@ -37,7 +38,8 @@ def method_plan(
     ) as handle:
         if METHODS[method].stage == "vision":
             return handle.adapter.plan_for_image(handle, image)
-        inputs = processor(images=[image], text=[default_prompt(processor, question)], return_tensors="pt")
+        inputs = processor(images=[image], text=[default_prompt(processor, question)], return_tensors="pt",
+                           **adapter_for(model).plan_processor_kwargs)  # fmt: skip
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         model(**inputs, logits_to_keep=1)
