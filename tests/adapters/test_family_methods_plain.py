@@ -512,3 +512,21 @@ def test_llm_side_plans_on_gemma3_cover_the_original_image_and_every_crop(checkp
     assert torch.equal(plan.thumbnail_mask, thumbnail) and torch.equal(plan.crops_mask, crops)
     assert plan.num_tokens == len(kept) and plan.num_tokens_full == sum(len(run) for run in runs)
     assert plan.crop_keep_counts.tolist() == [sum(p in kept for p in run) for run in runs[1:]]
+
+
+def test_method_plan_of_an_llm_side_method_on_gemma3_covers_its_crops(checkpoint):
+    """``visualize``/``eval`` draw an LLM-side plan on Gemma 3 with the family's pan-and-scan on (its
+    ``plan_processor_kwargs``, as GlobalCom²'s own plan): the original image and every crop, not one run."""
+    from globalcom2.demo.tiny_tiling import build_tiny_gemma3
+    from globalcom2.evaluation.visual import method_plan
+    from tests.adapters.families import load
+    from tests.conftest import random_image
+
+    model, processor = load(checkpoint(build_tiny_gemma3))
+    image = random_image(300, 1000)  # crops of at least pan-and-scan's default 256 px
+    ours = method_plan(model, processor, image, "globalcom2", 0.5, question="What is it?")
+    plan = method_plan(model, processor, image, "fastv", 0.5, question="What is it?", layer=1)
+    rows, cols = plan.grid
+    assert plan.grid == ours.grid and rows == 1 and cols >= 2
+    assert plan.num_tokens_full == (1 + cols) * int(model.config.mm_tokens_per_image)
+    assert plan.num_tokens == plan.num_tokens_full // 2 == int(plan.thumbnail_mask.sum() + plan.crops_mask.sum())
