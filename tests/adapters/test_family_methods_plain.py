@@ -529,4 +529,6 @@ def test_method_plan_of_an_llm_side_method_on_gemma3_covers_its_crops(checkpoint
     rows, cols = plan.grid
     assert plan.grid == ours.grid and rows == 1 and cols >= 2
     assert plan.num_tokens_full == (1 + cols) * int(model.config.mm_tokens_per_image)
-    assert plan.num_tokens == plan.num_tokens_full // 2 == int(plan.thumbnail_mask.sum() + plan.crops_mask.sum())
+    assert (
+        plan.num_tokens == plan.num_tokens_full // 2 == int(plan.thumbnail_mask.sum() + plan.crops_mask.sum())
+    )
