@@ -12,7 +12,9 @@ and a tiny LLM (Qwen: tiny in depth). Qwen has no scoring hook: Eq. 7 runs insid
   without instrumentation, plain model vs :func:`globalcom2.apply` (budget mode); their ratio.
 - ``scoring_ms`` and ``selection_ms``: time inside GlobalCom²'s scoring hooks (every hook the handle registered,
   each wrapped by a timer) and inside its selection (the adapter's ``select_packed`` / ``_select``), from separate
-  instrumented runs (the timers synchronise a GPU); ``share`` = their sum over ``plain_ms``.
+  instrumented runs (the timers synchronise a GPU); ``share`` = their sum over ``plain_ms``. These run at the
+  process's thread count: on a CPU with more runnable jobs than cores they include torch's OpenMP fork/join waits
+  for a descheduled thread (milliseconds per parallel operation; docs/bench.md), hence the one-thread replay below.
 - ``selection_1thread_ms`` / ``selection_1thread_cpu_ms``: that selection replayed on the same inputs with one CPU
   thread (median of many), wall clock and the process's CPU time; the 2 ms target is judged on CPU time on a CPU
   (what the work costs a core, which other jobs on a shared machine do not inflate) and on wall clock on a GPU
