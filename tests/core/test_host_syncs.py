@@ -99,6 +99,20 @@ def test_split_budget_equals_rational_arithmetic_everywhere():
     assert split_budget(totals, weights, caps).tolist() == [exact_split(*c) for c in batch]
 
 
+def test_split_budget_is_exact_near_its_integer_bounds():
+    """Totals and capacities up to the documented bound (sum < 2^31), integer weights (on the integer grid, so the
+    rational split is the reference) unrelated to the capacities (crops get capped): the limb products and
+    remainders do not overflow, and the counts equal the exact rational split. A single crop takes the total."""
+    rng = random.Random(2)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        cap = [rng.choice([0, rng.randint(0, (2**31 - 1) // n)]) for _ in range(n)]
+        w = [float(rng.choice([0, 1, rng.randint(0, 2**20), rng.randint(0, 2**40)])) for _ in range(n)]
+        total = rng.choice([0, sum(cap), rng.randint(0, sum(cap))])
+        got = split_budget(total, torch.tensor(w, dtype=torch.float64), torch.tensor(cap))
+        assert got.tolist() == exact_split(total, w, cap), (total, w, cap)
+
+
 def test_the_counter_sees_masked_indexing_and_leaves_torch_as_it_was():
     """Boolean-mask indexing from globalcom2 code is counted, and afterwards 0-d tensors are still not sequences
     (patching ``Tensor.__getitem__`` on the class would leave them so for the rest of the process)."""
