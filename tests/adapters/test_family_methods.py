@@ -8,7 +8,7 @@ are the same code for every method); ``--full`` runs every pair. The registry's 
 plain re-implementations: FasterVLM's Eq. 7 scores on towers without [CLS], and FastV / PDrop on families whose
 image spans hold marker tokens (InternVL's ``<img>``, Idefics3's ``<row_r_col_c>``), which are never pruned.
 
-The family table's LLMs have 2 layers: FastV prunes at layer 1, PDrop runs 2 stages, SparseVLM prunes after layer 0,
+The family table's LLMs have 2 layers (Qwen3.5's 3: full attention, linear, full): FastV prunes at layer 1, PDrop runs 2 stages, SparseVLM prunes after layer 0,
 and the layer-average methods run at R = 0.75 (the first layer alone sees every token, so R must exceed 1/2).
 """
 
@@ -138,6 +138,8 @@ def _tie_llm(model) -> None:
     lm = text_model(model)
     with torch.no_grad():
         for layer in lm.layers:
+            if not hasattr(layer, "self_attn"):  # a linear-attention layer (Qwen3.5) scores nothing
+                continue
             for param in layer.self_attn.k_proj.parameters():
                 param.zero_()
     if getattr(lm.config, "sliding_window", None) is not None:

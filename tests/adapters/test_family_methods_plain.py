@@ -10,7 +10,9 @@ selection code: Python sorts with the tie rule written out, the LLM run layer by
 
 - FastV on M-RoPE families (Qwen-VL: each image token's rotary position has three axes): only the image-token
   positions are used (the family's token layout is not needed), and every kept token keeps its own multimodal
-  rotary embedding, as a plain layer-by-layer run with the model's own (cos, sin) gives.
+  rotary embedding, as a plain layer-by-layer run with the model's own (cos, sin) gives. On Qwen3.5 the score row
+  takes each head's query out of the gated ``q_proj`` (query, then gate) with the partial rotary embedding, and the
+  pruned sequence crosses a Gated DeltaNet layer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from tests.adapters.families import FAMILIES, family_fixtures, inputs_for
 from tests.methods.plain_llm import head_mean_rows, last_row_select, staged_forward, text_model, top_by_score
 
 family_dir, fam = family_fixtures(
-    [f for f in FAMILIES if f.name in ("llava_onevision", "internvl", "smolvlm", "qwen2_vl", "qwen2_5_vl")],
+    [
+        f
+        for f in FAMILIES
+        if f.name in ("llava_onevision", "internvl", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_5")
+    ],
     default=["llava_onevision", "internvl", "smolvlm", "qwen2_5_vl"],
 )
 
@@ -176,7 +182,10 @@ def test_fastv_with_mrope_positions_equals_a_plain_run(fam):
             h, cos, sin = h[:, keep], cos[:, keep], sin[:, keep]
         entering.append(h)
         n = h.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        # causal; a linear-attention layer (Qwen3.5's Gated DeltaNet) is causal by construction, no mask
+        mask = (
+            None if hasattr(layer, "linear_attn") else torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        )
         h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
     full[:, keep] = h
     logits = model.lm_head(lm.norm(full))

@@ -25,7 +25,9 @@ def head_mean_rows(
     """Head-mean causal softmax attention of query rows ``rows`` over all keys of ``h`` (1, L, D) in ``layer``.
 
     ``cos_sin``: the rotary ``(cos, sin)`` of the L entries, when they are not ``rotary_emb`` of 1-D ``positions``
-    (M-RoPE: taken from the model's own run)."""
+    (M-RoPE: taken from the model's own run). Where ``cos`` is narrower than a head, only the head's first channels
+    rotate (partial rotary, Qwen3.5); where ``q_proj`` is twice the heads' width, each head's query is the first half
+    of its block (the second is its output gate, Qwen3.5)."""
     attn = layer.self_attn
     cfg = lm.config
     x = layer.input_layernorm(h)[0].float()
@@ -33,19 +35,21 @@ def head_mean_rows(
     dh = attn.head_dim
     cos, sin = lm.rotary_emb(h, positions[None]) if cos_sin is None else cos_sin
     cos, sin = cos[0].float(), sin[0].float()
+    block = dh * (2 if attn.q_proj.weight.shape[0] == 2 * nh * dh else 1)  # a head's rows of q_proj
+    rot = cos.shape[-1]
     per_head = []
     for head in range(nh):
         kv = head // (nh // nkv)
-        wq = attn.q_proj.weight[head * dh : (head + 1) * dh].float()
+        wq = attn.q_proj.weight[head * block : head * block + dh].float()
         wk = attn.k_proj.weight[kv * dh : (kv + 1) * dh].float()
         q, k = x @ wq.T, x @ wk.T
         if attn.q_proj.bias is not None:
-            q = q + attn.q_proj.bias[head * dh : (head + 1) * dh].float()
+            q = q + attn.q_proj.bias[head * block : head * block + dh].float()
             k = k + attn.k_proj.bias[kv * dh : (kv + 1) * dh].float()
         if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head RMS norms of q and k
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = torch.cat([q[:, :rot] * cos + rotate_half(q[:, :rot]) * sin, q[:, rot:]], dim=-1)
+        k = torch.cat([k[:, :rot] * cos + rotate_half(k[:, :rot]) * sin, k[:, rot:]], dim=-1)
         out = []
         for r in rows:
             logits = (q[r] @ k[: r + 1].T) / math.sqrt(dh)

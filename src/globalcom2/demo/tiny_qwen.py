@@ -6,7 +6,7 @@ the native-resolution families: a 2-layer random vision tower of the family's ow
 attention and a full-attention block, Qwen3-VL's with one deepstack layer), 4-px patches merged 2 x 2 (one LLM token
 per 8 x 8 px), ``Qwen2VLImageProcessorPil`` resizing every image to a multiple of 8 px between 32 x 32 and
 256 x 256 px worth of pixels, and a tiny LLM of the family (M-RoPE sections sized to its head dimension; Qwen3.5's
-hybrid linear/full attention).
+hybrid attention: 3 layers, full, linear (Gated DeltaNet), full).
 
 No stand-in tower: the DINOv2 stand-in used by the other families is a plain ViT with a [CLS] token, not a Qwen
 tower (no 2-D rotary positions, no 2 x 2 merger), so no ``--model standin`` is offered for these families.
@@ -98,7 +98,8 @@ def build_tiny_qwen(
     if family == "qwen3_5":
         rotary = head_dim // 4  # partial_rotary_factor 0.25
         text_extra.update(
-            head_dim=head_dim, layer_types=["linear_attention", "full_attention"][:text_layers],
+            head_dim=head_dim,
+            layer_types=["full_attention" if j % 2 == 0 else "linear_attention" for j in range(text_layers)],
             linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                              "mrope_section": [rotary // 2 - 2 * (rotary // 8), rotary // 8, rotary // 8],
@@ -152,8 +153,10 @@ def build_tiny_qwen3_vl(out_dir: str | Path, **kwargs: Any) -> Path:
 
 
 def build_tiny_qwen3_5(out_dir: str | Path, **kwargs: Any) -> Path:
-    """:func:`build_tiny_qwen` for ``Qwen3_5ForConditionalGeneration`` (hybrid linear/full attention LLM)."""
-    return build_tiny_qwen(out_dir, "qwen3_5", **kwargs)
+    """:func:`build_tiny_qwen` for ``Qwen3_5ForConditionalGeneration``: a hybrid LLM of 3 layers (full attention,
+    linear attention, full attention), so the LLM-side methods of the family table score in full-attention layers
+    and prune across a Gated DeltaNet layer."""
+    return build_tiny_qwen(out_dir, "qwen3_5", **{"text_layers": 3, **kwargs})
 
 
 def main(argv: list[str] | None = None) -> int:

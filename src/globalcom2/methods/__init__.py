@@ -121,26 +121,13 @@ def _tile_planner(cls: type) -> str | None:
     )
 
 
-#: families whose LLM builds an attention mask the pruner does not rebuild after a drop
-_OWN_MASKS = {
-    "qwen3_5": "hybrid LLM: its Gated DeltaNet (linear-attention) layers have no attention row to score tokens by "
-    "(a scoring layer may be one), and its gated attention layers' q_proj also carries the output gate, which the "
-    "pruner's score rows do not separate (not implemented)",
-}
-
-
-def _plain_causal_llm(cls: type) -> str | None:
-    """The LLM-side methods rebuild a causal mask for the shorter sequence (methods.pruner)."""
-    return _OWN_MASKS.get(getattr(cls, "family", ""))
-
-
 def _token_layout(cls: type) -> str | None:
     """The combinations give each crop GlobalCom²'s count, so they need the family's token layout."""
     from .pruner import has_token_layout
 
     if not has_token_layout(cls):
         return "the token layout of its image runs is not known (methods.layout)"
-    return _plain_causal_llm(cls)
+    return None
 
 
 def _family(model: Any, method: str) -> Any:
@@ -237,12 +224,14 @@ register_method(MethodSpec(
 ))  # fmt: skip
 register_method(MethodSpec("pooling", "vision", "average pooling of every tile to about R of its tokens", {},
                            _pooling, max_image_tokens=True, requires=_pooling_rule))  # fmt: skip
+#: what the support matrix says about the LLM-side methods
+_LLM_NOTE = "hybrid LLMs (Qwen3.5): every scoring layer must be a full-attention layer (else TypeError)"
 register_method(MethodSpec("fastv", "llm", "FastV: prune image tokens at LLM layer K by last-token attention",
-                           {"layer": 2, "equivalent": False}, _fastv, requires=_plain_causal_llm))  # fmt: skip
+                           {"layer": 2, "equivalent": False}, _fastv, note=_LLM_NOTE))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+fastv", "vision+llm", "GlobalCom² per-crop budgets r_j, FastV token choice inside each crop",
     {"layer": 2, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_fastv, requires=_token_layout,
+    _globalcom2_fastv, requires=_token_layout, note=_LLM_NOTE,
 ))  # fmt: skip
 
 
@@ -285,16 +274,16 @@ def _globalcom2_sparsevlm(model: Any, processor: Any, *, ratio: float, **options
 _SV_OPTIONS = {"layers": None, "budget": "schedule", "scale": 13.5, "recycle": 0.3}
 register_method(MethodSpec(
     "pdrop", "llm", "PyramidDrop: stage-wise drops by last-instruction-token attention, layer average R",
-    {"stages": 4, "lam": 0.5, "layers": None}, _pdrop, requires=_plain_causal_llm,
+    {"stages": 4, "lam": 0.5, "layers": None}, _pdrop, note=_LLM_NOTE,
 ))  # fmt: skip
 register_method(MethodSpec(
     "sparsevlm", "llm", "SparseVLM: text raters' attention, staged drops at layer average R, token recycling",
-    dict(_SV_OPTIONS), _sparsevlm, requires=_plain_causal_llm,
+    dict(_SV_OPTIONS), _sparsevlm, note=_LLM_NOTE,
 ))  # fmt: skip
 register_method(MethodSpec(
     "globalcom2+sparsevlm", "vision+llm", "GlobalCom² per-crop budgets r_j, SparseVLM token choice inside each crop",
     {**_SV_OPTIONS, "allocation": "softmax-sum", "tau": 10.0, "score": "logits", "importance": "auto"},
-    _globalcom2_sparsevlm, requires=_token_layout,
+    _globalcom2_sparsevlm, requires=_token_layout, note=_LLM_NOTE,
 ))  # fmt: skip
 _PM_OPTIONS = {"k": 32, "attention": "full", "extra_token": True}  # = prumerge.PRUMERGE_OPTIONS (tested)
 _PM_NOTE = "needs a [CLS] attention (a tower without one: TypeError before patching)"

@@ -153,6 +153,15 @@ def _temperature(attn: Any, q: torch.Tensor, query_index: torch.Tensor) -> torch
     return (q * scale[:, None, :, None]).to(q.dtype)
 
 
+def _query_width(attn: Any, head_dim: int) -> int:
+    """Channels per head of ``q_proj``'s output: ``head_dim``, or twice that where each head's query is followed by
+    its output gate (Qwen3.5's gated attention: ``q_proj`` is ``2 * heads * head_dim`` wide)."""
+    cfg = getattr(attn, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    out = getattr(attn.q_proj, "out_features", None)
+    return 2 * head_dim if heads is not None and out == 2 * int(heads) * head_dim else head_dim
+
+
 def _chunk_size(attn: Any) -> int | None:
     """The chunk of a chunked-attention layer (Llama 4: ``layer_types[i] == "chunked_attention"``), else None."""
     cfg = getattr(attn, "config", None)
@@ -230,7 +239,8 @@ def query_attention(
         same = (pos[None, None, :] - first[..., None]) // chunk == ((query_index - first) // chunk)[..., None]
         visible = visible & same
     rows = torch.arange(b, device=hidden.device)[:, None]
-    q = attn.q_proj(hidden[rows, query_index]).view(b, nq, -1, dh).transpose(1, 2)  # (B, Hq, Q, dh)
+    q = attn.q_proj(hidden[rows, query_index]).view(b, nq, -1, _query_width(attn, dh))[..., :dh]
+    q = q.transpose(1, 2)  # (B, Hq, Q, dh)
     k = attn.k_proj(hidden).view(b, s, -1, dh).transpose(1, 2)  # (B, Hkv, S, dh)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -475,6 +485,15 @@ class StagedPruner:
         self.boundaries = tuple(sched.boundaries)
         self.score_layers = tuple(k - method.score_offset for k in self.boundaries)
         for j in self.score_layers:
+            if getattr(self.layers[j], "linear_attn", None) is not None:
+                full = [
+                    i for i, layer in enumerate(self.layers) if getattr(layer, "self_attn", None) is not None
+                ]
+                raise UnsupportedModelError(
+                    f"{name} ranks image tokens by the attention of layer {j}, a linear-attention layer (Gated "
+                    f"DeltaNet) that has no attention row; choose options whose scoring layers are full-attention "
+                    f"layers ({', '.join(map(str, full))})"
+                )
             attn = getattr(self.layers[j], "self_attn", None)
             missing = [a for a in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, a)]
             if missing or not hasattr(self.layers[j], "input_layernorm"):
@@ -569,7 +588,7 @@ class StagedPruner:
         image = ids.to(hidden.device) == self.image_token_id
         if not bool(image.any()):
             return False
-        if call.cache is not None and call.cache.get_seq_length(self.k) > 0:
+        if call.cache is not None and call.cache.get_seq_length() > 0:  # HF's default: the first KV layer
             self.warn_once(
                 "cache", f"{self.name}: prompt with images on a non-empty cache; nothing is pruned"
             )
@@ -698,13 +717,13 @@ class StagedPruner:
         if masks is not None:
             return masks
         if not self.layer_types:
-            return self._create_mask(self.lm.config, hidden, mask2d, cache, None, layer_idx=layers[0])
+            return self._create_mask(self.lm.config, hidden, mask2d, cache, layer_idx=layers[0])
         built: dict[str, Any] = {}
         for j in layers:
             kind = self.layer_types[j]
             if kind not in built:
                 create = self._mask_functions.get(kind, self._create_mask)
-                built[kind] = create(self.lm.config, hidden, mask2d, cache, None, layer_idx=j)
+                built[kind] = create(self.lm.config, hidden, mask2d, cache, layer_idx=j)
         return next(iter(built.values())) if len(built) == 1 else built
 
     def _decode_mask(self, s: int, hidden: torch.Tensor, kwargs: dict) -> None:
@@ -717,7 +736,7 @@ class StagedPruner:
         stage = pre.stages[s]
         layer = self.boundaries[s]
         b, q = hidden.shape[:2]
-        cache_len = cache.get_seq_length(layer)
+        cache_len = self._cached_tokens(cache, pre, s, q)
         attn2d = call.attention_mask
         lp = stage.pruned_len
         if attn2d is None and stage.prompt_mask is None:
@@ -746,6 +765,21 @@ class StagedPruner:
             call.replace["position_ids"] = pos
             call.replace["position_embeddings"] = self._rotary(hidden, pos)
         kwargs.update(call.replace)
+
+    def _cached_tokens(self, cache: Any, pre: _Prefill, s: int, q: int) -> int:
+        """Tokens the KV caches of stage s's layers hold before this decode step's ``q`` tokens (called at the
+        stage's first layer): read off its first layer with a KV cache; a stage of linear-attention layers only (a
+        recurrent state, no length: Qwen3.5) counts its pruned prompt plus the tokens decoded since, read off
+        another layer (one before the stage already holds this step's tokens)."""
+        kv = [j for j, layer in enumerate(self.layers) if getattr(layer, "linear_attn", None) is None]
+        own = [j for j in kv if j in self.stage_layers(s)]
+        if own or not kv:
+            return int(cache.get_seq_length(own[0] if own else self.boundaries[s]))
+        j = kv[0]
+        stage_j = [t for t, k in enumerate(self.boundaries) if k <= j]
+        prompt = pre.stages[stage_j[-1]].pruned_len if stage_j else pre.prompt_len
+        ran = q if j < self.boundaries[s] else 0
+        return pre.stages[s].pruned_len + int(cache.get_seq_length(j)) - ran - prompt
 
     # -- a stage boundary in prefill -------------------------------------------------------------------------
     def _prune(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
