@@ -24,6 +24,11 @@ and SparseVLM's code) renumbers each stage's sequence without gaps, so a token's
 tokens removed before it (and grows by the tokens inserted before it); decode tokens are shifted by the stage's
 total, as PDrop's code does.
 
+Layer kinds: each kind's mask is rebuilt for the pruned sequence (causal, sliding window, chunked attention,
+linear attention; windows and chunks count entries of the pruned sequence), and the score rows attend as their layer
+does (a sliding window or a chunk; Llama 4's complex rotary embedding, qk norm and NoPE temperature; Qwen3.5's gated
+``q_proj``). A linear-attention (Gated DeltaNet) layer has no attention row: it cannot be a scoring layer.
+
 Samples of a batch keep different numbers of tokens; the pruned batch is padded with masked filler entries that
 are restored afterwards, so every sample's result equals its result alone. Per-forward values live in a per-thread
 state, so several threads can run ``generate`` on one patched model. Beam search (cache reordering) is not
@@ -455,7 +460,7 @@ def _attn2d(mask: Any) -> torch.Tensor | None:
 
 
 class StagedPruner:
-    """Pruning hooks on the language model of a LLaVA-NeXT model (see the module docstring).
+    """Pruning hooks on the language model of a supported VLM (see the module docstring).
 
     Args:
         model: a supported VLM (its language model is :func:`language_model`).
