@@ -38,6 +38,49 @@ def test_help_lists_commands():
         assert cmd in res.stdout
 
 
+def test_eval_and_bench_offer_every_registered_family():
+    """`eval --family` and `bench --table4 --family` take every family of the adapter registry (the choices come
+    from it), and eval's help says which stand-ins have a random tower."""
+    import re
+
+    from globalcom2.adapters.registry import ADAPTERS
+    from globalcom2.demo.tiny_families import RANDOM_TOWER_FAMILIES
+
+    for command in ("eval", "bench"):
+        res = run_cli(command, "--help")
+        assert res.returncode == 0, res.stderr
+        choices = re.search(r"--family \{([^}]*)\}", res.stdout)
+        assert choices is not None and set(choices.group(1).split(",")) == set(ADAPTERS), command
+    text = " ".join(run_cli("eval", "--help").stdout.split())
+    assert all(f in text for f in RANDOM_TOWER_FAMILIES) and "RANDOM" in text
+
+
+def test_every_registered_family_has_a_standin_builder(tmp_path, monkeypatch):
+    """`build_standin_checkpoint` knows every registered family: each reaches its own builder (recorded here
+    instead of building: the stand-ins take minutes), none falls through to LLaVA-NeXT's."""
+    from globalcom2.adapters.registry import ADAPTERS
+    from globalcom2.demo import tiny_families, tiny_idefics3, tiny_model, tiny_qwen, tiny_tiling
+
+    called: list[str] = []
+
+    def fake(name):
+        return lambda out_dir, *args, **kwargs: called.append(name) or out_dir
+
+    modules = (tiny_families, tiny_idefics3, tiny_model, tiny_qwen, tiny_tiling)
+    for module in modules:
+        for attr in dir(module):
+            if attr.startswith("build_tiny") or attr in ("standin_internvl_vision_model",):
+                monkeypatch.setattr(module, attr, fake(attr))
+    monkeypatch.setattr("globalcom2.demo.encoder.load_standin_vision_tower", lambda *a, **k: None)
+    for family in ADAPTERS:
+        called.clear()
+        tiny_families.build_standin_checkpoint(tmp_path, family=family)
+        assert called and (family == "llava_next") == (called[-1] == "build_tiny_llava_next"), (
+            family,
+            called,
+        )
+
+
 def test_visualize_writes_png_and_json(tiny_clip_dir, photo_file, tmp_path):
     out = tmp_path / "overlay.png"
     res = run_cli("visualize", "--model", str(tiny_clip_dir), "--image", str(photo_file), "--ratios", "0.5,0.1",

@@ -90,3 +90,46 @@ def test_pooling_uses_bin_means():
     expected = float(torch.nn.functional.cosine_similarity(f_kept, w @ x, dim=0))
     assert math.isclose(m["feat_cos"], expected, rel_tol=1e-5)
     assert m["share_cv"] < 0.2
+
+
+def test_native_reference_follows_the_regions_and_eq7():
+    """Qwen-VL's reference (docs/eval.md): the regions of at most G x G merged tokens are the crops, each token's
+    local weight is its Eq. 7 score against its region's mean renormalised over the region, times the region's share
+    of the pooled view's map; the pooled view is the adaptive average pool of the grid scored by Eq. 7 against the
+    image mean. Written out here token by token."""
+    from globalcom2.evaluation.metrics import native_reference
+
+    height, width, g = 20, 23, 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(height * width, 8, generator=gen, dtype=torch.float64) + 2.0
+    ref = native_reference(x.float(), (height, width), g)
+    nr, nc = math.ceil(height / g), math.ceil(width / g)
+    assert ref.grid == (nr, nc) and ref.valid_box == (0, height, 0, width)
+    region = [((y + 1) * nr - 1) // height * nc + ((x_ + 1) * nc - 1) // width
+              for y in range(height) for x_ in range(width)]  # fmt: skip
+    cos = torch.nn.functional.cosine_similarity
+    local = torch.zeros(height * width, dtype=torch.float64)
+    for r in range(nr * nc):
+        members = [i for i, q in enumerate(region) if q == r]
+        mean = x[members].mean(0)
+        for i in members:
+            local[i] = -cos(x[i], mean, dim=0)
+    sums = torch.zeros(nr * nc, dtype=torch.float64).index_add_(0, torch.tensor(region), local)
+    local = local / sums[torch.tensor(region)]
+    mass = ref.mass.reshape(-1).double()
+    assert bool((mass >= 0).all()) and math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+    crop_mass = [float(mass[[i for i, q in enumerate(region) if q == r]].sum()) for r in range(nr * nc)]
+    torch.testing.assert_close(
+        ref.crop_mass.double(), torch.tensor(crop_mass, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    weights = local * torch.tensor(crop_mass, dtype=torch.float64)[torch.tensor(region)]
+    torch.testing.assert_close(
+        ref.weights.reshape(-1).double(), weights / weights.sum(), atol=1e-5, rtol=1e-4
+    )
+    cells = torch.nn.functional.adaptive_avg_pool2d(
+        x.T.reshape(1, -1, height, width), (min(height, g), min(width, g))
+    )
+    cells = cells.reshape(x.shape[1], -1).T
+    thumb = -cos(cells, x.mean(0)[None], dim=-1)
+    torch.testing.assert_close(ref.thumb_attention.double(), thumb / thumb.sum(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ref.features.reshape(-1, 8).double(), x, atol=1e-6, rtol=0)

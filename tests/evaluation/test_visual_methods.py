@@ -129,14 +129,17 @@ def test_bench_table4_family_refuses_before_building(tmp_path):
 
 
 @pytest.mark.full
-def test_eval_family_runs_every_method_the_family_runs(tmp_path):
-    """`eval --family internvl --quick`: one photo, every method InternVL runs, a report and its plots."""
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_eval_family_runs_every_method_the_family_runs(tmp_path, family):
+    """`eval --family F --quick`: one photo, every method F runs, a report and its plots (Qwen2.5-VL: its random
+    tower, regions as crops, said in the report)."""
     pytest.importorskip("onnx")
-    res = run_cli("eval", "--family", "internvl", "--quick", "--out", str(tmp_path), "--no-progress", "--json",
+    res = run_cli("eval", "--family", family, "--quick", "--out", str(tmp_path), "--no-progress", "--json",
                   timeout=1800)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["family"] == "internvl" and summary["methods"] == _supported("internvl")
+    assert summary["family"] == family and summary["methods"] == _supported(family)
+    assert ("RANDOM" in summary["note"]) == (family == "qwen2_5_vl")
     methods = {row["method"] for row in summary["aggregate"]}
     assert {"globalcom2", "fastervlm", "random", "fastv", "globalcom2+fastv"} <= methods
     assert (tmp_path / "eval_methods.png").stat().st_size > 10_000

@@ -24,6 +24,7 @@ from ..cli_common import (
     write_json,
 )
 from ..demo.tiny_families import FAMILIES as STANDIN_FAMILIES
+from ..demo.tiny_families import RANDOM_TOWER_FAMILIES
 
 # Defaults per device. CPU: small enough for ~5 min on 2 cores; CUDA: the real LLaVA-NeXT-7B depth.
 CPU_DEFAULTS = {"dtype": "float32", "vision_layers": 24, "llm_layers": 1, "repeats": 3, "throughput_repeats": 1,
@@ -101,8 +102,9 @@ def register(subparsers: Any) -> None:
                    help="Table-4-style rows instead: SparseVLM, FasterVLM, GlobalCom², FastV, PDrop at the smallest "
                         "--ratios R on one model and image (LLM depth default 32; see docs/bench.md)")  # fmt: skip
     p.add_argument("--family", default="llava_next", choices=STANDIN_FAMILIES,
-                   help="--table4: the model family; other than llava_next, its offline DINOv2 stand-in with a random "
-                        "LLM of --llm-layers layers")  # fmt: skip
+                   help="--table4: the model family (every registered one); other than llava_next, its offline "
+                        "stand-in with a random LLM of --llm-layers layers: the DINOv2 tower, or a random tower of the "
+                        f"family's own class for {', '.join(RANDOM_TOWER_FAMILIES)} (no stand-in fits it)")  # fmt: skip
     p.add_argument("--methods", default=None,
                    help="--table4: comma-separated rows, 'uncompressed' or any apply_method name "
                         "(default: uncompressed,sparsevlm,fastervlm,globalcom2,fastv,pdrop)")  # fmt: skip

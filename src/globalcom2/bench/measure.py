@@ -516,8 +516,19 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _vision_tower(model: Any) -> Any:
+    """The vision tower of any registered family (its adapter's ``inner_name`` / ``vision_tower_name``)."""
+    from ..adapters import adapter_for
+
+    family = adapter_for(model)
+    inner = getattr(model, family.inner_name) if family.inner_name else model
+    return getattr(inner, family.vision_tower_name)
+
+
 def _meta(settings: BenchSettings, model: Any, weights_bytes: int) -> dict[str, Any]:
     import transformers
+
+    from ..methods.pruner import language_model
 
     device = torch.device(settings.device)
     if device.type == "cuda":
@@ -535,8 +546,8 @@ def _meta(settings: BenchSettings, model: Any, weights_bytes: int) -> dict[str, 
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "weights_mb": weights_bytes / 2**20,
-        "vision_attn_implementation": model.model.vision_tower.config._attn_implementation,
-        "llm_attn_implementation": model.model.language_model.config._attn_implementation,
+        "vision_attn_implementation": _vision_tower(model).config._attn_implementation,
+        "llm_attn_implementation": language_model(model).config._attn_implementation,
         "prompt": PROMPT,
         "settings": d,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

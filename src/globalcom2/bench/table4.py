@@ -97,7 +97,8 @@ def run_table4(settings: BenchSettings, *, methods: tuple[str, ...] = TABLE4_MET
     """Measure every method's row on one model and image; returns ``{"meta", "rows"}`` (JSON-ready).
 
     ``family``: ``"llava_next"`` benchmarks the random-weight LLaVA-NeXT of ``settings.geometry``; another stand-in
-    family (:data:`globalcom2.loading.FAMILIES`) benchmarks its offline DINOv2 stand-in with a random LLM of
+    family (:data:`globalcom2.loading.FAMILIES`, every registered one) benchmarks its offline stand-in (the DINOv2
+    tower; Llama 4 and the Qwen-VL classes a random tower of their own class) with a random LLM of
     ``settings.geometry``'s depth and width (:func:`table4_model`); methods the family does not run are refused
     before anything is built.
     """
@@ -140,6 +141,7 @@ def _inputs(processor: Any, images: list, family: str) -> Any:
 
 def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: Callable[[str], None],
          family: str = "llava_next") -> dict:  # fmt: skip
+    from ..demo.tiny_families import standin_tower
     from ..methods.pruner import num_llm_layers
 
     t0 = time.perf_counter()
@@ -151,7 +153,7 @@ def _run(settings: BenchSettings, methods: tuple[str, ...], ratio: float, log: C
     what = (
         "random-weight LLaVA-NeXT"
         if family == "llava_next"
-        else f"{family} stand-in (DINOv2 tower, random LLM)"
+        else f"{family} stand-in ({standin_tower(family)}, random LLM)"
     )
     log(f"built a {what} ({weights / 2**20:.0f} MiB, {num_layers} LLM layers) on {device}")
     h, w = settings.image_size

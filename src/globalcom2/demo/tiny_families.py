@@ -41,9 +41,27 @@ from .tiny_parts import (
     tiny_vit_config,
 )
 
-FAMILIES = (
-    "llava_next", "llava_onevision", "internvl", "smolvlm", "gemma3", "aya_vision", "cohere2_vision", "llama4",
-)  # fmt: skip
+
+def _registered_families() -> tuple[str, ...]:
+    """Every family of the adapter registry, LLaVA-NeXT (the default) first: the ``--family`` choices of ``demo``,
+    ``eval``, ``visualize`` and ``bench --table4`` come from here, so a family registered later is offered too
+    (:func:`build_standin_checkpoint` must then build its stand-in; a test holds the two equal)."""
+    from .. import adapters  # noqa: F401  (importing the package registers every family)
+    from ..adapters.registry import ADAPTERS
+
+    return ("llava_next", *(family for family in ADAPTERS if family != "llava_next"))
+
+
+FAMILIES = _registered_families()
+#: stand-ins whose vision tower is random, not the DINOv2 stand-in (it does not fit the family's tower class): their
+#: eval numbers measure agreement with the uncompressed tiny model, not what a trained encoder finds important
+RANDOM_TOWER_FAMILIES = ("llama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
+
+def standin_tower(family: str) -> str:
+    """What vision tower ``family``'s stand-in has, in words (for logs, reports and ``--help``)."""
+    return "random vision tower" if family in RANDOM_TOWER_FAMILIES else "DINOv2 tower"
+
 
 _ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 _INTERNVL_SPECIALS = {
@@ -265,6 +283,10 @@ def build_standin_checkpoint(
     patches as Command-A-Vision's 512 px / 16 px, 2x2 shuffle: 256 tokens per tile), up to 6 crops. ``llama4``: Llama4ForConditionalGeneration at Llama-4-Scout's
     geometry (336 px tiles of 14 px patches, 144 tokens per tile, up to 16 tiles + the global tile) with a *random*
     2-layer vision encoder: the stand-in's weights do not fit Llama 4's encoder (class embedding last, 2-D RoPE).
+    ``idefics3``: Idefics3ForConditionalGeneration with the stand-in as SmolVLM's (378 px crops, up to 4 x 4).
+    ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``: the family's own classes with a *random* 2-layer vision
+    tower (no stand-in fits a Qwen tower: 2-D rotary positions, 2 x 2 merger), 14 px patches, up to 48 x 48 merged
+    tokens (:func:`~globalcom2.demo.tiny_qwen.build_tiny_qwen`).
     """
     from transformers.utils import logging as hf_logging
 
@@ -308,6 +330,18 @@ def build_standin_checkpoint(
 
         return build_tiny_llama4(
             workdir / "llama4_random_vision", tile_size=336, patch_size=14, max_patches=16, **text
+        )
+    if family == "idefics3":
+        from .tiny_idefics3 import build_tiny_idefics3
+
+        return build_tiny_idefics3(
+            workdir / "idefics3_dinov2_standin", vision="dinov2", tile_size=378, max_crops_per_side=4, **text
+        )
+    from .tiny_qwen import QWEN_CLASSES, build_tiny_qwen
+
+    if family in QWEN_CLASSES:  # Qwen-VL: the family's own tower class, random (docs/qwen.md)
+        return build_tiny_qwen(
+            workdir / f"{family}_random_vision", family=family, patch_size=14, max_side_tokens=48, **text
         )
     if family == "internvl":
         return build_tiny_internvl(

@@ -9,7 +9,8 @@ per 8 x 8 px), ``Qwen2VLImageProcessorPil`` resizing every image to a multiple o
 hybrid attention: 3 layers, full, linear (Gated DeltaNet), full).
 
 No stand-in tower: the DINOv2 stand-in used by the other families is a plain ViT with a [CLS] token, not a Qwen
-tower (no 2-D rotary positions, no 2 x 2 merger), so no ``--model standin`` is offered for these families.
+tower (no 2-D rotary positions, no 2 x 2 merger): ``--model standin --family qwen2_5_vl`` (and the other three) is
+this random tower in 14 px patches (:func:`~globalcom2.demo.tiny_families.build_standin_checkpoint`).
 
 The processors need no torchvision: they are built without their video processor
 (:func:`globalcom2.processors.build_processor_without_video`).

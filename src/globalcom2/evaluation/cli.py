@@ -11,6 +11,7 @@ from typing import Any
 
 from ..cli_common import parse_ratios
 from ..demo.tiny_families import FAMILIES as STANDIN_FAMILIES
+from ..demo.tiny_families import RANDOM_TOWER_FAMILIES
 from ..methods import available_methods
 
 
@@ -78,8 +79,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--num-test", type=int, default=None, help="defects: test mosaics per class (default 40)")
     p.add_argument("--family", choices=STANDIN_FAMILIES, default="llava_next",
-                   help="photos: the stand-in family; every method it runs (README's method table) of "
-                   f"{', '.join(available_methods())} is compared")  # fmt: skip
+                   help="photos: the stand-in family (every registered one); every method it runs (README's method "
+                   f"table) of {', '.join(available_methods())} is compared. {', '.join(RANDOM_TOWER_FAMILIES)}: "
+                   "no stand-in fits their tower class, so theirs is RANDOM and the numbers measure agreement with "
+                   "the uncompressed random model, not what a trained encoder finds important")  # fmt: skip
     p.add_argument("--no-llm", action="store_true", help="skip the LLM-side methods (tiny random LLM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(

@@ -15,6 +15,7 @@ import torch
 
 from ..core.layout import grid_to_tiles, tiles_to_grid
 from ..core.plan import Plan
+from ..core.regions import native_selection_input, pooled_shape, region_grid
 from ..core.resize import bilinear_resize
 
 NAN = float("nan")
@@ -87,6 +88,45 @@ def build_reference(
     return Reference(grid, valid_box, thumb, mass, crop_mass, weights / weights.sum(), feats, mean)
 
 
+def native_reference(features: torch.Tensor, grid: tuple[int, int], region_tokens: int) -> Reference:
+    """Reference maps of one native-resolution image (Qwen-VL; docs/qwen.md), :func:`build_reference`'s rule on its
+    geometry: the regions of at most G x G merged tokens are the crops and the pooled view is the thumbnail, each
+    scored as the family scores them (Eq. 7 against the region's / the image's mean:
+    :func:`~globalcom2.core.regions.native_selection_input`); the features are the merger's output.
+
+    Args:
+        features: ``(H*W, D)`` merged-token features in raster order (uncompressed).
+        grid: ``(H, W)`` merged tokens.
+        region_tokens: G.
+
+    Returns:
+        A `Reference` over the ``H x W`` grid (``grid`` = the regions' ``(rows, cols)``, no padding).
+    """
+    height, width = grid
+    sel, layout = native_selection_input(features, grid, region_tokens, 1.0)
+    n = layout.num_crops
+    thumb = sel.thumbnail_scores.float().cpu()
+    thumb = thumb / thumb.sum()
+    mass = bilinear_resize(thumb.reshape(pooled_shape(height, width, region_tokens)), (height, width)).float()
+    mass = mass.clamp_min(0)
+    mass = (mass / mass.sum()).reshape(-1)
+    region = layout.from_table(torch.arange(n)[:, None].expand(sel.crop_scores.shape).contiguous()).reshape(
+        -1
+    )
+    crop_mass = torch.zeros(n).index_add_(0, region, mass)
+    local = layout.from_table(sel.crop_scores.cpu()).float().reshape(-1)
+    sums = torch.zeros(n).index_add_(
+        0, region, local
+    )  # Eq. 7 scores are negative: renormalise by the signed sum
+    local = local / torch.where(sums == 0, 1.0, sums)[region]
+    weights = local * crop_mass[region]
+    feats = features.float().cpu()
+    return Reference(
+        region_grid(height, width, region_tokens), (0, height, 0, width), thumb, mass.reshape(height, width),
+        crop_mass, (weights / weights.sum()).reshape(height, width), feats.reshape(height, width, -1), feats.mean(0),
+    )  # fmt: skip
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
@@ -120,7 +160,9 @@ def plan_metrics(plan: Plan, ref: Reference) -> dict[str, float]:
     else:
         keep = plan.crops_mask.reshape(-1).to(torch.bool)
         f_kept = (w * keep) @ x / (w * keep).sum().clamp_min(1e-30)
-        out["thumb_mass"] = float((ref.thumb_attention * plan.thumbnail_mask.reshape(-1)).sum())
+        thumb = plan.thumbnail_mask.reshape(-1)  # empty where the plan has no thumbnail (Qwen's pooling)
+        same = thumb.numel() == ref.thumb_attention.numel()
+        out["thumb_mass"] = float((ref.thumb_attention * thumb).sum()) if same else NAN
         out["crop_mass"] = float((ref.mass.reshape(-1) * keep).sum())
     out["feat_cos"] = _cos(f_all, f_kept)
     out["feat_cos_centred"] = _cos(f_all - mu, f_kept - mu)
@@ -129,10 +171,13 @@ def plan_metrics(plan: Plan, ref: Reference) -> dict[str, float]:
     out["share_cv"] = float(q.std(unbiased=False) / q.mean()) if q.numel() and q.mean() > 0 else NAN
     out["share_min"] = float(q.min()) if q.numel() else NAN
     out["share_max"] = float(q.max()) if q.numel() else NAN
-    mass = ref.crop_mass.double()[plan.crop_valid_counts > 0]
-    # Uniform allocations differ only by integer rounding (CV < 2 %): a correlation would be noise.
+    # Uniform allocations differ only by integer rounding (CV < 2 %): a correlation would be noise. A plan of other
+    # crops than the reference's (Qwen's pooling pools the whole grid as one) has nothing to correlate.
     uniform = math.isnan(out["share_cv"]) or out["share_cv"] < UNIFORM_CV
-    out["share_mass_corr"] = NAN if uniform else _pearson(q, mass)
+    if uniform or plan.crop_valid_counts.numel() != ref.crop_mass.numel():
+        out["share_mass_corr"] = NAN
+    else:
+        out["share_mass_corr"] = _pearson(q, ref.crop_mass.double()[plan.crop_valid_counts > 0])
     return out
 
 

@@ -33,7 +33,7 @@ from ..core.scores import SCORE_KINDS, cls_attention_scores
 from ..core.select import SCORINGS
 from ..methods.prumerge import plan_prumerge, prumerge_attention
 from ..methods.vision import FASTERVLM, RANDOM, plan_pooling, random_tile_scores
-from .metrics import Reference, build_reference, plan_metrics
+from .metrics import Reference, build_reference, native_reference, plan_metrics
 
 STANDIN_LABEL = (
     "Vision tower: DINOv2 ViT-S/14 at 336 px (real weights), an offline STAND-IN for LLaVA-NeXT's CLIP ViT-L/14-336 "
@@ -316,14 +316,24 @@ EQ7_CAVEAT = (
 
 def family_label(family: str, importance: str = "cls") -> str:
     """The report's note for a stand-in family other than LLaVA-NeXT (``importance``: the family's score)."""
+    from ..demo.tiny_families import RANDOM_TOWER_FAMILIES
+
     caveat = EQ7_CAVEAT if importance != "cls" else ""
+    if family in RANDOM_TOWER_FAMILIES:
+        tower = ("its own vision tower class with RANDOM weights (the DINOv2 stand-in does not fit it), a tiny "
+                 "randomly initialised LLM")  # fmt: skip
+        measure = ("agreement with the same random model's uncompressed image (what a random encoder finds "
+                   "distinctive), NOT what a trained encoder finds important and NOT accuracy")  # fmt: skip
+    else:
+        tower = ("a DINOv2 ViT-S/14 tower with real weights in place of the family's own tower, a tiny randomly "
+                 "initialised LLM")  # fmt: skip
+        measure = "fidelity measures, NOT accuracy"
     return (
-        f"Family {family}: its offline stand-in (stock transformers classes, a DINOv2 ViT-S/14 tower with real "
-        "weights in place of the family's own tower, a tiny randomly initialised LLM). Every method runs through "
-        "globalcom2.apply_method on that model, the vision-side ones by the family's own vision pass. Metrics compare "
-        "kept tokens with the tower's own [CLS] attention (as the family pools it per LLM token) and the projector's "
-        "output of the uncompressed image: fidelity measures, NOT accuracy. LLM-side methods run inside the random "
-        "LLM: mechanism only." + caveat
+        f"Family {family}: its offline stand-in (stock transformers classes, {tower}). Every method runs through "
+        "globalcom2.apply_method on that model, the vision-side ones by the family's own vision pass. "
+        "Metrics compare kept tokens with the tower's own scores (as the family pools them per LLM token) and the "
+        f"projector's output of the uncompressed image: {measure}. LLM-side methods run inside the random LLM: "
+        "mechanism only." + caveat
     )
 
 
@@ -340,11 +350,18 @@ def family_reference(model: Any, processor: Any, image: Any) -> tuple[Reference,
     """The reference maps of one image on any family: GlobalCom²'s own scoring at R = 1 with softmax [CLS] scores
     (per LLM token, as the family pools them) and the projector's output per tile; None for an image the family
     encodes as one tile (nothing to allocate between crops)."""
+    from ..adapters import adapter_for
+    from ..adapters.qwen import QwenAdapter
     from ..apply import apply
 
+    if issubclass(adapter_for(model), QwenAdapter):
+        return _native_reference(model, processor, image)
     cap = _Capture()
-    inner = model.model
-    projector = getattr(inner, "multi_modal_projector", None) or inner.connector
+    inner = getattr(model, "model", model)  # Llama 4: the tower and the projector hang off the model itself
+    # the module whose output is one feature per LLM token of each tile (Llama 4: the tower's own pixel-shuffle
+    # adapter; its multi_modal_projector runs later, in the model's forward)
+    vision_adapter = getattr(getattr(inner, "vision_model", None), "vision_adapter", None)
+    projector = vision_adapter or getattr(inner, "multi_modal_projector", None) or inner.connector
     hook = projector.register_forward_hook(lambda m, a, out: cap.features.append(out.detach()))
     try:
         with apply(model, processor, ratio=1.0, score="softmax", scoring="local") as handle:
@@ -377,6 +394,33 @@ def family_reference(model: Any, processor: Any, image: Any) -> tuple[Reference,
         return None  # features at another resolution than the plan's cells: no reference
     ref = build_reference(thumb, crops, crop_feats, grid=plan.grid, valid_box=plan.valid_box)
     return ref, plan
+
+
+@torch.no_grad()
+def _native_reference(model: Any, processor: Any, image: Any) -> tuple[Reference, Plan] | None:
+    """The reference maps of one image on a native-resolution family (Qwen-VL): the merger's output of the
+    uncompressed image and the family's own scores of it (:func:`~globalcom2.evaluation.metrics.native_reference`);
+    None for an image of one region."""
+    from ..adapters.qwen import region_tokens_of
+    from ..apply import apply
+
+    seen: list[tuple[list, list]] = []
+    with apply(model, processor, ratio=1.0) as handle:
+        adapter = handle.adapter
+        plan_images = adapter.plan_images
+
+        def record(features: Any, grids: Any) -> Any:
+            seen.append(([f.detach() for f in features], [tuple(g) for g in grids]))
+            return plan_images(features, grids)
+
+        setattr(adapter, "plan_images", record)  # noqa: B010 - this instance only, for this one pass
+        plan = adapter.plan_for_image(handle, image)
+        del adapter.plan_images
+        region_tokens = region_tokens_of(adapter.config)
+    if not plan.num_crops or plan.num_crops == 1:
+        return None
+    features, grids = seen[0]
+    return native_reference(features[0], grids[0], region_tokens), plan
 
 
 def run_family_eval(

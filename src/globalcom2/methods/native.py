@@ -23,7 +23,7 @@ import torch
 
 from ..adapters.base import GlobalComHandle
 from ..core.plan import Plan
-from .vision import pooled_side
+from .vision import PoolingPlan, pooled_side
 
 
 def pooling_bins(height: int, width: int, ratio: float) -> tuple[int, int, torch.Tensor, torch.Tensor]:
@@ -74,13 +74,14 @@ class NativePooling:
             ratio = self.ratio_for_image(h, w)
             a, b, bins, centre = pooling_bins(h, w, ratio)
             device = f.device
-            plan = Plan(
+            plan = PoolingPlan(
                 grid=(1, 1), thumbnail_mask=torch.zeros(0, 0, dtype=torch.bool, device=device),
                 crops_mask=centre.to(device), crop_ratios=torch.tensor([a * b / (h * w)], device=device),
                 num_tokens=a * b, num_tokens_full=h * w, valid_box=(0, h, 0, w),
                 crop_keep_counts=torch.tensor([a * b], device=device),
                 crop_valid_counts=torch.tensor([h * w], device=device), mode="budget",
                 thumbnail_order=torch.zeros(0, dtype=torch.long, device=device), ratio=ratio,
+                crops_cover=bins.reshape(h, w).to(device), pooled_shape=(a, b),
             )  # fmt: skip
             out.append((plan, bins.to(device)))
         return out
