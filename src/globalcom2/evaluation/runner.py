@@ -406,7 +406,7 @@ def _native_reference(model: Any, processor: Any, image: Any) -> tuple[Reference
 
     seen: list[tuple[list, list]] = []
     with apply(model, processor, ratio=1.0) as handle:
-        adapter = handle.adapter
+        adapter: Any = handle.adapter
         plan_images = adapter.plan_images
 
         def record(features: Any, grids: Any) -> Any:

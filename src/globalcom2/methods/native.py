@@ -69,7 +69,7 @@ class NativePooling:
         self, features: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
     ) -> list[tuple[Plan, torch.Tensor]]:
         """One plan per image; the index is every token's pooled bin (``(H*W,)``), not a selection."""
-        out = []
+        out: list[tuple[Plan, torch.Tensor]] = []
         for f, (h, w) in zip(features, grids, strict=True):
             ratio = self.ratio_for_image(h, w)
             a, b, bins, centre = pooling_bins(h, w, ratio)
