@@ -101,7 +101,13 @@ def _ablation_rows(agg: list[dict], ratios: list[float], settings: list[list[str
 def markdown_report(agg: list[dict], summary: dict[str, Any], plot_names: list[str]) -> str:
     ratios = summary["ratios"]
     photos = summary["photos"]
-    md = ["# GlobalCom² evaluation: fidelity on the DINOv2 stand-in", "", f"> {summary['note']}", ""]
+    from ..demo.tiny_families import RANDOM_TOWER_FAMILIES
+
+    if summary.get("family") in RANDOM_TOWER_FAMILIES:  # no stand-in fits the family's tower: a random one
+        title = "agreement with the uncompressed model on a random-tower stand-in (not fidelity, not accuracy)"
+    else:
+        title = "fidelity on the DINOv2 stand-in"
+    md = [f"# GlobalCom² evaluation: {title}", "", f"> {summary['note']}", ""]
     md += [f"Command: `{summary['command']}` ({summary['seconds']} s on {summary['machine']['threads']} CPU threads, "
            f"torch {summary['machine']['torch']}).", ""]  # fmt: skip
     md += [
