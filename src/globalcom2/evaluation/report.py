@@ -104,7 +104,9 @@ def markdown_report(agg: list[dict], summary: dict[str, Any], plot_names: list[s
     from ..demo.tiny_families import RANDOM_TOWER_FAMILIES
 
     if summary.get("family") in RANDOM_TOWER_FAMILIES:  # no stand-in fits the family's tower: a random one
-        title = "agreement with the uncompressed model on a random-tower stand-in (not fidelity, not accuracy)"
+        title = (
+            "agreement with the uncompressed model on a random-tower stand-in (not fidelity, not accuracy)"
+        )
     else:
         title = "fidelity on the DINOv2 stand-in"
     md = [f"# GlobalCom² evaluation: {title}", "", f"> {summary['note']}", ""]
