@@ -55,6 +55,13 @@ def test_eval_and_bench_offer_every_registered_family():
     assert all(f in text for f in RANDOM_TOWER_FAMILIES) and "RANDOM" in text
 
 
+def test_demo_offers_the_families_it_has_notes_for():
+    from globalcom2.demo.run import FAMILY_NOTES
+    from globalcom2.demo.tiny_families import DEMO_FAMILIES
+
+    assert set(DEMO_FAMILIES) == set(FAMILY_NOTES)
+
+
 def test_every_registered_family_has_a_standin_builder(tmp_path, monkeypatch):
     """`build_standin_checkpoint` knows every registered family: each reaches its own builder (recorded here
     instead of building: the stand-ins take minutes), none falls through to LLaVA-NeXT's."""

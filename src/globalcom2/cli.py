@@ -27,6 +27,7 @@ from .cli_common import (
     parse_positive_int,
     parse_ratios,
 )
+from .demo.tiny_families import DEMO_FAMILIES
 from .extras import missing_dependency
 from .loading import FAMILIES, ModelLoadError, load_model_and_processor
 from .methods import available_methods
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing rounds (interleaved across settings); fewer than 3 are flagged as noisy")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the JSON summary (and nothing else) on stdout")
-    p.add_argument("--family", choices=FAMILIES, default="llava_next", help="stand-in model geometry")
+    p.add_argument("--family", choices=DEMO_FAMILIES, default="llava_next", help="stand-in model geometry")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

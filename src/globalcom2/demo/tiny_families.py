@@ -58,6 +58,11 @@ FAMILIES = _registered_families()
 RANDOM_TOWER_FAMILIES = ("llama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 
 
+#: the families ``globalcom2 demo`` runs (its per-family notes, :data:`globalcom2.demo.run.FAMILY_NOTES`, and its
+#: timing of the tiled families' vision pass); Idefics3 and the Qwen-VL classes are offered by the other commands
+DEMO_FAMILIES = tuple(f for f in FAMILIES if f != "idefics3" and not f.startswith("qwen"))
+
+
 def standin_tower(family: str) -> str:
     """What vision tower ``family``'s stand-in has, in words (for logs, reports and ``--help``)."""
     return "random vision tower" if family in RANDOM_TOWER_FAMILIES else "DINOv2 tower"
