@@ -176,7 +176,10 @@ def split_budget(total: int | torch.Tensor, weights: torch.Tensor, capacity: tor
         free = torch.where(capped, 0, w).sum(-1, keepdim=True)
         return free, (tot - torch.where(capped, cap, 0).sum(-1, keepdim=True)).clamp_min(0)
 
-    for _ in range(cap.shape[-1]):  # a crop is capped once lam * w_j > cap_j; at most n rounds
+    # A crop is capped once lam * w_j > cap_j. Each round caps at least one more crop until none changes, and at
+    # most n - 1 crops are ever capped: zero-weight crops never are, and with all n weighted the last uncapped one
+    # would need total > sum_j cap_j. So n - 1 rounds reach the fixed point.
+    for _ in range(cap.shape[-1] - 1):
         free, left = free_and_left(capped)
         capped = capped | _exceeds(left, w_limbs, cap, free)
     free, left = free_and_left(capped)

@@ -10,6 +10,7 @@ Also here: the thumbnail cell -> crop map of Eq. 2 and the tile <-> image-layout
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +38,16 @@ def thumbnail_region_map(
 
     Cell (i, j) belongs to crop ``(min(i // ph, rows-1), min(j // pw, cols-1))`` with ``ph = max(g // rows, 1)``,
     ``pw = max(g // cols, 1)``: the last row/column of crops absorbs the remainder, as in the official code.
+    Built once per ``(g, rows, cols)`` on the CPU (shared: never write into it) and moved to ``device``.
     """
+    return _thumbnail_region_map(g, rows, cols).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _thumbnail_region_map(g: int, rows: int, cols: int) -> torch.Tensor:
     ph, pw = max(g // rows, 1), max(g // cols, 1)
-    i = (torch.arange(g, device=device) // ph).clamp(max=rows - 1)
-    j = (torch.arange(g, device=device) // pw).clamp(max=cols - 1)
+    i = (torch.arange(g) // ph).clamp(max=rows - 1)
+    j = (torch.arange(g) // pw).clamp(max=cols - 1)
     return (i[:, None] * cols + j[None, :]).reshape(-1)
 
 
