@@ -9,8 +9,11 @@ the run and are never pruned):
   thumbnail's g*g tokens in raster order, then the crop tokens of the valid box of the padded
   ``(rows*g) x (cols*g)`` grid row by row (OneVision: its down-sampled token grid, each token in the crop of its
   anchor patch, :func:`~globalcom2.adapters.anyres.resample_blocks`), each row followed by one ``image_newline``;
-- **tiles** (InternVL, Idefics3/SmolVLM; :func:`tile_token_layout`): the crops row-major, each a full g x g block
-  in raster order, then the thumbnail; an image of one tile is its own thumbnail.
+- **tiles** (InternVL, Idefics3/SmolVLM, Aya Vision, Cohere2 Vision, Llama 4, Gemma 3;
+  :func:`tile_token_layout`): the crops row-major, each a full g x g block in raster order, then the thumbnail
+  (Gemma 3: the original image's run first, then its pan-and-scan crops); an image of one tile is its own
+  thumbnail. Markers between the runs (Aya's ``TILE_k``, Llama 4's tile separators, Cohere2's line breaks,
+  Gemma 3's ``<start_of_image>`` framing) are not image tokens.
 - **native** (Qwen-VL; :func:`native_token_layout`): the ``H x W`` merged tokens in raster order; the crops are the
   regions of :mod:`globalcom2.core.regions` (bands of at most G x G tokens); no thumbnail tokens (the global view
   is virtual).
