@@ -38,6 +38,16 @@ GEMMA3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     "{{ message['content'] | replace('<start_of_image>\\n', '<start_of_image> \\n') }}",
 )
 
+#: Cohere2 Vision's: vLLM has no placeholder string for it, so (as Command-A-Vision's own template does) the template
+#: writes ``<|IMG_PATCH|>`` for each image part of a list content (vLLM then renders the "openai" content format);
+#: a string content is written as is, so the rendered text is the string-content template's.
+COHERE2_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ message['content'] }}",
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|IMG_PATCH|>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}",
+)
+CHAT_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE, "cohere2_vision": COHERE2_CHAT_TEMPLATE}
+
 
 @dataclass(frozen=True)
 class VllmFamily:
@@ -60,9 +70,7 @@ class VllmFamily:
             _add_video_processor(hf_dir, self.video_processor)
         if self.name == "gemma3":
             _add_newline_tokens(hf_dir)
-        (hf_dir / "chat_template.jinja").write_text(
-            GEMMA3_CHAT_TEMPLATE if self.name == "gemma3" else CHAT_TEMPLATE
-        )
+        (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(self.name, CHAT_TEMPLATE))
         if self.name in SAME_KEYS or self.is_native:
             return hf_dir, hf_dir
         vllm_dir = root / f"{self.name}_vllm"
@@ -115,6 +123,14 @@ FAMILIES: dict[str, VllmFamily] = {
         VllmFamily("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
                    "GlobalCom2Idefics3ForConditionalGeneration", "Idefics3ForConditionalGeneration",
                    ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 80, None),
+        # Llama 4 and Cohere2 Vision (64 px tiles, 16 tokens each, up to 6 tiles + the global tile / thumbnail):
+        # 1x2, 2x1, 2x3 and 3x2 grids and a lone tile; T = 60 keeps the 3-tile images (53 tokens) whole.
+        VllmFamily("llama4", "globalcom2.demo.tiny_tiling:build_tiny_llama4", "<|image|>",
+                   "GlobalCom2Llama4ForConditionalGeneration", "Llama4ForConditionalGeneration",
+                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 60, None),
+        VllmFamily("cohere2_vision", "globalcom2.demo.tiny_tiling:build_tiny_cohere2_vision", "<|IMG_PATCH|>",
+                   "GlobalCom2Cohere2VisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration",
+                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 60, None),
     )
 }  # fmt: skip
 #: Registered architectures without a tiny checkpoint here, and why (docs/engines.md says so too).
@@ -123,7 +139,11 @@ UNTESTED_ARCHITECTURES = {
     "processor, which the vLLM test environment does not install; the class is Idefics3's mixin on vLLM's SmolVLM",
 }
 #: Families whose vision keys vLLM reads as transformers writes them (no renamed copy).
-SAME_KEYS = ("internvl", "idefics3")
+SAME_KEYS = ("internvl", "idefics3", "llama4", "cohere2_vision")
+#: Families whose image span is ``2 + tiles`` markers around one run per tile (Llama 4: ``<|image_start|>``, the tile
+#: separators, ``<|image|>``, ``<|image_end|>``; Cohere2 Vision: ``<|START_OF_IMG|>``, a line break per tile,
+#: ``<|END_OF_IMG|>``).
+TILE_MARKER_FAMILIES = ("llama4", "cohere2_vision")
 
 
 def _add_newline_tokens(path: Path) -> None:
@@ -203,6 +223,15 @@ def image_tokens(family: VllmFamily, model_dir: Path, height: int, width: int, o
             tiles * per_tile if budget is None else internvl_num_image_tokens(budget, tiles, per_tile, layout)
         )
         return layout + run
+    if family.name in TILE_MARKER_FAMILIES:
+        from globalcom2.adapters.internvl import internvl_num_image_tokens
+
+        tiles, per_tile = _tile_marker_geometry(model_dir, height, width)
+        layout = 2 + tiles
+        run = (
+            tiles * per_tile if budget is None else internvl_num_image_tokens(budget, tiles, per_tile, layout)
+        )
+        return layout + run
     if family.name == "internvl":
         from globalcom2.adapters.internvl import (
             IMAGE_MARKERS,
@@ -235,7 +264,24 @@ def layout_tokens(family: VllmFamily, model_dir: Path, height: int, width: int) 
         return _idefics3_layout(model_dir, height, width)[0]
     if family.name == "gemma3":
         return _gemma3_layout(model_dir)[0]
+    if family.name in TILE_MARKER_FAMILIES:
+        return 2 + _tile_marker_geometry(model_dir, height, width)[0]
     return 0
+
+
+def _tile_marker_geometry(model_dir: Path, height: int, width: int) -> tuple[int, int]:
+    """(tiles, tokens per tile) of one Llama 4 / Cohere2 Vision image: the tiles transformers' image processor makes
+    for an image of that size (global tile / thumbnail included), the tokens per tile from its processor."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image = Image.new("RGB", (width, height))
+    tiles = int(processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].shape[0])
+    if hasattr(processor, "downsample_ratio"):  # Llama 4: patches per tile over the pixel shuffle's merge
+        side = int(processor.image_processor.size["height"]) // int(processor.patch_size)
+        return tiles, side * side // int(processor.downsample_ratio)
+    return tiles, int(processor.patch_size) ** 2  # Cohere2 Vision: tokens per tile side
 
 
 def _gemma3_layout(model_dir: Path) -> tuple[int, int]:

@@ -9,7 +9,7 @@ calls it (and the host is then installed by definition).
 - ``vllm.general_plugins`` -> :func:`register_vllm`: the architectures of :data:`VLLM_ARCHITECTURES` (budget mode),
   switched on per model with ``--hf-overrides``; see :mod:`globalcom2.plugins.vllm` (LLaVA-NeXT, LLaVA-OneVision,
   InternVL), :mod:`globalcom2.plugins.vllm_qwen` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and
-  :mod:`globalcom2.plugins.vllm_markers` (Idefics3, SmolVLM, Gemma 3).
+  :mod:`globalcom2.plugins.vllm_markers` (Idefics3, SmolVLM, Gemma 3, Llama 4, Cohere2 Vision).
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
     ),
     "GlobalCom2Gemma3ForConditionalGeneration": VllmArchitecture(
         "Gemma3ForConditionalGeneration", "GlobalComGemma3ForConditionalGeneration", _MARKERS_MODULE
+    ),
+    "GlobalCom2Llama4ForConditionalGeneration": VllmArchitecture(
+        "Llama4ForConditionalGeneration", "GlobalComLlama4ForConditionalGeneration", _MARKERS_MODULE
+    ),
+    "GlobalCom2Cohere2VisionForConditionalGeneration": VllmArchitecture(
+        "Cohere2VisionForConditionalGeneration", "GlobalComCohere2VisionForConditionalGeneration", _MARKERS_MODULE
     ),
 }
 #: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.

@@ -132,6 +132,7 @@ from .vllm_common import (
     ImageOptionsInputMixin,
     RequestOptionsInfoMixin,
     RequestOptionsProcessorMixin,
+    head_mean_across_ranks,
     image_options,
     options_from_config,
     options_from_row,
@@ -196,20 +197,6 @@ def internvl_image_tokens(hf_config: Any, tiles: int, options: GlobalComConfig |
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
-def head_mean_across_ranks(
-    local: torch.Tensor,
-    num_local_heads: int,
-    num_heads: int,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Head mean of Eq. 1 over all ranks from each rank's mean over its own ``num_local_heads`` heads.
-
-    Mean over all H heads = (sum over ranks of each rank's head sum) / H; the all-reduce adds the sums, so every
-    rank ends with the same scores (and the same plan).
-    """
-    return all_reduce(local * num_local_heads) / num_heads
-
-
 class ClsScorer(nn.Module):
     """A CLIP tower's last layer, as far as [CLS]-row scores need it (paper Eq. 1): pre-norm and q/k(/v).
 

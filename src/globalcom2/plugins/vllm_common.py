@@ -174,6 +174,20 @@ def plan_by_options(
     return out
 
 
+def head_mean_across_ranks(
+    local: torch.Tensor,
+    num_local_heads: int,
+    num_heads: int,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Head mean of Eq. 1 over all ranks from each rank's mean over its own ``num_local_heads`` heads.
+
+    Mean over all H heads = (sum over ranks of each rank's head sum) / H; the all-reduce adds the sums, so every
+    rank ends with the same scores (and the same plan).
+    """
+    return all_reduce(local * num_local_heads) / num_heads
+
+
 # -- processing (API server side): per-request options, counts, profiling ------------------------------------------
 #: Options of the profiling run: the uncompressed count, so that every per-request budget fits the encoder cache.
 UNCOMPRESSED = GlobalComConfig(ratio=1.0)
@@ -256,6 +270,7 @@ __all__ = [
     "ImageOptionsInputMixin",
     "RequestOptionsInfoMixin",
     "RequestOptionsProcessorMixin",
+    "head_mean_across_ranks",
     "image_options",
     "options_from_config",
     "options_from_row",

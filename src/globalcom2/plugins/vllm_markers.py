@@ -50,17 +50,26 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..adapters.cohere2_vision import Cohere2VisionAdapter
 from ..adapters.gemma3 import Gemma3Adapter
 from ..adapters.idefics3 import Idefics3Adapter
 from ..adapters.internvl import GRID_KEY, merge_pool, num_tiles
+from ..adapters.llama4 import Llama4Adapter
 from ..config import GlobalComConfig
 from ..core.plan import Plan
-from ..core.scores import cosine_scores
+from ..core.scores import cls_scores_from_qk, cosine_scores
 from ..extras import MissingDependencyError, install_command
 
 try:
     from vllm.config import VllmConfig
+    from vllm.distributed import tensor_model_parallel_all_reduce
     from vllm.exceptions import VLLMValidationError
+    from vllm.model_executor.models.cohere2_vision import (
+        Cohere2VisionDummyInputsBuilder,
+        Cohere2VisionForConditionalGeneration,
+        Cohere2VisionMultiModalProcessor,
+        Cohere2VisionProcessingInfo,
+    )
     from vllm.model_executor.models.gemma3_mm import (
         Gemma3DummyInputsBuilder,
         Gemma3ForConditionalGeneration,
@@ -73,6 +82,12 @@ try:
         Idefics3ImagePixelInputs,
         Idefics3MultiModalProcessor,
         Idefics3ProcessingInfo,
+    )
+    from vllm.model_executor.models.mllama4 import (
+        Llama4ForConditionalGeneration,
+        Mllama4DummyInputsBuilder,
+        Mllama4MultiModalProcessor,
+        Mllama4ProcessingInfo,
     )
     from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration, SmolVLMProcessingInfo
     from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -88,6 +103,7 @@ from .vllm_common import (
     OPTIONS_KEY,
     RequestOptionsInfoMixin,
     RequestOptionsProcessorMixin,
+    head_mean_across_ranks,
     image_options,
     options_from_config,
     plan_by_options,
@@ -126,6 +142,17 @@ def span_embeddings(
     if int(rows.sum()) != kept.shape[0]:
         raise RuntimeError(f"GlobalCom²: {kept.shape[0]} kept tokens for runs of {int(rows.sum())}")
     return out.masked_scatter(rows.to(out.device).unsqueeze(-1), kept)
+
+
+def cosine_encode(
+    hidden: torch.Tensor, factor: int, project: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds (tiles, n_tok, D), scores (tiles, n_tok))`` of SigLIP-style towers (no [CLS]): the projector's
+    output and Eq. 7 on its input (``hidden``: ``(tiles, patches, H)``, one row per patch), summed over each
+    ``factor x factor`` group the projector merges into one token (:func:`~globalcom2.adapters.internvl.merge_pool`),
+    as the transformers adapters' projector hook scores."""
+    embeds = project(hidden)
+    return embeds.reshape(hidden.shape[0], -1, embeds.shape[-1]), merge_pool(cosine_scores(hidden), factor)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -230,18 +257,23 @@ class MarkerModelMixin:
     adapter_class: ClassVar[type[Idefics3Adapter]] = Idefics3Adapter
     #: the model returns each image's whole span (markers too); False: its kept tokens only (one run per image)
     globalcom_whole_span: ClassVar[bool] = True
+    #: the tower has a [CLS] token (Eq. 1 with importance "cls" / "auto"); False: SigLIP, Eq. 7 only
+    globalcom_cls_tower: ClassVar[bool] = False
     config: Any
     globalcom_config: GlobalComConfig
+    globalcom_importance: str
     globalcom_plans: list[Plan]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.globalcom_config = options_from_config(self.config)
-        if self.globalcom_config.importance == "cls":
+        importance = self.globalcom_config.importance
+        if importance == "cls" and not self.globalcom_cls_tower:
             raise ValueError(
                 f"importance='cls' needs a vision tower with a [CLS] token; {type(self).__name__}'s SigLIP tower has "
                 "none (use importance='cosine' or 'auto')"
             )
+        self.globalcom_importance = "cls" if importance == "auto" and self.globalcom_cls_tower else importance
         self.globalcom_plans = []
 
     def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -249,7 +281,8 @@ class MarkerModelMixin:
         raise NotImplementedError
 
     def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The LLM's token embedding of ``ids`` (the marker rows of a span)."""
+        return self.language_model.embed_input_ids(ids)  # type: ignore[attr-defined]
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         grids, layouts, options = (
@@ -335,8 +368,7 @@ class Idefics3MarkerMixin(MarkerModelMixin):
         hidden = self.model.image_pixels_to_features(
             image_input["pixel_values"], pixel_attention_mask=image_input["pixel_attention_mask"]
         )
-        scores = merge_pool(cosine_scores(hidden), int(self.config.scale_factor))  # Eq. 7, summed per group
-        embeds = self.model.connector(hidden)
+        embeds, scores = cosine_encode(hidden, int(self.config.scale_factor), self.model.connector)
         return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
 
     def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -425,24 +457,139 @@ class GlobalComGemma3ForConditionalGeneration(MarkerModelMixin, Gemma3ForConditi
 
     def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         hidden = self.vision_tower(image_input["pixel_values"])  # the projector's input
-        adapter = self.adapter_class.without_model(self.config, None, self.globalcom_config)
-        scores = merge_pool(cosine_scores(hidden), adapter.factor)  # Eq. 7, summed per 4x4 pooling group
-        embeds = self.multi_modal_projector(hidden)
+        factor = self.adapter_class.without_model(self.config, None, self.globalcom_config).factor  # 4x4 pooling
+        embeds, scores = cosine_encode(hidden, factor, self.multi_modal_projector)
         return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
 
-    def _globalcom_embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_input_ids(ids)
+
+# -- Llama 4 and Cohere2 Vision: tiles + a global tile / thumbnail last, markers around the runs ---------------------
+class TiledMarkerInfoMixin(MarkerInfoMixin):
+    """Processing info of the families whose transformers adapter finds the tile grid from the image size
+    (:meth:`~globalcom2.adapters.idefics3.Idefics3Adapter.grid_for_image`): the whole span per image, as Idefics3."""
+
+    def globalcom_grid(
+        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
+    ) -> tuple[int, int]:
+        adapter = self.globalcom_adapter(self.globalcom_server_options)  # the grid does not depend on the budget
+        return tuple(adapter.grid_for_image(image_height, image_width))  # type: ignore[return-value]
+
+
+class GlobalComLlama4ProcessingInfo(TiledMarkerInfoMixin, Mllama4ProcessingInfo):
+    """vLLM's Llama 4 processing info with the budget-mode span (separators + kept tokens) per image."""
+
+    adapter_class = Llama4Adapter
+
+    def globalcom_target(self) -> int:
+        return int(self.get_hf_processor().image_token_id)  # the user's <|image|>; the runs hold <|patch|>
+
+
+class GlobalComLlama4MultiModalProcessor(MarkerProcessorMixin, Mllama4MultiModalProcessor):
+    """vLLM's Llama 4 processor: each image's whole span is the model's embedding."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlobalComLlama4MultiModalProcessor,
+    info=GlobalComLlama4ProcessingInfo,
+    dummy_inputs=Mllama4DummyInputsBuilder,
+)
+class GlobalComLlama4ForConditionalGeneration(MarkerModelMixin, Llama4ForConditionalGeneration):
+    """vLLM's Llama 4 with GlobalCom² (budget mode): each image's span is its tile separators and kept tokens.
+
+    Scores: Eq. 1 from the last vision layer's own rotated q and k (its class embedding sits *last* in each tile's
+    sequence and is moved first for :func:`~globalcom2.core.scores.cls_scores_from_qk`), head mean across
+    tensor-parallel ranks, summed per pixel-shuffle group; ``importance="cosine"``: Eq. 7 on ``vision_adapter``'s
+    input, summed alike (the transformers adapter's rules)."""
+
+    adapter_class = Llama4Adapter
+    globalcom_cls_tower = True
+    supports_encoder_cudagraph = False  # the span is not the tower's output shape
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        compilation = vllm_config.compilation_config
+        if getattr(compilation, "cudagraph_mm_encoder", False) or getattr(compilation, "compile_mm_encoder", False):
+            raise ValueError(
+                "GlobalCom² on Llama 4 reads the vision tower's last layer during the encode and returns each "
+                "image's span from embed_multimodal: run it without cudagraph_mm_encoder / compile_mm_encoder"
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        recorded: list[torch.Tensor] = []
+        tower = self.vision_model
+        factor = int(round(1 / float(self.config.vision_config.pixel_shuffle_ratio)))
+        if self.globalcom_importance == "cosine":
+
+            def cosine(_module: Any, args: tuple) -> None:
+                recorded.append(merge_pool(cosine_scores(args[0]), factor))
+
+            hook = tower.vision_adapter.register_forward_pre_hook(cosine)
+        else:
+            att = tower.model.layers[-1].self_attn
+            kind = self.globalcom_config.score
+
+            def cls(_module: Any, args: tuple) -> None:
+                # the layer's rotated q, k as its attention gets them: (tiles, patches + 1, local heads * head_dim),
+                # [CLS] last; moved first for the shared Eq. 1 code
+                q, k = (torch.cat([x[:, -1:], x[:, :-1]], dim=1) for x in args[:2])
+                local = cls_scores_from_qk(q[:, :1], k, num_heads=att.num_local_heads, kind=kind)
+                if att.tp_size > 1:
+                    local = head_mean_across_ranks(
+                        local, att.num_local_heads, att.num_heads, tensor_model_parallel_all_reduce
+                    )
+                recorded.append(merge_pool(local, factor))
+
+            hook = att.attn.register_forward_pre_hook(cls)  # the rotary module is shared by the layers
+        try:  # every rank encodes every tile (no data-parallel sharding): the same scores and plan everywhere
+            embeds = self.encode_image_chunks(image_input["pixel_values"], use_data_parallel=False)
+        finally:
+            hook.remove()
+        return embeds, recorded[0], [int(n) for n in image_input["patches_per_image"].tolist()]
+
+
+class GlobalComCohere2VisionProcessingInfo(TiledMarkerInfoMixin, Cohere2VisionProcessingInfo):
+    """vLLM's Cohere2 Vision processing info with the budget-mode span (line breaks + kept tokens) per image."""
+
+    adapter_class = Cohere2VisionAdapter
+
+
+class GlobalComCohere2VisionMultiModalProcessor(MarkerProcessorMixin, Cohere2VisionMultiModalProcessor):
+    """vLLM's Cohere2 Vision processor: each image's whole span is the model's embedding."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    GlobalComCohere2VisionMultiModalProcessor,
+    info=GlobalComCohere2VisionProcessingInfo,
+    dummy_inputs=Cohere2VisionDummyInputsBuilder,
+)
+class GlobalComCohere2VisionForConditionalGeneration(MarkerModelMixin, Cohere2VisionForConditionalGeneration):
+    """vLLM's Cohere2 Vision with GlobalCom² (budget mode): each image's span is its line breaks and kept tokens
+    (Eq. 7 on the SigLIP2 tower's output, summed per pixel-shuffle group)."""
+
+    adapter_class = Cohere2VisionAdapter
+
+    def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        hidden = self.vision_tower(image_input["pixel_values"])  # the projector's input
+        embeds, scores = cosine_encode(hidden, int(self.config.downsample_factor), self.multi_modal_projector)
+        return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
+
 
 
 __all__ = [
     "LAYOUT_KEY",
+    "GlobalComCohere2VisionForConditionalGeneration",
+    "GlobalComCohere2VisionMultiModalProcessor",
+    "GlobalComCohere2VisionProcessingInfo",
     "GlobalComGemma3ForConditionalGeneration",
     "GlobalComGemma3MultiModalProcessor",
     "GlobalComGemma3ProcessingInfo",
     "GlobalComIdefics3ForConditionalGeneration",
     "GlobalComIdefics3MultiModalProcessor",
     "GlobalComIdefics3ProcessingInfo",
+    "GlobalComLlama4ForConditionalGeneration",
+    "GlobalComLlama4MultiModalProcessor",
+    "GlobalComLlama4ProcessingInfo",
     "GlobalComSmolVLMForConditionalGeneration",
     "GlobalComSmolVLMProcessingInfo",
+    "cosine_encode",
     "span_embeddings",
 ]
