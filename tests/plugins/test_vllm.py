@@ -326,7 +326,8 @@ def _hf_reference(family, hf_dir: Path, options: dict | None) -> tuple[list[list
     prompt = PROMPT.replace("<image>", family.image_token)
     tokens, plans = [], []
     for i, (h, w) in enumerate(_sizes(family)):
-        enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt")
+        # float inputs in the model's dtype, as vLLM casts them (Llama 4's processor hands bfloat16 pixels)
+        enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt").to(model.dtype)
         if family.single_tile:
             # Gemma 3: vLLM's CPU attention ignores its bidirectional image blocks (causal over images, plugin or
             # not), so the reference is transformers without token_type_ids (causal too). See docs/engines.md.

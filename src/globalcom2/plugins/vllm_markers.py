@@ -539,10 +539,16 @@ class GlobalComLlama4ForConditionalGeneration(MarkerModelMixin, Llama4ForConditi
                 recorded.append(merge_pool(local, factor))
 
             hook = att.attn.register_forward_pre_hook(cls)  # the rotary module is shared by the layers
+        # vLLM 0.32's patch embedding hands its linear a permuted (non-contiguous) view, which the CPU build's oneDNN
+        # GEMM refuses for a batch of one tile (stock vLLM fails on such an image): a contiguous copy, same values.
+        contiguous = tower.patch_embedding.linear.register_forward_pre_hook(
+            lambda _module, args: (args[0].contiguous(), *args[1:])
+        )
         try:  # every rank encodes every tile (no data-parallel sharding): the same scores and plan everywhere
             embeds = self.encode_image_chunks(image_input["pixel_values"], use_data_parallel=False)
         finally:
             hook.remove()
+            contiguous.remove()
         return embeds, recorded[0], [int(n) for n in image_input["patches_per_image"].tolist()]
 
 
