@@ -7,8 +7,9 @@ Built offline with the demo builders (real transformers classes, random weights)
   processor's patch, merge and temporal patch sizes, so that a video's grid is the tower's);
 - a chat template (``chat_template.jinja``, string content: vLLM puts the image placeholder before the text), so that
   ``vllm serve`` answers ``/v1/chat/completions`` as for a released checkpoint;
-- for the LLaVA families a second copy whose vision keys are ``vision_tower.vision_model.*`` (transformers 5.19 writes
-  ``vision_tower.*``; vLLM 0.32 reads the released checkpoints' names). transformers loads the first copy. InternVL
+- for the LLaVA families and Cohere2 Vision a second copy whose vision keys are ``vision_tower.vision_model.*``
+  (transformers 5.19 writes ``vision_tower.*``; vLLM 0.32 reads the released checkpoints' names);
+- Cohere2 Vision's LLM with tied input/output embeddings, as Command-A-Vision's (vLLM's Cohere2 builds no ``lm_head``); transformers loads the first copy. InternVL
   and the Qwen families need no renaming (vLLM maps transformers' names itself): one directory serves both.
 
 The expected counts come from the library's geometry and count functions (the formula), never from the plugin.
@@ -70,6 +71,8 @@ class VllmFamily:
             _add_video_processor(hf_dir, self.video_processor)
         if self.name == "gemma3":
             _add_newline_tokens(hf_dir)
+        if self.name == "cohere2_vision":
+            _tie_word_embeddings(hf_dir)
         (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATES.get(self.name, CHAT_TEMPLATE))
         if self.name in SAME_KEYS or self.is_native:
             return hf_dir, hf_dir
@@ -144,7 +147,7 @@ UNTESTED_ARCHITECTURES = {
 #: oneDNN a non-contiguous view); the GlobalCom² class encodes it (a contiguous copy).
 LONE_TILE_FAILS_STOCK = ("llama4",)
 #: Families whose vision keys vLLM reads as transformers writes them (no renamed copy).
-SAME_KEYS = ("internvl", "idefics3", "llama4", "cohere2_vision")
+SAME_KEYS = ("internvl", "idefics3", "llama4")
 #: Families whose image span is ``2 + tiles`` markers around one run per tile (Llama 4: ``<|image_start|>``, the tile
 #: separators, ``<|image|>``, ``<|image_end|>``; Cohere2 Vision: ``<|START_OF_IMG|>``, a line break per tile,
 #: ``<|END_OF_IMG|>``).
@@ -166,6 +169,22 @@ def _add_newline_tokens(path: Path) -> None:
     processor.save_pretrained(path)
 
 
+def _tie_word_embeddings(path: Path) -> None:
+    """Tie the tiny Cohere2 Vision's output projection to its token embedding, as Command-A-Vision's LLM is tied:
+    vLLM's Cohere2 builds no ``lm_head`` (it reads the embedding) and refuses a checkpoint that has one. The tied
+    table is scaled by 0.1: at the random init's scale the tiny tied model repeats its last prompt token whatever the
+    image, and the tests need greedy tokens that depend on the kept tokens."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.1)
+    model.lm_head.weight = model.get_input_embeddings().weight
+    model.save_pretrained(path)
+
+
 def _add_video_processor(path: Path, class_name: str) -> None:
     import transformers
 
@@ -180,13 +199,13 @@ def _add_video_processor(path: Path, class_name: str) -> None:
 def _rename_vision_keys(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    prefix, new = "vision_tower.", "vision_tower.vision_model."
+    def renamed(key: str) -> str:
+        head = "model." if key.startswith("model.vision_tower.") else ""  # Cohere2 Vision's keys
+        prefix, new = f"{head}vision_tower.", f"{head}vision_tower.vision_model."
+        return new + key[len(prefix) :] if key.startswith(prefix) and not key.startswith(new) else key
+
     for f in path.glob("*.safetensors"):
-        state = load_file(f)
-        state = {
-            (new + k[len(prefix) :] if k.startswith(prefix) and not k.startswith(new) else k): v
-            for k, v in state.items()
-        }
+        state = {renamed(k): v for k, v in load_file(f).items()}
         save_file(state, f, metadata={"format": "pt"})
 
 
