@@ -327,7 +327,9 @@ def _hf_reference(family, hf_dir: Path, options: dict | None) -> tuple[list[list
     tokens, plans = [], []
     for i, (h, w) in enumerate(_sizes(family)):
         # float inputs in the model's dtype, as vLLM casts them (Llama 4's processor hands bfloat16 pixels)
-        enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt").to(model.dtype)
+        enc = processor(images=[random_image(h, w, seed=i)], text=[prompt], return_tensors="pt").to(
+            model.dtype
+        )
         if family.single_tile:
             # Gemma 3: vLLM's CPU attention ignores its bidirectional image blocks (causal over images, plugin or
             # not), so the reference is transformers without token_type_ids (causal too). See docs/engines.md.

@@ -85,7 +85,9 @@ VLLM_ARCHITECTURES: dict[str, VllmArchitecture] = {
         "Llama4ForConditionalGeneration", "GlobalComLlama4ForConditionalGeneration", _MARKERS_MODULE
     ),
     "GlobalCom2Cohere2VisionForConditionalGeneration": VllmArchitecture(
-        "Cohere2VisionForConditionalGeneration", "GlobalComCohere2VisionForConditionalGeneration", _MARKERS_MODULE
+        "Cohere2VisionForConditionalGeneration",
+        "GlobalComCohere2VisionForConditionalGeneration",
+        _MARKERS_MODULE,
     ),
 }
 #: The LLaVA-NeXT architecture name (``--hf-overrides '{"architectures": [...]}'``); see :data:`VLLM_ARCHITECTURES`.

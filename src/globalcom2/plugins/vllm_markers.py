@@ -457,7 +457,9 @@ class GlobalComGemma3ForConditionalGeneration(MarkerModelMixin, Gemma3ForConditi
 
     def _globalcom_encode(self, image_input: Any) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         hidden = self.vision_tower(image_input["pixel_values"])  # the projector's input
-        factor = self.adapter_class.without_model(self.config, None, self.globalcom_config).factor  # 4x4 pooling
+        factor = self.adapter_class.without_model(
+            self.config, None, self.globalcom_config
+        ).factor  # 4x4 pooling
         embeds, scores = cosine_encode(hidden, factor, self.multi_modal_projector)
         return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
 
@@ -470,7 +472,9 @@ class TiledMarkerInfoMixin(MarkerInfoMixin):
     def globalcom_grid(
         self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
     ) -> tuple[int, int]:
-        adapter = self.globalcom_adapter(self.globalcom_server_options)  # the grid does not depend on the budget
+        adapter = self.globalcom_adapter(
+            self.globalcom_server_options
+        )  # the grid does not depend on the budget
         return tuple(adapter.grid_for_image(image_height, image_width))  # type: ignore[return-value]
 
 
@@ -506,7 +510,9 @@ class GlobalComLlama4ForConditionalGeneration(MarkerModelMixin, Llama4ForConditi
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         compilation = vllm_config.compilation_config
-        if getattr(compilation, "cudagraph_mm_encoder", False) or getattr(compilation, "compile_mm_encoder", False):
+        if getattr(compilation, "cudagraph_mm_encoder", False) or getattr(
+            compilation, "compile_mm_encoder", False
+        ):
             raise ValueError(
                 "GlobalCom² on Llama 4 reads the vision tower's last layer during the encode and returns each "
                 "image's span from embed_multimodal: run it without cudagraph_mm_encoder / compile_mm_encoder"
@@ -577,7 +583,6 @@ class GlobalComCohere2VisionForConditionalGeneration(MarkerModelMixin, Cohere2Vi
         hidden = self.vision_tower(image_input["pixel_values"])  # the projector's input
         embeds, scores = cosine_encode(hidden, int(self.config.downsample_factor), self.multi_modal_projector)
         return embeds, scores, [int(n) for n in image_input["num_patches"].tolist()]
-
 
 
 __all__ = [
