@@ -126,16 +126,16 @@ FAMILIES: dict[str, VllmFamily] = {
         VllmFamily("idefics3", "globalcom2.demo.tiny_idefics3:build_tiny_idefics3", "<image>",
                    "GlobalCom2Idefics3ForConditionalGeneration", "Idefics3ForConditionalGeneration",
                    ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 80, None),
-        # Llama 4 and Cohere2 Vision (64 px tiles, 16 tokens each, up to 6 tiles + the global tile / thumbnail):
-        # 1x2, 2x1, 2x3 and 3x2 grids and a lone tile; T = 60 keeps the 3-tile images (53 tokens) whole. Llama 4's
-        # lone tile is last: stock vLLM 0.32 (CPU) fails on it (LONE_TILE_FAILS_STOCK), so the offline runs of the
-        # stock model take sizes[1:4]; the lone tile runs through the GlobalCom² class (serving, multi-image).
-        VllmFamily("llama4", "globalcom2.demo.tiny_tiling:build_tiny_llama4", "<|image|>",
-                   "GlobalCom2Llama4ForConditionalGeneration", "Llama4ForConditionalGeneration",
-                   ((30, 100), (100, 60), (120, 200), (200, 150), (40, 50)), 60, None),
-        VllmFamily("cohere2_vision", "globalcom2.demo.tiny_tiling:build_tiny_cohere2_vision", "<|IMG_PATCH|>",
-                   "GlobalCom2Cohere2VisionForConditionalGeneration", "Cohere2VisionForConditionalGeneration",
-                   ((30, 100), (100, 60), (120, 200), (40, 50), (200, 150)), 60, None),
+        # Llama 4 and Cohere2 Vision (64 px tiles, 16 tokens each, up to 6 tiles + the global tile / thumbnail; the
+        # span is 2 + t markers and the runs): a lone tile first (19 tokens, whole under T = 40), then 3, 7, 7 and 5
+        # tiles (1x2 / 2x1, 2x3, 3x2, 2x2 grids; 53 to 121 tokens, compressed under T). The offline runs of the stock
+        # model take sizes[1:4], multi-tile only: stock vLLM 0.32 (CPU) fails on Llama 4's lone tile
+        # (LONE_TILE_FAILS_STOCK); the lone tile runs through the GlobalCom² classes in the serving tests.
+        *(VllmFamily(name, f"globalcom2.demo.tiny_tiling:build_tiny_{name}", token, f"GlobalCom2{stock}", stock,
+                     ((40, 50), (100, 60), (120, 200), (200, 150), (128, 128)), 40, None)
+          for name, stock, token in (
+              ("llama4", "Llama4ForConditionalGeneration", "<|image|>"),
+              ("cohere2_vision", "Cohere2VisionForConditionalGeneration", "<|IMG_PATCH|>"))),
     )
 }  # fmt: skip
 #: Registered architectures without a tiny checkpoint here, and why (docs/engines.md says so too).
