@@ -3,7 +3,8 @@
 #   bash scripts/test_engines.sh [VENV_ROOT]      (default $TMPDIR/globalcom2-engines)
 # About an hour on 2 shared CPU cores (vLLM parts measured before the Qwen families: 0.32 offline tests 9 min, the 3
 # servers 13 min, the 0.33 step 10 min; each Qwen family adds about 5 min offline and 5 min of server, Idefics3 and
-# Gemma 3 each 3 min offline and 2-4 min of server): the installs, 26 offline vLLM engines and 7 `vllm serve` servers
+# Gemma 3 each 3 min offline and 2-4 min of server, Llama 4 and Cohere2 Vision together 3 min offline, 4 min of server
+# and 4 min in the 0.33 step): the installs, 32 offline vLLM engines and 9 `vllm serve` servers
 # (one per family in the default tier, shared by its checks; Qwen2-VL, the same diff as Qwen2.5-VL, adds its engines
 # and server with --full), then the offline tests and the LLaVA-NeXT, Qwen3-VL and Idefics3 servers again on vLLM
 # 0.33's Python source (setup_engines.sh vllm-0.33 says why only that much of 0.33 can run here).
