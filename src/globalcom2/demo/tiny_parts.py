@@ -122,6 +122,13 @@ def save_random_checkpoint(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    # HF initialises a few weight matrices to zero (Gemma 3's projector, InternViT's [CLS] and position embeddings):
+    # left so, the LLM would get constant (zero) image features, and a test comparing the rows it reads would pass
+    # whichever tokens were kept. Random weights everywhere (a stand-in tower's real weights are loaded after).
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not bool(param.any()):
+                param.normal_(0.0, 0.02)
     if vision_tower is not None:
         inner = model.model
         tower = getattr(inner, "vision_tower", None) or inner.vision_model  # Idefics3 / SmolVLM: vision_model
