@@ -92,3 +92,18 @@ def test_visualize_methods_grid(tiny_clip_dir, tmp_path):
         "visualize", "--model", str(ckpt), "--image", str(img), "--methods", "nope", "--out", str(out)
     )
     assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+@pytest.mark.full
+def test_eval_on_qwen3_5_leaves_out_what_its_stand_in_refuses(tmp_path):
+    """Regression: `eval --family qwen3_5` died on FastV's default scoring layer, a linear-attention one on its
+    stand-in. The refused methods are now named in the summary and the report, and the rest runs."""
+    from globalcom2.evaluation.runner import run_family_eval
+
+    summary = run_family_eval(tmp_path, "qwen3_5", quick=True, progress=False, log=lambda *a: None)
+    refused = summary["methods_refused"]
+    assert "fastv" in refused and "linear-attention" in refused["fastv"]
+    assert not set(refused) & set(summary["methods"]) and "globalcom2" in summary["methods"]
+    assert {r["method"] for r in summary["rows"]}.isdisjoint(refused)
+    report = (tmp_path / "report.md").read_text()
+    assert "Not run here: `fastv`" in report

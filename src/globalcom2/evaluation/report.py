@@ -137,6 +137,8 @@ def markdown_report(agg: list[dict], summary: dict[str, Any], plot_names: list[s
                "'tokens to LLM' is what reaches the last stage; on 4 layers R = 25 % and below is out of reach for "
                "them (no row).", ""]  # fmt: skip
         md += _method_rows(agg, "llm", ratios)
+    for method, why in summary.get("methods_refused", {}).items():
+        md += ["", f"Not run here: `{method}` with its default options ({why})."]
     md += ["", "## Ablations (paper Tables 2 and 3, budget mode)", ""]
     md += _ablation_rows(agg, ratios, summary["ablation_settings"])
     detail = _allocation_example(summary)

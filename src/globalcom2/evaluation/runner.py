@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..adapters.anyres import AnyresGeometry, anyres_geometry, plan_anyres
+from ..adapters.errors import UnsupportedModelError
 from ..adapters.towers import describe_tower
 from ..config import GlobalComConfig
 from ..core.allocation import ALLOCATIONS
@@ -470,6 +471,7 @@ def run_family_eval(
     detail_all: dict[str, Any] = {}
     info: dict[str, Any] = {}
     skipped: list[str] = []
+    refused: dict[str, str] = {}  # method -> why the stand-in refused it with the method's default options
     bar = _progress(len(photos) * len(ratios), progress)
     for photo in photos:
         image = load_photo(photo)
@@ -489,11 +491,20 @@ def run_family_eval(
                     check_method(method, family, ratio=ratio, num_layers=layers)
                 except ValueError:  # a layer-average schedule out of reach at this R on the stand-in's LLM
                     continue
+                if method in refused:
+                    continue
                 group = "method" if METHODS[method].stage == "vision" else "llm"
                 seeds = range(draws) if method == "random" else (None,)
                 for k, seed in enumerate(seeds):
                     options = {} if seed is None else {"seed": seed}
-                    plan = method_plan(model, processor, image, method, ratio, question=QUESTION, **options)
+                    try:
+                        plan = method_plan(
+                            model, processor, image, method, ratio, question=QUESTION, **options
+                        )
+                    except UnsupportedModelError as err:  # refused on this stand-in with its default options
+                        refused[method] = str(err)  # (e.g. Qwen3.5: FastV's scoring layer is a linear one)
+                        log(f"{method}: refused on the {family} stand-in, left out: {err}")
+                        break
                     rows.append(_row(group, photo, method, ratio, plan_metrics(plan, ref), draw=k))
                     detail.setdefault(method, plan)
             for allocation, scoring, score in settings:
@@ -516,7 +527,7 @@ def run_family_eval(
     summary = {
         "note": note, "command": command, "family": family, "photos": info, "single_tile_photos": skipped,
         "ratios": list(ratios), "ablation_settings": [list(s) for s in settings], "random_draws": draws,
-        "llm": llm, "methods": methods,
+        "llm": llm, "methods": [m for m in methods if m not in refused], "methods_refused": refused,
         "seconds": round(elapsed, 1),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "allocation": detail_all,

@@ -675,11 +675,12 @@ def prumerge_class(family: type) -> type:
     if reason is not None:
         raise TypeError(reason)
     from ..adapters.internvl import InternVLAdapter
-    from ..adapters.llama4 import Llama4Adapter
 
     mixin: type = AnyresPruMerge
-    if issubclass(family, Llama4Adapter):
-        mixin = Llama4PruMerge
+    if (
+        getattr(family, "family", None) == "llama4"
+    ):  # by registry name: adapters.llama4 imports the overlay code,
+        mixin = Llama4PruMerge  # which imports this module (no import cycle)
     elif issubclass(family, InternVLAdapter):
         mixin = TilePruMerge
     return type(f"PruMerge{family.__name__}", (mixin, family), {})
