@@ -8,7 +8,7 @@ matches two recordings case by case and reports which plans and which fields dif
 Usage (run the code under test via ``PYTHONPATH``, e.g. a frozen ``git worktree`` of the old commit)::
 
     export HF_HUB_OFFLINE=1
-    PYTHONPATH=/work/before/src python scripts/plan_corpus.py record /tmp/corpus_before.pt
+    PYTHONPATH=../before/src python scripts/plan_corpus.py record /tmp/corpus_before.pt
     python scripts/plan_corpus.py record /tmp/corpus_after.pt [--quick]
     python scripts/plan_corpus.py compare /tmp/corpus_before.pt /tmp/corpus_after.pt
 
